@@ -1,0 +1,106 @@
+"""One error hierarchy for ecgbridge.
+
+Every error knows how it is answered at a protocol boundary and whether the
+operation that raised it is worth retrying::
+
+    EcgBridgeError                 (base; retry=False)
+    ├── ConfigError                bad YAML / settings; names file, line, field
+    ├── InputError                 the inbound data is wrong (never retried)
+    │   ├── DecodeError            bytes are not a decodable object (DIMSE 0xC210)
+    │   ├── WaveformError          decodable, but not a usable ECG (DIMSE 0xC211)
+    │   └── UnsupportedInputError  a format/SOP class we do not take (DIMSE 0xA900)
+    ├── StorageError               the durable store failed (DIMSE 0xA700 when out of space)
+    ├── ModelError                 a model is missing, malformed or failed to run
+    └── DeliveryError              sending a result to a destination failed
+        ├── TransientDeliveryError network down, 5xx, 429, timeout (retry=True)
+        └── PermanentDeliveryError 4xx / validation: retrying cannot help
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EcgBridgeError",
+    "ConfigError",
+    "InputError",
+    "DecodeError",
+    "WaveformError",
+    "UnsupportedInputError",
+    "StorageError",
+    "ModelError",
+    "DeliveryError",
+    "TransientDeliveryError",
+    "PermanentDeliveryError",
+]
+
+
+class EcgBridgeError(Exception):
+    """Base of every error ecgbridge raises on purpose."""
+
+    #: DIMSE status a DICOM listener answers with when this error escapes a handler.
+    dimse_status: int = 0xC001
+    #: HL7 v2 MSA-1 acknowledgment code for this error (AE: error, AR: reject).
+    hl7_ack_code: str = "AE"
+    #: Whether the failed operation may succeed when tried again.
+    retry: bool = False
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(EcgBridgeError):
+    """A configuration problem; ``problems`` lists each as 'file:line: field: why'."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+    def __str__(self) -> str:
+        if not self.problems:
+            return self.message
+        return self.message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class InputError(EcgBridgeError):
+    """The inbound data itself is wrong; resending it unchanged will fail again."""
+
+    dimse_status = 0xC000
+    hl7_ack_code = "AR"
+
+
+class DecodeError(InputError):
+    dimse_status = 0xC210
+
+
+class WaveformError(InputError):
+    dimse_status = 0xC211
+    hl7_ack_code = "AE"
+
+
+class UnsupportedInputError(InputError):
+    dimse_status = 0xA900
+
+
+class StorageError(EcgBridgeError):
+    dimse_status = 0xA700
+    retry = True
+
+
+class ModelError(EcgBridgeError):
+    pass
+
+
+class DeliveryError(EcgBridgeError):
+    pass
+
+
+class TransientDeliveryError(DeliveryError):
+    retry = True
+
+
+class PermanentDeliveryError(DeliveryError):
+    pass

@@ -1,0 +1,186 @@
+"""The model registry: ONNX files described by manifests, loaded once per process.
+
+A model is a directory holding ``manifest.json``, the ONNX file it names and its
+``MODEL_CARD.md``. The registry finds models by name in the shipped directory
+(``inference/shipped``) and any directories the configuration adds; replacing a
+model is a file change (drop a new directory in, or point the config at it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from ecgbridge.errors import ModelError
+from mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
+
+from .preprocess import Pipeline
+
+__all__ = ["SHIPPED_DIR", "Manifest", "ModelClass", "LoadedModel", "ModelRegistry", "prepare_input"]
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+class ModelInput(BaseModel):
+    name: str = "ecg"
+    leads: list[str] = Field(default_factory=lambda: list(STANDARD_LEADS))
+    fs_hz: float = 100.0
+    n_samples: int = 1000
+    layout: str = "NCW"  # batch, leads (channels), samples
+    dtype: str = "float32"
+
+
+class ModelClass(BaseModel):
+    code: str
+    display: str
+    snomed: str | None = None
+
+
+class Manifest(BaseModel):
+    """What a serving process must know about a model, written by ``training.export``."""
+
+    name: str
+    version: str
+    task: str = "diagnosis"
+    file: str = "model.onnx"
+    sha256: str | None = None
+    input: ModelInput = Field(default_factory=ModelInput)
+    preprocessing: list[dict[str, Any]]
+    outputs: dict[str, str] = Field(default_factory=lambda: {"probabilities": "probabilities"})
+    classes: list[ModelClass]
+    thresholds: dict[str, float]
+    card: str = "MODEL_CARD.md"
+    description: str = ""
+    trained_on: str = ""
+    created: str = ""
+
+    def threshold(self, code: str) -> float:
+        return float(self.thresholds.get(code, 0.5))
+
+
+def prepare_input(ecg: Ecg, manifest: Manifest) -> np.ndarray:
+    """ECG -> model input (leads, samples) via the manifest's preprocessing pipeline."""
+    leads = tuple(manifest.input.leads)
+    try:
+        x = ecg.in_lead_order(leads)
+    except KeyError as exc:
+        raise ModelError(f"model {manifest.name} needs leads the ECG lacks: {exc.args[0]}") from exc
+    y, fs = Pipeline.from_spec(manifest.preprocessing).apply(x, ecg.fs)
+    if abs(fs - manifest.input.fs_hz) > 1e-6 or y.shape != (len(leads), manifest.input.n_samples):
+        raise ModelError(
+            f"preprocessing for {manifest.name} produced shape {y.shape} at {fs} Hz, "
+            f"expected ({len(leads)}, {manifest.input.n_samples}) at {manifest.input.fs_hz} Hz"
+        )
+    return y
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    directory: Path
+    session: Any  # onnxruntime.InferenceSession
+
+    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run a batch (N, leads, samples); returns every declared output by its role."""
+        names = list(self.manifest.outputs.values())
+        values = self.session.run(names, {self.manifest.input.name: batch.astype(np.float32)})
+        return dict(zip(self.manifest.outputs.keys(), values))
+
+    def run(self, ecg: Ecg) -> ModelOutput:
+        x = prepare_input(ecg, self.manifest)
+        out = self.predict(x[None])
+        probs = out["probabilities"][0]
+        findings = []
+        for cls, p in zip(self.manifest.classes, probs):
+            thr = self.manifest.threshold(cls.code)
+            findings.append(
+                Finding(
+                    code=cls.code,
+                    display=cls.display,
+                    probability=round(float(p), 6),
+                    threshold=thr,
+                    present=bool(p >= thr),
+                    snomed=cls.snomed,
+                )
+            )
+        return ModelOutput(
+            model=self.manifest.name,
+            version=self.manifest.version,
+            task=self.manifest.task,
+            findings=tuple(findings),
+        )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(directory: Path) -> Manifest:
+    path = directory / "manifest.json"
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError as exc:
+        raise ModelError(f"no manifest.json in model directory {directory}") from exc
+    except (ValueError, ValidationError) as exc:
+        raise ModelError(f"invalid model manifest {path}: {exc}") from exc
+
+
+class ModelRegistry:
+    """Finds models by name; each ONNX session is created once per process and reused."""
+
+    def __init__(self, directories: list[Path] | None = None, paths: dict[str, Path] | None = None) -> None:
+        self._dirs = [SHIPPED_DIR, *(directories or [])]
+        self._paths = dict(paths or {})
+        self._loaded: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def available(self) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for base in self._dirs:
+            if not base.is_dir():
+                continue
+            for manifest in sorted(base.glob("*/manifest.json")):
+                try:
+                    found[load_manifest(manifest.parent).name] = manifest.parent
+                except ModelError:
+                    continue
+        found.update(self._paths)
+        return found
+
+    def get(self, name: str) -> LoadedModel:
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name]
+            directory = self.available().get(name)
+            if directory is None:
+                raise ModelError(f"no model named {name!r}; available: {sorted(self.available())}")
+            model = self._load(directory)
+            self._loaded[name] = model
+            return model
+
+    @staticmethod
+    def _load(directory: Path) -> LoadedModel:
+        import onnxruntime as ort  # imported here so the gateway never loads it
+
+        manifest = load_manifest(directory)
+        onnx_path = directory / manifest.file
+        if not onnx_path.is_file():
+            raise ModelError(f"model {manifest.name}: ONNX file {onnx_path} is missing")
+        if manifest.sha256 and _sha256(onnx_path) != manifest.sha256:
+            raise ModelError(f"model {manifest.name}: {onnx_path.name} does not match the manifest's sha256")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        return LoadedModel(manifest=manifest, directory=directory, session=session)
