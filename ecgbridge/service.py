@@ -1,0 +1,165 @@
+"""Starting the parts: gateway, workers, embedded broker; and the recovery sweep.
+
+``ecgbridge run`` = broker (when embedded) + worker processes + gateway in this
+process. ``ecgbridge gateway`` and ``ecgbridge worker`` start the parts alone,
+for many workers against one Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from .broker import EmbeddedRedis
+from .errors import StorageError
+from .settings import Settings
+
+__all__ = ["recover", "Gateway", "run_worker", "run_all"]
+
+log = logging.getLogger("ecgbridge")
+
+
+def recover(store, dispatcher, *, include_queued: bool) -> int:  # type: ignore[no-untyped-def]
+    """Re-enqueue work a crash may have lost; jobs are idempotent, so extra enqueues are harmless."""
+    count = 0
+    for message_id, what in list(store.unfinished()):
+        row = store.get(message_id)
+        if what == "analyse" and row is not None and row.state == "queued" and not include_queued:
+            continue
+        try:
+            if what == "analyse":
+                dispatcher.analyse(message_id)
+                if row is not None and row.state == "received":
+                    store.set_state(message_id, "queued")
+            else:
+                dispatcher.deliver(message_id, what.split(":", 1)[1])
+            count += 1
+        except StorageError:
+            log.warning("recovery: broker unreachable, will try again")
+            break
+    if count:
+        log.info("recovery: re-enqueued %d job(s)", count)
+    return count
+
+
+class Gateway:
+    """The listeners plus a periodic sweep that enqueues stored-but-unqueued messages."""
+
+    def __init__(self, settings: Settings, sweep_interval_s: float = 15.0) -> None:
+        from gateway.dicom_scp import DicomGateway
+        from gateway.dispatch import Dispatcher
+        from gateway.store import MessageStore
+        from inference.celery_app import make_celery
+
+        self.settings = settings
+        self.store = MessageStore(settings.database_url, settings.data_dir)
+        self.store.create_schema()
+        self.dispatcher = Dispatcher(make_celery(settings))
+        self.dicom = DicomGateway(settings, self.store, self.dispatcher) if settings.listeners.dicom.enabled else None
+        self._stop = threading.Event()
+        self._sweep_interval = sweep_interval_s
+        self._sweeper: threading.Thread | None = None
+
+    def start(self) -> None:
+        recover(self.store, self.dispatcher, include_queued=True)
+        if self.dicom is not None:
+            self.dicom.start()
+        self._sweeper = threading.Thread(target=self._sweep, name="recovery-sweep", daemon=True)
+        self._sweeper.start()
+
+    def _sweep(self) -> None:
+        while not self._stop.wait(self._sweep_interval):
+            try:
+                recover(self.store, self.dispatcher, include_queued=False)
+            except Exception:
+                log.exception("recovery sweep failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.dicom is not None:
+            self.dicom.stop()
+
+
+def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: str | None = None) -> None:
+    """A Celery worker in this process (prefork pool); blocks until stopped."""
+    from inference.celery_app import QUEUE, make_celery
+
+    from gateway.store import MessageStore
+
+    MessageStore(settings.database_url, settings.data_dir).create_schema()
+    app = make_celery(settings, include_tasks=True)
+    argv = [
+        "worker",
+        "--queues", QUEUE,
+        "--concurrency", str(concurrency or settings.workers.concurrency),
+        "--pool", "prefork",
+        "--loglevel", loglevel or settings.log_level,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--hostname", f"ecgbridge-{os.getpid()}@%h",
+    ]
+    app.worker_main(argv)
+
+
+def _worker_command(settings: Settings) -> list[str]:
+    cmd = [sys.executable, "-m", "ecgbridge", "worker"]
+    if settings.source_file is not None:
+        cmd += ["--config", str(settings.source_file)]
+    return cmd
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    while not stop.wait(1.0):
+        pass
+
+
+def run_all(settings: Settings) -> None:
+    """Broker (embedded unless configured) + worker processes + gateway; until SIGINT/SIGTERM."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    broker: EmbeddedRedis | None = None
+    env = dict(os.environ)
+    env["ECGBRIDGE_DATA_DIR"] = str(settings.data_dir.resolve())
+    if settings.embedded_broker:
+        broker = EmbeddedRedis(settings.data_dir / "broker", settings.broker_socket)
+        broker.start()
+        env["ECGBRIDGE_BROKER_URL"] = settings.broker_url
+    workers: list[subprocess.Popen[bytes]] = []
+    gateway: Gateway | None = None
+    try:
+        for _ in range(settings.workers.processes):
+            workers.append(subprocess.Popen(_worker_command(settings), env=env))
+        gateway = Gateway(settings)
+        gateway.start()
+        dicom = settings.listeners.dicom
+        print(
+            f"ecgbridge running: DICOM {dicom.ae_title} on {dicom.host}:{gateway.dicom.port if gateway.dicom else '-'}, "
+            f"{len(workers)} worker process(es), data in {Path(settings.data_dir).resolve()}, "
+            f"broker {'embedded' if broker else settings.broker_url}. Ctrl-C stops.",
+            flush=True,
+        )
+        _wait_for_signal()
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        if broker is not None:
+            broker.stop()

@@ -1,0 +1,346 @@
+"""Settings that hospital IT staff edit: one YAML file, validated by pydantic.
+
+Errors name the file, the line and the field (``ConfigError.problems``). Secrets
+never live in the file: a field ending in ``_env`` names the environment variable
+that holds the secret, and a few well-known variables override the file:
+
+- ``ECGBRIDGE_DATA_DIR``      -> ``data_dir``
+- ``ECGBRIDGE_DATABASE_URL``  -> ``storage.database_url``
+- ``ECGBRIDGE_BROKER_URL``    -> ``broker.url``
+
+With no file at all the embedded defaults apply: data in ``./ecgbridge-data``,
+SQLite, an embedded Redis broker, one worker, DICOM on 127.0.0.1:11112 and one
+route sending every DICOM ECG to the diagnosis model.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "Settings",
+    "DicomListener",
+    "Listeners",
+    "Storage",
+    "Broker",
+    "Workers",
+    "ModelEntry",
+    "FhirAuth",
+    "FhirDestination",
+    "Delivery",
+    "RouteMatch",
+    "Route",
+    "load_settings",
+    "default_settings",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DicomListener(_Strict):
+    enabled: bool = True
+    ae_title: str = "ECGBRIDGE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    #: Empty list: any calling AE title is accepted.
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    #: Empty list: any address. Entries are IP addresses or CIDR networks.
+    allowed_addresses: list[str] = Field(default_factory=list)
+    #: Reject associations whose called AE title is not ``ae_title``.
+    require_called_ae_title: bool = False
+    max_associations: int = Field(16, ge=1)
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        if not 1 <= len(v.strip()) <= 16:
+            raise ValueError("an AE title has 1 to 16 characters")
+        return v.strip()
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _nets(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
+        return v
+
+
+class Listeners(_Strict):
+    dicom: DicomListener = Field(default_factory=DicomListener)
+
+
+class Storage(_Strict):
+    #: SQLAlchemy URL. Default: SQLite file in the data directory.
+    #: PostgreSQL for scale: postgresql+psycopg://user@host:5432/ecgbridge
+    database_url: str | None = None
+
+
+class Broker(_Strict):
+    #: Celery broker URL (redis://host:6379/0). Default: an embedded Redis
+    #: started by ``ecgbridge run``, persisted in the data directory.
+    url: str | None = None
+    #: Seconds before an unacknowledged task is redelivered (Redis visibility timeout).
+    visibility_timeout_s: int = Field(3600, ge=10)
+
+
+class Workers(_Strict):
+    #: Worker processes ``ecgbridge run`` starts (0: run none, e.g. workers elsewhere).
+    processes: int = Field(1, ge=0)
+    #: Celery pool concurrency inside each worker process.
+    concurrency: int = Field(1, ge=1)
+
+
+class ModelEntry(_Strict):
+    name: str
+    #: Directory with manifest.json + ONNX file; default: the model shipped with ecgbridge.
+    path: Path | None = None
+
+
+class FhirAuth(_Strict):
+    type: Literal["none", "bearer"] = "none"
+    #: Environment variable holding the bearer token (never the token itself).
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _token(self) -> "FhirAuth":
+        if self.type == "bearer" and not self.token_env:
+            raise ValueError("auth type 'bearer' needs token_env: the environment variable holding the token")
+        return self
+
+    def token(self) -> str | None:
+        if self.type != "bearer" or not self.token_env:
+            return None
+        value = os.environ.get(self.token_env)
+        if not value:
+            raise ConfigError(f"environment variable {self.token_env} (FHIR bearer token) is not set")
+        return value
+
+
+class FhirDestination(_Strict):
+    name: str
+    type: Literal["fhir"] = "fhir"
+    base_url: str
+    auth: FhirAuth = Field(default_factory=FhirAuth)
+    timeout_s: float = Field(10.0, gt=0)
+    #: Identifier system of DICOM PatientID values in this EHR (used to find the Patient).
+    patient_identifier_system: str = "urn:ecgbridge:patient-id"
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class Delivery(_Strict):
+    #: Attempts per destination before the delivery is dead-lettered.
+    max_attempts: int = Field(10, ge=1)
+    backoff_initial_s: float = Field(2.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+
+
+class RouteMatch(_Strict):
+    #: Message sources this route takes: dicom (more come later).
+    sources: list[Literal["dicom", "file"]] = Field(default_factory=lambda: ["dicom", "file"])
+    #: Calling AE titles (DICOM). Empty: any.
+    calling_ae_titles: list[str] = Field(default_factory=list)
+    #: SOP Class UIDs. Empty: any ECG SOP class.
+    sop_class_uids: list[str] = Field(default_factory=list)
+
+
+class Route(_Strict):
+    name: str
+    match: RouteMatch = Field(default_factory=RouteMatch)
+    models: list[str] = Field(default_factory=lambda: ["diagnosis"])
+    destinations: list[str] = Field(default_factory=list)
+
+
+def _default_routes() -> list[Route]:
+    return [Route(name="all-ecg")]
+
+
+class Settings(_Strict):
+    data_dir: Path = Path("ecgbridge-data")
+    listeners: Listeners = Field(default_factory=Listeners)
+    storage: Storage = Field(default_factory=Storage)
+    broker: Broker = Field(default_factory=Broker)
+    workers: Workers = Field(default_factory=Workers)
+    models: list[ModelEntry] = Field(default_factory=lambda: [ModelEntry(name="diagnosis")])
+    destinations: list[FhirDestination] = Field(default_factory=list)
+    delivery: Delivery = Field(default_factory=Delivery)
+    routes: list[Route] = Field(default_factory=_default_routes)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Where this configuration came from (set by the loader, not by the file).
+    source_file: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Settings":
+        problems = []
+        model_names = {m.name for m in self.models}
+        dest_names = [d.name for d in self.destinations]
+        if len(set(dest_names)) != len(dest_names):
+            problems.append("destinations: names must be unique")
+        route_names = [r.name for r in self.routes]
+        if len(set(route_names)) != len(route_names):
+            problems.append("routes: names must be unique")
+        for i, route in enumerate(self.routes):
+            for m in route.models:
+                if m not in model_names:
+                    problems.append(f"routes[{i}].models: {m!r} is not a model listed under models ({sorted(model_names)})")
+            for d in route.destinations:
+                if d not in dest_names:
+                    problems.append(f"routes[{i}].destinations: {d!r} is not a destination listed under destinations ({dest_names})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ----- derived values -------------------------------------------------
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite:///{(self.data_dir / 'ecgbridge.db').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker.url is None
+
+    @property
+    def broker_socket(self) -> Path:
+        return (self.data_dir / "broker" / "redis.sock").resolve()
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker.url or f"redis+socket://{self.broker_socket}"
+
+    def destination(self, name: str) -> FhirDestination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise ConfigError(f"no destination named {name!r}")
+
+
+_ENV_OVERRIDES = {
+    "ECGBRIDGE_DATA_DIR": ("data_dir",),
+    "ECGBRIDGE_DATABASE_URL": ("storage", "database_url"),
+    "ECGBRIDGE_BROKER_URL": ("broker", "url"),
+}
+
+
+def _apply_env(raw: dict[str, Any]) -> dict[str, Any]:
+    for var, path in _ENV_OVERRIDES.items():
+        value = os.environ.get(var)
+        if not value:
+            continue
+        node = raw
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[path[-1]] = value
+    return raw
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Map every key path in a YAML document to its 1-based line number."""
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            lines.update({k: v for k, v in _line_index(value_node, path + (key,)).items() if k != path + (key,)})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_line_index(item, path + (i,)))
+    return lines
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _parse_loc(text: str) -> tuple[Any, ...]:
+    """'routes[0].models' -> ('routes', 0, 'models')."""
+    parts: list[Any] = []
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", text):
+        parts.append(int(index) if index else name)
+    return tuple(parts)
+
+
+def _nearest_line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load and validate a config file (or the embedded defaults when ``path`` is None)."""
+    if path is None:
+        try:
+            return Settings.model_validate(_apply_env({}))
+        except ValidationError as exc:
+            raise ConfigError("environment overrides are invalid", [str(exc)]) from exc
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else str(file)
+        raise ConfigError(f"{where}: not valid YAML", [f"{where}: {getattr(exc, 'problem', exc)}"]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of settings", [f"{file}:1: expected keys such as listeners, routes"])
+    lines = _line_index(node) if node is not None else {}
+    try:
+        settings = Settings.model_validate(_apply_env(raw))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            line = _nearest_line(lines, loc)
+            where = f"{file}:{line}" if line else str(file)
+            field = _format_loc(loc)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown setting (check the spelling against config/ecgbridge.example.yaml)"
+            if not loc and err["type"] == "value_error":
+                # cross-field problems from Settings._references: each names its own field path
+                for item in msg.split("; "):
+                    sub_field, _, why = item.partition(": ")
+                    sub_line = _nearest_line(lines, _parse_loc(sub_field))
+                    problems.append(f"{file}:{sub_line or 1}: {sub_field}: {why}")
+                continue
+            problems.append(f"{where}: {field}: {msg}")
+        raise ConfigError(f"{file}: {len(problems)} problem(s) in the configuration", problems) from exc
+    settings.source_file = file.resolve()
+    if not settings.data_dir.is_absolute() and "ECGBRIDGE_DATA_DIR" not in os.environ:
+        settings.data_dir = (file.resolve().parent / settings.data_dir).resolve()
+    return settings
+
+
+def default_settings() -> Settings:
+    return load_settings(None)

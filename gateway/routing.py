@@ -1,0 +1,41 @@
+"""Route matching: which models and destinations a message goes to.
+
+Routes are tried in file order and the first match wins. Deny by default: a
+message no route matches is stored and marked ``unrouted``, never analysed
+and never dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ecgbridge.settings import Route
+
+__all__ = ["MessageFacts", "match_route"]
+
+
+@dataclass(frozen=True)
+class MessageFacts:
+    """What routing may look at; no patient data."""
+
+    source: str  # dicom | file | hl7
+    calling_ae_title: str | None = None
+    sop_class_uid: str | None = None
+
+
+def _matches(route: Route, facts: MessageFacts) -> bool:
+    m = route.match
+    if facts.source not in m.sources:
+        return False
+    if m.calling_ae_titles and (facts.calling_ae_title or "").strip() not in m.calling_ae_titles:
+        return False
+    if m.sop_class_uids and facts.sop_class_uid not in m.sop_class_uids:
+        return False
+    return True
+
+
+def match_route(routes: list[Route], facts: MessageFacts) -> Route | None:
+    for route in routes:
+        if _matches(route, facts):
+            return route
+    return None

@@ -1,0 +1,402 @@
+"""The durable message store: content-addressed blobs on disk plus states in SQL.
+
+Nothing is acknowledged to a sender before ``save_blob`` has fsync'ed the bytes
+and ``record_message`` has committed the row. The same schema runs on SQLite
+(embedded default, WAL mode, synchronous=FULL) and PostgreSQL (scale).
+The tables hold no patient names or identifiers: those stay inside the blob.
+
+States of a message::
+
+    received -> queued -> analysed -> delivered
+        |          |          '-----> failed      (a destination failed for good)
+        |          '----------------> failed      (analysis failed: bad ECG, model error)
+        '-> unrouted                               (no route matched: kept, not analysed)
+    rejected                                       (refused at the gateway: bytes kept)
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from ecgbridge.errors import StorageError
+
+__all__ = [
+    "MESSAGE_STATES",
+    "DELIVERY_STATES",
+    "MessageStore",
+    "MessageRow",
+    "ResultRow",
+    "DeliveryRow",
+    "EventRow",
+    "BlobStore",
+]
+
+MESSAGE_STATES = ("received", "queued", "analysed", "delivered", "failed", "unrouted", "rejected")
+DELIVERY_STATES = ("pending", "delivered", "failed", "dead")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class MessageRow(Base):
+    __tablename__ = "messages"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+    source: Mapped[str] = mapped_column(String(16))  # dicom | file | hl7
+    remote: Mapped[str | None] = mapped_column(String(128))  # "AE@address" or a file name
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    blob_sha256: Mapped[str] = mapped_column(String(64))
+    blob_size: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    route: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    flags: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
+class ResultRow(Base):
+    __tablename__ = "results"
+
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    models: Mapped[str] = mapped_column(String(256))  # "diagnosis@0.1.0,..."
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class DeliveryRow(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("message_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    remote_ref: Mapped[str | None] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class EventRow(Base):
+    """An error record (or notable event) about a message, kept for IT staff."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    level: Mapped[str] = mapped_column(String(8))  # error | warning | info
+    kind: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class BlobStore:
+    """Content-addressed files; a blob is fsync'ed (file and directory) before it counts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def save(self, data: bytes) -> tuple[str, int]:
+        sha = hashlib.sha256(data).hexdigest()
+        final = self.path(sha)
+        if final.exists() and final.stat().st_size == len(data):
+            return sha, len(data)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".incoming-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            dir_fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StorageError(
+                ("out of disk space" if out_of_space else "cannot write the message to disk")
+                + f" ({exc.strerror})"
+            ) from exc
+        return sha, len(data)
+
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+
+@dataclass(frozen=True)
+class MessageView:
+    """A message with what happened to it, as ``ecgbridge messages`` shows it."""
+
+    message: dict[str, Any]
+    result: dict[str, Any] | None
+    deliveries: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+
+
+def _row_dict(row: Base) -> dict[str, Any]:
+    out = {}
+    for col in row.__table__.columns:
+        value = getattr(row, col.name)
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        out[col.name] = value
+    return out
+
+
+class MessageStore:
+    def __init__(self, database_url: str, data_dir: Path) -> None:
+        self.url = database_url
+        self.blobs = BlobStore(Path(data_dir) / "blobs")
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if database_url.startswith("sqlite"):
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        self.engine = create_engine(database_url, **kwargs)
+        if database_url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise StorageError(f"cannot open the message store database: {exc.orig}") from exc
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # ----- messages -------------------------------------------------------
+    def save_blob(self, data: bytes) -> tuple[str, int]:
+        return self.blobs.save(data)
+
+    def read_blob(self, sha256: str) -> bytes:
+        return self.blobs.read(sha256)
+
+    def record_message(
+        self,
+        *,
+        source: str,
+        blob_sha256: str,
+        blob_size: int,
+        state: str = "received",
+        remote: str | None = None,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        route: str | None = None,
+        error: str | None = None,
+        flags: list[str] | None = None,
+    ) -> str:
+        message_id = str(uuid.uuid4())
+        row = MessageRow(
+            id=message_id,
+            source=source,
+            remote=remote,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            blob_sha256=blob_sha256,
+            blob_size=blob_size,
+            state=state,
+            route=route,
+            error=error,
+            flags=list(flags or []),
+        )
+        try:
+            with self.session() as s, s.begin():
+                s.add(row)
+        except OperationalError as exc:
+            raise StorageError(f"cannot record the message: {exc.orig}") from exc
+        return message_id
+
+    def set_state(self, message_id: str, state: str, *, error: str | None = None, route: str | None = None) -> None:
+        if state not in MESSAGE_STATES:
+            raise ValueError(f"unknown message state {state!r}")
+        with self.session() as s, s.begin():
+            row = s.get(MessageRow, message_id)
+            if row is None:
+                raise KeyError(message_id)
+            row.state = state
+            if error is not None:
+                row.error = error
+            if route is not None:
+                row.route = route
+
+    def add_flags(self, message_id: str, flags: list[str]) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(MessageRow, message_id)
+            if row is not None:
+                row.flags = sorted(set(row.flags or []) | set(flags))
+
+    def get(self, message_id: str) -> MessageRow | None:
+        with self.session() as s:
+            return s.get(MessageRow, message_id)
+
+    def list(self, *, limit: int = 100, state: str | None = None) -> list[MessageRow]:
+        with self.session() as s:
+            q = select(MessageRow).order_by(MessageRow.received_at.desc()).limit(limit)
+            if state:
+                q = q.where(MessageRow.state == state)
+            return list(s.scalars(q))
+
+    def find_by_prefix(self, prefix: str) -> MessageRow | None:
+        with self.session() as s:
+            rows = list(s.scalars(select(MessageRow).where(MessageRow.id.startswith(prefix)).limit(2)))
+            return rows[0] if len(rows) == 1 else None
+
+    # ----- events (error records) ------------------------------------------
+    def add_event(self, message_id: str | None, kind: str, detail: str, level: str = "error") -> None:
+        with self.session() as s, s.begin():
+            s.add(EventRow(message_id=message_id, kind=kind, detail=detail, level=level))
+
+    def events(self, message_id: str | None = None, *, limit: int = 100) -> list[EventRow]:
+        with self.session() as s:
+            q = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
+            if message_id is not None:
+                q = q.where(EventRow.message_id == message_id)
+            return list(s.scalars(q))
+
+    # ----- results ----------------------------------------------------------
+    def save_result(self, message_id: str, result: dict[str, Any], models: str) -> bool:
+        """Store the analysis once; a redelivered task finds it and stores nothing."""
+        try:
+            with self.session() as s, s.begin():
+                if s.get(ResultRow, message_id) is not None:
+                    return False
+                s.add(ResultRow(message_id=message_id, result=result, models=models))
+            return True
+        except IntegrityError:
+            return False
+
+    def get_result(self, message_id: str) -> ResultRow | None:
+        with self.session() as s:
+            return s.get(ResultRow, message_id)
+
+    # ----- deliveries -------------------------------------------------------
+    def ensure_deliveries(self, message_id: str, destinations: list[str]) -> None:
+        for dest in destinations:
+            try:
+                with self.session() as s, s.begin():
+                    exists = s.scalar(
+                        select(DeliveryRow).where(DeliveryRow.message_id == message_id, DeliveryRow.destination == dest)
+                    )
+                    if exists is None:
+                        s.add(DeliveryRow(message_id=message_id, destination=dest))
+            except IntegrityError:
+                continue  # another worker created it concurrently
+
+    def delivery(self, message_id: str, destination: str) -> DeliveryRow | None:
+        with self.session() as s:
+            return s.scalar(
+                select(DeliveryRow).where(DeliveryRow.message_id == message_id, DeliveryRow.destination == destination)
+            )
+
+    def deliveries(self, message_id: str) -> list[DeliveryRow]:
+        with self.session() as s:
+            return list(s.scalars(select(DeliveryRow).where(DeliveryRow.message_id == message_id).order_by(DeliveryRow.id)))
+
+    def update_delivery(
+        self,
+        message_id: str,
+        destination: str,
+        *,
+        state: str,
+        error: str | None = None,
+        remote_ref: str | None = None,
+        count_attempt: bool = True,
+    ) -> DeliveryRow:
+        if state not in DELIVERY_STATES:
+            raise ValueError(f"unknown delivery state {state!r}")
+        with self.session() as s, s.begin():
+            row = s.scalar(
+                select(DeliveryRow).where(DeliveryRow.message_id == message_id, DeliveryRow.destination == destination)
+            )
+            if row is None:
+                row = DeliveryRow(message_id=message_id, destination=destination, attempts=0)
+                s.add(row)
+            row.state = state
+            if count_attempt:
+                row.attempts = (row.attempts or 0) + 1
+            if error is not None:
+                row.last_error = error
+            if remote_ref is not None:
+                row.remote_ref = remote_ref
+            return row
+
+    # ----- recovery -----------------------------------------------------------
+    def unfinished(self) -> Iterator[tuple[str, str]]:
+        """(message id, what to redo) for work a crash may have lost: 'analyse' or 'deliver:<dest>'."""
+        with self.session() as s:
+            for row in s.scalars(select(MessageRow).where(MessageRow.state.in_(("received", "queued")))):
+                if row.route is not None:
+                    yield row.id, "analyse"
+            q = (
+                select(DeliveryRow.message_id, DeliveryRow.destination)
+                .join(MessageRow, MessageRow.id == DeliveryRow.message_id)
+                .where(DeliveryRow.state == "pending", MessageRow.state == "analysed")
+            )
+            for message_id, dest in s.execute(q):
+                yield message_id, f"deliver:{dest}"
+
+    def view(self, message_id: str) -> MessageView | None:
+        row = self.get(message_id) or self.find_by_prefix(message_id)
+        if row is None:
+            return None
+        result = self.get_result(row.id)
+        return MessageView(
+            message=_row_dict(row),
+            result=result.result if result else None,
+            deliveries=[_row_dict(d) for d in self.deliveries(row.id)],
+            events=[_row_dict(e) for e in reversed(self.events(row.id))],
+        )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def results_json(row: ResultRow | None) -> str:
+    return json.dumps(row.result if row else None)

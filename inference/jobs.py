@@ -1,0 +1,153 @@
+"""The work behind the Celery tasks, as plain functions of a context and an id.
+
+Each job re-reads the message's state from the store and does only what is
+still missing, so running a job twice (a redelivered task, a recovery sweep
+after a crash) produces no second result and no second report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ecgbridge.errors import EcgBridgeError, InputError, ModelError, PermanentDeliveryError, TransientDeliveryError
+from ecgbridge.settings import Route, Settings
+from gateway.dispatch import Dispatcher
+from gateway.store import MessageRow, MessageStore
+from mapping.ecg import AnalysisResult, Ecg
+from mapping.readers import read_ecg_bytes
+
+from .models import ModelRegistry
+from .pipeline import analyse_ecg
+
+__all__ = ["WorkerContext", "analyse_message", "deliver_message", "dead_letter", "backoff_s"]
+
+log = logging.getLogger("ecgbridge.worker")
+
+
+@dataclass
+class WorkerContext:
+    """What jobs need; built once per worker process (models load once)."""
+
+    settings: Settings
+    store: MessageStore
+    registry: ModelRegistry
+    dispatcher: Dispatcher | None = None
+    pid: int = field(default_factory=os.getpid)
+
+    @classmethod
+    def create(cls, settings: Settings, dispatcher: Dispatcher | None = None) -> "WorkerContext":
+        store = MessageStore(settings.database_url, settings.data_dir)
+        paths = {m.name: Path(m.path) for m in settings.models if m.path is not None}
+        return cls(settings=settings, store=store, registry=ModelRegistry(paths=paths), dispatcher=dispatcher)
+
+
+def _route(settings: Settings, name: str | None) -> Route | None:
+    return next((r for r in settings.routes if r.name == name), None)
+
+
+def load_ecg(store: MessageStore, row: MessageRow) -> Ecg:
+    return read_ecg_bytes(store.read_blob(row.blob_sha256), hint=row.source)
+
+
+def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
+    """Analyse a stored message once; returns the destinations still to deliver to."""
+    store = ctx.store
+    row = store.get(message_id)
+    if row is None:
+        log.error("analyse: no message %s in the store", message_id)
+        return []
+    if row.state in ("failed", "rejected", "unrouted"):
+        return []
+    route = _route(ctx.settings, row.route)
+    if route is None:
+        error = f"route {row.route!r} is no longer in the configuration"
+        store.set_state(message_id, "failed", error=error)
+        store.add_event(message_id, "route_missing", error)
+        return []
+    if store.get_result(message_id) is None:
+        try:
+            ecg = load_ecg(store, row)
+            result = analyse_ecg(ecg, ctx.registry, route.models, message_id=message_id)
+        except (InputError, ModelError) as exc:
+            store.set_state(message_id, "failed", error=str(exc))
+            store.add_event(message_id, type(exc).__name__, str(exc))
+            log.warning("analyse %s failed: %s", message_id, type(exc).__name__)
+            return []
+        models = ",".join(f"{o.model}@{o.version}" for o in result.outputs)
+        if store.save_result(message_id, result.to_dict(), models):
+            log.info("analysed message %s (sop %s) with %s", message_id, row.sop_instance_uid, models)
+        store.add_flags(message_id, list(result.ecg_flags + result.quality_flags))
+    if row.state in ("received", "queued"):
+        store.set_state(message_id, "analysed")
+    if not route.destinations:
+        return []
+    store.ensure_deliveries(message_id, route.destinations)
+    return [d.destination for d in store.deliveries(message_id) if d.state == "pending"]
+
+
+def _finish_message(store: MessageStore, message_id: str) -> None:
+    states = {d.state for d in store.deliveries(message_id)}
+    if states == {"delivered"}:
+        store.set_state(message_id, "delivered")
+
+
+def deliver_message(ctx: WorkerContext, message_id: str, destination: str) -> str | None:
+    """Write the stored result to one destination; idempotent on the destination side too."""
+    from gateway.fhir_client import BearerAuth, FhirClient, deliver_report, resolve_patient
+    from mapping.fhir_report import build_report
+
+    store = ctx.store
+    current = store.delivery(message_id, destination)
+    if current is not None and current.state in ("delivered", "failed", "dead"):
+        return current.remote_ref
+    row = store.get(message_id)
+    stored = store.get_result(message_id)
+    if row is None or stored is None:
+        log.error("deliver: message %s has no stored result", message_id)
+        return None
+    dest = ctx.settings.destination(destination)
+    result = AnalysisResult.from_dict(stored.result)
+    ecg = load_ecg(store, row)
+    token = dest.auth.token()
+    try:
+        with FhirClient(dest.base_url, auth=BearerAuth(token) if token else None, timeout_s=dest.timeout_s) as client:
+            patient_ref = resolve_patient(client, ecg.patient, dest.patient_identifier_system)
+            bundle = build_report(
+                result,
+                patient=ecg.patient,
+                study=ecg.study,
+                message_id=message_id,
+                patient_reference=patient_ref,
+                patient_identifier_system=dest.patient_identifier_system,
+            )
+            ref = deliver_report(client, bundle)
+    except TransientDeliveryError as exc:
+        store.update_delivery(message_id, destination, state="pending", error=str(exc))
+        store.add_event(message_id, "delivery_retry", f"{destination}: {exc}", level="warning")
+        raise
+    except (PermanentDeliveryError, EcgBridgeError) as exc:
+        store.update_delivery(message_id, destination, state="failed", error=str(exc))
+        store.set_state(message_id, "failed", error=f"delivery to {destination} failed: {exc}")
+        store.add_event(message_id, "delivery_failed", f"{destination}: {exc}")
+        log.warning("delivery of %s to %s failed permanently", message_id, destination)
+        return None
+    store.update_delivery(message_id, destination, state="delivered", remote_ref=ref)
+    log.info("delivered message %s to %s as %s", message_id, destination, ref)
+    _finish_message(store, message_id)
+    return ref
+
+
+def dead_letter(ctx: WorkerContext, message_id: str, destination: str, error: str) -> None:
+    """Give up on a destination after the last retry; visible in ``ecgbridge messages``."""
+    ctx.store.update_delivery(message_id, destination, state="dead", error=error, count_attempt=False)
+    ctx.store.set_state(message_id, "failed", error=f"delivery to {destination} dead-lettered: {error}")
+    ctx.store.add_event(message_id, "dead_letter", f"{destination}: {error}")
+    log.error("delivery of %s to %s dead-lettered", message_id, destination)
+
+
+def backoff_s(settings: Settings, attempts: int) -> float:
+    d = settings.delivery
+    return min(d.backoff_max_s, d.backoff_initial_s * (2 ** max(0, attempts - 1)))
