@@ -1,0 +1,605 @@
+"""Map an :class:`~mapping.ecg.AnalysisResult` to FHIR R4 resources (pure, no I/O).
+
+One ECG analysis becomes:
+
+* one ``Device`` per model (name@version), so the EHR can tell which software said what;
+* one ``Observation`` per class probability per model output;
+* one ``DiagnosticReport`` (v2-0074 ``EC``, LOINC 34534-8) whose ``result`` lists them;
+* one ``Provenance`` naming the model Device as author, built once the report's
+  server id is known (:meth:`ReportBundle.provenance_for`).
+
+Every resource is a plain JSON dict, checked against the ``fhir.resources.R4B`` models
+before it leaves this module, and carries the conditional-create query
+(``If-None-Exist``) that makes re-delivery idempotent. Inside the bundle resources
+point at each other through deterministic ``urn:uuid:`` placeholders (the same form a
+FHIR transaction Bundle uses); :func:`resolve_references` swaps them for server ids.
+
+Decisions, and why:
+
+* **status ``preliminary``** on the report and every Observation: the content is a
+  machine assertion no clinician has reviewed; ``final`` would tell the EHR it is
+  verified. A reviewer (or the EHR workflow) promotes it.
+* **Observation category ``procedure``**: the HL7 observation-category definition puts
+  electrodiagnostics (ECG) under ``procedure``; ``exam`` is for physical examination.
+* **probability as UCUM ``1``** (unity), value 0..1 with ``unit`` "probability": the
+  number the model produced and its threshold share one scale, and UCUM ``1`` is the
+  standard code for a dimensionless ratio (``%`` would invite 0-100 confusion).
+* **flags** (signal quality, reader decisions such as ``derived_leads:...``,
+  ``no_patient_id``) go into ``DiagnosticReport.conclusion`` as a ``Flags:`` line:
+  R4 DiagnosticReport has no ``note``, and the conclusion is what a reader sees.
+* **AI labelling**: ``meta.security`` AIAST on the report and Observations, a
+  ``meta.tag`` naming model and version, and the "not for clinical use" label in the
+  conclusion, in every Observation note and in the Device note. R4
+  ``DiagnosticReport.performer`` does not allow Device, so the model is named through
+  ``Observation.device`` and ``Provenance.agent.who``.
+* **patient**: a literal reference when the caller resolved one, else a logical
+  reference by identifier; no name unless asked (the identifier is enough to match).
+* **times**: FHIR dateTime with a time needs an offset. An aware acquisition time keeps
+  its offset; a naive one is read in ``assume_tz`` (default: this machine's local
+  zone, i.e. the hospital's), converted to UTC and flagged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone, tzinfo
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from pydantic import ValidationError
+
+from ecgbridge.errors import PermanentDeliveryError
+from mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
+from mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient, Study
+
+__all__ = [
+    "AI_SECURITY_LABEL",
+    "DEFAULT_PATIENT_ID_SYSTEM",
+    "PlannedResource",
+    "ReportBundle",
+    "build_report",
+    "resolve_references",
+    "operation_outcome_text",
+    "identifier_query",
+    "validate_resource",
+]
+
+#: HL7 AI transparency security label (v3-ObservationValue AIAST).
+AI_SECURITY_LABEL: dict[str, str] = {
+    "system": SYSTEM["security"],
+    "code": "AIAST",
+    "display": "Artificial Intelligence asserted",
+}
+
+#: Identifier system for a patient id when the route configures none.
+DEFAULT_PATIENT_ID_SYSTEM = "urn:ecgbridge:patient-id"
+
+_PROBABILITY_UNIT: dict[str, str] = {"unit": "probability", "system": SYSTEM["ucum"], "code": "1"}
+_PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+_SNOMED_DISPLAY: dict[str, str] = {code: display for code, display in SUPERCLASS_SNOMED.values()}
+_PLACEHOLDER_NS = uuid.UUID("5d1f3c2e-8f0a-4d43-9a57-6f0b6a1e2c11")
+
+
+@dataclass(frozen=True)
+class PlannedResource:
+    """A resource ready to send, with how to create it idempotently.
+
+    ``placeholder`` is the ``urn:uuid:`` other resources in the bundle use to refer to
+    this one until the server has given it an id.
+    """
+
+    resource: dict[str, Any]
+    if_none_exist: str | None
+    placeholder: str
+
+    @property
+    def resource_type(self) -> str:
+        return str(self.resource["resourceType"])
+
+
+@dataclass(frozen=True)
+class ReportBundle:
+    """Everything one analysis writes to a FHIR server, in creation order."""
+
+    devices: list[PlannedResource]
+    observations: list[PlannedResource]
+    report: PlannedResource
+    issued: str
+    #: Source ECG identifier (system, value) for Provenance.entity, when known.
+    source_identifier: tuple[str, str] | None = None
+
+    @property
+    def device(self) -> PlannedResource:
+        """The (first) model Device; most results come from one model."""
+        return self.devices[0]
+
+    def provenance_query(self, report_ref: str) -> str:
+        """Search query that finds this report's Provenance (``Provenance?<query>``).
+
+        Provenance has no business identifier every server indexes, so idempotency is a
+        search by target instead of a conditional create.
+        """
+        return urlencode({"target": report_ref})
+
+    def provenance_for(
+        self, report_ref: str, refs: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """A validated Provenance for the delivered report.
+
+        ``refs`` maps bundle placeholders to server references ("Device/7"); without it
+        the placeholders stay (usable inside a transaction Bundle).
+        """
+        refs = refs or {}
+        targets = [{"reference": report_ref}] + [
+            {"reference": refs.get(o.placeholder, o.placeholder)} for o in self.observations
+        ]
+        agents = [
+            {
+                "type": {
+                    "coding": [
+                        {"system": _PROVENANCE_PARTICIPANT, "code": "author", "display": "Author"}
+                    ]
+                },
+                "who": {
+                    "reference": refs.get(d.placeholder, d.placeholder),
+                    "display": _device_display(d.resource),
+                },
+            }
+            for d in self.devices
+        ]
+        prov: dict[str, Any] = {
+            "resourceType": "Provenance",
+            "target": targets,
+            "recorded": self.issued,
+            "activity": {
+                "coding": [{"system": _DATA_OPERATION, "code": "CREATE", "display": "create"}]
+            },
+            "agent": agents,
+        }
+        if self.source_identifier is not None:
+            system, value = self.source_identifier
+            prov["entity"] = [
+                {
+                    "role": "source",
+                    "what": {
+                        "identifier": {"system": system, "value": value},
+                        "display": "Source ECG",
+                    },
+                }
+            ]
+        return validate_resource(prov)
+
+    def all_planned(self) -> list[PlannedResource]:
+        """Devices, then Observations, then the report: the order references allow."""
+        return [*self.devices, *self.observations, self.report]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _escape_search(value: str) -> str:
+    """Escape FHIR search separators (``\\ | , $``) inside one token part."""
+    for ch in ("\\", "|", ",", "$"):
+        value = value.replace(ch, "\\" + ch)
+    return value
+
+
+def identifier_query(system: str, value: str) -> str:
+    """``identifier=<system>|<value>``, escaped per FHIR search and URL-encoded."""
+    return urlencode({"identifier": f"{_escape_search(system)}|{_escape_search(value)}"})
+
+
+def _placeholder(resource_type: str, system: str, value: str) -> str:
+    return "urn:uuid:" + str(uuid.uuid5(_PLACEHOLDER_NS, f"{resource_type}|{system}|{value}"))
+
+
+def _fhir_instant(dt: datetime) -> str:
+    """ISO 8601 with an offset; UTC as ``Z``; milliseconds only when present."""
+    spec = "milliseconds" if dt.microsecond else "seconds"
+    text = dt.isoformat(timespec=spec)
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def _effective_time(dt: datetime, assume_tz: tzinfo | None) -> tuple[str, bool]:
+    """(FHIR dateTime, was_naive). Naive times are read in ``assume_tz`` / local zone."""
+    if dt.tzinfo is not None and dt.utcoffset() is not None:
+        return _fhir_instant(dt), False
+    aware = dt.replace(tzinfo=assume_tz) if assume_tz is not None else dt.astimezone()
+    return _fhir_instant(aware.astimezone(timezone.utc)), True
+
+
+def _model_tag(output: ModelOutput) -> dict[str, str]:
+    return {
+        "system": SYSTEM["ecgbridge_model"],
+        "code": f"{output.model}@{output.version}",
+        "display": f"{output.model} {output.version}",
+    }
+
+
+def _device_display(device: Mapping[str, Any]) -> str:
+    name = device["deviceName"][0]["name"]
+    version = device["version"][0]["value"]
+    return f"{name} {version}"
+
+
+def _local_system(output: ModelOutput) -> str:
+    """The model's own code system; the name is percent-encoded to stay a valid URI."""
+    return f"{SYSTEM['ecgbridge_model']}:{quote(output.model, safe='@.-_~')}"
+
+
+def _finding_codings(finding: Finding, output: ModelOutput) -> list[dict[str, str]]:
+    codings: list[dict[str, str]] = []
+    if finding.snomed:
+        codings.append(
+            {
+                "system": SYSTEM["snomed"],
+                "code": finding.snomed,
+                "display": _SNOMED_DISPLAY.get(finding.snomed, finding.display),
+            }
+        )
+    codings.append(
+        {"system": _local_system(output), "code": finding.code, "display": finding.display}
+    )
+    return codings
+
+
+def _probability(finding: Finding, output: ModelOutput) -> float:
+    p = float(finding.probability)
+    t = float(finding.threshold)
+    for name, v in (("probability", p), ("threshold", t)):
+        if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+            raise PermanentDeliveryError(
+                f"{output.model} {output.version} finding {finding.code}: "
+                f"{name} {v!r} is not in [0, 1]"
+            )
+    return round(p, 4)
+
+
+def _dedupe(items: Iterable[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for item in items:
+        if item:
+            seen.setdefault(item, None)
+    return list(seen)
+
+
+_MODELS: dict[str, Any] | None = None
+
+
+def _model_classes() -> dict[str, Any]:
+    global _MODELS
+    if _MODELS is None:
+        from fhir.resources.R4B.device import Device
+        from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+        from fhir.resources.R4B.observation import Observation
+        from fhir.resources.R4B.provenance import Provenance
+
+        _MODELS = {
+            "Device": Device,
+            "DiagnosticReport": DiagnosticReport,
+            "Observation": Observation,
+            "Provenance": Provenance,
+        }
+    return _MODELS
+
+
+def validate_resource(resource: dict[str, Any]) -> dict[str, Any]:
+    """Check ``resource`` against its ``fhir.resources.R4B`` model; return it unchanged.
+
+    A failure is a bug in the mapping or the input, not in the network: it raises
+    :class:`PermanentDeliveryError` so the delivery is dead-lettered, not retried.
+    """
+    rtype = resource.get("resourceType")
+    model = _model_classes().get(str(rtype))
+    if model is None:
+        raise PermanentDeliveryError(f"no R4B model for resourceType {rtype!r}")
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        raise PermanentDeliveryError(
+            f"{rtype} failed FHIR R4 validation", detail=str(exc)
+        ) from exc
+    return resource
+
+
+def resolve_references(resource: Mapping[str, Any], refs: Mapping[str, str]) -> dict[str, Any]:
+    """A deep copy of ``resource`` with every ``reference`` found in ``refs`` replaced."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: walk(v) for k, v in node.items()}
+            ref = out.get("reference")
+            if isinstance(ref, str) and ref in refs:
+                out["reference"] = refs[ref]
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return copy.copy(node)
+
+    result = walk(resource)
+    assert isinstance(result, dict)
+    return result
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _subject(
+    patient: Patient,
+    patient_reference: str | None,
+    patient_identifier_system: str | None,
+    include_patient_name: bool,
+) -> dict[str, Any] | None:
+    subject: dict[str, Any]
+    if patient_reference:
+        subject = {"reference": patient_reference}
+    elif patient.id:
+        identifier: dict[str, Any] = {
+            "system": patient_identifier_system or DEFAULT_PATIENT_ID_SYSTEM,
+            "value": patient.id,
+        }
+        if patient.id_issuer:
+            identifier["assigner"] = {"display": patient.id_issuer}
+        subject = {"type": "Patient", "identifier": identifier}
+    else:
+        return None
+    if include_patient_name and patient.name:
+        subject["display"] = patient.name
+    return subject
+
+
+def _device(output: ModelOutput, label: str) -> PlannedResource:
+    value = f"{output.model}@{output.version}"
+    system = SYSTEM["ecgbridge_model"]
+    resource = {
+        "resourceType": "Device",
+        "identifier": [{"system": system, "value": value}],
+        "status": "active",
+        "deviceName": [{"name": output.model, "type": "model-name"}],
+        "type": {"text": f"ECG analysis software ({output.task} model)"},
+        "version": [{"value": output.version}],
+        "note": [{"text": label}],
+    }
+    return PlannedResource(
+        resource=validate_resource(resource),
+        if_none_exist=identifier_query(system, value),
+        placeholder=_placeholder("Device", system, value),
+    )
+
+
+def _observation(
+    finding: Finding,
+    output: ModelOutput,
+    *,
+    report_id_value: str,
+    device_placeholder: str,
+    subject: dict[str, Any] | None,
+    effective: str | None,
+    issued: str,
+    label: str,
+) -> PlannedResource:
+    system = SYSTEM["ecgbridge_result"]
+    value = f"{report_id_value}/{output.model}/{output.version}/{finding.code}"
+    probability = _probability(finding, output)
+    decision = "above" if finding.present else "below"
+    note = (
+        f"Model {output.model} {output.version}: probability {probability:.4f}, "
+        f"decision threshold {finding.threshold:.4f} ({decision} threshold"
+        + (f"; tier {finding.tier}" if finding.tier else "")
+        + f"). {label}"
+    )
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": {"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
+        "identifier": [{"system": system, "value": value}],
+        "status": "preliminary",
+        "category": [
+            {
+                "coding": [
+                    {"system": SYSTEM["obs_category"], "code": "procedure", "display": "Procedure"}
+                ]
+            }
+        ],
+        "code": {
+            "coding": _finding_codings(finding, output),
+            "text": f"{finding.display} (model probability)",
+        },
+    }
+    if subject is not None:
+        obs["subject"] = copy.deepcopy(subject)
+    if effective is not None:
+        obs["effectiveDateTime"] = effective
+    obs["issued"] = issued
+    obs["valueQuantity"] = {"value": probability, **_PROBABILITY_UNIT}
+    obs["interpretation"] = [
+        {
+            "coding": [
+                {
+                    "system": SYSTEM["obs_interpretation"],
+                    "code": "POS" if finding.present else "NEG",
+                    "display": "Positive" if finding.present else "Negative",
+                }
+            ]
+        }
+    ]
+    obs["note"] = [{"text": note}]
+    obs["device"] = {"reference": device_placeholder, "display": f"{output.model} {output.version}"}
+    return PlannedResource(
+        resource=validate_resource(obs),
+        if_none_exist=identifier_query(system, value),
+        placeholder=_placeholder("Observation", system, value),
+    )
+
+
+def _conclusion(result: AnalysisResult, flags: list[str]) -> str:
+    lines: list[str] = []
+    for output in result.outputs:
+        present = [f for f in output.findings if f.present]
+        if present:
+            found = "; ".join(
+                f"{f.display} ({f.code}) p={f.probability:.2f}, threshold {f.threshold:.2f}"
+                + (f", tier {f.tier}" if f.tier else "")
+                for f in present
+            )
+        else:
+            found = "no finding above its threshold"
+        lines.append(f"AI ECG analysis by {output.model} {output.version} ({output.task}): {found}.")
+    if flags:
+        lines.append("Flags: " + "; ".join(flags) + ".")
+    lines.append(result.label)
+    return "\n".join(lines)
+
+
+def build_report(
+    result: AnalysisResult,
+    *,
+    patient: Patient,
+    study: Study,
+    message_id: str,
+    patient_reference: str | None = None,
+    patient_identifier_system: str | None = None,
+    issued: datetime | None = None,
+    assume_tz: tzinfo | None = None,
+    include_patient_name: bool = False,
+) -> ReportBundle:
+    """Map one analysis to validated FHIR R4 resources with their If-None-Exist queries.
+
+    ``message_id`` identifies the report when the ECG has no SOP Instance UID, so the
+    same message always maps to the same identifiers (idempotent re-delivery).
+    ``issued`` defaults to now (UTC); a naive ``issued`` is taken as UTC.
+    Raises :class:`PermanentDeliveryError` when the result cannot form valid FHIR.
+    """
+    if not result.outputs:
+        raise PermanentDeliveryError("analysis result has no model outputs to report")
+    issued_dt = issued or datetime.now(timezone.utc)
+    if issued_dt.tzinfo is None:
+        issued_dt = issued_dt.replace(tzinfo=timezone.utc)
+    issued_s = _fhir_instant(issued_dt.astimezone(timezone.utc))
+    label = result.label
+
+    if study.sop_instance_uid:
+        id_system, id_value = SYSTEM["dicom_uid"], f"urn:oid:{study.sop_instance_uid}"
+        source: tuple[str, str] | None = (id_system, id_value)
+    else:
+        id_system, id_value = SYSTEM["ecgbridge_result"], message_id
+        source = None
+
+    report_flags: list[str] = []
+    subject = _subject(patient, patient_reference, patient_identifier_system, include_patient_name)
+    if subject is None:
+        report_flags.append("no_patient_id")
+    effective: str | None = None
+    if study.acquired_at is not None:
+        effective, naive = _effective_time(study.acquired_at, assume_tz)
+        if naive:
+            report_flags.append("acquisition_time_without_offset:assumed_local_converted_to_utc")
+    else:
+        report_flags.append("no_acquisition_time")
+    flags = _dedupe([*result.quality_flags, *result.ecg_flags, *report_flags])
+
+    devices: dict[str, PlannedResource] = {}
+    observations: list[PlannedResource] = []
+    conclusion_codes: list[dict[str, Any]] = []
+    for output in result.outputs:
+        key = f"{output.model}@{output.version}"
+        if key not in devices:
+            devices[key] = _device(output, label)
+        device = devices[key]
+        for finding in output.findings:
+            obs = _observation(
+                finding,
+                output,
+                report_id_value=id_value,
+                device_placeholder=device.placeholder,
+                subject=subject,
+                effective=effective,
+                issued=issued_s,
+                label=label,
+            )
+            observations.append(obs)
+            if finding.present:
+                conclusion_codes.append(
+                    {"coding": _finding_codings(finding, output), "text": finding.display}
+                )
+
+    tags = _dedupe_tags(_model_tag(o) for o in result.outputs)
+    loinc_code, loinc_display = LOINC["ecg_panel"]
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "meta": {"security": [dict(AI_SECURITY_LABEL)], "tag": tags},
+        "identifier": [{"system": id_system, "value": id_value}],
+        "status": "preliminary",
+        "category": [
+            {"coding": [{"system": SYSTEM["v2_0074"], "code": "EC", "display": "Electrocardiac"}]}
+        ],
+        "code": {
+            "coding": [{"system": SYSTEM["loinc"], "code": loinc_code, "display": loinc_display}],
+            "text": loinc_display,
+        },
+    }
+    if subject is not None:
+        report["subject"] = copy.deepcopy(subject)
+    if effective is not None:
+        report["effectiveDateTime"] = effective
+    report["issued"] = issued_s
+    report["result"] = [{"reference": o.placeholder} for o in observations]
+    report["conclusion"] = _conclusion(result, flags)
+    if conclusion_codes:
+        report["conclusionCode"] = conclusion_codes
+    planned_report = PlannedResource(
+        resource=validate_resource(report),
+        if_none_exist=identifier_query(id_system, id_value),
+        placeholder=_placeholder("DiagnosticReport", id_system, id_value),
+    )
+    return ReportBundle(
+        devices=list(devices.values()),
+        observations=observations,
+        report=planned_report,
+        issued=issued_s,
+        source_identifier=source,
+    )
+
+
+def _dedupe_tags(tags: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for tag in tags:
+        if tag not in out:
+            out.append(tag)
+    return out
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+def operation_outcome_text(body: Mapping[str, Any] | None, *, limit: int = 500) -> str:
+    """One line summarising an OperationOutcome, for error records and exceptions.
+
+    Keeps severity, code, diagnostics and details.text of each issue; anything that is
+    not an OperationOutcome summarises as ``""`` so callers can fall back to the status.
+    """
+    if not isinstance(body, Mapping) or body.get("resourceType") != "OperationOutcome":
+        return ""
+    parts: list[str] = []
+    for issue in body.get("issue") or []:
+        if not isinstance(issue, Mapping):
+            continue
+        head = "/".join(str(issue[k]) for k in ("severity", "code") if issue.get(k))
+        texts: list[str] = []
+        diagnostics = issue.get("diagnostics")
+        if diagnostics:
+            texts.append(str(diagnostics))
+        details = issue.get("details")
+        if isinstance(details, Mapping) and details.get("text"):
+            if str(details["text"]) not in texts:
+                texts.append(str(details["text"]))
+        expression = issue.get("expression") or issue.get("location")
+        if isinstance(expression, list) and expression:
+            texts.append("at " + ", ".join(str(e) for e in expression))
+        parts.append((head + ": " if head and texts else head) + " ".join(texts))
+    text = "; ".join(p for p in parts if p)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

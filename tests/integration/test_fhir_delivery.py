@@ -1,0 +1,113 @@
+"""deliver_report against a real FHIR R4 server (Medplum fhir-router, tests/fhir_server).
+
+Why: conditional create, Location parsing and search encoding are only proven by a
+server that implements them; the unit tests fake the transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from gateway.fhir_client import BearerAuth, FhirClient, deliver_report
+from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
+from mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient, Study
+from mapping.fhir_report import ReportBundle, build_report
+from tests.support.fhir_server import FhirServer, node_available
+
+UID = "1.2.826.0.1.3680043.8.498.99887766554433221100"
+MODEL = "ptbxl-superclass"
+VERSION = "1.2.0"
+TOKEN = "integration-test-token"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Any]:
+    reason = node_available()
+    if reason:
+        pytest.skip(reason)
+    # validate=True: Medplum also checks our resources against the R4 StructureDefinitions.
+    with FhirServer(bearer=TOKEN, validate=True) as srv:
+        yield srv
+
+
+def fhir_client(server: Any) -> FhirClient:
+    return FhirClient(server.base_url, auth=BearerAuth(TOKEN))
+
+
+def entries(found: Any) -> list[dict[str, Any]]:
+    """The matched resources, whether the helper returns a Bundle or a list."""
+    if isinstance(found, dict):
+        return [e["resource"] for e in found.get("entry") or []
+                if (e.get("search") or {}).get("mode", "match") == "match"]
+    return [r.get("resource", r) for r in found]
+
+
+def make_bundle(uid: str = UID, message_id: str = "msg-int-1") -> ReportBundle:
+    probs = {"NORM": 0.07, "MI": 0.91, "STTC": 0.55, "CD": 0.2, "HYP": 0.1}
+    findings = tuple(
+        Finding(code, SUPERCLASS_DISPLAY[code], p, 0.5, p >= 0.5, snomed=SUPERCLASS_SNOMED[code][0])
+        for code, p in probs.items()
+    )
+    result = AnalysisResult(message_id, (ModelOutput(MODEL, VERSION, "diagnosis", findings),),
+                            ecg_flags=("derived_leads:III,aVR,aVL,aVF",))
+    return build_report(
+        result,
+        patient=Patient(id="MRN-INT-1", id_issuer="HOSP"),
+        study=Study(sop_instance_uid=uid, acquired_at=datetime(2024, 5, 2, 8, 30, tzinfo=timezone.utc)),
+        message_id=message_id,
+        issued=datetime(2024, 5, 2, 8, 31, tzinfo=timezone.utc),
+    )
+
+
+def test_deliver_twice_creates_once(server: Any) -> None:
+    bundle = make_bundle()
+    with fhir_client(server) as client:
+        first = deliver_report(client, bundle)
+        log_mark = len(server.logs().splitlines())
+        second = deliver_report(client, bundle)
+        second_run = server.logs().splitlines()[log_mark:]
+        stored = client.read("DiagnosticReport", first.split("/", 1)[1])
+    assert first == second
+    # The second delivery only found things: conditional creates answered 200, none 201.
+    posts = [line for line in second_run if " POST " in line]
+    assert len(posts) == 1 + 5 + 1, second_run  # Device, 5 Observations, report; no Provenance
+    assert all(" 200 " in line for line in posts), posts
+
+    reports = entries(server.search("DiagnosticReport", identifier=f"urn:dicom:uid|urn:oid:{UID}"))
+    assert len(reports) == 1
+    report = reports[0]
+    assert f"DiagnosticReport/{report['id']}" == first
+    assert report["category"][0]["coding"][0]["code"] == "EC"
+    assert report["code"]["coding"][0]["code"] == "34534-8"
+    assert stored["status"] == "preliminary"
+    assert stored["meta"]["security"][0]["code"] == "AIAST"
+
+    result_refs = [r["reference"] for r in report["result"]]
+    assert len(result_refs) == 5
+    for code in probs_codes():
+        obs = entries(server.search(
+            "Observation", identifier=f"urn:ecgbridge:result|urn:oid:{UID}/{MODEL}/{VERSION}/{code}"))
+        assert len(obs) == 1, code
+        assert f"Observation/{obs[0]['id']}" in result_refs
+        assert obs[0]["device"]["reference"].startswith("Device/")
+
+    devices = entries(server.search("Device", identifier=f"urn:ecgbridge:model|{MODEL}@{VERSION}"))
+    assert len(devices) == 1
+    provenances = entries(server.search("Provenance", target=first))
+    assert len(provenances) == 1
+    assert provenances[0]["agent"][0]["who"]["reference"] == f"Device/{devices[0]['id']}"
+
+
+def test_second_ecg_reuses_device(server: Any) -> None:
+    with fhir_client(server) as client:
+        ref = deliver_report(client, make_bundle(uid=UID + ".2", message_id="msg-int-2"))
+    assert ref.startswith("DiagnosticReport/")
+    assert len(entries(server.search("Device", identifier=f"urn:ecgbridge:model|{MODEL}@{VERSION}"))) == 1
+
+
+def probs_codes() -> tuple[str, ...]:
+    return ("NORM", "MI", "STTC", "CD", "HYP")

@@ -1,0 +1,1 @@
+"""Shared helpers for the ecgbridge test suite (not part of the shipped package)."""

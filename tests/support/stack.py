@@ -1,0 +1,116 @@
+"""A whole ecgbridge deployment for one test: config, real gateway and worker processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from .processes import EcgbridgeProcess, free_port, wait_for, write_config
+
+__all__ = ["Stack", "send_dicom"]
+
+
+def send_dicom(port: int, datasets: list[Dataset], *, ae_title: str = "TESTSCU", called: str = "ECGBRIDGE") -> list[int]:
+    """C-STORE each dataset over one association with pynetdicom; returns the statuses."""
+    ae = AE(ae_title=ae_title)
+    for uid in {str(ds.SOPClassUID) for ds in datasets}:
+        ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association was not established"
+    try:
+        statuses = []
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            statuses.append(int(status.Status) if "Status" in status else -1)
+        return statuses
+    finally:
+        assoc.release()
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    broker_url: str
+    database_url: str | None = None
+    fhir_base_url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    dicom_options: dict[str, Any] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    processes: list[EcgbridgeProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self.tmp / "data"
+        cfg: dict[str, Any] = {
+            "data_dir": str(self.data_dir),
+            "listeners": {"dicom": {"port": self.port, "host": "127.0.0.1", **self.dicom_options}},
+            "broker": {"url": self.broker_url},
+            "delivery": {"max_attempts": 20, "backoff_initial_s": 0.5, "backoff_max_s": 2},
+            "log_level": "INFO",
+        }
+        if self.database_url:
+            cfg["storage"] = {"database_url": self.database_url}
+        route: dict[str, Any] = {"name": "all-ecg", "models": ["diagnosis"], "destinations": []}
+        if self.fhir_base_url:
+            cfg["destinations"] = [{"name": "ehr", "base_url": self.fhir_base_url, "timeout_s": 5}]
+            route["destinations"] = ["ehr"]
+        cfg["routes"] = [route]
+        for key, value in self.extra.items():
+            cfg[key] = value
+        self.config = write_config(self.tmp / "ecgbridge.yaml", cfg)
+        self._n = 0
+
+    def _proc(self, *args: str) -> EcgbridgeProcess:
+        self._n += 1
+        proc = EcgbridgeProcess([*args, "--config", str(self.config)], self.tmp / f"{args[0]}-{self._n}.log")
+        self.processes.append(proc)
+        return proc
+
+    def start_worker(self) -> EcgbridgeProcess:
+        proc = self._proc("worker").start()
+        proc.wait_for_log(" ready.", 90)
+        return proc
+
+    def start_gateway(self) -> EcgbridgeProcess:
+        proc = self._proc("gateway").start()
+        proc.wait_for_log("DICOM listener", 60)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log_path.name}\n{p.log_text()[-4000:]}" for p in self.processes)
+
+    # ----- looking at the store, the way `ecgbridge messages` does -------------------
+    def store(self):  # type: ignore[no-untyped-def]
+        from gateway.store import MessageStore
+
+        from ecgbridge.settings import load_settings
+
+        s = load_settings(self.config)
+        return MessageStore(s.database_url, s.data_dir)
+
+    def wait_state(self, state: str | tuple[str, ...], count: int = 1, timeout_s: float = 60.0) -> list[Any]:
+        states = (state,) if isinstance(state, str) else state
+        store = self.store()
+
+        def done() -> list[Any] | None:
+            rows = [r for r in store.list(limit=1000) if r.state in states]
+            return rows if len(rows) >= count else None
+
+        try:
+            return wait_for(done, timeout_s, 0.3, f"{count} message(s) in state {states}")
+        except AssertionError as exc:
+            rows = [(r.id[:8], r.state, r.error) for r in store.list(limit=50)]
+            raise AssertionError(f"{exc}; messages: {rows}\n{self.logs()}") from None
+
+
+def load(path: str | Path) -> Dataset:
+    return dcmread(str(path))

@@ -1,0 +1,240 @@
+"""Golden and round-trip tests for mapping.fhir_report (why: the EHR sees exactly this JSON)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pytest
+from fhir.resources.R4B.device import Device
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.provenance import Provenance
+
+from ecgbridge.errors import PermanentDeliveryError
+from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
+from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Finding, ModelOutput, Patient, Study
+from mapping.fhir_report import (
+    ReportBundle,
+    build_report,
+    identifier_query,
+    operation_outcome_text,
+    resolve_references,
+)
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "fhir_report_basic.json"
+ISSUED = datetime(2024, 3, 1, 10, 20, 0, tzinfo=timezone.utc)
+UID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
+MODELS = {
+    "Device": Device,
+    "DiagnosticReport": DiagnosticReport,
+    "Observation": Observation,
+    "Provenance": Provenance,
+}
+
+
+def make_result(**kw: Any) -> AnalysisResult:
+    probs = [("NORM", 0.0812, 0.5), ("MI", 0.8731, 0.42), ("STTC", 0.61, 0.4),
+             ("CD", 0.12, 0.35), ("HYP", 0.05, 0.3)]
+    findings = tuple(
+        Finding(code=c, display=SUPERCLASS_DISPLAY[c], probability=p, threshold=t,
+                present=p >= t, snomed=SUPERCLASS_SNOMED[c][0])
+        for c, p, t in probs
+    )
+    defaults: dict[str, Any] = dict(
+        message_id="msg-000123",
+        outputs=(ModelOutput("ptbxl-superclass", "1.2.0", "diagnosis", findings),),
+        quality_flags=("baseline_wander:V1",),
+        ecg_flags=("derived_leads:III,aVR,aVL,aVF",),
+    )
+    defaults.update(kw)
+    return AnalysisResult(**defaults)
+
+
+PATIENT = Patient(id="MRN-0042", id_issuer="HOSPITAL-A", name="Doe^Jane", sex="female")
+STUDY = Study(
+    sop_instance_uid=UID,
+    acquired_at=datetime(2024, 3, 1, 11, 15, 0, tzinfo=timezone(timedelta(hours=1))),
+)
+
+
+def build(**kw: Any) -> ReportBundle:
+    args: dict[str, Any] = dict(patient=PATIENT, study=STUDY, message_id="msg-000123", issued=ISSUED)
+    result = kw.pop("result", None) or make_result()
+    args.update(kw)
+    return build_report(result, **args)
+
+
+def snapshot(bundle: ReportBundle) -> dict[str, Any]:
+    def planned(p: Any) -> dict[str, Any]:
+        return {"if_none_exist": p.if_none_exist, "placeholder": p.placeholder, "resource": p.resource}
+
+    return {
+        "devices": [planned(d) for d in bundle.devices],
+        "observations": [planned(o) for o in bundle.observations],
+        "report": planned(bundle.report),
+        "provenance_query": bundle.provenance_query("DiagnosticReport/example"),
+        "provenance": bundle.provenance_for("DiagnosticReport/example"),
+    }
+
+
+def all_resources(bundle: ReportBundle) -> list[dict[str, Any]]:
+    return [p.resource for p in bundle.all_planned()] + [bundle.provenance_for("DiagnosticReport/x")]
+
+
+def test_golden_basic() -> None:
+    got = snapshot(build())
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(got, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert GOLDEN.exists(), "golden missing: run with UPDATE_GOLDEN=1 and review the file"
+    assert got == json.loads(GOLDEN.read_text(encoding="utf-8"))
+
+
+def test_round_trip_through_r4b_models() -> None:
+    for resource in all_resources(build()):
+        model_cls = MODELS[resource["resourceType"]]
+        model = model_cls.model_validate(resource)
+        text = model.model_dump_json()
+        assert json.loads(text) == resource, resource["resourceType"]
+        again = model_cls.model_validate_json(text)
+        assert again == model
+
+
+def test_report_contents() -> None:
+    b = build()
+    rep = b.report.resource
+    assert rep["status"] == "preliminary"
+    assert rep["category"][0]["coding"][0] == {
+        "system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "EC", "display": "Electrocardiac"}
+    assert rep["code"]["coding"][0]["code"] == "34534-8"
+    assert rep["identifier"] == [{"system": "urn:dicom:uid", "value": f"urn:oid:{UID}"}]
+    assert rep["effectiveDateTime"] == "2024-03-01T11:15:00+01:00"
+    assert rep["issued"] == "2024-03-01T10:20:00Z"
+    assert rep["result"] == [{"reference": o.placeholder} for o in b.observations]
+    assert rep["meta"]["security"][0]["code"] == "AIAST"
+    assert {c["coding"][0]["code"] for c in rep["conclusionCode"]} == {"164865005", "428750005"}
+    assert "derived_leads:III,aVR,aVL,aVF" in rep["conclusion"]
+    assert "baseline_wander:V1" in rep["conclusion"]
+    assert NOT_FOR_CLINICAL_USE in rep["conclusion"]
+    # PHI minimisation: the name stays out unless asked for.
+    assert "Doe" not in json.dumps(all_resources(b))
+    assert build(include_patient_name=True).report.resource["subject"]["display"] == "Doe^Jane"
+
+
+def test_observations() -> None:
+    b = build()
+    assert len(b.observations) == 5
+    for planned in b.observations:
+        obs = planned.resource
+        assert obs["status"] == "preliminary"
+        assert obs["meta"]["security"][0]["code"] == "AIAST"
+        assert NOT_FOR_CLINICAL_USE in obs["note"][0]["text"]
+        assert obs["device"]["reference"] == b.device.placeholder
+        assert 0.0 <= obs["valueQuantity"]["value"] <= 1.0
+        assert obs["valueQuantity"]["code"] == "1"
+    interp = {o.resource["code"]["coding"][1]["code"]: o.resource["interpretation"][0]["coding"][0]["code"]
+              for o in b.observations}
+    assert interp == {"NORM": "NEG", "MI": "POS", "STTC": "POS", "CD": "NEG", "HYP": "NEG"}
+
+
+def test_if_none_exist_strings() -> None:
+    b = build()
+    assert b.report.if_none_exist == f"identifier=urn%3Adicom%3Auid%7Curn%3Aoid%3A{UID}"
+    assert dict(parse_qsl(b.report.if_none_exist)) == {"identifier": f"urn:dicom:uid|urn:oid:{UID}"}
+    assert dict(parse_qsl(b.device.if_none_exist or "")) == {
+        "identifier": "urn:ecgbridge:model|ptbxl-superclass@1.2.0"}
+    assert dict(parse_qsl(b.observations[1].if_none_exist or "")) == {
+        "identifier": f"urn:ecgbridge:result|urn:oid:{UID}/ptbxl-superclass/1.2.0/MI"}
+    assert b.provenance_query("DiagnosticReport/7") == "target=DiagnosticReport%2F7"
+    # FHIR search separators in a value are escaped, then URL-encoded.
+    assert dict(parse_qsl(identifier_query("s", "a,b|c"))) == {"identifier": "s|a\\,b\\|c"}
+
+
+def test_no_sop_uid_uses_message_id() -> None:
+    b = build(study=Study(acquired_at=STUDY.acquired_at))
+    assert b.report.resource["identifier"] == [{"system": "urn:ecgbridge:result", "value": "msg-000123"}]
+    assert dict(parse_qsl(b.report.if_none_exist or "")) == {"identifier": "urn:ecgbridge:result|msg-000123"}
+    assert "entity" not in b.provenance_for("DiagnosticReport/1")
+
+
+def test_no_patient_id_still_valid_and_flagged() -> None:
+    b = build(patient=Patient())
+    rep = b.report.resource
+    assert "subject" not in rep
+    assert "no_patient_id" in rep["conclusion"]
+    for resource in all_resources(b):
+        MODELS[resource["resourceType"]].model_validate(resource)
+        assert "subject" not in resource
+
+
+def test_literal_patient_reference_wins() -> None:
+    b = build(patient_reference="Patient/123", patient_identifier_system="urn:oid:1.2.3")
+    assert b.report.resource["subject"] == {"reference": "Patient/123"}
+    b2 = build(patient_identifier_system="urn:oid:1.2.3")
+    assert b2.report.resource["subject"]["identifier"]["system"] == "urn:oid:1.2.3"
+    assert b2.report.resource["subject"]["identifier"]["assigner"] == {"display": "HOSPITAL-A"}
+
+
+def test_naive_acquisition_time_converted_to_utc_and_flagged() -> None:
+    naive = Study(sop_instance_uid=UID, acquired_at=datetime(2024, 3, 1, 11, 15))
+    b = build(study=naive, assume_tz=timezone(timedelta(hours=1)))
+    assert b.report.resource["effectiveDateTime"] == "2024-03-01T10:15:00Z"
+    assert "acquisition_time_without_offset" in b.report.resource["conclusion"]
+
+
+def test_no_finding_present() -> None:
+    f = Finding("NORM", "Normal ECG", 0.2, 0.5, False, snomed="164854000")
+    b = build(result=make_result(outputs=(ModelOutput("m", "1", "diagnosis", (f,)),)))
+    assert "conclusionCode" not in b.report.resource
+    assert "no finding above its threshold" in b.report.resource["conclusion"]
+
+
+def test_two_models_two_devices() -> None:
+    f = Finding("LOWEF", "Low ejection fraction", 0.7, 0.5, True, tier="moderately reduced")
+    outputs = make_result().outputs + (ModelOutput("lvef-net", "0.3.1", "lvef", (f,)),)
+    b = build(result=make_result(outputs=outputs))
+    assert [d.resource["identifier"][0]["value"] for d in b.devices] == [
+        "ptbxl-superclass@1.2.0", "lvef-net@0.3.1"]
+    assert b.observations[-1].resource["device"]["reference"] == b.devices[1].placeholder
+    assert len(b.provenance_for("DiagnosticReport/1")["agent"]) == 2
+    assert "tier moderately reduced" in b.report.resource["conclusion"]
+
+
+def test_bad_probability_is_permanent() -> None:
+    f = Finding("MI", "MI", 1.7, 0.5, True)
+    with pytest.raises(PermanentDeliveryError):
+        build(result=make_result(outputs=(ModelOutput("m", "1", "diagnosis", (f,)),)))
+
+
+def test_invalid_fhir_is_permanent() -> None:
+    # A blank model name makes an invalid FHIR code (meta.tag) that R4B rejects.
+    f = Finding("MI", "MI", 0.7, 0.5, True)
+    with pytest.raises(PermanentDeliveryError) as info:
+        build(result=make_result(outputs=(ModelOutput(" ", "1", "diagnosis", (f,)),)))
+    assert "validation" in str(info.value)
+
+
+def test_resolve_references() -> None:
+    b = build()
+    refs = {b.device.placeholder: "Device/9"}
+    obs = resolve_references(b.observations[0].resource, refs)
+    assert obs["device"]["reference"] == "Device/9"
+    assert b.observations[0].resource["device"]["reference"] == b.device.placeholder  # not mutated
+
+
+def test_operation_outcome_text() -> None:
+    oo = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "invalid", "diagnostics": "Missing status",
+         "details": {"text": "Observation.status is required"}, "expression": ["Observation.status"]},
+        {"severity": "warning", "code": "informational"}]}
+    text = operation_outcome_text(oo)
+    assert text == ("error/invalid: Missing status Observation.status is required at Observation.status; "
+                    "warning/informational")
+    assert operation_outcome_text(None) == ""
+    assert operation_outcome_text({"resourceType": "Patient"}) == ""
+    assert len(operation_outcome_text({"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "diagnostics": "x" * 2000}]})) == 500
