@@ -36,7 +36,6 @@ log = logging.getLogger("ecgbridge.dicom")
 TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old carts)
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
 ]
 

@@ -40,6 +40,7 @@ class Stack:
     fhir_base_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     dicom_options: dict[str, Any] = field(default_factory=dict)
+    fhir_auth: dict[str, Any] | None = None
     port: int = field(default_factory=free_port)
     processes: list[EcgbridgeProcess] = field(default_factory=list)
 
@@ -57,7 +58,8 @@ class Stack:
             cfg["storage"] = {"database_url": self.database_url}
         route: dict[str, Any] = {"name": "all-ecg", "models": ["diagnosis"], "destinations": []}
         if self.fhir_base_url:
-            cfg["destinations"] = [{"name": "ehr", "base_url": self.fhir_base_url, "timeout_s": 5}]
+            cfg["destinations"] = [{"name": "ehr", "base_url": self.fhir_base_url, "timeout_s": 5,
+                                    **({"auth": self.fhir_auth} if self.fhir_auth else {})}]
             route["destinations"] = ["ehr"]
         cfg["routes"] = [route]
         for key, value in self.extra.items():

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure and print figures, each beside a peer where one exists."""

@@ -1,0 +1,91 @@
+"""End-to-end latency and throughput: C-STORE response -> DiagnosticReport created on the FHIR server.
+
+A real redis-server, W `ecgbridge worker` processes, an `ecgbridge gateway`, the
+Medplum FHIR server; N ECGs sent one by one with pynetdicom. Latency per ECG =
+time the FHIR delivery was recorded in the store minus the time the C-STORE
+success came back to the sender.
+
+    python -m bench.e2e [--n 50] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from datetime import timezone
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from tests.support.fhir_server import FhirServer, node_available
+from tests.support.processes import RedisServer, wait_for
+from tests.support.stack import Stack
+
+from .common import percentile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds between sends (0: back to back)")
+    args = parser.parse_args()
+    reason = node_available()
+    if reason:
+        raise SystemExit(reason)
+
+    with tempfile.TemporaryDirectory() as tmp_name, FhirServer() as fhir:
+        redis = RedisServer().start()
+        stack = Stack(tmp=Path(tmp_name), broker_url=redis.url, fhir_base_url=fhir.base_url)
+        try:
+            for _ in range(args.workers):
+                stack.start_worker()
+            stack.start_gateway()
+            store = stack.store()
+            ds = dcmread(get_testdata_file("waveform_ecg.dcm"))
+            ae = AE(ae_title="BENCH")
+            ae.add_requested_context(ds.SOPClassUID, "1.2.840.10008.1.2.1")
+            assoc = wait_for(lambda: (a := ae.associate("127.0.0.1", stack.port, ae_title="ECGBRIDGE")).is_established and a,
+                             60, 0.5, "the gateway")
+            # warm-up: the first ECG loads the model in the worker
+            ds.SOPInstanceUID = generate_uid()
+            assoc.send_c_store(ds)
+            stack.wait_state("delivered", 1, timeout_s=120)
+            acked: dict[str, float] = {}
+            t0 = time.time()
+            for _ in range(args.n):
+                ds.SOPInstanceUID = generate_uid()
+                status = assoc.send_c_store(ds)
+                assert status.Status == 0, status
+                acked[ds.SOPInstanceUID] = time.time()
+                if args.interval:
+                    time.sleep(args.interval)
+            assoc.release()
+            stack.wait_state("delivered", args.n + 1, timeout_s=60 + args.n * 5)
+            latencies = []
+            done_times = []
+            for row in store.list(limit=args.n + 10):
+                if row.sop_instance_uid not in acked:
+                    continue
+                (delivery,) = store.deliveries(row.id)
+                done = delivery.updated_at.replace(tzinfo=delivery.updated_at.tzinfo or timezone.utc).timestamp()
+                latencies.append(done - acked[row.sop_instance_uid])
+                done_times.append(done)
+            elapsed = max(done_times) - t0
+        finally:
+            stack.stop()
+            redis.stop()
+    latencies.sort()
+    print(f"end to end, {args.n} x 12-lead ECG, {args.workers} worker process(es), "
+          f"{'back to back' if not args.interval else f'every {args.interval}s'}, {time.strftime('%Y-%m-%d')}")
+    print(f"latency C-STORE response -> DiagnosticReport created: p50 {percentile(latencies, 50):.3f} s, "
+          f"p95 {percentile(latencies, 95):.3f} s, max {latencies[-1]:.3f} s")
+    print(f"throughput: {args.n / elapsed:.2f} ECGs/s ({args.n} in {elapsed:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install ecgbridge with its test and training extras into .venv, install the FHIR server peer
+# (Medplum, from the npm registry) and run the whole test suite. Tests whose peers are missing
+# (redis-server, DCMTK, node, PostgreSQL, ../shared/data) skip with a message saying what is missing;
+# .ci/run installs those peers first. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test,train]'
+if command -v npm >/dev/null 2>&1; then
+  npm ci --prefix tests/fhir_server --no-audit --no-fund --loglevel=error
+else
+  echo "npm not found: the FHIR server tests will be skipped" >&2
+fi
+exec .venv/bin/python -m pytest "$@"
