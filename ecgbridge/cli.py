@@ -26,6 +26,9 @@ def _setup_logging(level: str) -> None:
     )
     # pynetdicom's DEBUG/INFO output can dump dataset contents (patient names): keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # httpx logs request URLs at INFO; a Patient search URL carries the MRN.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -213,16 +216,24 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import main as train_main
+def _training_entry(kind: str, args: argparse.Namespace) -> int:
+    """``ecgbridge train|evaluate MODEL ...`` -> the training package's own argument parser."""
+    try:
+        if kind == "train":
+            from training.train import main as entry
+        else:
+            from training.evaluate import main as entry
+    except ImportError as exc:
+        raise ConfigError(f"'ecgbridge {kind}' needs the training extra: pip install 'ecgbridge[train]' ({exc.name} missing)") from exc
+    return int(entry(args.rest) or 0)
 
-    return int(train_main(args.rest) or 0)
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _training_entry("train", args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import main as evaluate_main
-
-    return int(evaluate_main(args.rest) or 0)
+    return _training_entry("evaluate", args)
 
 
 # ----- parser -------------------------------------------------------------------
@@ -273,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, what in (("train", cmd_train, "train a model"), ("evaluate", cmd_evaluate, "evaluate a model")):
         p = sub.add_parser(name, help=f"{what} (needs the 'train' extra: torch); see '{name} diagnosis --help'",
-                           add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+                           description=f"{what}; options: ecgbridge {name} diagnosis --help")
+        p.add_argument("model", choices=["diagnosis"], help="which model")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the model's trainer/evaluator")
         p.set_defaults(func=func)
     return parser
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ from sqlalchemy import (
     event,
     select,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from ecgbridge.errors import StorageError
@@ -198,10 +199,18 @@ class MessageStore:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        try:
-            Base.metadata.create_all(self.engine)
-        except OperationalError as exc:
-            raise StorageError(f"cannot open the message store database: {exc.orig}") from exc
+        """Create missing tables; safe when a gateway and workers start at the same moment."""
+        for attempt in range(3):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except (ProgrammingError, IntegrityError):
+                # another process created the same table between our check and our CREATE
+                if attempt == 2:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+            except OperationalError as exc:
+                raise StorageError(f"cannot open the message store database: {exc.orig}") from exc
 
     def session(self) -> Session:
         return self._sessions()

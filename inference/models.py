@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
 
 from .preprocess import Pipeline
 
-__all__ = ["SHIPPED_DIR", "Manifest", "ModelClass", "LoadedModel", "ModelRegistry", "prepare_input"]
+__all__ = ["SHIPPED_DIR", "Manifest", "ModelClass", "LoadedModel", "ModelRegistry", "prepare_input", "load_manifest"]
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
@@ -171,7 +172,11 @@ class ModelRegistry:
 
     @staticmethod
     def _load(directory: Path) -> LoadedModel:
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # no usage data leaves a hospital network
         import onnxruntime as ort  # imported here so the gateway never loads it
+
+        if hasattr(ort, "disable_telemetry_events"):
+            ort.disable_telemetry_events()
 
         manifest = load_manifest(directory)
         onnx_path = directory / manifest.file

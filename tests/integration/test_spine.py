@@ -43,6 +43,7 @@ def test_dicom_ecg_to_one_fhir_report_even_when_sent_twice(make_stack, fhir_serv
     stack.start_worker()
     stack.start_gateway()
     ds = dcmread(waveform_ecg_path)
+    ds.PatientName, ds.PatientID = "Doe^Janet", "MRN7784512"  # distinctive, to look for in the logs
     assert send_dicom(stack.port, [ds]) == [0x0000]
     assert send_dicom(stack.port, [ds]) == [0x0000]  # the cart resends the same instance
 
@@ -58,6 +59,9 @@ def test_dicom_ecg_to_one_fhir_report_even_when_sent_twice(make_stack, fhir_serv
         obs = fhir_server.read(*ref["reference"].split("/"))
         assert obs["resourceType"] == "Observation"
         assert 0.0 <= obs["valueQuantity"]["value"] <= 1.0
+
+    logs = stack.logs()
+    assert "MRN7784512" not in logs and "Janet" not in logs, "PHI in the logs"
 
     items = _messages_json(stack)
     assert [m["state"] for m in items] == ["delivered", "delivered"]
