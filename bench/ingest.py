@@ -56,7 +56,7 @@ def main() -> None:
                 port = free_port()
                 cfg = write_config(tmp / f"gw{assocs}.yaml", {
                     "data_dir": str(tmp / f"gwdata{assocs}"),
-                    "listeners": {"dicom": {"port": port}},
+                    "listeners": {"dicom": {"port": port}, "mllp": {"enabled": False}},
                     "broker": {"url": redis.url},
                     "log_level": "WARNING",
                 })

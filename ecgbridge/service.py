@@ -61,14 +61,25 @@ class Gateway:
         self.store.create_schema()
         self.dispatcher = Dispatcher(make_celery(settings))
         self.dicom = DicomGateway(settings, self.store, self.dispatcher) if settings.listeners.dicom.enabled else None
+        self.mllp = None
+        if settings.listeners.mllp.enabled:
+            from gateway.mllp import MllpGateway
+
+            self.mllp = MllpGateway(settings, self.store, self.dispatcher)
+        self.inbox = None
+        if settings.listeners.inbox.enabled:
+            from gateway.inbox import InboxWatcher
+
+            self.inbox = InboxWatcher(settings, self.store, self.dispatcher)
         self._stop = threading.Event()
         self._sweep_interval = sweep_interval_s
         self._sweeper: threading.Thread | None = None
 
     def start(self) -> None:
         recover(self.store, self.dispatcher, include_queued=True)
-        if self.dicom is not None:
-            self.dicom.start()
+        for listener in (self.dicom, self.mllp, self.inbox):
+            if listener is not None:
+                listener.start()
         self._sweeper = threading.Thread(target=self._sweep, name="recovery-sweep", daemon=True)
         self._sweeper.start()
 
@@ -81,8 +92,9 @@ class Gateway:
 
     def stop(self) -> None:
         self._stop.set()
-        if self.dicom is not None:
-            self.dicom.stop()
+        for listener in (self.inbox, self.mllp, self.dicom):
+            if listener is not None:
+                listener.stop()
 
 
 def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: str | None = None) -> None:
@@ -143,8 +155,10 @@ def run_all(settings: Settings) -> None:
         gateway = Gateway(settings)
         gateway.start()
         dicom = settings.listeners.dicom
+        mllp = settings.listeners.mllp
         print(
             f"ecgbridge running: DICOM {dicom.ae_title} on {dicom.host}:{gateway.dicom.port if gateway.dicom else '-'}, "
+            f"HL7 MLLP on {mllp.host}:{gateway.mllp.port if gateway.mllp else '-'}, "
             f"{len(workers)} worker process(es), data in {Path(settings.data_dir).resolve()}, "
             f"broker {'embedded' if broker else settings.broker_url}. Ctrl-C stops.",
             flush=True,

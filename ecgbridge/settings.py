@@ -19,10 +19,10 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -36,6 +36,9 @@ __all__ = [
     "ModelEntry",
     "FhirAuth",
     "FhirDestination",
+    "Hl7Destination",
+    "MllpListener",
+    "InboxListener",
     "Delivery",
     "RouteMatch",
     "Route",
@@ -46,6 +49,15 @@ __all__ = [
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _check_networks(values: list[str]) -> list[str]:
+    for item in values:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
+    return values
 
 
 class DicomListener(_Strict):
@@ -72,16 +84,50 @@ class DicomListener(_Strict):
     @field_validator("allowed_addresses")
     @classmethod
     def _nets(cls, v: list[str]) -> list[str]:
-        for item in v:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
-        return v
+        return _check_networks(v)
+
+
+class MllpListener(_Strict):
+    """HL7 v2 over MLLP (ORU^R01 with waveforms, ORM^O01 / OML^O21 orders, ADT)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(2575, ge=0, le=65535)
+    #: Empty list: any address. Entries are IP addresses or CIDR networks.
+    allowed_addresses: list[str] = Field(default_factory=list)
+    #: A message larger than this is refused with AR (and the connection keeps serving).
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    #: A connection with no complete frame for this long is closed.
+    idle_timeout_s: float = Field(120.0, gt=0)
+    #: A frame that was started must be complete within this time.
+    frame_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(64, ge=1)
+
+    _check_nets = field_validator("allowed_addresses")(lambda cls, v: _check_networks(v))
+
+
+class InboxListener(_Strict):
+    """A folder an ECG management system exports files to; each file is taken once."""
+
+    enabled: bool = False
+    #: Folder watched for new files; done/ and failed/ are created inside it.
+    path: Path | None = None
+    poll_interval_s: float = Field(2.0, gt=0)
+    #: A file must be unchanged this long before it is taken (the exporter finished writing).
+    settle_s: float = Field(1.0, ge=0)
+    patterns: list[str] = Field(default_factory=lambda: ["*.dcm", "*.xml", "*.DCM", "*.XML"])
+
+    @model_validator(mode="after")
+    def _path(self) -> "InboxListener":
+        if self.enabled and self.path is None:
+            raise ValueError("an enabled inbox needs path: the folder to watch")
+        return self
 
 
 class Listeners(_Strict):
     dicom: DicomListener = Field(default_factory=DicomListener)
+    mllp: MllpListener = Field(default_factory=MllpListener)
+    inbox: InboxListener = Field(default_factory=InboxListener)
 
 
 class Storage(_Strict):
@@ -148,6 +194,40 @@ class FhirDestination(_Strict):
         return v.rstrip("/")
 
 
+class Hl7Destination(_Strict):
+    """An HL7 v2 receiver (the EHR's interface engine) that takes ORU^R01 over MLLP."""
+
+    name: str
+    type: Literal["hl7"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: Seconds to wait for the ACK before the attempt counts as failed (and is retried).
+    ack_timeout_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    sending_application: str = "ECGBRIDGE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    #: Attach the PDF report (OBX ED) when one exists.
+    include_report_pdf: bool = True
+
+
+_UNION_TAGS = ("fhir", "hl7")
+
+
+def _destination_type(value: Any) -> str:
+    """``type`` picks the destination model; it may be left out for FHIR (the first kind)."""
+    if isinstance(value, dict):
+        return str(value.get("type", "fhir"))
+    return str(getattr(value, "type", "fhir"))
+
+
+Destination = Annotated[
+    Annotated[FhirDestination, Tag("fhir")] | Annotated[Hl7Destination, Tag("hl7")],
+    Discriminator(_destination_type),
+]
+
+
 class Delivery(_Strict):
     #: Attempts per destination before the delivery is dead-lettered.
     max_attempts: int = Field(10, ge=1)
@@ -156,12 +236,22 @@ class Delivery(_Strict):
 
 
 class RouteMatch(_Strict):
-    #: Message sources this route takes: dicom (more come later).
-    sources: list[Literal["dicom", "file"]] = Field(default_factory=lambda: ["dicom", "file"])
-    #: Calling AE titles (DICOM). Empty: any.
+    """Every listed criterion must hold; an empty list means "any"."""
+
+    #: Message sources this route takes: dicom (C-STORE), hl7 (MLLP), file (inbox / local import).
+    sources: list[Literal["dicom", "hl7", "file"]] = Field(default_factory=lambda: ["dicom", "hl7", "file"])
+    #: Calling AE titles (DICOM).
     calling_ae_titles: list[str] = Field(default_factory=list)
-    #: SOP Class UIDs. Empty: any ECG SOP class.
+    #: SOP Class UIDs (DICOM).
     sop_class_uids: list[str] = Field(default_factory=list)
+    #: MSH-3 sending application (HL7), namespace id.
+    sending_applications: list[str] = Field(default_factory=list)
+    #: MSH-4 sending facility (HL7), namespace id.
+    sending_facilities: list[str] = Field(default_factory=list)
+    #: MSH-9 message type as TYPE^EVENT, e.g. ORU^R01 (HL7).
+    message_types: list[str] = Field(default_factory=list)
+    #: OBX-3 identifiers (HL7); the route matches when any OBX carries one of them.
+    obx_codes: list[str] = Field(default_factory=list)
 
 
 class Route(_Strict):
@@ -182,7 +272,7 @@ class Settings(_Strict):
     broker: Broker = Field(default_factory=Broker)
     workers: Workers = Field(default_factory=Workers)
     models: list[ModelEntry] = Field(default_factory=lambda: [ModelEntry(name="diagnosis")])
-    destinations: list[FhirDestination] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
     delivery: Delivery = Field(default_factory=Delivery)
     routes: list[Route] = Field(default_factory=_default_routes)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -227,7 +317,7 @@ class Settings(_Strict):
     def broker_url(self) -> str:
         return self.broker.url or f"redis+socket://{self.broker_socket}"
 
-    def destination(self, name: str) -> FhirDestination:
+    def destination(self, name: str) -> FhirDestination | Hl7Destination:
         for d in self.destinations:
             if d.name == name:
                 return d
@@ -320,11 +410,14 @@ def load_settings(path: str | Path | None = None) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            loc = tuple(p for p in err["loc"]
+                        if not (isinstance(p, str) and (p.startswith("function-") or p in _UNION_TAGS)))
             line = _nearest_line(lines, loc)
             where = f"{file}:{line}" if line else str(file)
             field = _format_loc(loc)
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "union_tag_invalid":
+                msg = f"type {err['ctx'].get('tag')!r} is not a destination type (expected one of: {', '.join(_UNION_TAGS)})"
             if err["type"] == "extra_forbidden":
                 msg = "unknown setting (check the spelling against config/ecgbridge.example.yaml)"
             if not loc and err["type"] == "value_error":

@@ -98,6 +98,7 @@ def handle_store(event: evt.Event, ctx: StoreContext) -> int | Dataset:
             source="dicom", remote=remote, sop_class_uid=sop_class, sop_instance_uid=sop_instance,
             blob_sha256=sha, blob_size=size, state="received" if route else "unrouted",
             route=route.name if route else None, flags=flags,
+            placer_order_number=ecg.study.placer_order_number, filler_order_number=ecg.study.filler_order_number,
         )
         if route is None:
             store.add_event(mid, "unrouted", f"no route matches source dicom, calling AE {calling}, SOP class {sop_class}",

@@ -21,6 +21,10 @@ class MessageFacts:
     source: str  # dicom | file | hl7
     calling_ae_title: str | None = None
     sop_class_uid: str | None = None
+    sending_application: str | None = None  # MSH-3.1
+    sending_facility: str | None = None  # MSH-4.1
+    message_type: str | None = None  # MSH-9 as TYPE^EVENT
+    obx_codes: tuple[str, ...] = ()  # OBX-3.1 of every OBX
 
 
 def _matches(route: Route, facts: MessageFacts) -> bool:
@@ -30,6 +34,14 @@ def _matches(route: Route, facts: MessageFacts) -> bool:
     if m.calling_ae_titles and (facts.calling_ae_title or "").strip() not in m.calling_ae_titles:
         return False
     if m.sop_class_uids and facts.sop_class_uid not in m.sop_class_uids:
+        return False
+    if m.sending_applications and facts.sending_application not in m.sending_applications:
+        return False
+    if m.sending_facilities and facts.sending_facility not in m.sending_facilities:
+        return False
+    if m.message_types and facts.message_type not in m.message_types:
+        return False
+    if m.obx_codes and not set(m.obx_codes) & set(facts.obx_codes):
         return False
     return True
 

@@ -12,6 +12,7 @@ States of a message::
         |          '----------------> failed      (analysis failed: bad ECG, model error)
         '-> unrouted                               (no route matched: kept, not analysed)
     rejected                                       (refused at the gateway: bytes kept)
+    processed                                      (not an ECG: an order or ADT message, applied)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import (
+    or_,
     JSON,
     DateTime,
     ForeignKey,
@@ -51,12 +53,13 @@ __all__ = [
     "MessageStore",
     "MessageRow",
     "ResultRow",
+    "OrderRow",
     "DeliveryRow",
     "EventRow",
     "BlobStore",
 ]
 
-MESSAGE_STATES = ("received", "queued", "analysed", "delivered", "failed", "unrouted", "rejected")
+MESSAGE_STATES = ("received", "queued", "analysed", "delivered", "failed", "unrouted", "rejected", "processed")
 DELIVERY_STATES = ("pending", "delivered", "failed", "dead")
 
 
@@ -84,6 +87,31 @@ class MessageRow(Base):
     route: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     flags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: Order numbers the ECG carries (HL7 OBR-2/3, DICOM order attributes); link to ``orders``.
+    placer_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    filler_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    message_type: Mapped[str | None] = mapped_column(String(32))  # HL7 MSH-9, e.g. ORU^R01
+
+
+class OrderRow(Base):
+    """An ECG order (ORM^O01 / OML^O21) so that a result links to it, whichever arrives first.
+
+    ``details`` keeps what the result must echo back (ORC/OBR fields, ordering
+    provider, visit); it is PHI-bearing like the blobs and is never logged.
+    """
+
+    __tablename__ = "orders"
+    __table_args__ = (UniqueConstraint("placer_order_number", "filler_order_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    placer_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    filler_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    order_control: Mapped[str | None] = mapped_column(String(8))  # ORC-1: NW, CA, XO, ...
+    status: Mapped[str | None] = mapped_column(String(16))  # ORC-5
+    message_id: Mapped[str | None] = mapped_column(String(36))  # the HL7 message it came in
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
 
 
 class ResultRow(Base):
@@ -235,6 +263,9 @@ class MessageStore:
         route: str | None = None,
         error: str | None = None,
         flags: list[str] | None = None,
+        placer_order_number: str | None = None,
+        filler_order_number: str | None = None,
+        message_type: str | None = None,
     ) -> str:
         message_id = str(uuid.uuid4())
         row = MessageRow(
@@ -249,6 +280,9 @@ class MessageStore:
             route=route,
             error=error,
             flags=list(flags or []),
+            placer_order_number=placer_order_number,
+            filler_order_number=filler_order_number,
+            message_type=message_type,
         )
         try:
             with self.session() as s, s.begin():
@@ -370,6 +404,68 @@ class MessageStore:
             if remote_ref is not None:
                 row.remote_ref = remote_ref
             return row
+
+    # ----- orders ---------------------------------------------------------------
+    def upsert_order(
+        self,
+        *,
+        placer_order_number: str | None,
+        filler_order_number: str | None,
+        order_control: str | None = None,
+        status: str | None = None,
+        message_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> OrderRow:
+        """Insert an order or update the one with the same numbers (a later ORM replaces details)."""
+        if not placer_order_number and not filler_order_number:
+            raise ValueError("an order needs a placer or a filler order number")
+        for _ in range(2):
+            try:
+                with self.session() as s, s.begin():
+                    row = s.scalar(
+                        select(OrderRow).where(
+                            OrderRow.placer_order_number == placer_order_number,
+                            OrderRow.filler_order_number == filler_order_number,
+                        )
+                    )
+                    if row is None:
+                        row = OrderRow(placer_order_number=placer_order_number, filler_order_number=filler_order_number)
+                        s.add(row)
+                    row.order_control = order_control
+                    row.status = status
+                    row.message_id = message_id
+                    row.details = dict(details or {})
+                    return row
+            except IntegrityError:
+                continue  # created concurrently: update it on the second pass
+        raise StorageError("could not record the order")
+
+    def find_order(self, placer_order_number: str | None, filler_order_number: str | None) -> OrderRow | None:
+        """The order matching either number (placer first); None when neither is known."""
+        with self.session() as s:
+            for column, value in ((OrderRow.placer_order_number, placer_order_number),
+                                  (OrderRow.filler_order_number, filler_order_number)):
+                if value:
+                    row = s.scalar(select(OrderRow).where(column == value).order_by(OrderRow.id.desc()).limit(1))
+                    if row is not None:
+                        return row
+        return None
+
+    def messages_for_order(self, order: OrderRow) -> list[MessageRow]:
+        """ECG messages that carry this order's numbers (e.g. ones that arrived before the order)."""
+        with self.session() as s:
+            conds = []
+            if order.placer_order_number:
+                conds.append(MessageRow.placer_order_number == order.placer_order_number)
+            if order.filler_order_number:
+                conds.append(MessageRow.filler_order_number == order.filler_order_number)
+            return list(s.scalars(select(MessageRow).where(or_(*conds)).order_by(MessageRow.received_at)))
+
+    def order_for_message(self, message_id: str) -> OrderRow | None:
+        row = self.get(message_id)
+        if row is None:
+            return None
+        return self.find_order(row.placer_order_number, row.filler_order_number)
 
     # ----- recovery -----------------------------------------------------------
     def unfinished(self) -> Iterator[tuple[str, str]]:

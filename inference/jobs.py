@@ -7,13 +7,14 @@ after a crash) produces no second result and no second report.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ecgbridge.errors import EcgBridgeError, InputError, ModelError, PermanentDeliveryError, TransientDeliveryError
-from ecgbridge.settings import Route, Settings
+from ecgbridge.settings import FhirDestination, Hl7Destination, Route, Settings
 from gateway.dispatch import Dispatcher
 from gateway.store import MessageRow, MessageStore
 from mapping.ecg import AnalysisResult, Ecg
@@ -96,9 +97,6 @@ def _finish_message(store: MessageStore, message_id: str) -> None:
 
 def deliver_message(ctx: WorkerContext, message_id: str, destination: str) -> str | None:
     """Write the stored result to one destination; idempotent on the destination side too."""
-    from gateway.fhir_client import BearerAuth, FhirClient, deliver_report, resolve_patient
-    from mapping.fhir_report import build_report
-
     store = ctx.store
     current = store.delivery(message_id, destination)
     if current is not None and current.state in ("delivered", "failed", "dead"):
@@ -111,19 +109,11 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str) -> st
     dest = ctx.settings.destination(destination)
     result = AnalysisResult.from_dict(stored.result)
     ecg = load_ecg(store, row)
-    token = dest.auth.token()
     try:
-        with FhirClient(dest.base_url, auth=BearerAuth(token) if token else None, timeout_s=dest.timeout_s) as client:
-            patient_ref = resolve_patient(client, ecg.patient, dest.patient_identifier_system)
-            bundle = build_report(
-                result,
-                patient=ecg.patient,
-                study=ecg.study,
-                message_id=message_id,
-                patient_reference=patient_ref,
-                patient_identifier_system=dest.patient_identifier_system,
-            )
-            ref = deliver_report(client, bundle)
+        if dest.type == "hl7":
+            ref = _deliver_hl7(ctx, row, result, ecg, dest)
+        else:
+            ref = _deliver_fhir(result, ecg, dest, message_id)
     except TransientDeliveryError as exc:
         store.update_delivery(message_id, destination, state="pending", error=str(exc))
         store.add_event(message_id, "delivery_retry", f"{destination}: {exc}", level="warning")
@@ -138,6 +128,46 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str) -> st
     log.info("delivered message %s to %s as %s", message_id, destination, ref)
     _finish_message(store, message_id)
     return ref
+
+
+def _deliver_fhir(result: AnalysisResult, ecg: Ecg, dest: FhirDestination, message_id: str) -> str:
+    from gateway.fhir_client import BearerAuth, FhirClient, deliver_report, resolve_patient
+    from mapping.fhir_report import build_report
+
+    token = dest.auth.token()
+    with FhirClient(dest.base_url, auth=BearerAuth(token) if token else None, timeout_s=dest.timeout_s) as client:
+        patient_ref = resolve_patient(client, ecg.patient, dest.patient_identifier_system)
+        bundle = build_report(
+            result,
+            patient=ecg.patient,
+            study=ecg.study,
+            message_id=message_id,
+            patient_reference=patient_ref,
+            patient_identifier_system=dest.patient_identifier_system,
+        )
+        return deliver_report(client, bundle)
+
+
+def control_id(message_id: str, destination: str) -> str:
+    """MSH-10 for a result: the same on every retry, so a receiver can drop a duplicate."""
+    return hashlib.sha1(f"{message_id}/{destination}".encode()).hexdigest()[:20].upper()
+
+
+def _deliver_hl7(ctx: WorkerContext, row: MessageRow, result: AnalysisResult, ecg: Ecg, dest: Hl7Destination) -> str:
+    """ORU^R01 over MLLP; waits for the ACK (AA delivers, AE/timeout retry, AR fails)."""
+    from gateway.mllp_client import send_oru
+    from mapping.hl7_oru import build_oru_r01
+
+    order = ctx.store.order_for_message(row.id)
+    message = build_oru_r01(
+        result,
+        ecg=ecg,
+        order=order.details if order is not None else None,
+        destination=dest,
+        message_id=row.id,
+        control_id=control_id(row.id, dest.name),
+    )
+    return send_oru(dest, message)
 
 
 def dead_letter(ctx: WorkerContext, message_id: str, destination: str, error: str) -> None:

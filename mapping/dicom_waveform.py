@@ -487,7 +487,26 @@ def _study(ds: Dataset) -> Study:
         accession_number=_text(ds.get("AccessionNumber")),
         acquired_at=_acquired_at(ds),
         device=device,
+        placer_order_number=_order_number(ds, "PlacerOrderNumberImagingServiceRequest"),
+        filler_order_number=_order_number(ds, "FillerOrderNumberImagingServiceRequest"),
     )
+
+
+def _order_number(ds: Dataset, keyword: str) -> str | None:
+    """An order number from the top level or the first Request Attributes / Referenced Request item.
+
+    Modality worklist-driven carts copy the order into the Request Attributes Sequence
+    (or, for the placer number, into AccessionNumber, which we keep separately).
+    """
+    value = _text(ds.get(keyword))
+    if value:
+        return value
+    for seq_keyword in ("RequestAttributesSequence", "ReferencedRequestSequence"):
+        for item in ds.get(seq_keyword, None) or []:
+            value = _text(item.get(keyword))
+            if value:
+                return value
+    return None
 
 
 def _acquired_at(ds: Dataset) -> datetime | None:

@@ -57,6 +57,9 @@ class Study:
     accession_number: str | None = None
     acquired_at: datetime | None = None
     device: str | None = None  # manufacturer / model of the cart, if given
+    #: Order numbers the ECG was recorded for (HL7 OBR-2 / OBR-3, DICOM Placer/Filler Order Number).
+    placer_order_number: str | None = None
+    filler_order_number: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,19 +7,41 @@ from pathlib import Path
 from ecgbridge.errors import UnsupportedInputError
 from mapping.ecg import Ecg
 
-__all__ = ["read_ecg_bytes", "read_ecg_file", "looks_like_dicom"]
+__all__ = ["read_ecg_bytes", "read_ecg_file", "looks_like_dicom", "looks_like_hl7", "looks_like_xml"]
 
 
 def looks_like_dicom(data: bytes) -> bool:
     return len(data) > 132 and data[128:132] == b"DICM"
 
 
-def read_ecg_bytes(data: bytes, *, hint: str | None = None) -> Ecg:
-    from mapping.dicom_waveform import read_bytes, to_ecg
+def looks_like_hl7(data: bytes) -> bool:
+    head = data.lstrip(b"\x0b\r\n \t\xef\xbb\xbf")
+    return head.startswith(b"MSH")
 
+
+def looks_like_xml(data: bytes) -> bool:
+    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"<")
+
+
+def read_ecg_bytes(data: bytes, *, hint: str | None = None) -> Ecg:
+    """Bytes as stored by a listener -> Ecg. ``hint`` is the message source (dicom, hl7, file)."""
+    if hint == "hl7" or looks_like_hl7(data):
+        from mapping.hl7_waveform import parse_oru_waveform
+
+        return parse_oru_waveform(data)
     if hint == "dicom" or looks_like_dicom(data):
+        from mapping.dicom_waveform import read_bytes, to_ecg
+
         return to_ecg(read_bytes(data))
-    raise UnsupportedInputError("not a DICOM file (no DICM preamble); other formats are not read yet")
+    if looks_like_xml(data):
+        from mapping.vendor import read_xml
+
+        return read_xml(data)
+    raise UnsupportedInputError(
+        "not a format ecgbridge reads: expected DICOM (DICM preamble), HL7 v2 (MSH) or ECG XML "
+        "(HL7 aECG, Philips Sierra, GE MUSE)"
+    )
 
 
 def read_ecg_file(path: Path) -> Ecg:

@@ -23,9 +23,9 @@ def _list(config) -> list[dict]:
 
 
 def test_run_on_embedded_defaults_analyses_and_survives_restart(tmp_path, waveform_ecg_path):
-    port = free_port()
+    port, mllp_port = free_port(), free_port()
     # Only the port differs from the defaults (a free one, so tests can run in parallel).
-    config = write_config(tmp_path / "ecgbridge.yaml", {"listeners": {"dicom": {"port": port}}, "workers": {"processes": 0}})
+    config = write_config(tmp_path / "ecgbridge.yaml", {"listeners": {"dicom": {"port": port}, "mllp": {"port": mllp_port}}, "workers": {"processes": 0}})
     run = EcgbridgeProcess(["run", "--config", str(config)], tmp_path / "run1.log").start()
     try:
         run.wait_for_log("ecgbridge running", 60)
@@ -35,7 +35,7 @@ def test_run_on_embedded_defaults_analyses_and_survives_restart(tmp_path, wavefo
     assert [m["state"] for m in _list(config)] == ["queued"]
     assert (tmp_path / "ecgbridge-data" / "ecgbridge.db").exists()
 
-    config = write_config(tmp_path / "ecgbridge.yaml", {"listeners": {"dicom": {"port": port}}})
+    config = write_config(tmp_path / "ecgbridge.yaml", {"listeners": {"dicom": {"port": port}, "mllp": {"port": mllp_port}}})
     run = EcgbridgeProcess(["run", "--config", str(config)], tmp_path / "run2.log").start()
     try:
         run.wait_for_log("ecgbridge running", 60)

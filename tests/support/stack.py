@@ -42,6 +42,8 @@ class Stack:
     dicom_options: dict[str, Any] = field(default_factory=dict)
     fhir_auth: dict[str, Any] | None = None
     port: int = field(default_factory=free_port)
+    mllp_port: int = field(default_factory=free_port)
+    mllp_options: dict[str, Any] = field(default_factory=dict)
     processes: list[EcgbridgeProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -49,7 +51,10 @@ class Stack:
         self.data_dir = self.tmp / "data"
         cfg: dict[str, Any] = {
             "data_dir": str(self.data_dir),
-            "listeners": {"dicom": {"port": self.port, "host": "127.0.0.1", **self.dicom_options}},
+            "listeners": {
+                "dicom": {"port": self.port, "host": "127.0.0.1", **self.dicom_options},
+                "mllp": {"port": self.mllp_port, "host": "127.0.0.1", **self.mllp_options},
+            },
             "broker": {"url": self.broker_url},
             "delivery": {"max_attempts": 20, "backoff_initial_s": 0.5, "backoff_max_s": 2},
             "log_level": "INFO",
