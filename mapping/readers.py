@@ -20,8 +20,10 @@ def looks_like_hl7(data: bytes) -> bool:
 
 
 def looks_like_xml(data: bytes) -> bool:
-    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.startswith(b"<")
+    """XML in UTF-8 or, as Philips carts write it, UTF-16 with a byte-order mark."""
+    from mapping.vendor import looks_like_xml as vendor_looks_like_xml
+
+    return vendor_looks_like_xml(data)
 
 
 def read_ecg_bytes(data: bytes, *, hint: str | None = None) -> Ecg:

@@ -44,6 +44,7 @@ class Stack:
     port: int = field(default_factory=free_port)
     mllp_port: int = field(default_factory=free_port)
     mllp_options: dict[str, Any] = field(default_factory=dict)
+    inbox_options: dict[str, Any] = field(default_factory=dict)
     processes: list[EcgbridgeProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -54,6 +55,7 @@ class Stack:
             "listeners": {
                 "dicom": {"port": self.port, "host": "127.0.0.1", **self.dicom_options},
                 "mllp": {"port": self.mllp_port, "host": "127.0.0.1", **self.mllp_options},
+                **({"inbox": self.inbox_options} if self.inbox_options else {}),
             },
             "broker": {"url": self.broker_url},
             "delivery": {"max_attempts": 20, "backoff_initial_s": 0.5, "backoff_max_s": 2},
