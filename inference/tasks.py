@@ -73,4 +73,7 @@ def register(app: Celery, settings: Settings) -> None:
                 jobs.dead_letter(ctx, message_id, destination, str(exc))
                 return
             countdown = max(jobs.backoff_s(ctx.settings, attempts), getattr(exc, "retry_after_s", 0) or 0)
-            raise self.retry(exc=exc, countdown=countdown)
+            # Celery logs the retry's exception text; a receiver's error text may quote patient
+            # data, so the log gets only the kind of failure (the full text is in the store).
+            safe = TransientDeliveryError(f"{destination}: {type(exc).__name__}, attempt {attempts}")
+            raise self.retry(exc=safe, countdown=countdown)
