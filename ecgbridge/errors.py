@@ -8,7 +8,8 @@ operation that raised it is worth retrying::
     ├── InputError                 the inbound data is wrong (never retried)
     │   ├── DecodeError            bytes are not a decodable object (DIMSE 0xC210)
     │   ├── WaveformError          decodable, but not a usable ECG (DIMSE 0xC211)
-    │   └── UnsupportedInputError  a format/SOP class we do not take (DIMSE 0xA900)
+    │   ├── UnsupportedInputError  a format/SOP class we do not take (DIMSE 0xA900)
+    │   └── Hl7Error               an HL7 message refused: table-0357 code + ERR location (AR/AE)
     ├── StorageError               the durable store failed (DIMSE 0xA700 when out of space)
     ├── ModelError                 a model is missing, malformed or failed to run
     └── DeliveryError              sending a result to a destination failed
@@ -25,6 +26,7 @@ __all__ = [
     "DecodeError",
     "WaveformError",
     "UnsupportedInputError",
+    "Hl7Error",
     "StorageError",
     "ModelError",
     "DeliveryError",
@@ -83,6 +85,22 @@ class WaveformError(InputError):
 
 class UnsupportedInputError(InputError):
     dimse_status = 0xA900
+
+
+class Hl7Error(InputError):
+    """An HL7 v2 message we refuse or could not take, with what its ERR segment says.
+
+    ``code`` is from HL7 table 0357; ``location`` an ERL (segment, sequence, field,
+    repetition, component) as far as known; ``hl7_ack_code`` AR or AE.
+    """
+
+    def __init__(self, message: str, *, code: int, location: tuple = (), ack: str = "AR",
+                 kind: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.location = tuple(location)
+        self.hl7_ack_code = ack
+        self.kind = kind or "hl7_rejected"
 
 
 class StorageError(EcgBridgeError):

@@ -90,7 +90,7 @@ class DicomListener(_Strict):
 class MllpListener(_Strict):
     """HL7 v2 over MLLP (ORU^R01 with waveforms, ORM^O01 / OML^O21 orders, ADT)."""
 
-    enabled: bool = False
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(2575, ge=0, le=65535)
     #: Empty list: any address. Entries are IP addresses or CIDR networks.

@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
 
 from ecgbridge.errors import EcgBridgeError, InputError, StorageError
 from ecgbridge.settings import InboxListener, Settings
@@ -232,13 +231,8 @@ class InboxWatcher:
         return True
 
     def _existing_message(self, sha: str, remote: str) -> MessageRow | None:
-        with self.store.session() as s:
-            return s.scalar(
-                select(MessageRow)
-                .where(MessageRow.source == "file", MessageRow.blob_sha256 == sha, MessageRow.remote == remote)
-                .order_by(MessageRow.received_at)
-                .limit(1)
-            )
+        rows = self.store.find_by_blob(sha, "file", remote=remote)
+        return rows[0] if rows else None
 
     def _move(self, name: str, folder: str, *, error: str | None = None, message_id: str | None = None) -> Path | None:
         """Rename the file into done/ or failed/ (a suffix avoids overwriting); None on failure."""

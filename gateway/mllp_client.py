@@ -32,26 +32,23 @@ from typing import TYPE_CHECKING
 from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
 from mapping.hl7_common import unescape
 
+from .mllp import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
+
 if TYPE_CHECKING:
     from ecgbridge.settings import Hl7Destination
 
-__all__ = ["START_BLOCK", "END_BLOCK", "Ack", "frame", "parse_ack", "send_oru", "send_message", "MAX_ACK_BYTES"]
+__all__ = ["Ack", "parse_ack", "send_oru", "send_message", "MAX_ACK_BYTES"]
 
 log = logging.getLogger("ecgbridge.mllp_client")
 
-START_BLOCK = b"\x0b"
-END_BLOCK = b"\x1c\x0d"
+#: The end of a frame as it appears on the wire.
+_FRAME_END = END_BLOCK + CARRIAGE_RETURN
 #: An ACK larger than this is not an ACK (and must not fill the worker's memory).
 MAX_ACK_BYTES = 1024 * 1024
 
 _ACCEPT = {"AA", "CA"}
 _ERROR = {"AE", "CE"}
 _REJECT = {"AR", "CR"}
-
-
-def frame(message: str) -> bytes:
-    """MLLP block: 0x0B, the UTF-8 message, 0x1C 0x0D."""
-    return START_BLOCK + message.encode("utf-8") + END_BLOCK
 
 
 @dataclass(frozen=True)
@@ -192,7 +189,7 @@ def _read_frame(sock: socket.socket, deadline: float, where: str, timeout_s: flo
                 continue
             del buffer[:index + 1]
             started = True
-        end = buffer.find(END_BLOCK)
+        end = buffer.find(_FRAME_END)
         if end >= 0:
             return bytes(buffer[:end])
         if len(buffer) > MAX_ACK_BYTES:
@@ -203,7 +200,7 @@ def send_message(host: str, port: int, message: str, *, connect_timeout_s: float
     """Send one MLLP-framed message and return the parsed ACK (transport errors are transient)."""
     where = f"{host}:{port}"
     try:
-        data_out = frame(message)
+        data_out = frame(message.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise PermanentDeliveryError(f"the message cannot be encoded as UTF-8 at position {exc.start}") from exc
     try:

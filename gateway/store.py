@@ -81,7 +81,7 @@ class MessageRow(Base):
     remote: Mapped[str | None] = mapped_column(String(128))  # "AE@address" or a file name
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
-    blob_sha256: Mapped[str] = mapped_column(String(64))
+    blob_sha256: Mapped[str] = mapped_column(String(64), index=True)
     blob_size: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), index=True)
     route: Mapped[str | None] = mapped_column(String(64))
@@ -320,6 +320,14 @@ class MessageStore:
             if state:
                 q = q.where(MessageRow.state == state)
             return list(s.scalars(q))
+
+    def find_by_blob(self, sha256: str, source: str, *, remote: str | None = None) -> list[MessageRow]:
+        """Messages with exactly these bytes from this source (oldest first): resend detection."""
+        with self.session() as s:
+            q = select(MessageRow).where(MessageRow.blob_sha256 == sha256, MessageRow.source == source)
+            if remote is not None:
+                q = q.where(MessageRow.remote == remote)
+            return list(s.scalars(q.order_by(MessageRow.received_at)))
 
     def find_by_prefix(self, prefix: str) -> MessageRow | None:
         with self.session() as s:

@@ -88,6 +88,8 @@ class Stack:
     def start_gateway(self) -> EcgbridgeProcess:
         proc = self._proc("gateway").start()
         proc.wait_for_log("DICOM listener", 60)
+        if self.mllp_options.get("enabled", True):
+            proc.wait_for_log("MLLP listener", 60)
         return proc
 
     def stop(self) -> None:
