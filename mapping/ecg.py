@@ -21,6 +21,7 @@ __all__ = [
     "Finding",
     "ModelOutput",
     "AnalysisResult",
+    "Attachment",
     "NOT_FOR_CLINICAL_USE",
 ]
 
@@ -124,6 +125,16 @@ class ModelOutput:
 
 
 @dataclass(frozen=True)
+class Attachment:
+    """A rendered explanation (PNG plot, PDF report) kept in the blob store by content hash."""
+
+    content_type: str  # image/png | application/pdf
+    title: str
+    blob_sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class AnalysisResult:
     """Everything the worker concluded about one message, ready for mapping."""
 
@@ -132,6 +143,7 @@ class AnalysisResult:
     quality_flags: tuple[str, ...] = ()
     ecg_flags: tuple[str, ...] = ()
     label: str = NOT_FOR_CLINICAL_USE
+    attachments: tuple[Attachment, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +151,7 @@ class AnalysisResult:
             "label": self.label,
             "quality_flags": list(self.quality_flags),
             "ecg_flags": list(self.ecg_flags),
+            "attachments": [a.__dict__.copy() for a in self.attachments],
             "outputs": [
                 {
                     "model": o.model,
@@ -158,6 +171,7 @@ class AnalysisResult:
             label=data.get("label", NOT_FOR_CLINICAL_USE),
             quality_flags=tuple(data.get("quality_flags", ())),
             ecg_flags=tuple(data.get("ecg_flags", ())),
+            attachments=tuple(Attachment(**a) for a in data.get("attachments", ())),
             outputs=tuple(
                 ModelOutput(
                     model=o["model"],
