@@ -118,6 +118,8 @@ def cmd_analyse(args: argparse.Namespace) -> int:
                 print(f"  flag: {flag}")
             for out in r["outputs"]:
                 print(f"  model {out['model']} {out['version']}:")
+                for name, value in (out.get("extra") or {}).get("measurements", {}).items():
+                    print(f"    {name:<22} {value}")
                 for f in out["findings"]:
                     mark = "PRESENT" if f["present"] else "-"
                     print(f"    {f['code']:<5} {f['display']:<26} p={f['probability']:.3f} (threshold {f['threshold']:.2f}) {mark}")

@@ -1,20 +1,59 @@
-"""Pure analysis of one canonical ECG: quality gate, then every requested model.
+"""Pure analysis of one canonical ECG: quality gate, every requested model, measurements.
 
 Shared by the Celery task, ``ecgbridge analyse`` and evaluation, so a file
 analysed on the command line gets exactly what the EHR would get.
+
+The global measurements (:func:`inference.features.measure`, on the raw signal at its
+own sampling rate) are one more :class:`~mapping.ecg.ModelOutput`, named
+``ecgbridge-measurements`` with the features module's version, task ``measurements``,
+no findings, and ``extra``:
+
+* ``"measurements"``: what :mod:`mapping.hl7_oru` sends as NM OBX segments (heart rate,
+  PR, QRS, QT, QTc = Bazett, P / QRS / T axes; only those measured),
+* ``"features"``: everything :class:`~inference.features.Measurements` holds (JSON-safe),
+  e.g. ``qtc_fridericia``, amplitudes, Sokolow-Lyon, Q waves, for the LVEF model and
+  :mod:`mapping.fhir_measurements`.
+
+A failure inside the measurements never fails the analysis: the output is left out and
+the quality flags say ``measurements_failed``.
 """
 
 from __future__ import annotations
 
-from mapping.ecg import AnalysisResult, Ecg
+import logging
 
+from mapping.ecg import AnalysisResult, Ecg, ModelOutput
+
+from .features import FEATURES_VERSION, MEASUREMENTS_MODEL, measure
 from .models import ModelRegistry
 from .quality import quality_flags
 
-__all__ = ["analyse_ecg"]
+__all__ = ["MEASUREMENTS_FAILED", "analyse_ecg", "measurement_output"]
+
+#: Quality flag when the measurements could not be made (the models' results still stand).
+MEASUREMENTS_FAILED = "measurements_failed"
+
+log = logging.getLogger(__name__)
+
+
+def measurement_output(ecg: Ecg) -> ModelOutput:
+    """The global measurements of ``ecg`` as a ModelOutput (raises what measure raises)."""
+    m = measure(ecg)
+    return ModelOutput(
+        model=MEASUREMENTS_MODEL,
+        version=FEATURES_VERSION,
+        task="measurements",
+        findings=(),
+        extra={"measurements": m.as_dict(), "features": m.features()},
+    )
 
 
 def analyse_ecg(ecg: Ecg, registry: ModelRegistry, model_names: list[str], *, message_id: str = "") -> AnalysisResult:
     flags = quality_flags(ecg)
-    outputs = tuple(registry.get(name).run(ecg) for name in model_names)
-    return AnalysisResult(message_id=message_id, outputs=outputs, quality_flags=flags, ecg_flags=ecg.flags)
+    outputs = [registry.get(name).run(ecg) for name in model_names]
+    try:
+        outputs.append(measurement_output(ecg))
+    except Exception as exc:  # noqa: BLE001 - measurements are optional; the models' results stand
+        log.warning("measurements failed for message %s: %s: %s", message_id or "-", type(exc).__name__, exc)
+        flags = (*flags, MEASUREMENTS_FAILED)
+    return AnalysisResult(message_id=message_id, outputs=tuple(outputs), quality_flags=flags, ecg_flags=ecg.flags)

@@ -23,8 +23,10 @@ def test_analyse_a_dicom_file_as_json(capsys, waveform_ecg_path):
     assert main(["analyse", "--json", str(waveform_ecg_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] and out["fs"] == 1000.0 and len(out["leads"]) == 12
-    (model,) = out["outputs"]
+    (model,) = [o for o in out["outputs"] if o["task"] == "diagnosis"]
     assert model["model"] == "diagnosis" and len(model["findings"]) == 5
+    (measured,) = [o for o in out["outputs"] if o["task"] == "measurements"]
+    assert 40 < measured["extra"]["measurements"]["heart_rate"] < 100
     assert "NOT FOR CLINICAL USE" in out["label"]
 
 
