@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ecgbridge.errors import ModelError
 from mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
@@ -45,7 +45,17 @@ class ModelClass(BaseModel):
 
 
 class Manifest(BaseModel):
-    """What a serving process must know about a model, written by ``training.export``."""
+    """What a serving process must know about a model, written by ``training.export``.
+
+    ``outputs`` maps roles to ONNX output names: ``probabilities`` (N, classes) is
+    required; ``cams`` (N, classes, T') class activation maps and ``logits``
+    (N, classes, uncalibrated) are optional. ``tiers`` gives per class the
+    ``moderate`` and ``high`` probability cut-offs of the risk tiers (low below
+    moderate); ``calibration`` describes how ``probabilities`` were calibrated
+    (informational: the calibration is inside the graph); ``architecture`` names
+    the torch module it was exported from (for benchmarks and audits). All three
+    are optional, so manifests written before them keep loading.
+    """
 
     name: str
     version: str
@@ -57,6 +67,9 @@ class Manifest(BaseModel):
     outputs: dict[str, str] = Field(default_factory=lambda: {"probabilities": "probabilities"})
     classes: list[ModelClass]
     thresholds: dict[str, float]
+    tiers: dict[str, dict[str, float]] | None = None
+    calibration: dict[str, Any] | None = None
+    architecture: dict[str, Any] | None = None
     card: str = "MODEL_CARD.md"
     description: str = ""
     trained_on: str = ""
@@ -64,6 +77,40 @@ class Manifest(BaseModel):
 
     def threshold(self, code: str) -> float:
         return float(self.thresholds.get(code, 0.5))
+
+    @model_validator(mode="after")
+    def _check_tiers(self) -> "Manifest":
+        if "probabilities" not in self.outputs:
+            raise ValueError("outputs must name a `probabilities` output")
+        codes = {c.code for c in self.classes}
+        for code, cut in (self.tiers or {}).items():
+            if code not in codes:
+                raise ValueError(f"tiers name class {code!r}, which the model does not have")
+            if set(cut) != {"moderate", "high"} or not 0.0 <= cut["moderate"] <= cut["high"] <= 1.0:
+                raise ValueError(f"tiers[{code!r}] must be {{'moderate': a, 'high': b}} with 0 <= a <= b <= 1")
+        return self
+
+    def tier(self, code: str, probability: float) -> str | None:
+        """``low`` / ``moderate`` / ``high`` for a class with tiers, else None."""
+        cut = (self.tiers or {}).get(code)
+        if cut is None:
+            return None
+        if probability >= cut["high"]:
+            return "high"
+        if probability >= cut["moderate"]:
+            return "moderate"
+        return "low"
+
+    def cam_step_s(self, n_steps: int) -> float:
+        """Seconds of input covered by one CAM step when the map has ``n_steps`` steps.
+
+        The architecture's ``cam_stride_samples`` (input samples per CAM step) when the
+        manifest gives it, else the input length divided evenly over the steps.
+        """
+        stride = (self.architecture or {}).get("cam_stride_samples")
+        if stride:
+            return float(stride) / self.input.fs_hz
+        return self.input.n_samples / max(n_steps, 1) / self.input.fs_hz
 
 
 def prepare_input(ecg: Ecg, manifest: Manifest) -> np.ndarray:
@@ -95,6 +142,12 @@ class LoadedModel:
         return dict(zip(self.manifest.outputs.keys(), values))
 
     def run(self, ecg: Ecg) -> ModelOutput:
+        """Findings with thresholds and (when the manifest has them) risk tiers.
+
+        When the model has a ``cams`` output, ``extra["cam_peak_s"]`` gives per
+        class the time (seconds from the start of the model input) at the centre
+        of the CAM's highest step; the maps themselves come from ``explain``.
+        """
         x = prepare_input(ecg, self.manifest)
         out = self.predict(x[None])
         probs = out["probabilities"][0]
@@ -109,14 +162,39 @@ class LoadedModel:
                     threshold=thr,
                     present=bool(p >= thr),
                     snomed=cls.snomed,
+                    tier=self.manifest.tier(cls.code, float(p)),
                 )
             )
+        extra: dict[str, Any] = {}
+        if "cams" in out:
+            cams = out["cams"][0]
+            step = self.manifest.cam_step_s(cams.shape[-1])
+            extra["cam_peak_s"] = {
+                cls.code: round((int(np.argmax(cams[k])) + 0.5) * step, 3)
+                for k, cls in enumerate(self.manifest.classes)
+            }
+        if self.manifest.calibration:
+            extra["calibrated"] = True
         return ModelOutput(
             model=self.manifest.name,
             version=self.manifest.version,
             task=self.manifest.task,
             findings=tuple(findings),
+            extra=extra,
         )
+
+    def explain(self, ecg: Ecg) -> np.ndarray:
+        """Class activation maps (classes, T') for one ECG, in logit units, from the graph's ``cams`` output.
+
+        Step j covers input seconds ``[j, j + 1) * manifest.cam_step_s(T')``; the time
+        mean of map k plus the head bias is class k's (uncalibrated) logit.
+        """
+        if "cams" not in self.manifest.outputs:
+            raise ModelError(f"model {self.manifest.name} {self.manifest.version} has no `cams` output to explain with")
+        x = prepare_input(ecg, self.manifest)
+        name = self.manifest.outputs["cams"]
+        cams = self.session.run([name], {self.manifest.input.name: x[None].astype(np.float32)})[0]
+        return np.asarray(cams[0], dtype=np.float32)
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Export parity, the shipped diagnosis model, evaluation helpers and a tiny end-to-end train."""
+"""Export parity (probabilities and CAMs), the shipped diagnosis model, tiers, calibration, external data, a tiny train."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from inference.models import SHIPPED_DIR, Manifest, ModelRegistry
 from inference.preprocess import DEFAULT_SPEC, Pipeline
 from mapping.ecg import STANDARD_LEADS, Ecg
 
+# The shipped diagnosis model. A replacement (``training.train`` with ``--model-dir``) goes into
+# ``inference/shipped/diagnosis`` with version 0.2.0 and the baseline directory is deleted in the same step.
 SHIPPED = SHIPPED_DIR / "diagnosis-baseline"
+SHIPPED_VERSION = "0.1.0"
 
 
 def _shared_ptbxl() -> Path:
@@ -127,14 +130,17 @@ def test_shipped_directory_holds_exactly_the_three_files() -> None:
 
 
 def test_shipped_model_loads_by_name_and_gives_five_probabilities() -> None:
+    from ecgbridge.errors import ModelError
     from training.export import sha256_file
 
     loaded = ModelRegistry().get("diagnosis")
     manifest = loaded.manifest
-    assert manifest.name == "diagnosis" and manifest.version == "0.1.0" and manifest.task == "diagnosis"
+    assert loaded.directory == SHIPPED
+    assert manifest.name == "diagnosis" and manifest.version == SHIPPED_VERSION and manifest.task == "diagnosis"
     assert manifest.sha256 == sha256_file(loaded.directory / manifest.file)
     assert manifest.preprocessing == DEFAULT_SPEC
     assert set(manifest.thresholds) == {"NORM", "MI", "STTC", "CD", "HYP"}
+    assert manifest.outputs["probabilities"] == "probabilities"
 
     # A raw 500 Hz ECG with leads in a scrambled order: serving must preprocess and reorder by name.
     raw = _raw_ecg(np.random.default_rng(1))
@@ -145,16 +151,89 @@ def test_shipped_model_loads_by_name_and_gives_five_probabilities() -> None:
         fs=500.0,
     )
     out = loaded.run(ecg)
-    assert out.model == "diagnosis" and out.version == "0.1.0"
+    assert out.model == "diagnosis" and out.version == SHIPPED_VERSION
     assert [f.code for f in out.findings] == ["NORM", "MI", "STTC", "CD", "HYP"]
     assert all(0.0 <= f.probability <= 1.0 for f in out.findings)
     model_input = Pipeline.from_spec(DEFAULT_SPEC).apply(raw, 500.0)[0]
     reference = loaded.predict(model_input[None])["probabilities"][0]
     assert np.allclose([f.probability for f in out.findings], reference, atol=1e-5)
 
-    batch = loaded.predict(_ecg_like(4, seed=7))["probabilities"]
-    assert batch.shape == (4, 5)
-    assert np.all((batch >= 0.0) & (batch <= 1.0))
+    # Tiers and CAMs when the manifest declares them; a manifest without them keeps serving.
+    if manifest.tiers:
+        assert set(manifest.tiers) == {"NORM", "MI", "STTC", "CD", "HYP"}
+        assert all(f.tier in ("low", "moderate", "high") for f in out.findings)
+    else:
+        assert all(f.tier is None for f in out.findings)
+    if "cams" in manifest.outputs:
+        cams = loaded.explain(ecg)
+        assert cams.shape[0] == 5 and cams.ndim == 2
+        assert set(out.extra["cam_peak_s"]) == {"NORM", "MI", "STTC", "CD", "HYP"}
+        assert all(0.0 <= t <= 10.0 for t in out.extra["cam_peak_s"].values())
+    else:
+        assert "cam_peak_s" not in out.extra
+        with pytest.raises(ModelError):
+            loaded.explain(ecg)
+
+    batch = loaded.predict(_ecg_like(4, seed=7))
+    assert batch["probabilities"].shape == (4, 5)
+    assert np.all((batch["probabilities"] >= 0.0) & (batch["probabilities"] <= 1.0))
+
+
+def test_only_one_shipped_model_is_named_diagnosis() -> None:
+    names = [json.loads(p.read_text())["name"] for p in SHIPPED_DIR.glob("*/manifest.json")]
+    assert names.count("diagnosis") == 1
+
+
+# (1b) the serving graph: ensemble + calibration + CAMs, parity ------------------------------
+
+
+def _tiny_resnet(torch, seed: int):
+    from training.models import ResNetSE1d
+
+    torch.manual_seed(seed)
+    model = ResNetSE1d(width=8)
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for _ in range(2):
+            model(torch.randn(8, 12, 1000) * 1.3 + 0.1)
+    return model.eval()
+
+
+def test_serving_graph_parity_for_probabilities_cams_and_logits(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed: export parity needs it")
+    import onnxruntime as ort
+
+    from training.export import ServingGraph, export_model, parity_by_output
+
+    members = [_tiny_resnet(torch, 0), _tiny_resnet(torch, 1)]
+    temperature = np.array([1.5, 0.8, 1.0, 2.0, 1.2], dtype=np.float32)
+    offset = np.array([0.0, 0.3, -0.2, 0.0, 0.5], dtype=np.float32)
+    graph = ServingGraph(members, temperature=temperature, offset=offset).eval()
+    result = export_model(
+        graph, tmp_path / "m", classes=("NORM", "MI", "STTC", "CD", "HYP"),
+        thresholds={c: 0.5 for c in ("NORM", "MI", "STTC", "CD", "HYP")}, real=_real_inputs(4),
+    )
+    assert set(result["parity"]) == {"probabilities", "cams", "logits"}
+    assert max(result["parity"].values()) < 1e-4
+    manifest = Manifest.model_validate(json.loads((tmp_path / "m" / "manifest.json").read_text()))
+    assert manifest.outputs == {"probabilities": "probabilities", "cams": "cams", "logits": "logits"}
+
+    session = ort.InferenceSession(result["onnx_path"], providers=["CPUExecutionProvider"])
+    for batch in (_ecg_like(3), np.random.default_rng(5).normal(size=(1, 12, 1000)).astype(np.float32)):
+        probs, cams, logits = session.run(["probabilities", "cams", "logits"], {"ecg": batch})
+        with torch.no_grad():
+            x = torch.from_numpy(batch)
+            ref_cams = torch.stack([m.class_activation_map(x) for m in members]).mean(0).numpy()
+            ref_logits = torch.stack([m(x) for m in members]).mean(0).numpy()
+        ref_probs = 1 / (1 + np.exp(-(ref_logits - offset) / temperature))
+        assert cams.shape == (len(batch), 5, 63)
+        assert np.max(np.abs(cams - ref_cams)) < 1e-4
+        assert np.max(np.abs(logits - ref_logits)) < 1e-4
+        assert np.max(np.abs(probs - ref_probs)) < 1e-4
+        # CAM is exact for a GAP head: logit = time mean of the CAM + bias (member means).
+        bias = np.mean([m.classifier.bias.detach().numpy() for m in members], axis=0)
+        assert np.allclose(cams.mean(-1) + bias, logits, atol=1e-4)
+    assert parity_by_output(graph, Path(result["onnx_path"]), n=2)["cams"] < 1e-4
 
 
 # evaluation helpers -----------------------------------------------------------------------
@@ -196,7 +275,8 @@ def test_tiny_end_to_end_train_export_evaluate(tmp_path: Path) -> None:
 
     out_dir, model_dir = tmp_path / "out", tmp_path / "model"
     result = train_diagnosis(
-        root, out_dir, epochs=1, batch_size=16, model_dir=model_dir, limit=24, n_bootstrap=20, threads=1, log=False
+        root, out_dir, epochs=1, batch_size=16, model_dir=model_dir, limit=24, n_bootstrap=20, threads=1, log=False,
+        width=8,
     )
     assert sorted(p.name for p in model_dir.iterdir()) == ["MODEL_CARD.md", "manifest.json", "model.onnx"]
     assert (out_dir / "model.pt").is_file()
@@ -208,6 +288,13 @@ def test_tiny_end_to_end_train_export_evaluate(tmp_path: Path) -> None:
     for c in metrics["classes"].values():
         assert c["positives"] + c["negatives"] == metrics["n"]
     assert result["training"]["export"]["parity_max_abs_diff"] < 1e-4
+    assert max(result["training"]["export"]["parity"].values()) < 1e-4
+    assert {r["loss"] for r in result["training"]["loss_comparison"]} == {"focal", "bce"}
+    manifest = loaded.manifest
+    assert set(manifest.tiers or {}) == {"NORM", "MI", "STTC", "CD", "HYP"}
+    assert all(t["moderate"] <= t["high"] for t in manifest.tiers.values())
+    assert "after" in metrics["calibration"] and "before" in metrics["calibration"]
     card = (model_dir / "MODEL_CARD.md").read_text()
     assert card.splitlines()[0].endswith("NOT FOR CLINICAL USE")
     assert result["report"] in card
+    assert "Focal loss vs BCE" in card and "Risk tiers" in card

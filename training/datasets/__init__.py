@@ -1,5 +1,6 @@
-"""Labelled ECG data sets for training and evaluation (PTB-XL first)."""
+"""Labelled ECG data sets for training (PTB-XL) and external evaluation (PhysioNet challenge)."""
 
+from .challenge import SNOMED_TO_SUPERCLASS, ChallengeData, is_challenge_dir, load_challenge
 from .ptbxl import (
     SUPERCLASSES,
     TEST_FOLDS,
@@ -18,4 +19,8 @@ __all__ = [
     "PtbxlData",
     "load_ptbxl",
     "check_patient_disjoint",
+    "SNOMED_TO_SUPERCLASS",
+    "ChallengeData",
+    "is_challenge_dir",
+    "load_challenge",
 ]

@@ -1,5 +1,6 @@
 """Torch modules trained by ``training.train`` and exported by ``training.export``."""
 
 from .cnn1d import Cnn1d, count_parameters
+from .resnet_se import ResNetSE1d
 
-__all__ = ["Cnn1d", "count_parameters"]
+__all__ = ["Cnn1d", "ResNetSE1d", "count_parameters"]

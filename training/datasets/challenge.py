@@ -1,0 +1,362 @@
+"""PhysioNet/CinC challenge layout (2020/2021): external evaluation data, never training data.
+
+A directory of WFDB records (``NAME.hea`` + ``NAME.mat``, or ``.dat``), each header
+carrying comment lines ``# Age: 78``, ``# Sex: Male`` and ``# Dx: code,code,...``
+with SNOMED CT concept ids. Records are read with wfdb by lead *name* and go
+through the serving pipeline (``inference.preprocess``), like PTB-XL.
+
+Source database. The challenge names records by a prefix per source; the prefix
+is how a record's hospital is identified (``SOURCE_PREFIXES``)::
+
+    E   Georgia 12-lead ECG Challenge database (G12EC, Emory, USA)
+    HR  PTB-XL (Germany): HRnnnnn is PTB-XL ecg_id nnnnn
+    JS  Chapman-Shaoxing and Ningbo databases (China); the challenge numbers both
+        with JS (2021 release: Chapman-Shaoxing first, Ningbo from about JS10647 on),
+        so "JS" is reported as one source
+    A   CPSC 2018,  Q  CPSC-Extra,  I  St Petersburg INCART,  S  PTB
+
+The ``HR`` records are PTB-XL recordings: they may be the very records (or the
+patients) of the PTB-XL data a model was trained on. ``ptbxl_overlap`` looks
+each one up by ecg_id in a PTB-XL ``ptbxl_database.csv`` and returns its fold.
+
+SNOMED CT -> PTB-XL superclass (``SNOMED_TO_SUPERCLASS``). PTB-XL's superclasses
+come from its diagnostic SCP statements; each challenge code is mapped to the
+superclass of the PTB-XL statement it corresponds to (the analogue is given in
+the table). Codes that describe rhythm or ectopy only, or that PTB-XL treats as a
+form statement without a diagnostic class, map to no superclass. NORM has no
+challenge code of its own: a record is NORM when it has a sinus-rhythm code
+(``SINUS_RHYTHMS``) and every code it carries is in ``NORM_COMPATIBLE`` (the
+rhythm, ectopy and voltage statements that co-occur with NORM in PTB-XL). A
+record that ends up with no superclass at all (e.g. atrial fibrillation only)
+is excluded and counted, as PTB-XL's loader does with its unlabelled records.
+
+Known judgement calls, kept visible here:
+
+- T-wave abnormal / T-wave inversion (164934002 / 59931005) -> STTC: PTB-XL's
+  nearest diagnostic statement is NDT ("non-diagnostic T abnormalities", STTC);
+  its form statements NT_/INVT have no class.
+- 55827005 is labelled "left ventricular high voltage" in the challenge's
+  Chapman/Ningbo data: voltage criteria alone, PTB-XL's VCLVH/HVOLT form
+  statements, which carry no class and co-occur with NORM. It maps to no
+  superclass and is NORM-compatible. (The signals are z-scored per lead by the
+  preprocessing, so no model here can see voltage anyway.)
+- Q-wave abnormal (164917005), axis deviations, low QRS voltage and pacing map to
+  no superclass and are not NORM-compatible (PTB-XL: form / rhythm statements).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from inference.preprocess import DEFAULT_SPEC, Pipeline
+from mapping.ecg import STANDARD_LEADS
+
+from .ptbxl import SUPERCLASSES, Transform, read_signal
+
+__all__ = [
+    "SNOMED_TO_SUPERCLASS",
+    "SINUS_RHYTHMS",
+    "NORM_COMPATIBLE",
+    "SOURCE_PREFIXES",
+    "ChallengeHeader",
+    "ChallengeData",
+    "is_challenge_dir",
+    "source_of",
+    "read_header",
+    "superclasses_from_snomed",
+    "load_challenge",
+    "ptbxl_overlap",
+]
+
+#: SNOMED CT id -> (PTB-XL superclass, challenge description, PTB-XL analogue).
+SNOMED_TO_SUPERCLASS: dict[str, tuple[str, str, str]] = {
+    # MI
+    "164865005": ("MI", "myocardial infarction", "IMI/AMI/... (MI)"),
+    "164867002": ("MI", "old myocardial infarction", "MI statements"),
+    "54329005": ("MI", "anterior myocardial infarction", "AMI"),
+    "57054005": ("MI", "acute myocardial infarction", "INJ* / MI statements"),
+    # STTC
+    "428750005": ("STTC", "nonspecific ST-T abnormality", "NDT / NST_"),
+    "164934002": ("STTC", "T wave abnormal", "NDT"),
+    "59931005": ("STTC", "T wave inversion", "NDT"),
+    "55930002": ("STTC", "ST changes", "NST_"),
+    "429622005": ("STTC", "ST depression", "NST_ / ISC_"),
+    "164931005": ("STTC", "ST elevation", "NST_"),
+    "164930006": ("STTC", "ST interval abnormal", "NST_"),
+    "111975006": ("STTC", "prolonged QT interval", "LNGQT"),
+    "164861001": ("STTC", "myocardial ischemia", "ISC_"),
+    "413444003": ("STTC", "acute myocardial ischemia", "ISC_"),
+    "413844008": ("STTC", "chronic myocardial ischemia", "ISC_"),
+    "426434006": ("STTC", "anterior ischemia", "ISCAN"),
+    "425419005": ("STTC", "inferior ischaemia", "ISCIN"),
+    "425623009": ("STTC", "lateral ischaemia", "ISCLA"),
+    "704997005": ("STTC", "inferior ST segment depression", "ISCIN"),
+    # CD
+    "270492004": ("CD", "1st degree AV block", "1AVB"),
+    "164947007": ("CD", "prolonged PR interval", "1AVB"),
+    "195042002": ("CD", "2nd degree AV block", "2AVB"),
+    "54016002": ("CD", "Mobitz I AV block", "2AVB"),
+    "28189009": ("CD", "Mobitz II AV block", "2AVB"),
+    "164903001": ("CD", "2:1 AV block", "2AVB"),
+    "233917008": ("CD", "AV block", "_AVB"),
+    "27885002": ("CD", "complete heart block", "3AVB"),
+    "713427006": ("CD", "complete right bundle branch block", "CRBBB"),
+    "59118001": ("CD", "right bundle branch block", "CRBBB"),
+    "713426002": ("CD", "incomplete right bundle branch block", "IRBBB"),
+    "164909002": ("CD", "left bundle branch block", "CLBBB"),
+    "733534002": ("CD", "complete left bundle branch block", "CLBBB"),
+    "251120003": ("CD", "incomplete left bundle branch block", "ILBBB"),
+    "6374002": ("CD", "bundle branch block", "CRBBB/CLBBB"),
+    "445118002": ("CD", "left anterior fascicular block", "LAFB"),
+    "445211001": ("CD", "left posterior fascicular block", "LPFB"),
+    "698252002": ("CD", "nonspecific intraventricular conduction disorder", "IVCD"),
+    "82226007": ("CD", "diffuse intraventricular block", "IVCD"),
+    "74390002": ("CD", "Wolff-Parkinson-White pattern", "WPW"),
+    "195060002": ("CD", "ventricular pre-excitation", "WPW"),
+    # HYP
+    "164873001": ("HYP", "left ventricular hypertrophy", "LVH"),
+    "370365005": ("HYP", "left ventricular strain", "LVH"),
+    "89792004": ("HYP", "right ventricular hypertrophy", "RVH"),
+    "266249003": ("HYP", "ventricular hypertrophy", "LVH/RVH"),
+    "67741000119109": ("HYP", "left atrial enlargement", "LAO/LAE"),
+    "253352002": ("HYP", "left atrial abnormality", "LAO/LAE"),
+    "446813000": ("HYP", "left atrial hypertrophy", "LAO/LAE"),
+    "253339007": ("HYP", "right atrial abnormality", "RAO/RAE"),
+    "446358003": ("HYP", "right atrial hypertrophy", "RAO/RAE"),
+    "195126007": ("HYP", "atrial hypertrophy", "LAO/LAE / RAO/RAE"),
+}
+
+#: Sinus rhythms (PTB-XL SR / SBRAD / STACH / SARRH): a NORM record needs one of them.
+SINUS_RHYTHMS: dict[str, str] = {
+    "426783006": "sinus rhythm",
+    "426177001": "sinus bradycardia",
+    "427084000": "sinus tachycardia",
+    "427393009": "sinus arrhythmia",
+}
+
+#: Codes a NORM record may carry (they co-occur with NORM in PTB-XL: SR family, PAC, PVC, VCLVH/HVOLT, LVOLT).
+NORM_COMPATIBLE: dict[str, str] = {
+    **SINUS_RHYTHMS,
+    "284470004": "premature atrial contraction",
+    "63593006": "supraventricular premature beats",
+    "427172004": "premature ventricular contractions",
+    "17338001": "ventricular premature beats",
+    "164884008": "ventricular ectopics",
+    "55827005": "left ventricular high voltage",
+    "251146004": "low QRS voltages",
+}
+
+#: Record-name prefix -> source database (longest prefix wins).
+SOURCE_PREFIXES: dict[str, str] = {
+    "HR": "PTB-XL",
+    "JS": "Chapman-Shaoxing/Ningbo",
+    "E": "Georgia",
+    "A": "CPSC",
+    "Q": "CPSC-Extra",
+    "I": "INCART",
+    "S": "PTB",
+}
+
+
+def source_of(record_name: str) -> str:
+    for prefix in sorted(SOURCE_PREFIXES, key=len, reverse=True):
+        if record_name.startswith(prefix) and record_name[len(prefix):len(prefix) + 1].isdigit():
+            return SOURCE_PREFIXES[prefix]
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class ChallengeHeader:
+    name: str
+    dx: tuple[str, ...]
+    age: float | None
+    sex: str | None
+
+
+def read_header(path: Path) -> ChallengeHeader:
+    """Age, sex and the ``#Dx`` SNOMED CT codes from a challenge ``.hea`` file."""
+    path = Path(path)
+    age: float | None = None
+    sex: str | None = None
+    dx: tuple[str, ...] = ()
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.startswith("#"):
+            continue
+        key, _, value = line.lstrip("#").partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "dx":
+            dx = tuple(c.strip() for c in value.split(",") if c.strip())
+        elif key == "age":
+            try:
+                age = float(value)
+            except ValueError:
+                age = None  # "NaN", "Unknown"
+            if age is not None and np.isnan(age):
+                age = None
+        elif key == "sex":
+            sex = value.lower() if value and value.lower() not in ("unknown", "nan") else None
+    return ChallengeHeader(name=path.stem, dx=dx, age=age, sex=sex)
+
+
+def superclasses_from_snomed(codes: tuple[str, ...] | list[str]) -> set[str]:
+    """The PTB-XL superclasses of one record's SNOMED CT codes (see the module docstring)."""
+    found = {SNOMED_TO_SUPERCLASS[c][0] for c in codes if c in SNOMED_TO_SUPERCLASS}
+    if not found and any(c in SINUS_RHYTHMS for c in codes) and all(c in NORM_COMPATIBLE for c in codes):
+        found.add("NORM")
+    return found
+
+
+def is_challenge_dir(directory: Path) -> bool:
+    """True when ``directory`` holds challenge-style headers (a ``#Dx`` line)."""
+    for hea in sorted(Path(directory).glob("*.hea"))[:5]:
+        if "Dx:" in hea.read_text(errors="replace"):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class ChallengeData:
+    """Preprocessed challenge records with a superclass label, and what was left out."""
+
+    x: np.ndarray  # (n, 12, n_samples) float32, STANDARD_LEADS order
+    y: np.ndarray  # (n, len(SUPERCLASSES)) multi-hot
+    names: tuple[str, ...]
+    sources: tuple[str, ...]
+    ages: tuple[float | None, ...]
+    sexes: tuple[str | None, ...]
+    dx: tuple[tuple[str, ...], ...]
+    excluded: tuple[str, ...]  # records with no superclass under the mapping
+    excluded_sources: tuple[str, ...]
+    unmapped_codes: dict[str, int]  # codes with no superclass and not NORM-compatible -> count
+    classes: tuple[str, ...] = SUPERCLASSES
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def patient_ids(self) -> np.ndarray:
+        """One pseudo-patient per record: the challenge data carry no patient ids."""
+        return np.arange(len(self), dtype=np.int64)
+
+    def select(self, source: str) -> "ChallengeData":
+        keep = [i for i, s in enumerate(self.sources) if s == source]
+        return ChallengeData(
+            x=self.x[keep],
+            y=self.y[keep],
+            names=tuple(self.names[i] for i in keep),
+            sources=tuple(self.sources[i] for i in keep),
+            ages=tuple(self.ages[i] for i in keep),
+            sexes=tuple(self.sexes[i] for i in keep),
+            dx=tuple(self.dx[i] for i in keep),
+            excluded=tuple(n for n, s in zip(self.excluded, self.excluded_sources) if s == source),
+            excluded_sources=tuple(s for s in self.excluded_sources if s == source),
+            unmapped_codes=self.unmapped_codes,
+            classes=self.classes,
+            info={**self.info, "source": source},
+        )
+
+    def drop(self, names: set[str]) -> "ChallengeData":
+        keep = [i for i, n in enumerate(self.names) if n not in names]
+        return ChallengeData(
+            x=self.x[keep],
+            y=self.y[keep],
+            names=tuple(self.names[i] for i in keep),
+            sources=tuple(self.sources[i] for i in keep),
+            ages=tuple(self.ages[i] for i in keep),
+            sexes=tuple(self.sexes[i] for i in keep),
+            dx=tuple(self.dx[i] for i in keep),
+            excluded=self.excluded,
+            excluded_sources=self.excluded_sources,
+            unmapped_codes=self.unmapped_codes,
+            classes=self.classes,
+            info={**self.info, "dropped": sorted(names)},
+        )
+
+    def label_counts(self) -> dict[str, int]:
+        return {c: int(self.y[:, i].sum()) for i, c in enumerate(self.classes)}
+
+
+def load_challenge(
+    data_dir: Path,
+    *,
+    transform: Transform | None = None,
+    sources: tuple[str, ...] | None = None,
+) -> ChallengeData:
+    """Every challenge record under ``data_dir`` (recursively) with at least one superclass."""
+    data_dir = Path(data_dir)
+    headers = sorted(data_dir.rglob("*.hea"))
+    if not headers:
+        raise FileNotFoundError(f"no .hea files under {data_dir}")
+    if transform is None:
+        pipeline = Pipeline.from_spec(DEFAULT_SPEC)
+
+        def transform(signal: np.ndarray, fs: float, units: str) -> np.ndarray:  # noqa: F811
+            return pipeline.apply(signal, fs)[0]
+
+    xs: list[np.ndarray] = []
+    ys: list[list[float]] = []
+    kept: list[ChallengeHeader] = []
+    kept_sources: list[str] = []
+    excluded: list[str] = []
+    excluded_sources: list[str] = []
+    unmapped: Counter[str] = Counter()
+    for hea in headers:
+        header = read_header(hea)
+        source = source_of(header.name)
+        if sources is not None and source not in sources:
+            continue
+        for code in header.dx:
+            if code not in SNOMED_TO_SUPERCLASS and code not in NORM_COMPATIBLE:
+                unmapped[code] += 1
+        labels = superclasses_from_snomed(header.dx)
+        if not labels:
+            excluded.append(header.name)
+            excluded_sources.append(source)
+            continue
+        signal, fs, units = read_signal(hea.with_suffix(""))
+        xs.append(np.asarray(transform(signal, fs, _normalise_units(units)), dtype=np.float32))
+        ys.append([1.0 if c in labels else 0.0 for c in SUPERCLASSES])
+        kept.append(header)
+        kept_sources.append(source)
+    x = np.stack(xs) if xs else np.zeros((0, len(STANDARD_LEADS), 0), dtype=np.float32)
+    return ChallengeData(
+        x=x,
+        y=np.asarray(ys, dtype=np.float32).reshape(-1, len(SUPERCLASSES)),
+        names=tuple(h.name for h in kept),
+        sources=tuple(kept_sources),
+        ages=tuple(h.age for h in kept),
+        sexes=tuple(h.sex for h in kept),
+        dx=tuple(h.dx for h in kept),
+        excluded=tuple(excluded),
+        excluded_sources=tuple(excluded_sources),
+        unmapped_codes=dict(sorted(unmapped.items())),
+        info={"data_dir": str(data_dir)},
+    )
+
+
+def _normalise_units(units: str) -> str:
+    return "mV" if units.lower() == "mv" else units
+
+
+def ptbxl_overlap(names: tuple[str, ...] | list[str], ptbxl_dir: Path | None) -> dict[str, int | None]:
+    """For each ``HRnnnnn`` record: its strat_fold in ``ptbxl_dir``'s metadata (None: not listed there).
+
+    Records of other sources are not returned. Without a PTB-XL directory every
+    HR record maps to None, which means *unknown*, not *disjoint*.
+    """
+    hr = {n: int(m.group(1)) for n in names if (m := re.fullmatch(r"HR(\d+)", n))}
+    if not hr:
+        return {}
+    folds: dict[int, int] = {}
+    if ptbxl_dir is not None and (Path(ptbxl_dir) / "ptbxl_database.csv").is_file():
+        meta = pd.read_csv(Path(ptbxl_dir) / "ptbxl_database.csv", usecols=["ecg_id", "strat_fold"])
+        folds = dict(zip(meta["ecg_id"].astype(int), meta["strat_fold"].astype(int)))
+    return {n: folds.get(i) for n, i in hr.items()}
