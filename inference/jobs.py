@@ -10,20 +10,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ecgbridge.errors import EcgBridgeError, InputError, ModelError, PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.settings import FhirDestination, Hl7Destination, Route, Settings
 from gateway.dispatch import Dispatcher
 from gateway.store import MessageRow, MessageStore
-from mapping.ecg import AnalysisResult, Ecg
+from mapping.ecg import AnalysisResult, Attachment, Ecg
 from mapping.readers import read_ecg_bytes
 
 from .models import ModelRegistry
 from .pipeline import analyse_ecg
 
-__all__ = ["WorkerContext", "analyse_message", "deliver_message", "dead_letter", "backoff_s"]
+__all__ = [
+    "WorkerContext", "analyse_message", "attach_explanations", "attachment_bytes", "deliver_message", "dead_letter",
+    "backoff_s",
+]
 
 log = logging.getLogger("ecgbridge.worker")
 
@@ -77,6 +82,7 @@ def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
             store.add_event(message_id, type(exc).__name__, str(exc))
             log.warning("analyse %s failed: %s", message_id, type(exc).__name__)
             return []
+        result = attach_explanations(ctx, message_id, ecg, result)
         models = ",".join(f"{o.model}@{o.version}" for o in result.outputs)
         if store.save_result(message_id, result.to_dict(), models):
             log.info("analysed message %s (sop %s) with %s", message_id, row.sop_instance_uid, models)
@@ -87,6 +93,55 @@ def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
         return []
     store.ensure_deliveries(message_id, route.destinations)
     return [d.destination for d in store.deliveries(message_id) if d.state == "pending"]
+
+
+#: (content type, title) of the rendered explanations, in the order they are attached.
+REPORT_PDF = ("application/pdf", "AI ECG analysis report (not for clinical use)")
+REPORT_PNG = ("image/png", "12-lead ECG with model heatmap (not for clinical use)")
+
+
+def attach_explanations(ctx: WorkerContext, message_id: str, ecg: Ecg, result: AnalysisResult) -> AnalysisResult:
+    """Render the PDF report and the PNG page, store both as blobs, list them on the result.
+
+    Runs once per message (before the result is saved), whether or not the route has
+    destinations, so ``ecgbridge messages show`` can point at the files. The heatmap
+    is the first output's model's CAM when its graph has one. Rendering is best
+    effort: any failure is recorded as a ``render_failed`` event and the result is
+    returned without attachments; the analysis itself never fails here.
+    """
+    from .explain import cams_for, render_both
+
+    started = time.perf_counter()
+    try:
+        cams = None
+        if result.outputs:
+            try:
+                cams = cams_for(ctx.registry.get(result.outputs[0].model), ecg)
+            except ModelError as exc:
+                log.info("no CAM for message %s: %s", message_id, exc)
+        png, pdf = render_both(ecg, result, cams)  # measurements: those the outputs carry
+        attachments = []
+        for (content_type, title), data in ((REPORT_PDF, pdf), (REPORT_PNG, png)):
+            sha, size = ctx.store.save_blob(data)
+            attachments.append(Attachment(content_type=content_type, title=title, blob_sha256=sha, size=size))
+    except Exception as exc:  # noqa: BLE001 - a page that cannot be drawn must not cost the analysis
+        ctx.store.add_event(message_id, "render_failed", f"{type(exc).__name__}: {exc}"[:500], level="warning")
+        log.warning("rendering the explanation of %s failed: %s", message_id, type(exc).__name__)
+        return result
+    log.debug("rendered message %s in %.0f ms (pdf %d B, png %d B)", message_id,
+              (time.perf_counter() - started) * 1000, len(pdf), len(png))
+    return replace(result, attachments=result.attachments + tuple(attachments))
+
+
+def attachment_bytes(store: MessageStore, result: AnalysisResult) -> dict[str, bytes]:
+    """blob sha256 -> bytes for the result's attachments that are still in the store."""
+    data: dict[str, bytes] = {}
+    for attachment in result.attachments:
+        try:
+            data[attachment.blob_sha256] = store.read_blob(attachment.blob_sha256)
+        except OSError:
+            log.warning("attachment %s of a result is missing from the blob store", attachment.blob_sha256[:12])
+    return data
 
 
 def _finish_message(store: MessageStore, message_id: str) -> None:
@@ -109,11 +164,12 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str) -> st
     dest = ctx.settings.destination(destination)
     result = AnalysisResult.from_dict(stored.result)
     ecg = load_ecg(store, row)
+    attachments = attachment_bytes(store, result)
     try:
         if dest.type == "hl7":
-            ref = _deliver_hl7(ctx, row, result, ecg, dest)
+            ref = _deliver_hl7(ctx, row, result, ecg, dest, attachments)
         else:
-            ref = _deliver_fhir(result, ecg, dest, message_id)
+            ref = _deliver_fhir(result, ecg, dest, message_id, attachments)
     except TransientDeliveryError as exc:
         store.update_delivery(message_id, destination, state="pending", error=str(exc))
         store.add_event(message_id, "delivery_retry", f"{destination}: {exc}", level="warning")
@@ -130,7 +186,10 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str) -> st
     return ref
 
 
-def _deliver_fhir(result: AnalysisResult, ecg: Ecg, dest: FhirDestination, message_id: str) -> str:
+def _deliver_fhir(
+    result: AnalysisResult, ecg: Ecg, dest: FhirDestination, message_id: str,
+    attachments_data: Mapping[str, bytes] | None = None,
+) -> str:
     from gateway.fhir_client import BearerAuth, FhirClient, deliver_report, resolve_patient
     from mapping.fhir_report import build_report
 
@@ -144,6 +203,7 @@ def _deliver_fhir(result: AnalysisResult, ecg: Ecg, dest: FhirDestination, messa
             message_id=message_id,
             patient_reference=patient_ref,
             patient_identifier_system=dest.patient_identifier_system,
+            attachments_data=attachments_data,
         )
         return deliver_report(client, bundle)
 
@@ -153,7 +213,10 @@ def control_id(message_id: str, destination: str) -> str:
     return hashlib.sha1(f"{message_id}/{destination}".encode()).hexdigest()[:20].upper()
 
 
-def _deliver_hl7(ctx: WorkerContext, row: MessageRow, result: AnalysisResult, ecg: Ecg, dest: Hl7Destination) -> str:
+def _deliver_hl7(
+    ctx: WorkerContext, row: MessageRow, result: AnalysisResult, ecg: Ecg, dest: Hl7Destination,
+    attachments_data: Mapping[str, bytes] | None = None,
+) -> str:
     """ORU^R01 over MLLP; waits for the ACK (AA delivers, AE/timeout retry, AR fails)."""
     from gateway.mllp_client import send_oru
     from mapping.hl7_oru import build_oru_r01
@@ -166,6 +229,7 @@ def _deliver_hl7(ctx: WorkerContext, row: MessageRow, result: AnalysisResult, ec
         destination=dest,
         message_id=row.id,
         control_id=control_id(row.id, dest.name),
+        attachments_data=attachments_data,
     )
     return send_oru(dest, message)
 

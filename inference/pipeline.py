@@ -26,7 +26,7 @@ from mapping.ecg import AnalysisResult, Ecg, ModelOutput
 
 from .features import FEATURES_VERSION, MEASUREMENTS_MODEL, measure
 from .models import ModelRegistry
-from .quality import quality_flags
+from .quality import assess, cap_for_quality
 
 __all__ = ["MEASUREMENTS_FAILED", "analyse_ecg", "measurement_output"]
 
@@ -49,8 +49,10 @@ def measurement_output(ecg: Ecg) -> ModelOutput:
 
 
 def analyse_ecg(ecg: Ecg, registry: ModelRegistry, model_names: list[str], *, message_id: str = "") -> AnalysisResult:
-    flags = quality_flags(ecg)
-    outputs = [registry.get(name).run(ecg) for name in model_names]
+    report = assess(ecg)
+    flags = report.flags
+    # A poor-quality ECG never gets a "high" tier or a "normal" call from noise alone.
+    outputs = [cap_for_quality(registry.get(name).run(ecg), report) for name in model_names]
     try:
         outputs.append(measurement_output(ecg))
     except Exception as exc:  # noqa: BLE001 - measurements are optional; the models' results stand

@@ -34,6 +34,12 @@ Decisions, and why:
   ``Observation.device`` and ``Provenance.agent.who``.
 * **patient**: a literal reference when the caller resolved one, else a logical
   reference by identifier; no name unless asked (the identifier is enough to match).
+* **presentedForm**: the rendered PDF report, then the PNG page (``inference.explain``),
+  as inline ``data`` with ``size`` and ``hash`` (base64 SHA-1, as R4 defines it), only
+  when the caller passes the bytes and they match the attachment's SHA-256; otherwise
+  the report is sent without them and flagged ``attachment_unavailable`` /
+  ``attachment_hash_mismatch``. Inline rather than a Binary ``url``: one conditional
+  create stays atomic and the EHR needs no second fetch.
 * **times**: FHIR dateTime with a time needs an offset. An aware acquisition time keeps
   its offset; a naive one is read in ``assume_tz`` (default: this machine's local
   zone, i.e. the hospital's), converted to UTC and flagged.
@@ -41,7 +47,9 @@ Decisions, and why:
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import math
 import uuid
 from collections.abc import Iterable, Mapping
@@ -54,7 +62,7 @@ from pydantic import ValidationError
 
 from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
-from mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient, Study
+from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study
 
 __all__ = [
     "AI_SECURITY_LABEL",
@@ -455,6 +463,38 @@ def _conclusion(result: AnalysisResult, flags: list[str]) -> str:
     return "\n".join(lines)
 
 
+#: presentedForm order: the PDF report first, then the PNG image, then anything else.
+_FORM_ORDER = {"application/pdf": 0, "image/png": 1}
+
+
+def _presented_form(
+    attachments: Iterable[Attachment], data: Mapping[str, bytes] | None, flags: list[str]
+) -> list[dict[str, Any]]:
+    """FHIR Attachments for the rendered report and image whose bytes the caller supplied.
+
+    ``hash`` is the base64 SHA-1 of the data, as R4 defines Attachment.hash; ``size``
+    the byte count. An attachment without bytes (or whose bytes do not match its
+    SHA-256) is left out and flagged: the EHR must not get a silently different file.
+    """
+    forms: list[dict[str, Any]] = []
+    for att in sorted(attachments, key=lambda a: _FORM_ORDER.get(a.content_type, 9)):
+        blob = (data or {}).get(att.blob_sha256)
+        if blob is None:
+            flags.append(f"attachment_unavailable:{att.content_type}")
+            continue
+        if hashlib.sha256(blob).hexdigest() != att.blob_sha256:
+            flags.append(f"attachment_hash_mismatch:{att.content_type}")
+            continue
+        forms.append({
+            "contentType": att.content_type,
+            "data": base64.b64encode(blob).decode("ascii"),
+            "size": len(blob),
+            "hash": base64.b64encode(hashlib.sha1(blob).digest()).decode("ascii"),
+            "title": att.title,
+        })
+    return forms
+
+
 def build_report(
     result: AnalysisResult,
     *,
@@ -466,12 +506,15 @@ def build_report(
     issued: datetime | None = None,
     assume_tz: tzinfo | None = None,
     include_patient_name: bool = False,
+    attachments_data: Mapping[str, bytes] | None = None,
 ) -> ReportBundle:
     """Map one analysis to validated FHIR R4 resources with their If-None-Exist queries.
 
     ``message_id`` identifies the report when the ECG has no SOP Instance UID, so the
     same message always maps to the same identifiers (idempotent re-delivery).
     ``issued`` defaults to now (UTC); a naive ``issued`` is taken as UTC.
+    ``attachments_data`` maps an attachment's ``blob_sha256`` to its bytes: each of
+    ``result.attachments`` found there becomes a ``presentedForm`` (PDF, then PNG).
     Raises :class:`PermanentDeliveryError` when the result cannot form valid FHIR.
     """
     if not result.outputs:
@@ -500,6 +543,7 @@ def build_report(
             report_flags.append("acquisition_time_without_offset:assumed_local_converted_to_utc")
     else:
         report_flags.append("no_acquisition_time")
+    presented = _presented_form(result.attachments, attachments_data, report_flags)
     flags = _dedupe([*result.quality_flags, *result.ecg_flags, *report_flags])
 
     devices: dict[str, PlannedResource] = {}
@@ -551,6 +595,8 @@ def build_report(
     report["conclusion"] = _conclusion(result, flags)
     if conclusion_codes:
         report["conclusionCode"] = conclusion_codes
+    if presented:
+        report["presentedForm"] = presented
     planned_report = PlannedResource(
         resource=validate_resource(report),
         if_none_exist=identifier_query(id_system, id_value),

@@ -18,7 +18,9 @@ validation at v2.5.1 before it is returned. Layout::
                         NM    one per ECG measurement: LOINC, UCUM units
                         NM    one per class probability: local code, 0..1, UCUM "1"
                         CWE   one per risk tier, when the findings carry one
-                        ED    the PDF report, when the output has one and the destination wants it
+                        ...   (the next output's OBX)
+                        ED    the PDF report (once, after all outputs), when the result has a
+                              PDF attachment whose bytes were passed and the destination wants it
 
 Decisions, and why (mirroring :mod:`mapping.fhir_report` where the two overlap):
 
@@ -62,7 +64,7 @@ Errors: anything that makes the message invalid raises
 from __future__ import annotations
 
 import base64
-import binascii
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -338,8 +340,26 @@ class _Obx:
         self.fields = fields
 
 
+def _report_pdf(
+    result: AnalysisResult, data: Mapping[str, bytes] | None, flags: list[str]
+) -> str | None:
+    """Base64 of the result's PDF attachment, when its bytes are supplied and match its hash."""
+    pdfs = [a for a in result.attachments if a.content_type == "application/pdf"]
+    if not pdfs:
+        return None
+    blob = (data or {}).get(pdfs[0].blob_sha256)
+    if blob is None:
+        flags.append("report_pdf_unavailable")
+        return None
+    if hashlib.sha256(blob).hexdigest() != pdfs[0].blob_sha256:
+        flags.append("report_pdf_hash_mismatch")
+        return None
+    return base64.b64encode(blob).decode("ascii")
+
+
 def _observations(
-    result: AnalysisResult, include_pdf: bool, flags: list[str]
+    result: AnalysisResult, include_pdf: bool, flags: list[str],
+    attachments_data: Mapping[str, bytes] | None = None,
 ) -> list[_Obx]:
     planned: list[_Obx] = []
     impression = (*LOINC["ecg_impression"], "LN")
@@ -386,15 +406,11 @@ def _observations(
                     (tier, tier.replace("_", " "), LOCAL_CODING_SYSTEM),
                     output, sub,
                 ))
-        pdf = output.extra.get("report_pdf_base64") if isinstance(output.extra, Mapping) else None
-        if pdf and include_pdf:
-            data = re.sub(r"\s+", "", str(pdf))
-            try:
-                base64.b64decode(data, validate=True)
-            except (binascii.Error, ValueError):
-                flags.append("report_pdf_not_base64")
-            else:
-                planned.append(_Obx("ED", _PDF_CODE, (None, "Application", "PDF", "Base64", data), output, sub))
+    if include_pdf and result.outputs:
+        pdf = _report_pdf(result, attachments_data, flags)
+        if pdf is not None:
+            # One report for the whole result: after every output's OBX, method = the first model.
+            planned.append(_Obx("ED", _PDF_CODE, (None, "Application", "PDF", "Base64", pdf), result.outputs[0], "1"))
     return planned
 
 
@@ -432,6 +448,7 @@ def build_oru_r01(
     control_id: str,
     now: datetime | None = None,
     assume_tz: tzinfo | None = None,
+    attachments_data: Mapping[str, bytes] | None = None,
 ) -> str:
     """One analysis as a validated ORU^R01 v2.5.1, ER7-encoded with ``\\r`` separators.
 
@@ -439,7 +456,10 @@ def build_oru_r01(
     without it the ECG's own placer / filler numbers are used. ``control_id`` becomes
     MSH-10 and must be stable across retries so the receiver can drop a duplicate.
     ``now`` (default: now, UTC; naive is taken as UTC) stamps MSH-7, ORC-9, OBR-22
-    and OBX-19. Raises :class:`PermanentDeliveryError` when no valid message can be made.
+    and OBX-19. ``attachments_data`` maps an attachment's ``blob_sha256`` to its bytes:
+    when the destination wants the report (``include_report_pdf``) and the result's PDF
+    attachment is found there, it is sent as an ED OBX (``^Application^PDF^Base64^...``).
+    Raises :class:`PermanentDeliveryError` when no valid message can be made.
     """
     if not result.outputs:
         raise PermanentDeliveryError("analysis result has no model outputs to report")
@@ -467,7 +487,7 @@ def build_oru_r01(
     identifier = _patient_identifier(patient, order, flags)
     if _empty(identifier):
         flags.append("no_patient_id")
-    observations = _observations(result, destination.include_report_pdf, flags)
+    observations = _observations(result, destination.include_report_pdf, flags, attachments_data)
 
     try:
         msg = Message(MESSAGE_TYPE[2], version=_V, validation_level=_TOLERANT)

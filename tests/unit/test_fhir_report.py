@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from datetime import datetime, timedelta, timezone
@@ -17,7 +19,7 @@ from fhir.resources.R4B.provenance import Provenance
 
 from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Finding, ModelOutput, Patient, Study
+from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study
 from mapping.fhir_report import (
     ReportBundle,
     build_report,
@@ -191,6 +193,38 @@ def test_no_finding_present() -> None:
     b = build(result=make_result(outputs=(ModelOutput("m", "1", "diagnosis", (f,)),)))
     assert "conclusionCode" not in b.report.resource
     assert "no finding above its threshold" in b.report.resource["conclusion"]
+
+
+def _attachment(content_type: str, title: str, data: bytes) -> tuple[Attachment, dict[str, bytes]]:
+    sha = hashlib.sha256(data).hexdigest()
+    return Attachment(content_type, title, sha, len(data)), {sha: data}
+
+
+def test_presented_form_carries_pdf_then_png_with_sha1_hash() -> None:
+    png, png_data = _attachment("image/png", "ECG with heatmap", b"\x89PNG\r\n\x1a\n fake png")
+    pdf, pdf_data = _attachment("application/pdf", "ECG analysis report", b"%PDF-1.4 fake report %%EOF")
+    result = make_result(attachments=(png, pdf))
+    rep = build(result=result, attachments_data={**png_data, **pdf_data}).report.resource
+    forms = rep["presentedForm"]
+    assert [f["contentType"] for f in forms] == ["application/pdf", "image/png"]
+    pdf_form = forms[0]
+    raw = base64.b64decode(pdf_form["data"])
+    assert raw == pdf_data[pdf.blob_sha256] and pdf_form["size"] == len(raw)
+    assert pdf_form["hash"] == base64.b64encode(hashlib.sha1(raw).digest()).decode()
+    assert pdf_form["title"] == "ECG analysis report"
+    DiagnosticReport.model_validate(rep)  # R4B Attachment: base64Binary data, unsignedInt size
+    assert "attachment_" not in rep["conclusion"]
+
+    # without the bytes nothing is attached, and the report says so
+    rep = build(result=result).report.resource
+    assert "presentedForm" not in rep
+    assert "attachment_unavailable:application/pdf" in rep["conclusion"]
+    # bytes that do not match the recorded hash are never sent
+    rep = build(result=result, attachments_data={pdf.blob_sha256: b"other", **png_data}).report.resource
+    assert [f["contentType"] for f in rep["presentedForm"]] == ["image/png"]
+    assert "attachment_hash_mismatch:application/pdf" in rep["conclusion"]
+    # no attachments: the report is the golden one, byte for byte
+    assert "presentedForm" not in build().report.resource
 
 
 def test_two_models_two_devices() -> None:

@@ -9,6 +9,7 @@ back with hl7apy (strict, v2.5.1) and, as an independent reader, python-hl7.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -23,7 +24,7 @@ from ecgbridge.errors import PermanentDeliveryError
 from ecgbridge.settings import Hl7Destination
 from gateway.mllp_client import parse_ack
 from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, Study
+from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Attachment, Ecg, Finding, ModelOutput, Patient, Study
 from mapping.hl7_common import unescape
 from mapping.hl7_oru import LOCAL_CODING_SYSTEM, build_oru_r01, validate_er7
 
@@ -31,7 +32,14 @@ GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
 NOW = datetime(2024, 3, 1, 10, 20, 0, tzinfo=timezone.utc)
 ACQUIRED = datetime(2024, 3, 1, 11, 15, 0, tzinfo=timezone(timedelta(hours=1)))
 CONTROL = "3F2A9C41D07B5E6A8C11"
-PDF = base64.b64encode(b"%PDF-1.4\n% ecgbridge test report\n%%EOF\n").decode()
+PDF_BYTES = b"%PDF-1.4\n% ecgbridge test report\n%%EOF\n"
+PDF = base64.b64encode(PDF_BYTES).decode()
+
+
+def pdf_attachment(data: bytes = PDF_BYTES) -> tuple[Attachment, dict[str, bytes]]:
+    """The result's PDF attachment and the bytes the caller reads from the blob store."""
+    sha = hashlib.sha256(data).hexdigest()
+    return Attachment("application/pdf", "ECG analysis report", sha, len(data)), {sha: data}
 
 DEST = Hl7Destination(
     name="ehr", type="hl7", host="127.0.0.1", port=2575,
@@ -126,11 +134,11 @@ def test_golden_full_with_measurements_tiers_and_pdf() -> None:
         "lvef-ecg", "0.3.1", "lvef",
         (Finding(code="LOW_EF", display="Reduced ejection fraction", probability=0.71, threshold=0.5,
                  present=True, tier="moderately_reduced"),),
-        extra={"measurements": {"qtc_interval": 452.4, "heart_rate": 71, "qrs_axis": -30, "pr_interval": 168.0},
-               "report_pdf_base64": PDF},
+        extra={"measurements": {"qtc_interval": 452.4, "heart_rate": 71, "qrs_axis": -30, "pr_interval": 168.0}},
     )
-    result = make_result(outputs=(make_result().outputs[0], lvef))
-    check_golden("hl7_oru_full.er7", build(result=result))
+    attachment, data = pdf_attachment()
+    result = make_result(outputs=(make_result().outputs[0], lvef), attachments=(attachment,))
+    check_golden("hl7_oru_full.er7", build(result=result, attachments_data=data))
 
 
 def test_golden_minimal_without_patient_order_or_times() -> None:
@@ -203,10 +211,11 @@ def test_measurements_tiers_and_pdf() -> None:
         (Finding(code="LOW_EF", display="Reduced ejection fraction", probability=0.71, threshold=0.5,
                  present=True, tier="moderately_reduced"),),
         extra={"measurements": {"heart_rate": 71.04, "qt_interval": 398, "t_axis": 45.0, "lvef": 34.5,
-                                "st_slope": 1.0, "p_axis": float("nan")},
-               "report_pdf_base64": PDF},
+                                "st_slope": 1.0, "p_axis": float("nan")}},
     )
-    er7 = build(result=make_result(outputs=(output,)))
+    attachment, data = pdf_attachment()
+    result = make_result(outputs=(output,), attachments=(attachment,))
+    er7 = build(result=result, attachments_data=data)
     nm = {o[3].split("^")[0]: o for o in obx_by_type(er7, "NM")}
     assert (nm["8867-4"][5], nm["8867-4"][6]) == ("71", "/min^per minute^UCUM")
     assert (nm["8634-8"][5], nm["8634-8"][6]) == ("398", "ms^millisecond^UCUM")
@@ -222,19 +231,26 @@ def test_measurements_tiers_and_pdf() -> None:
     assert "measurement_unmapped:st_slope" in notes and "measurement_unusable:p_axis" in notes
     validate_er7(er7)
 
-    no_pdf = build(result=make_result(outputs=(output,)), destination=DEST.model_copy(update={"include_report_pdf": False}))
-    assert not obx_by_type(no_pdf, "ED")
-    bad = replace(output, extra={"report_pdf_base64": "not base64!"})
-    er7 = build(result=make_result(outputs=(bad,)))
-    assert not obx_by_type(er7, "ED") and "report_pdf_not_base64" in er7
+    no_pdf = build(result=result, attachments_data=data,
+                   destination=DEST.model_copy(update={"include_report_pdf": False}))
+    assert not obx_by_type(no_pdf, "ED") and "report_pdf_unavailable" not in no_pdf
+    missing = build(result=result)  # the caller could not read the blob
+    assert not obx_by_type(missing, "ED") and "report_pdf_unavailable" in missing
+    tampered = build(result=result, attachments_data={attachment.blob_sha256: b"%PDF-1.4 other"})
+    assert not obx_by_type(tampered, "ED") and "report_pdf_hash_mismatch" in tampered
+    no_attachment = build(result=make_result(outputs=(output,)), attachments_data=data)
+    assert not obx_by_type(no_attachment, "ED") and "report_pdf" not in no_attachment
+    # extra["report_pdf_base64"] is no longer read: the PDF comes from the result's attachment only
+    legacy = replace(output, extra={"report_pdf_base64": PDF})
+    assert not obx_by_type(build(result=make_result(outputs=(legacy,))), "ED")
 
 
 def test_large_pdf_passes_validation() -> None:
-    big = base64.b64encode(os.urandom(300_000)).decode()
-    output = replace(make_result().outputs[0], extra={"report_pdf_base64": big})
-    er7 = build(result=make_result(outputs=(output,)))
+    big = os.urandom(300_000)
+    attachment, data = pdf_attachment(big)
+    er7 = build(result=make_result(attachments=(attachment,)), attachments_data=data)
     (ed,) = obx_by_type(er7, "ED")
-    assert ed[5].endswith(big)
+    assert ed[5].endswith(base64.b64encode(big).decode())
     assert validate_er7(er7) is not None
 
 
