@@ -22,6 +22,7 @@ __all__ = [
     "ModelOutput",
     "AnalysisResult",
     "Attachment",
+    "output_summary",
     "NOT_FOR_CLINICAL_USE",
 ]
 
@@ -122,6 +123,20 @@ class ModelOutput:
     task: str  # diagnosis | triage | lvef
     findings: tuple[Finding, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def output_summary(output: ModelOutput) -> str:
+    """One line a clinician reads: which model said what (shared by the FHIR and HL7 mappings)."""
+    present = [f for f in output.findings if f.present]
+    if present:
+        found = "; ".join(
+            f"{f.display} ({f.code}) p={f.probability:.2f}, threshold {f.threshold:.2f}"
+            + (f", tier {f.tier}" if f.tier else "")
+            for f in present
+        )
+    else:
+        found = "no finding above its threshold"
+    return f"AI ECG analysis by {output.model} {output.version} ({output.task}): {found}."
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from pydantic import ValidationError
 
 from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
-from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study
+from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, output_summary
 
 __all__ = [
     "AI_SECURITY_LABEL",
@@ -445,18 +445,7 @@ def _observation(
 
 
 def _conclusion(result: AnalysisResult, flags: list[str]) -> str:
-    lines: list[str] = []
-    for output in result.outputs:
-        present = [f for f in output.findings if f.present]
-        if present:
-            found = "; ".join(
-                f"{f.display} ({f.code}) p={f.probability:.2f}, threshold {f.threshold:.2f}"
-                + (f", tier {f.tier}" if f.tier else "")
-                for f in present
-            )
-        else:
-            found = "no finding above its threshold"
-        lines.append(f"AI ECG analysis by {output.model} {output.version} ({output.task}): {found}.")
+    lines = [output_summary(output) for output in result.outputs]
     if flags:
         lines.append("Flags: " + "; ".join(flags) + ".")
     lines.append(result.label)

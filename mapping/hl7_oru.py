@@ -83,7 +83,7 @@ from hl7apy.validation import Validator
 
 from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import LOINC, SUPERCLASS_SNOMED
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient
+from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, output_summary
 from mapping.hl7_common import hl7_timestamp, unescape
 
 if TYPE_CHECKING:
@@ -314,19 +314,6 @@ def _finding_value(finding: Finding) -> Value:
     return local
 
 
-def _summary(output: ModelOutput) -> str:
-    present = [f for f in output.findings if f.present]
-    if present:
-        found = "; ".join(
-            f"{f.display} ({f.code}) p={f.probability:.2f}, threshold {f.threshold:.2f}"
-            + (f", tier {f.tier}" if f.tier else "")
-            for f in present
-        )
-    else:
-        found = "no finding above its threshold"
-    return f"AI ECG analysis by {output.model} {output.version} ({output.task}): {found}."
-
-
 class _Obx:
     """One planned OBX: value type, identifier, value and the optional fields."""
 
@@ -540,7 +527,7 @@ def build_oru_r01(
         _set(obr, 24, "EC")
         _set(obr, 25, "P")
 
-        notes = [label, *(_summary(o) for o in result.outputs)]
+        notes = [label, *(output_summary(o) for o in result.outputs)]
         all_flags = _dedupe([*result.quality_flags, *result.ecg_flags, *flags])
         if all_flags:
             notes.append("Flags: " + "; ".join(all_flags) + ".")
