@@ -8,7 +8,7 @@ never be logged (log ``Study.sop_instance_uid`` or internal ids instead).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone, tzinfo
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ __all__ = [
     "AnalysisResult",
     "Attachment",
     "output_summary",
+    "aware_acquisition_time",
     "NOT_FOR_CLINICAL_USE",
 ]
 
@@ -123,6 +124,15 @@ class ModelOutput:
     task: str  # diagnosis | triage | lvef
     findings: tuple[Finding, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def aware_acquisition_time(dt: datetime, assume_tz: tzinfo | None = None) -> tuple[datetime, bool]:
+    """(timezone-aware time, was_naive): a naive cart time is read in ``assume_tz`` (default: this
+    machine's zone, i.e. the hospital's) and converted to UTC; FHIR and HL7 both need an offset."""
+    if dt.tzinfo is not None and dt.utcoffset() is not None:
+        return dt, False
+    aware = dt.replace(tzinfo=assume_tz) if assume_tz is not None else dt.astimezone()
+    return aware.astimezone(timezone.utc), True
 
 
 def output_summary(output: ModelOutput) -> str:

@@ -62,7 +62,7 @@ from pydantic import ValidationError
 
 from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
-from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, output_summary
+from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, aware_acquisition_time, output_summary
 
 __all__ = [
     "AI_SECURITY_LABEL",
@@ -215,10 +215,8 @@ def _fhir_instant(dt: datetime) -> str:
 
 def _effective_time(dt: datetime, assume_tz: tzinfo | None) -> tuple[str, bool]:
     """(FHIR dateTime, was_naive). Naive times are read in ``assume_tz`` / local zone."""
-    if dt.tzinfo is not None and dt.utcoffset() is not None:
-        return _fhir_instant(dt), False
-    aware = dt.replace(tzinfo=assume_tz) if assume_tz is not None else dt.astimezone()
-    return _fhir_instant(aware.astimezone(timezone.utc)), True
+    aware, naive = aware_acquisition_time(dt, assume_tz)
+    return _fhir_instant(aware), naive
 
 
 def _model_tag(output: ModelOutput) -> dict[str, str]:

@@ -83,7 +83,7 @@ from hl7apy.validation import Validator
 
 from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import LOINC, SUPERCLASS_SNOMED
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, output_summary
+from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, aware_acquisition_time, output_summary
 from mapping.hl7_common import hl7_timestamp, unescape
 
 if TYPE_CHECKING:
@@ -237,10 +237,8 @@ def _hl7_ts(dt: datetime) -> str:
 
 def _acquired(dt: datetime, assume_tz: tzinfo | None) -> tuple[str, bool]:
     """(TS, was_naive): naive times are read in ``assume_tz`` / local zone, sent as UTC."""
-    if dt.tzinfo is not None and dt.utcoffset() is not None:
-        return _hl7_ts(dt), False
-    aware = dt.replace(tzinfo=assume_tz) if assume_tz is not None else dt.astimezone()
-    return _hl7_ts(aware.astimezone(timezone.utc)), True
+    aware, naive = aware_acquisition_time(dt, assume_tz)
+    return _hl7_ts(aware), naive
 
 
 def _number(value: float, places: int) -> str:
