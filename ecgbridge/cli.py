@@ -218,16 +218,30 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+#: model -> (module of its trainer, module of its evaluator); each module has ``main(argv)``.
+TRAINING_ENTRIES: dict[str, tuple[str, str]] = {
+    "diagnosis": ("training.train", "training.evaluate"),
+    "triage": ("training.triage", "training.triage_evaluate"),
+    "lvef": ("training.lvef_model", "training.lvef_evaluate"),
+}
+
+
 def _training_entry(kind: str, args: argparse.Namespace) -> int:
-    """``ecgbridge train|evaluate MODEL ...`` -> the training package's own argument parser."""
+    """``ecgbridge train|evaluate MODEL ...`` -> that model's own argument parser."""
+    import importlib
+
+    trainer, evaluator = TRAINING_ENTRIES[args.model]
+    module_name = trainer if kind == "train" else evaluator
     try:
-        if kind == "train":
-            from training.train import main as entry
-        else:
-            from training.evaluate import main as entry
+        module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"'ecgbridge {kind}' needs the training extra: pip install 'ecgbridge[train]' ({exc.name} missing)") from exc
-    return int(entry(args.rest) or 0)
+        if exc.name and not exc.name.startswith("training"):
+            raise ConfigError(
+                f"'ecgbridge {kind} {args.model}' needs the training extra: "
+                f"pip install 'ecgbridge[train]' ({exc.name} missing)"
+            ) from exc
+        raise
+    return int(module.main(args.rest) or 0)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -287,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, what in (("train", cmd_train, "train a model"), ("evaluate", cmd_evaluate, "evaluate a model")):
         p = sub.add_parser(name, help=f"{what} (needs the 'train' extra: torch); see '{name} diagnosis --help'",
                            description=f"{what}; options: ecgbridge {name} diagnosis --help")
-        p.add_argument("model", choices=["diagnosis"], help="which model")
+        p.add_argument("model", choices=sorted(TRAINING_ENTRIES), help="which model")
         p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the model's trainer/evaluator")
         p.set_defaults(func=func)
     return parser
