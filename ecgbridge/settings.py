@@ -40,6 +40,8 @@ __all__ = [
     "MllpListener",
     "InboxListener",
     "Delivery",
+    "EhrAuth",
+    "EhrSource",
     "RouteMatch",
     "Route",
     "load_settings",
@@ -49,6 +51,12 @@ __all__ = [
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _http_url(value: str, field: str = "base_url") -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"{field} must start with http:// or https://")
+    return value.rstrip("/")
 
 
 def _check_networks(values: list[str]) -> list[str]:
@@ -189,9 +197,7 @@ class FhirDestination(_Strict):
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("base_url must start with http:// or https://")
-        return v.rstrip("/")
+        return _http_url(v)
 
 
 class Hl7Destination(_Strict):
@@ -210,6 +216,97 @@ class Hl7Destination(_Strict):
     receiving_facility: str = ""
     #: Attach the PDF report (OBX ED) when one exists.
     include_report_pdf: bool = True
+
+
+#: SMART Backend Services scopes that cover every query the EHR context fetch makes.
+DEFAULT_SMART_SCOPE = (
+    "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationStatement.rs"
+)
+
+_AUTH_FIELDS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "bearer": ("token_env",),
+    "smart-backend": ("client_id", "token_url", "private_key_file", "key_id", "scope"),
+}
+
+
+class EhrAuth(_Strict):
+    """How ecgbridge authenticates to an EHR's FHIR server for reading patient context.
+
+    ``smart-backend`` is SMART Backend Services (client_credentials with a signed JWT
+    assertion): the private key stays in a file on the worker, never in this YAML.
+    """
+
+    type: Literal["none", "bearer", "smart-backend"] = "none"
+    #: bearer: environment variable holding the token (never the token itself).
+    token_env: str | None = None
+    #: smart-backend: the client id the EHR registered for ecgbridge.
+    client_id: str | None = None
+    #: smart-backend: token endpoint; null = discovered from {base_url}/.well-known/smart-configuration.
+    token_url: str | None = None
+    #: smart-backend: PEM private key (RSA -> RS384, EC P-384 -> ES384); relative to this file.
+    private_key_file: Path | None = None
+    #: smart-backend: the ``kid`` of the registered public key (JWKS).
+    key_id: str | None = None
+    #: smart-backend: scopes asked for; null = read access to every resource the fetch uses.
+    scope: str | None = None
+
+    @field_validator("token_url")
+    @classmethod
+    def _token_url(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v, "token_url")
+
+    @model_validator(mode="after")
+    def _fields(self) -> "EhrAuth":
+        allowed = _AUTH_FIELDS[self.type]
+        stray = [f for fields in _AUTH_FIELDS.values() for f in fields
+                 if f not in allowed and getattr(self, f) is not None]
+        if stray:
+            raise ValueError(f"auth type {self.type!r} does not use {', '.join(sorted(set(stray)))}")
+        if self.type == "bearer" and not self.token_env:
+            raise ValueError("auth type 'bearer' needs token_env: the environment variable holding the token")
+        if self.type == "smart-backend":
+            missing = [f for f in ("client_id", "private_key_file", "key_id") if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"auth type 'smart-backend' needs {', '.join(missing)}")
+        return self
+
+    @property
+    def smart_scope(self) -> str:
+        return self.scope or DEFAULT_SMART_SCOPE
+
+
+class EhrSource(_Strict):
+    """A FHIR R4 server the workers read patient context from (labs, vitals, problems, drugs)."""
+
+    name: str
+    base_url: str
+    auth: EhrAuth = Field(default_factory=EhrAuth)
+    #: Seconds per HTTP request.
+    timeout_s: float = Field(5.0, gt=0)
+    #: Seconds for the whole fetch of one ECG's context; past it the ECG goes on with what was read.
+    total_timeout_s: float = Field(15.0, gt=0)
+    #: Extra attempts per request after a transient failure (connection, timeout, 429, 5xx).
+    retries: int = Field(2, ge=0, le=10)
+    #: Identifier system of DICOM PatientID values in this EHR (used to find the Patient).
+    patient_identifier_system: str = "urn:ecgbridge:patient-id"
+    #: Labs and vitals older than this (before the ECG) are not read.
+    observation_window_days: int = Field(365, ge=1)
+    #: Search pages read per query at most (newest first); older results are left out and said so.
+    max_observation_pages: int = Field(20, ge=1)
+    #: Also read MedicationStatement (loop diuretic, beta blocker, ACEi/ARB, MRA).
+    fetch_medications: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _http_url(v)
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> "EhrSource":
+        if self.total_timeout_s < self.timeout_s:
+            raise ValueError("total_timeout_s must be at least timeout_s")
+        return self
 
 
 _UNION_TAGS = ("fhir", "hl7")
@@ -259,6 +356,8 @@ class Route(_Strict):
     match: RouteMatch = Field(default_factory=RouteMatch)
     models: list[str] = Field(default_factory=lambda: ["diagnosis"])
     destinations: list[str] = Field(default_factory=list)
+    #: Name of an ``ehr`` source to read patient context from (LVEF model); null = ECG only.
+    ehr_context: str | None = None
 
 
 def _default_routes() -> list[Route]:
@@ -273,6 +372,8 @@ class Settings(_Strict):
     workers: Workers = Field(default_factory=Workers)
     models: list[ModelEntry] = Field(default_factory=lambda: [ModelEntry(name="diagnosis")])
     destinations: list[Destination] = Field(default_factory=list)
+    #: FHIR servers patient context is read from; routes name one in ``ehr_context``.
+    ehr: list[EhrSource] = Field(default_factory=list)
     delivery: Delivery = Field(default_factory=Delivery)
     routes: list[Route] = Field(default_factory=_default_routes)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -286,6 +387,9 @@ class Settings(_Strict):
         dest_names = [d.name for d in self.destinations]
         if len(set(dest_names)) != len(dest_names):
             problems.append("destinations: names must be unique")
+        ehr_names = [e.name for e in self.ehr]
+        if len(set(ehr_names)) != len(ehr_names):
+            problems.append("ehr: names must be unique")
         route_names = [r.name for r in self.routes]
         if len(set(route_names)) != len(route_names):
             problems.append("routes: names must be unique")
@@ -296,6 +400,8 @@ class Settings(_Strict):
             for d in route.destinations:
                 if d not in dest_names:
                     problems.append(f"routes[{i}].destinations: {d!r} is not a destination listed under destinations ({dest_names})")
+            if route.ehr_context is not None and route.ehr_context not in ehr_names:
+                problems.append(f"routes[{i}].ehr_context: {route.ehr_context!r} is not an EHR source listed under ehr ({ehr_names})")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -322,6 +428,12 @@ class Settings(_Strict):
             if d.name == name:
                 return d
         raise ConfigError(f"no destination named {name!r}")
+
+    def ehr_source(self, name: str) -> EhrSource:
+        for e in self.ehr:
+            if e.name == name:
+                return e
+        raise ConfigError(f"no EHR source named {name!r}")
 
 
 _ENV_OVERRIDES = {
@@ -430,6 +542,10 @@ def load_settings(path: str | Path | None = None) -> Settings:
             problems.append(f"{where}: {field}: {msg}")
         raise ConfigError(f"{file}: {len(problems)} problem(s) in the configuration", problems) from exc
     settings.source_file = file.resolve()
+    for source in settings.ehr:
+        key = source.auth.private_key_file
+        if key is not None and not key.is_absolute():
+            source.auth.private_key_file = (file.resolve().parent / key).resolve()
     if not settings.data_dir.is_absolute() and "ECGBRIDGE_DATA_DIR" not in os.environ:
         settings.data_dir = (file.resolve().parent / settings.data_dir).resolve()
     return settings

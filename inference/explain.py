@@ -45,6 +45,7 @@ import numpy as np
 from scipy import signal as sps
 
 from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput
+from mapping.lvef_result import LVEF_TASK, predicted_tier
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -419,6 +420,12 @@ def render_figure(
             finding_lines.append(f"{o.model} {o.version}:")
         gate = o.extra.get("quality_gate") if isinstance(o.extra, Mapping) else None
         withheld = gate.get("withheld") if isinstance(gate, Mapping) else None
+        if o.task == LVEF_TASK:  # four tier probabilities would crowd the column: one line, details on page 2
+            chosen = predicted_tier(o)
+            if chosen is not None:
+                finding_lines.append(f"LVEF tier: {chosen.display} p={chosen.probability:.2f} "
+                                     f"({o.extra.get('variant', '?')}; PDF page 2)")
+            continue
         finding_lines.extend(_finding_line(f, top if shaded and o is output else None, withheld) for f in o.findings)
     finding_lines = _wrap(finding_lines, 78)
     if len(finding_lines) > _MAX_LINES:
@@ -494,11 +501,23 @@ def _png_bytes(fig: "Figure", dpi: int, title: str) -> bytes:
     return buf.getvalue()
 
 
-def _pdf_bytes(fig: "Figure", title: str) -> bytes:
+def _pdf_bytes(fig: "Figure", title: str, extra_pages: tuple["Figure", ...] = ()) -> bytes:
+    """One PDF: the 12-lead page, then any extra pages (the LVEF page)."""
+    from matplotlib.backends.backend_pdf import PdfPages
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="pdf", facecolor="white",
-                metadata={"Title": title, "Creator": "ecgbridge", "Producer": "ecgbridge", "CreationDate": None})
+    metadata = {"Title": title, "Creator": "ecgbridge", "Producer": "ecgbridge", "CreationDate": None}
+    with PdfPages(buf, metadata=metadata) as pdf:
+        for page in (fig, *extra_pages):
+            pdf.savefig(page, facecolor="white")
     return buf.getvalue()
+
+
+def _extra_pages(result: AnalysisResult) -> tuple["Figure", ...]:
+    from .explain_lvef import render_lvef_page
+
+    page = render_lvef_page(result)
+    return (page,) if page is not None else ()
 
 
 def render_png(
@@ -519,8 +538,8 @@ def render_pdf(
     cams: Cams = None,
     measurements: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """The page as a one-page PDF (vector grid, traces and heatmap)."""
-    return _pdf_bytes(render_figure(ecg, result, cams, measurements), _title(result))
+    """The 12-lead page (vector grid, traces and heatmap), plus the LVEF page when there is a tier."""
+    return _pdf_bytes(render_figure(ecg, result, cams, measurements), _title(result), _extra_pages(result))
 
 
 def render_both(
@@ -534,5 +553,5 @@ def render_both(
     """(PNG, PDF) of the same page, laid out once."""
     fig = render_figure(ecg, result, cams, measurements)
     title = _title(result)
-    pdf = _pdf_bytes(fig, title)
+    pdf = _pdf_bytes(fig, title, _extra_pages(result))
     return _png_bytes(fig, dpi, title), pdf

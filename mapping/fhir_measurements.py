@@ -38,7 +38,7 @@ Decisions:
   raise ``ValueError`` (the mapping would otherwise send two QTc values).
 
 Every Observation is validated with ``fhir.resources.R4B`` (via
-:func:`mapping.fhir_report.validate_resource`, which raises
+:func:`mapping.fhir_validate.validate_resource`, which raises
 :class:`~ecgbridge.errors.PermanentDeliveryError` on a bad resource).
 """
 
@@ -51,7 +51,7 @@ from typing import Any
 
 from mapping.codes import LOINC, SYSTEM
 from mapping.ecg import NOT_FOR_CLINICAL_USE
-from mapping.fhir_report import validate_resource
+from mapping.fhir_validate import validate_resource
 
 __all__ = ["FHIR_MEASUREMENTS", "measurement_observations"]
 

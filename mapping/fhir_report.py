@@ -3,7 +3,10 @@
 One ECG analysis becomes:
 
 * one ``Device`` per model (name@version), so the EHR can tell which software said what;
-* one ``Observation`` per class probability per model output;
+* one ``Observation`` per class probability per model output; the global measurements
+  (``task == "measurements"``) as LOINC / UCUM Observations (:mod:`mapping.fhir_measurements`)
+  and an LVEF tier (``task == "lvef"``) as one LOINC 10230-1 Observation
+  (:mod:`mapping.fhir_lvef`);
 * one ``DiagnosticReport`` (v2-0074 ``EC``, LOINC 34534-8) whose ``result`` lists them;
 * one ``Provenance`` naming the model Device as author, built once the report's
   server id is known (:meth:`ReportBundle.provenance_for`).
@@ -58,11 +61,13 @@ from datetime import datetime, timezone, tzinfo
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from pydantic import ValidationError
-
 from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
 from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, aware_acquisition_time, output_summary
+from mapping.fhir_lvef import lvef_observation
+from mapping.fhir_measurements import measurement_observations
+from mapping.fhir_validate import validate_resource
+from mapping.lvef_result import LVEF_TASK, explanation_text
 
 __all__ = [
     "AI_SECURITY_LABEL",
@@ -274,45 +279,6 @@ def _dedupe(items: Iterable[str]) -> list[str]:
     return list(seen)
 
 
-_MODELS: dict[str, Any] | None = None
-
-
-def _model_classes() -> dict[str, Any]:
-    global _MODELS
-    if _MODELS is None:
-        from fhir.resources.R4B.device import Device
-        from fhir.resources.R4B.diagnosticreport import DiagnosticReport
-        from fhir.resources.R4B.observation import Observation
-        from fhir.resources.R4B.provenance import Provenance
-
-        _MODELS = {
-            "Device": Device,
-            "DiagnosticReport": DiagnosticReport,
-            "Observation": Observation,
-            "Provenance": Provenance,
-        }
-    return _MODELS
-
-
-def validate_resource(resource: dict[str, Any]) -> dict[str, Any]:
-    """Check ``resource`` against its ``fhir.resources.R4B`` model; return it unchanged.
-
-    A failure is a bug in the mapping or the input, not in the network: it raises
-    :class:`PermanentDeliveryError` so the delivery is dead-lettered, not retried.
-    """
-    rtype = resource.get("resourceType")
-    model = _model_classes().get(str(rtype))
-    if model is None:
-        raise PermanentDeliveryError(f"no R4B model for resourceType {rtype!r}")
-    try:
-        model.model_validate(resource)
-    except ValidationError as exc:
-        raise PermanentDeliveryError(
-            f"{rtype} failed FHIR R4 validation", detail=str(exc)
-        ) from exc
-    return resource
-
-
 def resolve_references(resource: Mapping[str, Any], refs: Mapping[str, str]) -> dict[str, Any]:
     """A deep copy of ``resource`` with every ``reference`` found in ``refs`` replaced."""
 
@@ -442,8 +408,53 @@ def _observation(
     )
 
 
+def _planned(resource: dict[str, Any]) -> PlannedResource:
+    """A validated Observation keyed by its (first) identifier for the conditional create."""
+    ident = resource["identifier"][0]
+    return PlannedResource(
+        resource=validate_resource(resource),
+        if_none_exist=identifier_query(ident["system"], ident["value"]),
+        placeholder=_placeholder(resource["resourceType"], ident["system"], ident["value"]),
+    )
+
+
+def _measurement_observations(
+    output: ModelOutput, *, id_value: str, device: PlannedResource, subject: dict[str, Any] | None,
+    effective: str | None, issued: str, label: str,
+) -> list[PlannedResource]:
+    """The global measurements (LOINC, UCUM) as Observations, one per value measured."""
+    extra = output.extra if isinstance(output.extra, Mapping) else {}
+    values = dict(extra.get("measurements") or {})
+    features = extra.get("features") if isinstance(extra.get("features"), Mapping) else {}
+    for key in ("qtc_fridericia", "rr_interval"):
+        if key in features and key not in values:
+            values[key] = features[key]
+    try:
+        resources = measurement_observations(
+            values, subject=subject, effective=effective, device_ref=device.placeholder,
+            identifier_base=f"{id_value}/{output.model}/{output.version}", issued=issued, label=label)
+    except ValueError as exc:
+        raise PermanentDeliveryError(f"measurements of {output.model} {output.version}: {exc}") from exc
+    return [_planned(r) for r in resources]
+
+
+def _lvef_observation(
+    output: ModelOutput, *, id_value: str, device: PlannedResource, subject: dict[str, Any] | None,
+    effective: str | None, issued: str, label: str,
+) -> PlannedResource:
+    resource = lvef_observation(
+        output, subject=subject, effective=effective, device_ref=device.placeholder,
+        identifier_value=f"{id_value}/{output.model}/{output.version}/lvef-tier", issued=issued,
+        meta={"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]}, label=label)
+    return _planned(resource)
+
+
 def _conclusion(result: AnalysisResult, flags: list[str]) -> str:
-    lines = [output_summary(output) for output in result.outputs]
+    lines = [
+        explanation_text(output) if output.task == LVEF_TASK and output.findings else output_summary(output)
+        for output in result.outputs
+        if output.findings
+    ]
     if flags:
         lines.append("Flags: " + "; ".join(flags) + ".")
     lines.append(result.label)
@@ -541,6 +552,16 @@ def build_report(
         if key not in devices:
             devices[key] = _device(output, label)
         device = devices[key]
+        if output.task == "measurements":
+            observations.extend(_measurement_observations(
+                output, id_value=id_value, device=device, subject=subject, effective=effective,
+                issued=issued_s, label=label))
+            continue
+        if output.task == LVEF_TASK and output.findings:
+            observations.append(_lvef_observation(
+                output, id_value=id_value, device=device, subject=subject, effective=effective,
+                issued=issued_s, label=label))
+            continue
         for finding in output.findings:
             obs = _observation(
                 finding,

@@ -85,6 +85,7 @@ from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import LOINC, SUPERCLASS_SNOMED
 from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, aware_acquisition_time, output_summary
 from mapping.hl7_common import hl7_timestamp, unescape
+from mapping.lvef_result import LVEF_TASK, explanation_lines, predicted_tier, tier_interpretation
 
 if TYPE_CHECKING:
     from ecgbridge.settings import Hl7Destination
@@ -323,6 +324,8 @@ class _Obx:
         self.output = output
         self.sub_id = sub_id
         self.fields = fields
+        #: Extra NTE comments on this observation, after the not-for-clinical-use label.
+        self.notes: list[str] = []
 
 
 def _report_pdf(
@@ -342,6 +345,25 @@ def _report_pdf(
     return base64.b64encode(blob).decode("ascii")
 
 
+def _lvef_obx(output: ModelOutput, sub: str) -> list[_Obx]:
+    """LVEF tier: CWE OBX under LOINC 10230-1 (flag from the tier), the explanation as its NTEs.
+
+    NTE rather than a TX OBX: the explanation is a comment on that observation, and
+    NTE-3 (FT) has room for it where a strict 2.5.1 parser limits OBX-5 to 199 characters.
+    """
+    tier = predicted_tier(output)
+    if tier is None:
+        return []
+    v3 = tier_interpretation(tier, output)
+    flag = {"N": "N", "L": "L", "LL": "LL"}.get(v3[0] if v3 else "", "")
+    code, display = LOINC["lvef"]
+    tier_value = (tier.code, tier.display, LOCAL_CODING_SYSTEM)
+    extra: dict[str, Value] = {"flag": flag} if flag else {}
+    obx = _Obx("CWE", (code, display, "LN"), tier_value, output, sub, **extra)
+    obx.notes = explanation_lines(output)
+    return [obx]
+
+
 def _observations(
     result: AnalysisResult, include_pdf: bool, flags: list[str],
     attachments_data: Mapping[str, bytes] | None = None,
@@ -352,8 +374,10 @@ def _observations(
     for index, output in enumerate(result.outputs, 1):
         sub = str(index)
         checked = [(f, *_probability(f, output)) for f in output.findings]
+        if output.task == LVEF_TASK and checked:
+            planned.extend(_lvef_obx(output, sub))
         for finding, p, _t in checked:
-            if finding.present:
+            if finding.present and output.task != LVEF_TASK:
                 n_impression += 1
                 planned.append(_Obx("CWE", impression, _finding_value(finding), output, str(n_impression),
                                     flag=_abnormal_flag(finding), probability=f"{p:.4f}"))
@@ -548,7 +572,8 @@ def build_oru_r01(
             _set(obx, 14, acquired)
             _set(obx, 17, _method(planned.output))
             _set(obx, 19, stamp)
-            _note(group.add_segment("NTE"), 1, label)
+            for n, text in enumerate([label, *planned.notes], 1):
+                _note(group.add_segment("NTE"), n, text)
 
         er7 = str(msg.to_er7())
     except PermanentDeliveryError:

@@ -129,11 +129,11 @@ def class_pos_weight(y: np.ndarray, cap: float = 10.0) -> np.ndarray:
     return np.clip(np.sqrt(neg / np.maximum(pos, 1.0)), 1.0, cap).astype(np.float32)
 
 
-def build_model(arch: str, *, width: int, dropout: float) -> nn.Module:
+def build_model(arch: str, *, width: int, dropout: float, n_classes: int = len(SUPERCLASSES)) -> nn.Module:
     if arch == "resnet_se":
-        return ResNetSE1d(n_leads=len(STANDARD_LEADS), n_classes=len(SUPERCLASSES), width=width, dropout=dropout)
+        return ResNetSE1d(n_leads=len(STANDARD_LEADS), n_classes=n_classes, width=width, dropout=dropout)
     if arch == "cnn":
-        return Cnn1d(n_leads=len(STANDARD_LEADS), n_classes=len(SUPERCLASSES), width=width, dropout=dropout)
+        return Cnn1d(n_leads=len(STANDARD_LEADS), n_classes=n_classes, width=width, dropout=dropout)
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
@@ -200,11 +200,13 @@ def fit_member(
 ) -> dict[str, Any]:
     """Train one model; returns the best-on-fold-9 EMA model, its fold-9 logits and the history.
 
-    ``init_features`` (a pretrained ``features`` state dict) initialises the encoder.
+    ``init_features`` (a pretrained ``features`` state dict) initialises the encoder. The
+    model has one output per column of ``train.y`` (the five superclasses here; other label
+    schemes in ``training.triage``).
     """
     started = time.monotonic()
     torch.manual_seed(seed)
-    model = build_model(arch, width=width, dropout=dropout)
+    model = build_model(arch, width=width, dropout=dropout, n_classes=int(train.y.shape[1]))
     if init_features is not None:
         model.features.load_state_dict(init_features)
     model = model.to(device)

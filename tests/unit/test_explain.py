@@ -442,3 +442,24 @@ def test_deliveries_get_the_bytes_from_the_store(tmp_path) -> None:
     assert "|ED|REPORT-PDF^" in er7
     ctx.store.blobs.path(result.attachments[0].blob_sha256).unlink()  # the blob store lost the PDF
     assert set(attachment_bytes(ctx.store, result)) == {result.attachments[1].blob_sha256}
+
+
+def test_an_lvef_tier_adds_a_page_with_its_explanation_and_attribution_chart() -> None:
+    from inference.explain_lvef import render_lvef_page
+    from tests.unit.test_fhir_report import _lvef_output
+
+    ecg = load("wfdb/00024_lr.hea")
+    base = result_with({"NORM": 0.9}, model="diagnosis")
+    result = replace(base, outputs=(*base.outputs, _lvef_output()))
+    assert render_lvef_page(base) is None
+    page = render_lvef_page(result)
+    text = page_text(page) + "\n".join(ax.get_title() for ax in page.axes)
+    labels = [t.get_text() for ax in page.axes for t in ax.get_yticklabels()]
+    assert "NT-proBNP 2400 pg/mL (EHR)" in labels and "QRS duration 152 ms (ECG)" in labels
+    assert "LVEF TIER ESTIMATE - NOT FOR CLINICAL USE" in text
+    assert "NT-proBNP 2400 pg/mL (EHR)" in text and "synthetic" in text
+    assert "Tier probabilities" in text and "tree SHAP" in text
+    assert pdf_pages(render_pdf(ecg, result)) == 2
+    assert pdf_pages(render_pdf(ecg, base)) == 1
+    first = page_text(render_figure(ecg, result))
+    assert "LVEF tier: LVEF 30-40 % (moderately reduced) p=0.60 (ecg+ehr; PDF page 2)" in first

@@ -228,8 +228,8 @@ def test_presented_form_carries_pdf_then_png_with_sha1_hash() -> None:
 
 
 def test_two_models_two_devices() -> None:
-    f = Finding("LOWEF", "Low ejection fraction", 0.7, 0.5, True, tier="moderately reduced")
-    outputs = make_result().outputs + (ModelOutput("lvef-net", "0.3.1", "lvef", (f,)),)
+    f = Finding("URGENT", "Urgent ECG", 0.7, 0.5, True, tier="moderately reduced")
+    outputs = make_result().outputs + (ModelOutput("lvef-net", "0.3.1", "triage", (f,)),)
     b = build(result=make_result(outputs=outputs))
     assert [d.resource["identifier"][0]["value"] for d in b.devices] == [
         "ptbxl-superclass@1.2.0", "lvef-net@0.3.1"]
@@ -272,3 +272,55 @@ def test_operation_outcome_text() -> None:
     assert operation_outcome_text({"resourceType": "Patient"}) == ""
     assert len(operation_outcome_text({"resourceType": "OperationOutcome", "issue": [
         {"severity": "error", "diagnostics": "x" * 2000}]})) == 500
+
+
+def _lvef_output(variant: str = "ecg+ehr") -> ModelOutput:
+    tiers = [("LVEF_GT50", "LVEF > 50 % (normal)", 0.1), ("LVEF_40_50", "LVEF 40-50 % (mildly reduced)", 0.15),
+             ("LVEF_30_40", "LVEF 30-40 % (moderately reduced)", 0.6), ("LVEF_LT30", "LVEF < 30 % (severely reduced)", 0.15)]
+    findings = tuple(Finding(c, d, p, 0.0, c == "LVEF_30_40") for c, d, p in tiers)
+    extra = {
+        "tier": "LVEF_30_40", "variant": variant, "ehr_status": "complete", "missing_context": ["bnp: not in the EHR"],
+        "probabilities": {c: p for c, _, p in tiers}, "notice": "Trained on synthetic LVEF labels.",
+        "attributions": [
+            {"feature": "nt_probnp", "display": "NT-proBNP", "kind": "ehr", "value": 2400.0, "unit": "pg/mL", "contribution": 0.9},
+            {"feature": "qrs_duration", "display": "QRS duration", "kind": "ecg", "value": 152.0, "unit": "ms", "contribution": 0.4},
+            {"feature": "age", "display": "Age", "kind": "ehr", "value": 44.0, "unit": "a", "contribution": -0.2},
+        ],
+    }
+    return ModelOutput("lvef-synthetic", "0.1.0", "lvef", findings, extra)
+
+
+def test_lvef_tier_is_one_loinc_10230_1_observation_with_explanation() -> None:
+    outputs = make_result().outputs + (_lvef_output(),)
+    b = build(result=make_result(outputs=outputs))
+    lvef = [o.resource for o in b.observations if o.resource["code"]["coding"][0]["code"] == "10230-1"]
+    assert len(lvef) == 1
+    obs = lvef[0]
+    assert obs["valueCodeableConcept"]["coding"][0]["code"] == "LVEF_30_40"
+    assert obs["interpretation"][0]["coding"][0]["code"] == "L"
+    assert {c["code"]["coding"][0]["code"]: c["valueQuantity"]["value"] for c in obs["component"]} == {
+        "LVEF_GT50": 0.1, "LVEF_40_50": 0.15, "LVEF_30_40": 0.6, "LVEF_LT30": 0.15}
+    note = obs["note"][0]["text"]
+    assert "NT-proBNP 2400 pg/mL (EHR)" in note and "QRS duration 152 ms (ECG)" in note
+    assert "Age 44" in note.split("Pointing away from it:")[1]
+    assert "synthetic" in note and "NOT FOR CLINICAL USE" in obs["note"][1]["text"]
+    assert obs["meta"]["security"][0]["code"] == "AIAST"
+    assert "Estimated LVEF tier: LVEF 30-40 %" in b.report.resource["conclusion"]
+    # re-building gives the same identifier (idempotent delivery)
+    again = [o for o in build(result=make_result(outputs=outputs)).observations
+             if o.resource["code"]["coding"][0]["code"] == "10230-1"][0]
+    assert again.if_none_exist == [o for o in b.observations if o.resource is obs][0].if_none_exist
+
+
+def test_measurements_become_loinc_observations_in_the_report() -> None:
+    measured = ModelOutput("ecgbridge-measurements", "0.1.0", "measurements", (), {
+        "measurements": {"heart_rate": 71.0, "qrs_duration": 96.0, "qtc_interval": 420.0},
+        "features": {"qtc_fridericia": 410.0, "qtc_bazett": 420.0},
+    })
+    b = build(result=make_result(outputs=make_result().outputs + (measured,)))
+    codes = [o.resource["code"]["coding"][0]["code"] for o in b.observations]
+    assert {"8867-4", "8633-0", "8636-3", "76634-5"} <= set(codes)
+    assert len(b.report.resource["result"]) == len(b.observations)
+    hr = next(o.resource for o in b.observations if o.resource["code"]["coding"][0]["code"] == "8867-4")
+    assert hr["valueQuantity"] == {"value": 71.0, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}
+    assert hr["device"]["reference"] == b.devices[-1].placeholder

@@ -131,7 +131,7 @@ def test_golden_basic() -> None:
 
 def test_golden_full_with_measurements_tiers_and_pdf() -> None:
     lvef = ModelOutput(
-        "lvef-ecg", "0.3.1", "lvef",
+        "lvef-ecg", "0.3.1", "screening",
         (Finding(code="LOW_EF", display="Reduced ejection fraction", probability=0.71, threshold=0.5,
                  present=True, tier="moderately_reduced"),),
         extra={"measurements": {"qtc_interval": 452.4, "heart_rate": 71, "qrs_axis": -30, "pr_interval": 168.0}},
@@ -207,7 +207,7 @@ def test_obx_layout() -> None:
 
 def test_measurements_tiers_and_pdf() -> None:
     output = ModelOutput(
-        "lvef-ecg", "0.3.1", "lvef",
+        "lvef-ecg", "0.3.1", "screening",
         (Finding(code="LOW_EF", display="Reduced ejection fraction", probability=0.71, threshold=0.5,
                  present=True, tier="moderately_reduced"),),
         extra={"measurements": {"heart_rate": 71.04, "qt_interval": 398, "t_axis": 45.0, "lvef": 34.5,
@@ -410,3 +410,23 @@ def test_parse_ack_v23_style_and_newlines() -> None:
         parse_ack(b"MSH|^~\\&|E||||||ACK|A3|P|2.5\r")
     with pytest.raises(ValueError):
         parse_ack(b"garbage")
+
+
+def test_lvef_tier_goes_out_as_loinc_10230_1_with_its_explanation() -> None:
+    from tests.unit.test_fhir_report import _lvef_output
+
+    result = make_result(outputs=make_result().outputs + (_lvef_output(),))
+    er7 = build(result=result)
+    lvef = [s for s in segments(er7) if s[0] == "OBX" and s[3].startswith("10230-1^")]
+    assert len(lvef) == 1
+    assert lvef[0][2] == "CWE" and lvef[0][5].startswith("LVEF_30_40^LVEF 30-40 % (moderately reduced)^ECGBRIDGE")
+    assert lvef[0][8] == "L"
+    lines = er7.split("\r")
+    at = next(i for i, line in enumerate(lines) if line.startswith("OBX|") and "|10230-1^" in line)
+    notes = [line.split("|")[3] for line in lines[at + 1:] if line.startswith("NTE|")][:6]
+    assert "NOT FOR CLINICAL USE" in notes[0]
+    assert any("NT-proBNP 2400 pg/mL (EHR)" in n for n in notes)
+    # no "EKG impression" OBX for an LVEF tier; its four tier probabilities are NM OBX
+    impressions = [s for s in obx_by_type(er7, "CWE") if s[3].startswith("8601-7^")]
+    assert all("LVEF" not in s[5] for s in impressions)
+    assert len([s for s in obx_by_type(er7, "NM") if s[3].startswith("LVEF_")]) == 4

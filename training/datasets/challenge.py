@@ -19,7 +19,8 @@ The ``HR`` records are PTB-XL recordings: they may be the very records (or the
 patients) of the PTB-XL data a model was trained on. ``ptbxl_overlap`` looks
 each one up by ecg_id in a PTB-XL ``ptbxl_database.csv`` and returns its fold.
 
-SNOMED CT -> PTB-XL superclass (``SNOMED_TO_SUPERCLASS``). PTB-XL's superclasses
+SNOMED CT -> PTB-XL superclass (``SNOMED_TO_SUPERCLASS``, kept in ``mapping.codes`` with
+the severity-tier table of the same codes and re-exported here). PTB-XL's superclasses
 come from its diagnostic SCP statements; each challenge code is mapped to the
 superclass of the PTB-XL statement it corresponds to (the analogue is given in
 the table). Codes that describe rhythm or ectopy only, or that PTB-XL treats as a
@@ -56,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 from inference.preprocess import DEFAULT_SPEC, Pipeline
+from mapping.codes import SNOMED_TO_SUPERCLASS
 from mapping.ecg import STANDARD_LEADS
 
 from .ptbxl import SUPERCLASSES, Transform, read_signal
@@ -74,64 +76,6 @@ __all__ = [
     "load_challenge",
     "ptbxl_overlap",
 ]
-
-#: SNOMED CT id -> (PTB-XL superclass, challenge description, PTB-XL analogue).
-SNOMED_TO_SUPERCLASS: dict[str, tuple[str, str, str]] = {
-    # MI
-    "164865005": ("MI", "myocardial infarction", "IMI/AMI/... (MI)"),
-    "164867002": ("MI", "old myocardial infarction", "MI statements"),
-    "54329005": ("MI", "anterior myocardial infarction", "AMI"),
-    "57054005": ("MI", "acute myocardial infarction", "INJ* / MI statements"),
-    # STTC
-    "428750005": ("STTC", "nonspecific ST-T abnormality", "NDT / NST_"),
-    "164934002": ("STTC", "T wave abnormal", "NDT"),
-    "59931005": ("STTC", "T wave inversion", "NDT"),
-    "55930002": ("STTC", "ST changes", "NST_"),
-    "429622005": ("STTC", "ST depression", "NST_ / ISC_"),
-    "164931005": ("STTC", "ST elevation", "NST_"),
-    "164930006": ("STTC", "ST interval abnormal", "NST_"),
-    "111975006": ("STTC", "prolonged QT interval", "LNGQT"),
-    "164861001": ("STTC", "myocardial ischemia", "ISC_"),
-    "413444003": ("STTC", "acute myocardial ischemia", "ISC_"),
-    "413844008": ("STTC", "chronic myocardial ischemia", "ISC_"),
-    "426434006": ("STTC", "anterior ischemia", "ISCAN"),
-    "425419005": ("STTC", "inferior ischaemia", "ISCIN"),
-    "425623009": ("STTC", "lateral ischaemia", "ISCLA"),
-    "704997005": ("STTC", "inferior ST segment depression", "ISCIN"),
-    # CD
-    "270492004": ("CD", "1st degree AV block", "1AVB"),
-    "164947007": ("CD", "prolonged PR interval", "1AVB"),
-    "195042002": ("CD", "2nd degree AV block", "2AVB"),
-    "54016002": ("CD", "Mobitz I AV block", "2AVB"),
-    "28189009": ("CD", "Mobitz II AV block", "2AVB"),
-    "164903001": ("CD", "2:1 AV block", "2AVB"),
-    "233917008": ("CD", "AV block", "_AVB"),
-    "27885002": ("CD", "complete heart block", "3AVB"),
-    "713427006": ("CD", "complete right bundle branch block", "CRBBB"),
-    "59118001": ("CD", "right bundle branch block", "CRBBB"),
-    "713426002": ("CD", "incomplete right bundle branch block", "IRBBB"),
-    "164909002": ("CD", "left bundle branch block", "CLBBB"),
-    "733534002": ("CD", "complete left bundle branch block", "CLBBB"),
-    "251120003": ("CD", "incomplete left bundle branch block", "ILBBB"),
-    "6374002": ("CD", "bundle branch block", "CRBBB/CLBBB"),
-    "445118002": ("CD", "left anterior fascicular block", "LAFB"),
-    "445211001": ("CD", "left posterior fascicular block", "LPFB"),
-    "698252002": ("CD", "nonspecific intraventricular conduction disorder", "IVCD"),
-    "82226007": ("CD", "diffuse intraventricular block", "IVCD"),
-    "74390002": ("CD", "Wolff-Parkinson-White pattern", "WPW"),
-    "195060002": ("CD", "ventricular pre-excitation", "WPW"),
-    # HYP
-    "164873001": ("HYP", "left ventricular hypertrophy", "LVH"),
-    "370365005": ("HYP", "left ventricular strain", "LVH"),
-    "89792004": ("HYP", "right ventricular hypertrophy", "RVH"),
-    "266249003": ("HYP", "ventricular hypertrophy", "LVH/RVH"),
-    "67741000119109": ("HYP", "left atrial enlargement", "LAO/LAE"),
-    "253352002": ("HYP", "left atrial abnormality", "LAO/LAE"),
-    "446813000": ("HYP", "left atrial hypertrophy", "LAO/LAE"),
-    "253339007": ("HYP", "right atrial abnormality", "RAO/RAE"),
-    "446358003": ("HYP", "right atrial hypertrophy", "RAO/RAE"),
-    "195126007": ("HYP", "atrial hypertrophy", "LAO/LAE / RAO/RAE"),
-}
 
 #: Sinus rhythms (PTB-XL SR / SBRAD / STACH / SARRH): a NORM record needs one of them.
 SINUS_RHYTHMS: dict[str, str] = {
@@ -289,8 +233,14 @@ def load_challenge(
     *,
     transform: Transform | None = None,
     sources: tuple[str, ...] | None = None,
+    require_superclass: bool = True,
 ) -> ChallengeData:
-    """Every challenge record under ``data_dir`` (recursively) with at least one superclass."""
+    """Every challenge record under ``data_dir`` (recursively) with at least one superclass.
+
+    ``require_superclass=False`` keeps the records without one too (their ``y`` row is all
+    zeros; nothing is ``excluded``): label schemes other than the superclasses (severity
+    tiers, ``training.triage``) derive their own labels from ``dx``.
+    """
     data_dir = Path(data_dir)
     headers = sorted(data_dir.rglob("*.hea"))
     if not headers:
@@ -317,7 +267,7 @@ def load_challenge(
             if code not in SNOMED_TO_SUPERCLASS and code not in NORM_COMPATIBLE:
                 unmapped[code] += 1
         labels = superclasses_from_snomed(header.dx)
-        if not labels:
+        if not labels and require_superclass:
             excluded.append(header.name)
             excluded_sources.append(source)
             continue

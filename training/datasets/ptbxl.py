@@ -69,6 +69,8 @@ class PtbxlData:
     classes: tuple[str, ...] = SUPERCLASSES
     fs: float = 100.0
     info: dict[str, object] = field(default_factory=dict)
+    #: per record, PTB-XL's ``{SCP statement: likelihood}`` (for other label schemes, ``training.triage``)
+    scp_codes: tuple[dict[str, float], ...] = ()
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -129,8 +131,13 @@ def load_ptbxl(
     sampling_rate: int = 100,
     transform: Transform | None = None,
     limit: int | None = None,
+    require_superclass: bool = True,
 ) -> PtbxlData:
     """Labelled records of ``folds``, preprocessed by ``transform`` (default: DEFAULT_SPEC).
+
+    ``require_superclass=False`` keeps the records without a diagnostic superclass too
+    (all-zero ``y`` row; ``n_unlabelled`` is then 0): for label schemes built from
+    ``scp_codes`` (fine statements, severity tiers).
 
     ``sampling_rate`` picks ``records100`` (filename_lr) or ``records500`` (filename_hr);
     the pipeline resamples either to the model's rate. ``limit`` keeps the first N
@@ -144,7 +151,7 @@ def load_ptbxl(
     column = "filename_lr" if sampling_rate == 100 else "filename_hr"
     rows = meta[meta["strat_fold"].isin(list(folds))].sort_index()
     labels = rows["scp_codes"].apply(lambda codes: superclasses_of(codes, diagnostic_map))
-    labelled = rows[labels.apply(len) > 0]
+    labelled = rows[labels.apply(len) > 0] if require_superclass else rows
     n_unlabelled = int(len(rows) - len(labelled))
     if labelled[column].isna().any():
         raise ValueError(f"{int(labelled[column].isna().sum())} records have no {column}; try another --sampling-rate")
@@ -166,6 +173,7 @@ def load_ptbxl(
         folds=labelled["strat_fold"].to_numpy(dtype=np.int64),
         n_unlabelled=n_unlabelled,
         info={"data_dir": str(data_dir), "sampling_rate": sampling_rate, "folds": list(folds)},
+        scp_codes=tuple(dict(codes) for codes in labelled["scp_codes"]),
     )
 
 
