@@ -23,6 +23,7 @@ from ecgbridge.errors import ModelError
 from mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
 
 from .preprocess import Pipeline
+from .triage import severity_extra
 
 __all__ = ["SHIPPED_DIR", "Manifest", "ModelClass", "LoadedModel", "ModelRegistry", "prepare_input", "load_manifest"]
 
@@ -146,7 +147,9 @@ class LoadedModel:
 
         When the model has a ``cams`` output, ``extra["cam_peak_s"]`` gives per
         class the time (seconds from the start of the model input) at the centre
-        of the CAM's highest step; the maps themselves come from ``explain``.
+        of the CAM's highest step; the maps themselves come from ``explain``. For a
+        triage model (task ``triage``) ``extra["severity"]`` gives the tier
+        (``inference.triage.severity_extra``).
         """
         x = prepare_input(ecg, self.manifest)
         out = self.predict(x[None])
@@ -175,6 +178,8 @@ class LoadedModel:
             }
         if self.manifest.calibration:
             extra["calibrated"] = True
+        if self.manifest.task == "triage":  # cumulative outputs -> one severity tier (inference.triage)
+            extra.update(severity_extra(findings))
         return ModelOutput(
             model=self.manifest.name,
             version=self.manifest.version,
@@ -236,6 +241,10 @@ class ModelRegistry:
                     continue
         found.update(self._paths)
         return found
+
+    def configured_path(self, name: str) -> Path | None:
+        """The directory the configuration gives for ``name`` (``models[].path``), if any."""
+        return self._paths.get(name)
 
     def get(self, name: str) -> LoadedModel:
         with self._lock:
