@@ -23,12 +23,16 @@ from __future__ import annotations
 import logging
 
 from mapping.ecg import AnalysisResult, Ecg, ModelOutput
+from mapping.ehr_context import EhrContext
 
 from .features import FEATURES_VERSION, MEASUREMENTS_MODEL, measure
 from .models import ModelRegistry
 from .quality import assess, cap_for_quality
 
-__all__ = ["MEASUREMENTS_FAILED", "analyse_ecg", "measurement_output"]
+__all__ = ["LVEF_MODEL", "MEASUREMENTS_FAILED", "analyse_ecg", "lvef_output", "measurement_output"]
+
+#: The configured model name that selects the LVEF tier model (:mod:`inference.lvef`).
+LVEF_MODEL = "lvef"
 
 #: Quality flag when the measurements could not be made (the models' results still stand).
 MEASUREMENTS_FAILED = "measurements_failed"
@@ -48,14 +52,60 @@ def measurement_output(ecg: Ecg) -> ModelOutput:
     )
 
 
-def analyse_ecg(ecg: Ecg, registry: ModelRegistry, model_names: list[str], *, message_id: str = "") -> AnalysisResult:
+def analyse_ecg(
+    ecg: Ecg,
+    registry: ModelRegistry,
+    model_names: list[str],
+    *,
+    message_id: str = "",
+    ehr: EhrContext | None = None,
+) -> AnalysisResult:
+    """Every requested model on ``ecg``; ``ehr`` is the patient context the LVEF model reads.
+
+    The LVEF model (name ``lvef``) runs last: it reads the measurements and the
+    diagnosis model's probabilities, so it needs them computed first.
+    """
     report = assess(ecg)
     flags = report.flags
     # A poor-quality ECG never gets a "high" tier or a "normal" call from noise alone.
-    outputs = [cap_for_quality(registry.get(name).run(ecg), report) for name in model_names]
+    outputs = [cap_for_quality(registry.get(name).run(ecg), report) for name in model_names if name != LVEF_MODEL]
+    features: dict | None = None
     try:
-        outputs.append(measurement_output(ecg))
+        measured = measurement_output(ecg)
+        outputs.append(measured)
+        features = measured.extra["features"]
     except Exception as exc:  # noqa: BLE001 - measurements are optional; the models' results stand
         log.warning("measurements failed for message %s: %s: %s", message_id or "-", type(exc).__name__, exc)
         flags = (*flags, MEASUREMENTS_FAILED)
+    if LVEF_MODEL in model_names:
+        outputs.append(lvef_output(registry, features, outputs, ehr, flags))
     return AnalysisResult(message_id=message_id, outputs=tuple(outputs), quality_flags=flags, ecg_flags=ecg.flags)
+
+
+def lvef_output(
+    registry: ModelRegistry,
+    features: dict | None,
+    outputs: list[ModelOutput],
+    ehr: EhrContext | None,
+    quality_flags: tuple[str, ...] = (),
+) -> ModelOutput:
+    """The LVEF tier from the measurements, the diagnosis probabilities and the EHR context.
+
+    ``ehr`` None means the route names no EHR source: the ECG-only variant runs and the
+    result says so. A poor-quality ECG is said to be one in ``missing_context``: its
+    features may be wrong, and the reader must know.
+    """
+    from .lvef import LvefModel
+
+    model = LvefModel.load(registry.configured_path(LVEF_MODEL))
+    diagnosis = next((o for o in outputs if o.task == "diagnosis"), None)
+    context = ehr if ehr is not None else EhrContext.missing(
+        "not_configured", "the route names no EHR source (ehr_context)")
+    out = model.predict(features or {}, diagnosis, context)
+    notes = list(out.extra.get("missing_context") or [])
+    if features is None:
+        notes.insert(0, "the ECG measurements could not be made: every ECG feature is missing")
+    if "poor_quality" in quality_flags:
+        notes.insert(0, "poor signal quality: the ECG features may be unreliable")
+    extra = {**out.extra, "missing_context": notes, "ehr_context": context.to_dict()}
+    return ModelOutput(model=out.model, version=out.version, task=out.task, findings=out.findings, extra=extra)

@@ -42,6 +42,10 @@ _INTERPRETATION_BY_LOWER_BOUND: tuple[tuple[float, str, str], ...] = (
 )
 
 
+#: Units under which 1 / 0 mean yes / no.
+_FLAG_UNITS = (None, "", "flag", "1/0", "yes/no")
+
+
 @dataclass(frozen=True)
 class Attribution:
     feature: str
@@ -93,13 +97,13 @@ def format_value(a: Attribution) -> str:
     value = a.value
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return f"{a.display}: not known"
-    if isinstance(value, bool) or (a.unit in (None, "", "flag") and isinstance(value, (int, float)) and value in (0, 1)):
+    if isinstance(value, bool) or (a.unit in _FLAG_UNITS and isinstance(value, (int, float)) and value in (0, 1)):
         return f"{a.display}: {'yes' if bool(value) else 'no'}"
     if isinstance(value, float):
         text = f"{value:.3g}" if abs(value) < 10 else f"{value:.0f}"
     else:
         text = str(value)
-    unit = f" {a.unit}" if a.unit and a.unit not in ("1", "flag") else ""
+    unit = f" {a.unit}" if a.unit and a.unit not in ("1", *_FLAG_UNITS) else ""
     return f"{a.display} {text}{unit}"
 
 
