@@ -146,7 +146,9 @@ def output_summary(output: ModelOutput) -> str:
         )
     else:
         found = "no finding above its threshold"
-    return f"AI ECG analysis by {output.model} {output.version} ({output.task}): {found}."
+    severity = output.extra.get("severity4_display") or output.extra.get("severity_display")
+    tier = f" Severity tier: {severity}." if severity else ""
+    return f"AI ECG analysis by {output.model} {output.version} ({output.task}): {found}.{tier}"
 
 
 @dataclass(frozen=True)

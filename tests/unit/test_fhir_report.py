@@ -324,3 +324,10 @@ def test_measurements_become_loinc_observations_in_the_report() -> None:
     hr = next(o.resource for o in b.observations if o.resource["code"]["coding"][0]["code"] == "8867-4")
     assert hr["valueQuantity"] == {"value": 71.0, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}
     assert hr["device"]["reference"] == b.devices[-1].placeholder
+
+
+def test_a_triage_output_names_its_severity_tier_in_the_conclusion() -> None:
+    f = Finding("urgent", "Urgent ECG", 0.81, 0.5, True)
+    triage = ModelOutput("triage", "0.1.0", "triage", (f,), {"severity": "urgent", "severity_display": "Urgent ECG (AI triage)"})
+    b = build(result=make_result(outputs=make_result().outputs + (triage,)))
+    assert "Severity tier: Urgent ECG (AI triage)." in b.report.resource["conclusion"]
