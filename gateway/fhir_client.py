@@ -9,6 +9,10 @@ needs no HTTP knowledge:
   :class:`FhirPermanentError` (a :class:`PermanentDeliveryError`) whose message carries
   the server's OperationOutcome summary.
 
+Reading (EHR context) adds :meth:`FhirClient.search_all`, which follows
+``Bundle.link[next]`` up to a page cap under one deadline, and :class:`SmartBackendAuth`
+(SMART Backend Services: client_credentials with a signed JWT assertion).
+
 Logs name the method, resource type and status only (logger ``ecgbridge.fhir``):
 bodies, query strings and identifiers can hold PHI and are never logged.
 """
@@ -17,10 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Generator
+from typing import Any, AsyncGenerator, Generator
 from urllib.parse import parse_qsl
 
 import httpx
@@ -32,7 +39,10 @@ from mapping.fhir_report import ReportBundle, operation_outcome_text, resolve_re
 __all__ = [
     "FHIR_JSON",
     "BearerAuth",
+    "SmartBackendAuth",
     "FhirClient",
+    "SearchResults",
+    "search_matches",
     "FhirTransientError",
     "FhirPermanentError",
     "deliver_report",
@@ -43,7 +53,7 @@ FHIR_JSON = "application/fhir+json"
 
 log = logging.getLogger("ecgbridge.fhir")
 
-Params = Mapping[str, str] | str | None
+Params = Mapping[str, str] | Sequence[tuple[str, str]] | str | None
 
 
 class FhirTransientError(TransientDeliveryError):
@@ -145,7 +155,9 @@ def _params(params: Params) -> list[tuple[str, str]]:
         return []
     if isinstance(params, str):
         return parse_qsl(params.lstrip("?"), keep_blank_values=True)
-    return list(params.items())
+    if isinstance(params, Mapping):
+        return list(params.items())
+    return list(params)  # repeated parameters (date=ge..&date=le..) as pairs
 
 
 class FhirClient:
@@ -155,11 +167,13 @@ class FhirClient:
         self,
         base_url: str,
         *,
-        auth: BearerAuth | None = None,
+        auth: httpx.Auth | None = None,
         timeout_s: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
+        self.timeout_s = timeout_s
+        self._auth = auth
         self._http = httpx.Client(
             base_url=self.base_url,
             auth=auth,
@@ -172,6 +186,9 @@ class FhirClient:
     # -- lifecycle
     def close(self) -> None:
         self._http.close()
+        closer = getattr(self._auth, "close", None)  # SmartBackendAuth keeps its own connection
+        if callable(closer):
+            closer()
 
     def __enter__(self) -> "FhirClient":
         return self
@@ -189,15 +206,17 @@ class FhirClient:
         json: Mapping[str, Any] | None = None,
         params: Params = None,
         headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> httpx.Response:
         """Send one request; raise the classified delivery error for any failure."""
         send_headers = dict(headers or {})
         if json is not None:
             send_headers["Content-Type"] = FHIR_JSON
         what = f"FHIR {method} {resource_type}"
+        extra: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
         try:
             response = self._http.request(
-                method, path, json=json, params=_params(params) or None, headers=send_headers
+                method, path, json=json, params=_params(params) or None, headers=send_headers, **extra
             )
         except httpx.TimeoutException as exc:
             log.debug("%s -> timeout", what)
@@ -233,26 +252,80 @@ class FhirClient:
         response = self._request("GET", resource_type, f"{resource_type}/{resource_id}")
         return self._resource_body(response, f"FHIR GET {resource_type}")
 
-    def search(self, resource_type: str, params: Params = None) -> dict[str, Any]:
+    def search(self, resource_type: str, params: Params = None, *, timeout_s: float | None = None) -> dict[str, Any]:
         """GET ``Type?params``; returns the searchset Bundle."""
-        response = self._request("GET", resource_type, resource_type, params=params)
+        return self._search_page(resource_type, resource_type, params, timeout_s)
+
+    def _search_page(self, resource_type: str, path: str, params: Params, timeout_s: float | None) -> dict[str, Any]:
+        response = self._request("GET", resource_type, path, params=params, timeout_s=timeout_s)
         body = self._resource_body(response, f"FHIR search {resource_type}")
         if body.get("resourceType") != "Bundle":
             raise FhirPermanentError(f"FHIR search {resource_type}: answer is not a Bundle",
                                      status=response.status_code)
         return body
 
+    def search_all(
+        self,
+        resource_type: str,
+        params: Params = None,
+        max_pages: int = 20,
+        *,
+        deadline: float | None = None,
+        retries: int = 0,
+    ) -> "SearchResults":
+        """Every match of a search, following ``link[next]``, at most ``max_pages`` pages.
+
+        Iterate the result for the resources; afterwards ``truncated`` says whether
+        pages were left unread (cap reached, or a next link outside ``base_url``, which is
+        not followed so a token never leaves this server). ``deadline`` is a
+        ``time.monotonic()`` instant no request may outlast; transient failures are
+        retried ``retries`` times within it.
+        """
+        return SearchResults(self, resource_type, params, max_pages, deadline, retries)
+
+    def request_timeout(self, deadline: float | None, what: str) -> float | None:
+        """The per-request timeout left before ``deadline`` (raises transient when none is)."""
+        if deadline is None:
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0.01:
+            raise FhirTransientError(f"{what}: the overall time limit was reached")
+        return min(self.timeout_s, remaining)
+
+    def search_page(
+        self,
+        resource_type: str,
+        params: Params = None,
+        *,
+        url: str | None = None,
+        deadline: float | None = None,
+        retries: int = 0,
+    ) -> dict[str, Any]:
+        """One searchset page (``url``: a next link), retrying transient failures."""
+        path = url or resource_type
+        attempt = 0
+        while True:
+            timeout_s = self.request_timeout(deadline, f"FHIR search {resource_type}")
+            try:
+                return self._search_page(resource_type, path, None if url else params, timeout_s)
+            except FhirTransientError as exc:
+                if attempt >= retries:
+                    raise
+                attempt += 1
+                pause = min(exc.retry_after_s if exc.retry_after_s is not None else 0.2 * 2 ** (attempt - 1), 2.0)
+                if deadline is not None and time.monotonic() + pause >= deadline:
+                    raise
+                log.debug("FHIR search %s: retry %d after %s", resource_type, attempt, exc.status or "error")
+                time.sleep(pause)
+
+    def same_server(self, url: str) -> bool:
+        """Whether ``url`` lies under this client's base URL (scheme, host, port and path)."""
+        return url.startswith(self.base_url) or url.rstrip("/") + "/" == self.base_url
+
     def find_one(self, resource_type: str, params: Params = None) -> dict[str, Any] | None:
         """The single match of a search, ``None`` for none; several is an error."""
         bundle = self.search(resource_type, params)
-        matches = [
-            e["resource"]
-            for e in bundle.get("entry") or []
-            if isinstance(e, dict)
-            and isinstance(e.get("resource"), dict)
-            and e["resource"].get("resourceType") == resource_type
-            and (e.get("search") or {}).get("mode", "match") == "match"
-        ]
+        matches = search_matches(bundle, resource_type)
         if len(matches) > 1:
             raise FhirPermanentError(
                 f"FHIR search {resource_type}: {len(matches)} matches where one was expected"
@@ -314,6 +387,238 @@ class FhirClient:
         response = self._request("PUT", rtype, f"{rtype}/{rid}", json=resource)
         body = _json_or_none(response)
         return body if body is not None else dict(resource)
+
+
+def search_matches(bundle: Mapping[str, Any], resource_type: str) -> list[dict[str, Any]]:
+    """The ``search.mode=match`` resources of ``resource_type`` in a searchset (no includes, no outcomes)."""
+    return [
+        e["resource"]
+        for e in bundle.get("entry") or []
+        if isinstance(e, dict)
+        and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") == resource_type
+        and (e.get("search") or {}).get("mode", "match") == "match"
+    ]
+
+
+class SearchResults:
+    """Lazily paged search matches; ``pages``, ``truncated`` and ``total`` fill in as it runs."""
+
+    def __init__(self, client: FhirClient, resource_type: str, params: Params, max_pages: int,
+                 deadline: float | None, retries: int) -> None:
+        if max_pages < 1:
+            raise ValueError("max_pages must be at least 1")
+        self._client = client
+        self.resource_type = resource_type
+        self._params = params
+        self.max_pages = max_pages
+        self._deadline = deadline
+        self._retries = retries
+        self.pages = 0
+        self.count = 0
+        self.total: int | None = None
+        #: Pages were left unread; ``why`` says why (page cap, foreign next link).
+        self.truncated = False
+        self.why: str | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        url: str | None = None
+        while True:
+            bundle = self._client.search_page(self.resource_type, self._params, url=url,
+                                              deadline=self._deadline, retries=self._retries)
+            self.pages += 1
+            if self.pages == 1 and isinstance(bundle.get("total"), int):
+                self.total = bundle["total"]
+            for resource in search_matches(bundle, self.resource_type):
+                self.count += 1
+                yield resource
+            url = _next_link(bundle)
+            if url is None:
+                return
+            if self.pages >= self.max_pages:
+                self._stop(f"stopped after {self.pages} page(s), the configured maximum")
+                return
+            if not self._client.same_server(url):
+                self._stop("the next-page link points outside the server's base URL; not followed")
+                return
+
+    def _stop(self, why: str) -> None:
+        self.truncated, self.why = True, why
+        log.info("FHIR search %s: %s (%d resources read)", self.resource_type, why, self.count)
+
+
+def _next_link(bundle: Mapping[str, Any]) -> str | None:
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            return link["url"]
+    return None
+
+
+_JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+class SmartBackendAuth(httpx.Auth):
+    """SMART Backend Services: a client_credentials token got with a signed JWT assertion.
+
+    The assertion (iss = sub = client id, aud = token URL, exp within 5 minutes, unique
+    jti, ``kid`` header) is signed RS384 (RSA key) or ES384 (EC P-384 key). The token is
+    cached until shortly before ``expires_in`` and fetched again once when the FHIR server
+    answers 401 (revoked or expired early). With no ``token_url`` it is discovered from
+    ``{fhir_base_url}/.well-known/smart-configuration``. Token endpoint failures raise
+    :class:`FhirPermanentError` (4xx: the registration or key is wrong) or
+    :class:`FhirTransientError` (unreachable, 5xx).
+    """
+
+    requires_response_body = False
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        private_key_pem: bytes,
+        key_id: str,
+        scope: str,
+        token_url: str | None = None,
+        fhir_base_url: str | None = None,
+        timeout_s: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        import jwt  # noqa: F401  (fail here, at configuration time, when PyJWT is missing)
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        if token_url is None and fhir_base_url is None:
+            raise ValueError("SMART backend auth needs token_url or fhir_base_url (for discovery)")
+        key = load_pem_private_key(private_key_pem, password=None)
+        if isinstance(key, rsa.RSAPrivateKey):
+            self.algorithm = "RS384"
+        elif isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
+            self.algorithm = "ES384"
+        else:
+            raise ValueError("the SMART private key must be RSA (RS384) or EC P-384 (ES384)")
+        self._key = key
+        self.client_id = client_id
+        self.key_id = key_id
+        self.scope = scope
+        self.token_url = token_url
+        self._fhir_base = fhir_base_url.rstrip("/") if fhir_base_url else None
+        self._http = httpx.Client(timeout=timeout_s, transport=transport, follow_redirects=False)
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._renew_at = 0.0
+        #: Tokens fetched so far (for metrics and tests).
+        self.tokens_fetched = 0
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __repr__(self) -> str:
+        return f"SmartBackendAuth(client_id={self.client_id!r}, alg={self.algorithm}, token=***)"
+
+    # -- the flow
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        timeout = request.extensions.get("timeout")
+        token = self.access_token(timeout)
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code == 401:
+            log.debug("FHIR answered 401 with a cached SMART token; fetching a new one")
+            self.invalidate(token)
+            request.headers["Authorization"] = f"Bearer {self.access_token(timeout)}"
+            yield request
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        raise NotImplementedError("SmartBackendAuth is for the synchronous httpx.Client")
+        yield request  # pragma: no cover
+
+    def invalidate(self, token: str | None = None) -> None:
+        with self._lock:
+            if token is None or token == self._token:
+                self._token, self._renew_at = None, 0.0
+
+    def access_token(self, timeout: Any = None) -> str:
+        """The cached token, or a new one from the token endpoint."""
+        with self._lock:
+            if self._token is not None and time.monotonic() < self._renew_at:
+                return self._token
+            token, expires_in = self._fetch(_as_timeout(timeout))
+            self._token = token
+            self._renew_at = time.monotonic() + expires_in - min(30.0, expires_in * 0.1)
+            self.tokens_fetched += 1
+            return token
+
+    # -- helpers
+    def client_assertion(self, token_url: str) -> str:
+        import jwt
+
+        now = int(time.time())
+        claims = {"iss": self.client_id, "sub": self.client_id, "aud": token_url,
+                  "iat": now, "exp": now + 240, "jti": uuid.uuid4().hex}
+        return jwt.encode(claims, self._key, algorithm=self.algorithm,  # type: ignore[arg-type]
+                          headers={"kid": self.key_id, "typ": "JWT"})
+
+    def _discover(self, timeout: httpx.Timeout | None) -> str:
+        if self.token_url:
+            return self.token_url
+        url = f"{self._fhir_base}/.well-known/smart-configuration"
+        response = self._post_or_get("GET", url, "SMART configuration", timeout)
+        body = _json_or_none(response)
+        endpoint = body.get("token_endpoint") if body else None
+        if response.status_code != 200 or not isinstance(endpoint, str):
+            raise FhirPermanentError(
+                f"SMART configuration -> {response.status_code}: no token_endpoint in "
+                ".well-known/smart-configuration (set token_url)", status=response.status_code)
+        self.token_url = endpoint
+        return endpoint
+
+    def _fetch(self, timeout: httpx.Timeout | None) -> tuple[str, float]:
+        token_url = self._discover(timeout)
+        form = {
+            "grant_type": "client_credentials",
+            "scope": self.scope,
+            "client_assertion_type": _JWT_BEARER,
+            "client_assertion": self.client_assertion(token_url),
+        }
+        response = self._post_or_get("POST", token_url, "SMART token endpoint", timeout, form)
+        body = _json_or_none(response) or {}
+        status = response.status_code
+        if status != 200:
+            error = str(body.get("error") or response.reason_phrase or "no details")[:80]
+            description = str(body.get("error_description") or "")[:200]
+            message = f"SMART token endpoint -> {status}: {error}" + (f": {description}" if description else "")
+            log.debug("SMART token endpoint -> %d (%s)", status, error)
+            if status in (408, 429) or status >= 500:
+                raise FhirTransientError(message, status=status)
+            raise FhirPermanentError(message, status=status)
+        token = body.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise FhirPermanentError("SMART token endpoint -> 200 without an access_token", status=status)
+        expires_in = body.get("expires_in")
+        seconds = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 300.0
+        log.debug("SMART token endpoint -> 200 (expires in %.0fs)", seconds)
+        return token, seconds
+
+    def _post_or_get(self, method: str, url: str, what: str, timeout: httpx.Timeout | None,
+                     form: Mapping[str, str] | None = None) -> httpx.Response:
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        try:
+            return self._http.request(method, url, data=form, headers={"Accept": "application/json"}, **extra)
+        except httpx.TimeoutException as exc:
+            raise FhirTransientError(f"{what}: timed out", detail=type(exc).__name__) from exc
+        except httpx.TransportError as exc:
+            raise FhirTransientError(f"{what}: connection failed ({type(exc).__name__})", detail=str(exc)) from exc
+
+
+def _as_timeout(value: Any) -> httpx.Timeout | None:
+    """The FHIR request's own timeout (httpx keeps it in ``request.extensions``), for the token call."""
+    if isinstance(value, httpx.Timeout):
+        return value
+    if isinstance(value, dict):
+        try:
+            return httpx.Timeout(**value)
+        except TypeError:
+            return None
+    return None
 
 
 def deliver_report(client: FhirClient, bundle: ReportBundle) -> str:

@@ -237,3 +237,130 @@ def test_deliver_report_is_idempotent() -> None:
     assert prov["target"][0] == {"reference": ref}
     assert prov["agent"][0]["who"]["reference"] == device_ref
     assert "urn:uuid:" not in json.dumps(server.store)
+
+
+# ----- paging search and SMART Backend Services (transport faked only) -------------
+
+def _page(ids: list[str], next_url: str | None) -> dict[str, Any]:
+    links = [{"relation": "self", "url": f"{BASE}/Observation"}]
+    if next_url:
+        links.append({"relation": "next", "url": next_url})
+    return {"resourceType": "Bundle", "type": "searchset", "total": 5, "link": links,
+            "entry": [{"resource": {**OBS, "id": i}, "search": {"mode": "match"}} for i in ids]
+            + [{"resource": {"resourceType": "OperationOutcome"}, "search": {"mode": "outcome"}}]}
+
+
+def _pager(pages: dict[str, dict[str, Any]], seen: list[str]) -> Callable[[httpx.Request], httpx.Response]:
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(str(req.url))
+        offset = dict(parse_qsl(req.url.query.decode())).get("_offset", "0")
+        return httpx.Response(200, json=pages[offset])
+    return handler
+
+
+PAGES = {"0": _page(["1", "2"], f"{BASE}/Observation?_count=2&_offset=2"),
+         "2": _page(["3", "4"], f"{BASE}/Observation?_count=2&_offset=4"),
+         "4": _page(["5"], None)}
+
+
+def test_search_all_follows_next_links() -> None:
+    seen: list[str] = []
+    results = client(_pager(PAGES, seen)).search_all("Observation", [("code", "a"), ("code", "b")], max_pages=10)
+    assert [r["id"] for r in results] == ["1", "2", "3", "4", "5"]
+    assert (results.pages, results.total, results.truncated) == (3, 5, False)
+    assert seen[0] == f"{BASE}/Observation?code=a&code=b"  # repeated parameters kept
+    assert seen[1] == f"{BASE}/Observation?_count=2&_offset=2"
+
+
+def test_search_all_stops_at_the_page_cap_and_says_so() -> None:
+    results = client(_pager(PAGES, [])).search_all("Observation", None, max_pages=2)
+    assert [r["id"] for r in results] == ["1", "2", "3", "4"]
+    assert results.truncated and "2 page(s)" in (results.why or "")
+
+
+def test_search_all_refuses_a_next_link_to_another_server() -> None:
+    pages = {"0": _page(["1"], "https://elsewhere.example/fhir/R4/Observation?_offset=1")}
+    seen: list[str] = []
+    results = client(_pager(pages, seen), auth=BearerAuth("s3cret")).search_all("Observation", None)
+    assert [r["id"] for r in results] == ["1"] and len(seen) == 1
+    assert results.truncated and "outside" in (results.why or "")
+
+
+def test_search_page_retries_transient_errors_within_the_deadline() -> None:
+    import time
+
+    answers = iter([httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"}),
+                    httpx.Response(200, json=_page(["1"], None))])
+    c = client(lambda r: next(answers))
+    assert c.search_page("Observation", retries=2)["entry"][0]["resource"]["id"] == "1"
+    with pytest.raises(TransientDeliveryError):
+        client(lambda r: httpx.Response(503)).search_page("Observation", retries=1)
+    with pytest.raises(TransientDeliveryError) as info:
+        c.search_page("Observation", deadline=time.monotonic() - 1)
+    assert "time limit" in str(info.value)
+
+
+def _rsa_pem() -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, public
+
+
+def test_smart_backend_auth_assertion_cache_and_401_refresh() -> None:
+    import jwt
+
+    from gateway.fhir_client import SmartBackendAuth
+
+    private, public = _rsa_pem()
+    token_url = "https://auth.example/token"
+    issued: list[dict[str, Any]] = []
+    fhir_calls: list[str] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if str(req.url) == token_url:
+            form = dict(parse_qsl(req.content.decode()))
+            assert form["grant_type"] == "client_credentials" and form["scope"] == "system/Patient.rs"
+            assert jwt.get_unverified_header(form["client_assertion"])["kid"] == "k1"
+            claims = jwt.decode(form["client_assertion"], public, algorithms=["RS384"], audience=token_url)
+            issued.append(claims)
+            return httpx.Response(200, json={"access_token": f"t{len(issued)}", "expires_in": 600})
+        fhir_calls.append(req.headers["Authorization"])
+        if req.headers["Authorization"] == "Bearer t1" and len(fhir_calls) > 2:
+            return httpx.Response(401)  # t1 revoked after two calls
+        return httpx.Response(200, json=_page([], None))
+
+    transport = httpx.MockTransport(handler)
+    auth = SmartBackendAuth(client_id="c", private_key_pem=private, key_id="k1", scope="system/Patient.rs",
+                            token_url=token_url, transport=transport)
+    c = FhirClient(BASE, auth=auth, transport=transport)
+    for _ in range(3):
+        c.search("Patient")
+    assert fhir_calls == ["Bearer t1", "Bearer t1", "Bearer t1", "Bearer t2"]
+    assert len(issued) == 2 and issued[0]["jti"] != issued[1]["jti"]
+    assert issued[0]["iss"] == issued[0]["sub"] == "c" and 0 < issued[0]["exp"] - issued[0]["iat"] <= 300
+    assert auth.algorithm == "RS384" and "t1" not in repr(auth) and "t2" not in repr(auth)
+
+
+def test_smart_backend_auth_token_errors_and_key_types() -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from gateway.fhir_client import SmartBackendAuth
+
+    private, _ = _rsa_pem()
+    refuse = httpx.MockTransport(lambda r: httpx.Response(400, json={"error": "invalid_scope",
+                                                                     "error_description": "no such scope"}))
+    auth = SmartBackendAuth(client_id="c", private_key_pem=private, key_id="k", scope="s",
+                            token_url="https://a/token", transport=refuse)
+    with pytest.raises(PermanentDeliveryError) as info:
+        FhirClient(BASE, auth=auth, transport=refuse).search("Patient")
+    assert str(info.value) == "SMART token endpoint -> 400: invalid_scope: no such scope"
+    p256 = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    with pytest.raises(ValueError, match="P-384"):
+        SmartBackendAuth(client_id="c", private_key_pem=p256, key_id="k", scope="s", token_url="https://a/t")

@@ -79,3 +79,61 @@ def test_relative_data_dir_is_relative_to_the_config_file(tmp_path, monkeypatch)
     path = tmp_path / "site.yaml"
     path.write_text("data_dir: ./d\n")
     assert load_settings(path).data_dir == (tmp_path / "d").resolve()
+
+
+EHR_YAML = """\
+ehr:
+  - name: epic
+    base_url: https://ehr.example.org/fhir/R4/
+    auth:
+      type: smart-backend
+      client_id: ecgbridge
+      private_key_file: keys/ecgbridge.pem
+      key_id: k1
+    total_timeout_s: 20
+routes:
+  - name: r
+    ehr_context: epic
+"""
+
+
+def test_ehr_sources_and_route_reference(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text(EHR_YAML)
+    s = load_settings(path)
+    src = s.ehr_source("epic")
+    assert src.base_url == "https://ehr.example.org/fhir/R4"
+    assert (src.timeout_s, src.total_timeout_s, src.retries) == (5.0, 20.0, 2)
+    assert (src.observation_window_days, src.max_observation_pages, src.fetch_medications) == (365, 20, True)
+    assert src.patient_identifier_system == "urn:ecgbridge:patient-id"
+    assert src.auth.private_key_file == (tmp_path / "keys" / "ecgbridge.pem").resolve()
+    assert src.auth.token_url is None and src.auth.smart_scope.startswith("system/Patient.rs ")
+    assert s.routes[0].ehr_context == "epic"
+    assert load_settings().ehr == [] and load_settings().routes[0].ehr_context is None
+
+
+def test_route_naming_an_unknown_ehr_source(tmp_path):
+    problems = _problems(tmp_path, EHR_YAML.replace("ehr_context: epic", "ehr_context: cerner"))
+    assert any(":12: routes[0].ehr_context: 'cerner' is not an EHR source listed under ehr (['epic'])" in p
+               for p in problems), problems
+    problems = _problems(tmp_path, "routes:\n  - name: r\n    ehr_context: x\n")
+    assert any("routes[0].ehr_context: 'x' is not an EHR source listed under ehr ([])" in p for p in problems)
+
+
+def test_ehr_auth_and_field_checks(tmp_path):
+    problems = _problems(tmp_path, "ehr:\n  - name: e\n    base_url: ftp://x\n    auth: {type: smart-backend}\n")
+    assert any("base_url must start with http" in p for p in problems)
+    assert any("needs client_id, private_key_file, key_id" in p for p in problems)
+    problems = _problems(tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    auth: {type: bearer, client_id: c}\n")
+    assert any("needs token_env" in p or "does not use client_id" in p for p in problems)
+    problems = _problems(tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    auth: {type: saml}\n"
+                                   "    timeout_s: 30\n    total_timeout_s: 10\n    retries: -1\n")
+    assert any("ehr[0].auth.type" in p for p in problems)
+    assert any("ehr[0].retries" in p for p in problems)
+    problems = _problems(tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    timeout_s: 30\n    total_timeout_s: 10\n")
+    assert any("total_timeout_s must be at least timeout_s" in p for p in problems)
+    problems = _problems(tmp_path, "ehr:\n  - {name: e, base_url: 'http://x'}\n  - {name: e, base_url: 'http://y'}\n")
+    assert any("ehr: names must be unique" in p for p in problems)
+    problems = _problems(tmp_path, "ehr:\n  - {name: e, base_url: 'http://x', auth: {type: smart-backend, "
+                                   "client_id: c, private_key_file: k.pem, key_id: k, token_url: 'ftp://t'}}\n")
+    assert any("token_url must start with http" in p for p in problems)
