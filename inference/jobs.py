@@ -18,16 +18,18 @@ from pathlib import Path
 from ecgbridge.errors import EcgBridgeError, InputError, ModelError, PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.settings import FhirDestination, Hl7Destination, Route, Settings
 from gateway.dispatch import Dispatcher
+from gateway.ehr_fetch import EhrFetcher
 from gateway.store import MessageRow, MessageStore
 from mapping.ecg import AnalysisResult, Attachment, Ecg
+from mapping.ehr_context import EhrContext
 from mapping.readers import read_ecg_bytes
 
 from .models import ModelRegistry
-from .pipeline import analyse_ecg
+from .pipeline import LVEF_MODEL, analyse_ecg
 
 __all__ = [
     "WorkerContext", "analyse_message", "attach_explanations", "attachment_bytes", "deliver_message", "dead_letter",
-    "backoff_s",
+    "backoff_s", "ehr_context_for",
 ]
 
 log = logging.getLogger("ecgbridge.worker")
@@ -42,6 +44,8 @@ class WorkerContext:
     registry: ModelRegistry
     dispatcher: Dispatcher | None = None
     pid: int = field(default_factory=os.getpid)
+    #: One FHIR client (and SMART token) per EHR source, reused across messages.
+    ehr: EhrFetcher = field(default_factory=EhrFetcher)
 
     @classmethod
     def create(cls, settings: Settings, dispatcher: Dispatcher | None = None) -> "WorkerContext":
@@ -76,7 +80,8 @@ def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
     if store.get_result(message_id) is None:
         try:
             ecg = load_ecg(store, row)
-            result = analyse_ecg(ecg, ctx.registry, route.models, message_id=message_id)
+            ehr = ehr_context_for(ctx, route, ecg, message_id) if LVEF_MODEL in route.models else None
+            result = analyse_ecg(ecg, ctx.registry, route.models, message_id=message_id, ehr=ehr)
         except (InputError, ModelError) as exc:
             store.set_state(message_id, "failed", error=str(exc))
             store.add_event(message_id, type(exc).__name__, str(exc))
@@ -93,6 +98,29 @@ def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
         return []
     store.ensure_deliveries(message_id, route.destinations)
     return [d.destination for d in store.deliveries(message_id) if d.state == "pending"]
+
+
+def ehr_context_for(ctx: WorkerContext, route: Route, ecg: Ecg, message_id: str) -> EhrContext | None:
+    """The patient's EHR context from the route's EHR source; None when the route names none.
+
+    Never raises for EHR trouble (down, 401, slow, unknown patient): the context then says
+    what was missing and the ECG is analysed with the ECG-only LVEF variant. What happened
+    is recorded as an ``ehr_context`` event (status and problems only: no values, no PHI).
+    """
+    if route.ehr_context is None:
+        return None
+    try:
+        source = ctx.settings.ehr_source(route.ehr_context)
+    except EcgBridgeError as exc:
+        context = EhrContext.missing("unavailable", str(exc), source=route.ehr_context)
+    else:
+        context = ctx.ehr.fetch(source, ecg.patient, ecg.study.acquired_at)
+    detail = context.status + (": " + "; ".join(context.problems) if context.problems else "")
+    level = "info" if context.status == "complete" else "warning"
+    ctx.store.add_event(message_id, "ehr_context", detail[:500], level=level)
+    log.info("EHR context for message %s from %s: %s, %d values, %d problems", message_id,
+             context.source or route.ehr_context, context.status, len(context.values), len(context.problems))
+    return context
 
 
 #: (content type, title) of the rendered explanations, in the order they are attached.

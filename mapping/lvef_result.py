@@ -42,6 +42,9 @@ _INTERPRETATION_BY_LOWER_BOUND: tuple[tuple[float, str, str], ...] = (
 )
 
 
+#: UCUM codes as a reader writes them.
+_UNIT_DISPLAY = {"mm[Hg]": "mmHg", "mL/min/{1.73_m2}": "mL/min/1.73 m2", "a": "years", "kg/m2": "kg/m2"}
+
 #: Units under which 1 / 0 mean yes / no.
 _FLAG_UNITS = (None, "", "flag", "1/0", "yes/no")
 
@@ -99,11 +102,14 @@ def format_value(a: Attribution) -> str:
         return f"{a.display}: not known"
     if isinstance(value, bool) or (a.unit in _FLAG_UNITS and isinstance(value, (int, float)) and value in (0, 1)):
         return f"{a.display}: {'yes' if bool(value) else 'no'}"
+    if a.unit == "probability" and isinstance(value, (int, float)):
+        return f"{a.display} p={float(value):.2f}"
     if isinstance(value, float):
         text = f"{value:.3g}" if abs(value) < 10 else f"{value:.0f}"
     else:
         text = str(value)
-    unit = f" {a.unit}" if a.unit and a.unit not in ("1", *_FLAG_UNITS) else ""
+    shown = _UNIT_DISPLAY.get(a.unit or "", a.unit)
+    unit = f" {shown}" if shown and a.unit not in ("1", *_FLAG_UNITS) else ""
     return f"{a.display} {text}{unit}"
 
 

@@ -54,11 +54,14 @@ def test_dicom_ecg_to_one_fhir_report_even_when_sent_twice(make_stack, fhir_serv
     assert report["code"]["coding"][0]["code"] == "34534-8"
     assert report["category"][0]["coding"][0]["code"] == "EC"
     assert "NOT FOR CLINICAL USE" in report["conclusion"]
-    assert len(report["result"]) == 5
-    for ref in report["result"]:
-        obs = fhir_server.read(*ref["reference"].split("/"))
-        assert obs["resourceType"] == "Observation"
-        assert 0.0 <= obs["valueQuantity"]["value"] <= 1.0
+    observations = [fhir_server.read(*ref["reference"].split("/")) for ref in report["result"]]
+    assert all(obs["resourceType"] == "Observation" for obs in observations)
+    probabilities = [o for o in observations if o["valueQuantity"]["code"] == "1"]
+    assert len(probabilities) == 5  # one per diagnosis class
+    assert all(0.0 <= o["valueQuantity"]["value"] <= 1.0 for o in probabilities)
+    measured = {o["code"]["coding"][0]["code"]: o["valueQuantity"] for o in observations if o not in probabilities}
+    assert {"8867-4", "8633-0"} <= set(measured)  # heart rate and QRS duration, LOINC with UCUM units
+    assert measured["8867-4"]["code"] == "/min" and measured["8633-0"]["code"] == "ms"
 
     logs = stack.logs()
     assert "MRN7784512" not in logs and "Janet" not in logs, "PHI in the logs"
