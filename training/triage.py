@@ -23,7 +23,14 @@ the comparison table is printed. The ``--ship`` scheme (a tiered one) is exporte
 ``--model-dir`` (ONNX probabilities + CAMs + logits, parity-checked; manifest task
 ``triage``), re-measured through the serving path, and its ``MODEL_CARD.md`` carries the
 comparison table as printed. No calibration: a triage decision is a threshold, and the
-thresholds are chosen on fold 9.
+thresholds are chosen on fold 9 only (``training.triage_evaluate.choose_thresholds``):
+a task with at least ``--min-val-positives`` (``N_MIN_POSITIVES``, 10) fold-9 positives
+gets the best-F1 threshold with fold-9 sensitivity >= ``--min-sensitivity`` /
+``--urgent-sensitivity``; a task with fewer (fold 9 of the subset holds one urgent ECG)
+gets the fold-9 negatives' quantile for specificity >= ``--few-positives-specificity``
+(0.90), so the threshold rests on the many negatives rather than on one or two positives.
+An exported model can be re-thresholded with that rule without retraining:
+``ecgbridge evaluate triage --model DIR --data PTBXL --rethreshold``.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from .evaluate import to_jsonable
 from .export import ServingGraph, check_parity, export_onnx, parity_by_output, sha256_file, write_manifest
 from .train import ARCHS, FS_HZ, _fmt_s, _logits, _seed_everything, class_pos_weight, fit_member
 from .triage_evaluate import (
+    N_MIN_POSITIVES,
     choose_thresholds,
     evaluate_triage,
     format_tier_table,
@@ -155,6 +163,8 @@ def train_triage(
     min_positives: int = 2,
     min_sensitivity: float = 0.8,
     urgent_sensitivity: float = 0.9,
+    min_val_positives: int = N_MIN_POSITIVES,
+    few_positives_specificity: float = 0.9,
     seed: int = 0,
     threads: int = 1,
     name: str = "triage",
@@ -227,7 +237,8 @@ def train_triage(
         model = member["model"]
         w = weights_sc if scheme == "superclass" else None
         s_val = tier_scores(_probs(model, val.x), classes, scheme, weights=w)
-        chosen = choose_thresholds(lv_val, s_val, min_sensitivity=min_sensitivity, urgent_sensitivity=urgent_sensitivity)
+        chosen = choose_thresholds(lv_val, s_val, min_sensitivity=min_sensitivity, urgent_sensitivity=urgent_sensitivity,
+                                   min_positives=min_val_positives, few_positives_specificity=few_positives_specificity)
         thr = {t: c["threshold"] for t, c in chosen.items()}
         s_test = tier_scores(_probs(model, test.x), classes, scheme, weights=w)
         m_test = tier_metrics(lv_test, s_test, thr, test.patient_ids, n_bootstrap=n_bootstrap, seed=seed)
@@ -303,7 +314,8 @@ def train_triage(
             "loss": "binary cross-entropy, positive term weighted sqrt(neg/pos) per output clipped to [1, 10]",
             "augmentation": aug_config.describe() if augment_online else "none",
             "min_positives (fine)": min_positives, "min_sensitivity": min_sensitivity,
-            "urgent_sensitivity": urgent_sensitivity, "seed": seed, "threads": threads, "torch": torch.__version__,
+            "urgent_sensitivity": urgent_sensitivity, "min_val_positives": min_val_positives,
+            "few_positives_specificity": few_positives_specificity, "seed": seed, "threads": threads, "torch": torch.__version__,
         }
         result["export"] = {"method": method, "parity": parity, "onnx_bytes": onnx_path.stat().st_size,
                             "parameters": n_params}
@@ -384,8 +396,10 @@ any stated likelihood (PTB-XL's own aggregation). External SNOMED CT codes:
 Same architecture ({arch}, width {s['width']}), seed, optimiser, augmentation and early stopping for
 every row; only the labels differ. Tier scores from non-tiered models: fine = max probability over
 statements of that tier or worse; superclass = max over superclasses of p x (training-fold share of
-that superclass's records in the tier or worse). Thresholds chosen on fold 9 (abnormal: sensitivity
->= {s['min_sensitivity']}; urgent: >= {s['urgent_sensitivity']}, best F1 among those), applied unchanged.
+that superclass's records in the tier or worse). Thresholds chosen on fold 9 and applied unchanged: a task
+with >= {s.get('min_val_positives', 'N/A')} fold-9 positives takes the best F1 among thresholds with fold-9
+sensitivity >= {s['min_sensitivity']} (urgent: >= {s['urgent_sensitivity']}); a task with fewer takes the
+fold-9 negatives' quantile for specificity >= {s.get('few_positives_specificity', 'N/A')}.
 AUROC 95% CI: percentile bootstrap, {result['comparison'][0]['metrics']['bootstrap']['n']} replicates,
 patients (PTB-XL) or records (external).
 
@@ -436,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-positives", type=int, default=2, help="fine labels: statements with >= N training records")
     parser.add_argument("--min-sensitivity", type=float, default=0.8, help="fold-9 sensitivity target (abnormal, major)")
     parser.add_argument("--urgent-sensitivity", type=float, default=0.9, help="fold-9 sensitivity target (urgent)")
+    parser.add_argument("--min-val-positives", type=int, default=N_MIN_POSITIVES,
+                        help="a task with fewer fold-9 positives gets its threshold from the fold-9 negatives")
+    parser.add_argument("--few-positives-specificity", type=float, default=0.9,
+                        help="fold-9 specificity target of that rule")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--version", default="0.1.0")
@@ -449,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         patience=args.patience, ema_decay=args.ema_decay, augment_online=not args.no_augment,
         augment_strength=args.augment_strength, min_positives=args.min_positives,
-        min_sensitivity=args.min_sensitivity, urgent_sensitivity=args.urgent_sensitivity, seed=args.seed,
+        min_sensitivity=args.min_sensitivity, urgent_sensitivity=args.urgent_sensitivity,
+        min_val_positives=args.min_val_positives, few_positives_specificity=args.few_positives_specificity, seed=args.seed,
         threads=args.threads, version=args.version, n_bootstrap=args.n_bootstrap, limit=args.limit, command=command,
     )
     return 0

@@ -22,10 +22,25 @@ Tier scores. A model trained on another granularity is mapped to a score per tas
   records positive for superclass k whose tier reaches level t (a superclass mixes
   tiers: MI holds old infarcts and acute injury).
 
-Thresholds are chosen on fold 9 with the minimum-sensitivity rule
-(``training.calibration.min_sensitivity_threshold``) and applied unchanged to fold 10
-and to every external source; the 3-tier decision uses the same "worst flag wins" rule
-as serving (``inference.triage.decode_levels``).
+Thresholds are chosen on fold 9 only (``choose_thresholds``) and applied unchanged to
+fold 10 and to every external source; the 3-tier decision uses the same "worst flag wins"
+rule as serving (``inference.triage.decode_levels``). The rule depends on how many fold-9
+positives a task has:
+
+- at least ``N_MIN_POSITIVES`` (10): the minimum-sensitivity rule
+  (``training.calibration.min_sensitivity_threshold``: best F1 among the thresholds with
+  fold-9 sensitivity >= the target);
+- fewer: a sensitivity measured on a handful of positives is meaningless (with one
+  positive, "sensitivity >= 0.9" means "just below that one score"), so the threshold is
+  taken from the many fold-9 NEGATIVES instead (``specificity_threshold``): the quantile
+  of the negatives' scores that gives the task's specificity target
+  (``FEW_POSITIVES_SPECIFICITY``, 0.90: an urgent or major flag is cheap to review and
+  costly to miss). The positives play no part in it.
+
+Test-fold (fold 10) and external data never enter threshold choice. An exported model's
+thresholds can be re-derived without retraining (``rethreshold``; ``ecgbridge evaluate
+triage --rethreshold``): fold-9 scores through the serving path, only the manifest's
+``thresholds`` rewritten.
 
 AUROC with a 95% percentile bootstrap (patients on PTB-XL, records on challenge data,
 ``training.evaluate.bootstrap_auroc``); sensitivity / specificity at the threshold with
@@ -33,6 +48,7 @@ their counts.
 
     ecgbridge evaluate triage --model inference/shipped/triage --data /path/to/ptbxl [--fold 10]
     ecgbridge evaluate triage --model inference/shipped/triage --data /path/to/cinc2021 --train-data /path/to/ptbxl
+    ecgbridge evaluate triage --model inference/shipped/triage --data /path/to/ptbxl --rethreshold
 """
 
 from __future__ import annotations
@@ -51,7 +67,7 @@ from mapping.codes import SCP_SEVERITY, SEVERITY3, SEVERITY4_TO_3, severity4_of_
 
 from .calibration import min_sensitivity_threshold
 from .datasets.challenge import is_challenge_dir, load_challenge, ptbxl_overlap
-from .datasets.ptbxl import PtbxlData, load_ptbxl
+from .datasets.ptbxl import VAL_FOLDS, PtbxlData, load_ptbxl
 from .evaluate import _load, _serve_transform, auroc, bootstrap_auroc, predict_outputs, threshold_metrics, to_jsonable
 
 __all__ = [
@@ -62,7 +78,11 @@ __all__ = [
     "load_tier_challenge",
     "tier_scores",
     "superclass_weights",
+    "N_MIN_POSITIVES",
+    "FEW_POSITIVES_SPECIFICITY",
+    "specificity_threshold",
     "choose_thresholds",
+    "rethreshold",
     "tier_metrics",
     "format_tier_table",
     "evaluate_triage",
@@ -71,6 +91,12 @@ __all__ = [
 
 #: task -> minimum 4-tier level that makes a record positive.
 TASKS: dict[str, int] = {"abnormal": 1, "major": 2, "urgent": 3}
+
+#: A task with fewer fold-9 positives than this gets its threshold from the fold-9 negatives.
+N_MIN_POSITIVES = 10
+
+#: Specificity target of the few-positives rule, per task (see the module docstring).
+FEW_POSITIVES_SPECIFICITY: dict[str, float] = {"abnormal": 0.9, "major": 0.9, "urgent": 0.9}
 
 
 def task_labels(level4: np.ndarray) -> dict[str, np.ndarray]:
@@ -179,17 +205,72 @@ def tier_scores(
     return out
 
 
+def specificity_threshold(
+    y: np.ndarray, score: np.ndarray, specificity: float, *, min_positives: int = N_MIN_POSITIVES
+) -> dict[str, Any]:
+    """Threshold from the validation negatives alone: their quantile that gives ``specificity``.
+
+    At most ``floor((1 - specificity) * n_negatives)`` negatives score at or above the
+    threshold, which lies midway between the highest negative that must stay below it and
+    the next higher negative score (midway to 1 when there is none). The positives' scores
+    are not used; their fold-9 count caught is reported for information only
+    (``min_positives`` only names the rule).
+    """
+    y = np.asarray(y).astype(bool)
+    score = np.asarray(score, dtype=np.float64)
+    neg = np.sort(score[~y])
+    n_pos = int(y.sum())
+    if neg.size == 0:
+        return {"threshold": 0.5, "rule": "no validation negatives: 0.5", "positives": n_pos, "negatives": 0}
+    allowed_fp = int(math.floor((1.0 - specificity) * neg.size + 1e-9))
+    anchor = neg[neg.size - 1 - allowed_fp]  # the highest negative that must stay below the threshold
+    above = neg[neg > anchor]
+    threshold = float((anchor + above[0]) / 2.0) if above.size else float((anchor + 1.0) / 2.0)
+    fp = int(np.sum(neg >= threshold))
+    return {
+        "threshold": threshold,
+        "rule": f"fewer than {min_positives} fold-9 positives: fold-9 negatives' quantile for specificity "
+                f">= {specificity:g}",
+        "positives": n_pos,
+        "negatives": int(neg.size),
+        "val_specificity": 1.0 - fp / neg.size,
+        "val_tp": int(np.sum(score[y] >= threshold)),
+    }
+
+
 def choose_thresholds(
-    level4: np.ndarray, scores: dict[str, np.ndarray | None], *, min_sensitivity: float, urgent_sensitivity: float
+    level4: np.ndarray,
+    scores: dict[str, np.ndarray | None],
+    *,
+    min_sensitivity: float,
+    urgent_sensitivity: float,
+    min_positives: int = N_MIN_POSITIVES,
+    few_positives_specificity: dict[str, float] | float | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Fold-9 thresholds per task (minimum-sensitivity rule; urgent uses its own target)."""
+    """Fold-9 thresholds per task (the rule of the module docstring).
+
+    A task with >= ``min_positives`` fold-9 positives: minimum-sensitivity rule (``urgent``
+    uses ``urgent_sensitivity``, the others ``min_sensitivity``). Fewer:
+    ``specificity_threshold`` with the task's ``few_positives_specificity`` (a float for
+    every task, or a per-task dict; default ``FEW_POSITIVES_SPECIFICITY``). Pass fold-9
+    (validation) labels and scores only.
+    """
+    if few_positives_specificity is None:
+        few_positives_specificity = FEW_POSITIVES_SPECIFICITY
+    if not isinstance(few_positives_specificity, dict):
+        few_positives_specificity = {t: float(few_positives_specificity) for t in TASKS}
     labels = task_labels(level4)
     out: dict[str, dict[str, Any]] = {}
     for task, s in scores.items():
         if s is None:
             continue
-        target = urgent_sensitivity if task == "urgent" else min_sensitivity
-        out[task] = min_sensitivity_threshold(labels[task], s, target)
+        n_pos = int(labels[task].sum())
+        if n_pos >= min_positives:
+            target = urgent_sensitivity if task == "urgent" else min_sensitivity
+            out[task] = min_sensitivity_threshold(labels[task], s, target)
+        else:
+            out[task] = specificity_threshold(labels[task], s, few_positives_specificity[task],
+                                              min_positives=min_positives)
     return out
 
 
@@ -333,6 +414,49 @@ def evaluate_triage(
     }
 
 
+def rethreshold(
+    model_dir: Path,
+    data_dir: Path,
+    *,
+    min_sensitivity: float = 0.8,
+    urgent_sensitivity: float = 0.9,
+    min_positives: int = N_MIN_POSITIVES,
+    few_positives_specificity: dict[str, float] | float | None = None,
+    sampling_rate: int = 100,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Re-derive an exported model's thresholds on PTB-XL fold 9, without retraining.
+
+    Fold-9 scores come through the serving path (registry, ONNX, manifest preprocessing);
+    ``choose_thresholds`` picks the thresholds; with ``write`` only the manifest's
+    ``thresholds`` are replaced (the ONNX file and its sha256 are untouched) and the
+    manifest is validated before it is written. Only the validation fold is ever read.
+    """
+    from inference.models import Manifest
+
+    model_dir = Path(model_dir)
+    loaded = _load(model_dir)
+    manifest = loaded.manifest
+    codes = [c.code for c in manifest.classes]
+    scheme = "severity4" if "major" in codes else "severity3"
+    data, level4, n_out = load_tier_ptbxl(Path(data_dir), VAL_FOLDS, transform=_serve_transform(loaded),
+                                          sampling_rate=sampling_rate)
+    scores = tier_scores(predict_outputs(loaded, data.x)["probabilities"], codes, scheme)
+    chosen = choose_thresholds(level4, scores, min_sensitivity=min_sensitivity, urgent_sensitivity=urgent_sensitivity,
+                               min_positives=min_positives, few_positives_specificity=few_positives_specificity)
+    old = {c: manifest.threshold(c) for c in codes}
+    new = {c: round(float(chosen[c]["threshold"]), 6) for c in codes}
+    path = model_dir / "manifest.json"
+    if write:
+        raw = json.loads(path.read_text())
+        raw["thresholds"] = new
+        Manifest.model_validate(raw)
+        path.write_text(json.dumps(raw, indent=2) + "\n")
+    return {"manifest": str(path), "folds": list(VAL_FOLDS), "n": int(len(level4)), "n_no_tier": n_out,
+            "positives": {t: int(v.sum()) for t, v in task_labels(level4).items()},
+            "old": old, "new": new, "detail": chosen, "written": write}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ecgbridge evaluate triage", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="an exported triage model directory")
@@ -343,7 +467,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampling-rate", type=int, choices=(100, 500), default=100)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument("--rethreshold", action="store_true",
+                        help="instead of evaluating: choose the thresholds on PTB-XL fold 9 of --data (the rule of "
+                             "choose_thresholds) and write them into the model's manifest; nothing else changes")
+    parser.add_argument("--dry-run", action="store_true", help="with --rethreshold: print, do not write")
+    parser.add_argument("--min-sensitivity", type=float, default=0.8, help="--rethreshold: abnormal/major target")
+    parser.add_argument("--urgent-sensitivity", type=float, default=0.9, help="--rethreshold: urgent target")
+    parser.add_argument("--min-val-positives", type=int, default=N_MIN_POSITIVES,
+                        help="--rethreshold: fewer fold-9 positives -> threshold from the negatives")
+    parser.add_argument("--few-positives-specificity", type=float, default=None,
+                        help="--rethreshold: specificity target of that rule (default per task: "
+                             f"{FEW_POSITIVES_SPECIFICITY})")
     args = parser.parse_args(argv)
+    if args.rethreshold:
+        if is_challenge_dir(Path(args.data)):
+            parser.error("--rethreshold needs the PTB-XL directory (thresholds come from fold 9 only)")
+        out = rethreshold(args.model, args.data, min_sensitivity=args.min_sensitivity,
+                          urgent_sensitivity=args.urgent_sensitivity, min_positives=args.min_val_positives,
+                          few_positives_specificity=args.few_positives_specificity, sampling_rate=args.sampling_rate,
+                          write=not args.dry_run)
+        print(json.dumps(to_jsonable(out), indent=2))
+        return 0
     result = evaluate_triage(args.model, args.data, fold=args.fold, train_data=args.train_data,
                              n_bootstrap=args.n_bootstrap, seed=args.seed, sampling_rate=args.sampling_rate)
     print(json.dumps(to_jsonable(result), indent=2) if args.json else result["report"], end="")

@@ -183,6 +183,51 @@ def test_tier_scores_from_other_granularities() -> None:
     assert np.allclose(sc["urgent"], [0.2]) and np.allclose(sc["abnormal"], [0.4])
 
 
+def test_specificity_threshold_comes_from_the_negatives_alone() -> None:
+    from training.triage_evaluate import specificity_threshold
+
+    neg = np.linspace(0.0, 0.99, 100)
+    y = np.r_[np.zeros(100), 1.0]
+    a = specificity_threshold(y, np.r_[neg, 0.05], 0.9)
+    b = specificity_threshold(y, np.r_[neg, 0.999], 0.9)
+    assert a["threshold"] == b["threshold"]  # the one positive's score plays no part
+    assert np.isclose(a["threshold"], (neg[89] + neg[90]) / 2)  # 10 of 100 negatives at or above
+    assert int(np.sum(neg >= a["threshold"])) == 10 and a["val_specificity"] == 0.9
+    assert a["val_tp"] == 0 and b["val_tp"] == 1 and a["positives"] == 1 and a["negatives"] == 100
+    # ties: never more false positives than the target allows
+    tied = np.r_[np.zeros(15), np.full(5, 0.5)]
+    t = specificity_threshold(np.zeros(20), tied, 0.9)
+    assert int(np.sum(tied >= t["threshold"])) <= 2 and t["threshold"] > 0.5
+    assert specificity_threshold(np.zeros(10), np.arange(10) / 10, 1.0)["threshold"] > 0.9  # no negative flagged
+    assert specificity_threshold(np.ones(3), np.array([0.2, 0.4, 0.6]), 0.9)["threshold"] == 0.5  # no negatives
+
+
+def test_choose_thresholds_switches_rule_below_n_min_positives() -> None:
+    from training.calibration import min_sensitivity_threshold
+    from training.triage_evaluate import N_MIN_POSITIVES, choose_thresholds, specificity_threshold, task_labels
+
+    assert N_MIN_POSITIVES == 10
+    rng = np.random.default_rng(0)
+    level4 = np.r_[np.zeros(60, int), np.ones(20, int), np.full(19, 2), 3]  # 40 abnormal+, 20 major+, 1 urgent
+    labels = task_labels(level4)
+    scores = {t: np.clip(0.3 * labels[t] + rng.uniform(0, 0.7, level4.size), 0, 1) for t in labels}
+    chosen = choose_thresholds(level4, scores, min_sensitivity=0.8, urgent_sensitivity=0.9)
+    for task in ("abnormal", "major"):  # enough positives: the sensitivity rule, unchanged
+        assert chosen[task] == min_sensitivity_threshold(labels[task], scores[task], 0.8)
+    urgent = chosen["urgent"]
+    assert urgent == specificity_threshold(labels["urgent"], scores["urgent"], 0.9)
+    assert urgent["rule"].startswith("fewer than 10 fold-9 positives") and urgent["positives"] == 1
+    # a stricter specificity target raises the threshold; a lower N_MIN switches urgent back
+    strict = choose_thresholds(level4, scores, min_sensitivity=0.8, urgent_sensitivity=0.9,
+                               few_positives_specificity={"abnormal": 0.9, "major": 0.9, "urgent": 0.98})
+    assert strict["urgent"]["threshold"] > urgent["threshold"]
+    low = choose_thresholds(level4, scores, min_sensitivity=0.8, urgent_sensitivity=0.9, min_positives=1)
+    assert low["urgent"]["rule"] == "max F1 with sensitivity >= 0.9"
+    high = choose_thresholds(level4, scores, min_sensitivity=0.8, urgent_sensitivity=0.9, min_positives=50,
+                             few_positives_specificity=0.8)
+    assert all(high[t]["rule"].startswith("fewer than 50") and "0.8" in high[t]["rule"] for t in labels)
+
+
 # (4) the shipped triage model -------------------------------------------------------------
 
 
@@ -219,6 +264,19 @@ def test_shipped_triage_model_gives_a_tier_for_fixture_ecgs() -> None:
             assert out.extra["severity"] == SEVERITY3[SEVERITY4_TO_3[level]]
         else:
             assert out.extra["severity"] == SEVERITY3[level]
+
+
+def test_shipped_triage_thresholds_are_the_fold9_rule() -> None:
+    """The manifest's thresholds are what ``choose_thresholds`` gives on fold 9 through the serving path."""
+    from training.triage_evaluate import rethreshold
+
+    root = _require(_shared() / "ptbxl-subset" / "ptbxl_database.csv", "shared PTB-XL subset").parent
+    before = (SHIPPED / "manifest.json").read_bytes()
+    out = rethreshold(SHIPPED, root, write=False)
+    assert (SHIPPED / "manifest.json").read_bytes() == before and out["folds"] == [9]
+    assert out["new"] == out["old"]
+    assert out["positives"]["urgent"] < 10 and out["detail"]["urgent"]["rule"].startswith("fewer than 10")
+    assert out["detail"]["urgent"]["val_specificity"] >= 0.9
 
 
 def test_diagnosis_results_carry_no_severity() -> None:
