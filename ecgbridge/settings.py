@@ -294,6 +294,8 @@ class EhrSource(_Strict):
     observation_window_days: int = Field(365, ge=1)
     #: Search pages read per query at most (newest first); older results are left out and said so.
     max_observation_pages: int = Field(20, ge=1)
+    #: Resources asked for per search page (``_count``); servers may cap it lower.
+    page_size: int = Field(200, ge=10, le=1000)
     #: Also read MedicationStatement (loop diuretic, beta blocker, ACEi/ARB, MRA).
     fetch_medications: bool = True
 

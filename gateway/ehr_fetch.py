@@ -40,7 +40,6 @@ __all__ = ["fetch_context", "build_client", "EhrFetcher"]
 
 log = logging.getLogger("ecgbridge.ehr")
 
-_PAGE_SIZE = 200
 
 
 def build_client(source: EhrSource) -> FhirClient:
@@ -159,11 +158,11 @@ def _fetch(client: FhirClient, source: EhrSource, patient: Patient, acquired_at:
                   ("date", f"ge{_stamp(start)}")]
     if end is not None:
         obs_params.append(("date", f"le{_stamp(end)}"))
-    obs_params += [("_sort", "-date"), ("_count", str(_PAGE_SIZE))]
+    obs_params += [("_sort", "-date"), ("_count", str(source.page_size))]
     query = _Query(client, source, deadline)
     observations = query.run("Observation", obs_params)
-    conditions = query.run("Condition", [("patient", ref), ("_count", str(_PAGE_SIZE))])
-    medications = (query.run("MedicationStatement", [("patient", ref), ("_count", str(_PAGE_SIZE))])
+    conditions = query.run("Condition", [("patient", ref), ("_count", str(source.page_size))])
+    medications = (query.run("MedicationStatement", [("patient", ref), ("_count", str(source.page_size))])
                    if source.fetch_medications else None)
     return context_from_resources(
         found, observations, conditions, medications,
