@@ -342,6 +342,13 @@ def test_shipped_model_parameter_randomisation(shipped_with_cams, tmp_path) -> N
 #: Measured failures of one exact model (by ONNX sha256): strict xfails that lapse when the model changes.
 KNOWN_FAILURES = {
     ("test_shipped_model_mi_map_weighs_qrs_st_over_baseline",
+     "953d229b07bd5c1baa6c30f38ddfc1429d4c7443c007946ffc29d48cd7dc153a"): (
+        "diagnosis 0.1.1 (the 0.1.0 network re-exported with CAMs; measured 2026-12-01): on ptbxl_00622 (MI) the MI "
+        "map averages -0.604 over QRS+ST (71 % of the time at 102 bpm) vs -0.434 elsewhere, although the model calls "
+        "MI (p above its threshold); its heatmap marks time, not where the MI evidence lies. The parameter-"
+        "randomisation check passes."
+    ),
+    ("test_shipped_model_mi_map_weighs_qrs_st_over_baseline",
      "3f329e64cd84cea795665e1be9f575bbfbdc526247c72d80e49fe0792c07a1a1"): (
         "diagnosis 0.2.0 (measured 2026-12-01): on ptbxl_00622 (MI) the MI map (62 steps) averages -1.125 over "
         "QRS+ST (71 % of the time at 102 bpm) vs -0.741 elsewhere; the model does not call this ECG MI "

@@ -16,7 +16,7 @@ from mapping.ecg import STANDARD_LEADS, Ecg
 # The shipped diagnosis model. A replacement (``training.train`` with ``--model-dir``) goes into
 # ``inference/shipped/diagnosis`` with version 0.2.0 and the baseline directory is deleted in the same step.
 SHIPPED = SHIPPED_DIR / "diagnosis-baseline"
-SHIPPED_VERSION = "0.1.0"
+SHIPPED_VERSION = "0.1.1"
 
 
 def _shared_ptbxl() -> Path:
