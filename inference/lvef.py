@@ -25,7 +25,6 @@ says so (``extra["synthetic"]``, ``extra["notice"]``) and it means nothing clini
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -51,7 +50,7 @@ from .lvef_features import (
     lvef_feature_row,
     missing_context_notes,
 )
-from .models import SHIPPED_DIR
+from .models import SHIPPED_DIR, sha256_file
 
 __all__ = [
     "LVEF_DIR",
@@ -106,12 +105,6 @@ class LvefManifest(BaseModel):
     features: list[dict[str, str]] = Field(default_factory=list)  # informational: name, kind, unit, display
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_lvef_manifest(directory: Path) -> LvefManifest:
@@ -210,7 +203,7 @@ class LvefModel:
                 if not fpath.is_file():
                     raise ModelError(f"LVEF model {manifest.name} {manifest.version}: {vname} file {fpath} is missing")
                 want = spec.sha256.get(fname)
-                if want and _sha256(fpath) != want:
+                if want and sha256_file(fpath) != want:
                     raise ModelError(f"LVEF model {manifest.name}: {fname} does not match the manifest's sha256")
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1

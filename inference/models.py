@@ -25,7 +25,7 @@ from mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
 from .preprocess import Pipeline
 from .triage import severity_extra
 
-__all__ = ["SHIPPED_DIR", "Manifest", "ModelClass", "LoadedModel", "ModelRegistry", "prepare_input", "load_manifest"]
+__all__ = ["SHIPPED_DIR", "sha256_file", "Manifest", "ModelClass", "LoadedModel", "ModelRegistry", "prepare_input", "load_manifest"]
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
@@ -202,7 +202,8 @@ class LoadedModel:
         return np.asarray(cams[0], dtype=np.float32)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (manifests pin their model files by it)."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -269,7 +270,7 @@ class ModelRegistry:
         onnx_path = directory / manifest.file
         if not onnx_path.is_file():
             raise ModelError(f"model {manifest.name}: ONNX file {onnx_path} is missing")
-        if manifest.sha256 and _sha256(onnx_path) != manifest.sha256:
+        if manifest.sha256 and sha256_file(onnx_path) != manifest.sha256:
             raise ModelError(f"model {manifest.name}: {onnx_path.name} does not match the manifest's sha256")
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1

@@ -26,7 +26,6 @@ only if that fails, and reports which one it used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.models import Manifest, ModelClass, ModelInput
+from inference.models import Manifest, ModelClass, ModelInput, sha256_file
 from inference.preprocess import DEFAULT_SPEC, Pipeline
 from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
 from mapping.ecg import STANDARD_LEADS
@@ -147,12 +146,6 @@ def _as_probability_model(model: nn.Module) -> nn.Module:
     return as_serving_graph(model)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_onnx(

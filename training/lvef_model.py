@@ -31,7 +31,6 @@ Steps:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import re
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from inference.lvef import LvefModel
+from inference.models import sha256_file
 from inference.lvef_features import (
     ECG_FEATURE_NAMES,
     FEATURE_NAMES,
@@ -72,8 +72,6 @@ _K = len(LVEF_TIERS)
 _BOUNDS = [(50.0, math.inf), (40.0, 50.0), (30.0, 40.0), (-math.inf, 30.0)]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _params(args: argparse.Namespace, objective: str) -> dict[str, Any]:
@@ -154,7 +152,7 @@ def export_variant(booster: Any, names: Sequence[str], out_dir: Path, stem: str,
         "entry": {
             "onnx": onnx_path.name, "booster": txt_path.name, "features": list(names), "input_name": "features",
             "output_name": "probabilities", "num_iterations": int(saved.current_iteration()),
-            "sha256": {onnx_path.name: _sha256(onnx_path), txt_path.name: _sha256(txt_path)},
+            "sha256": {onnx_path.name: sha256_file(onnx_path), txt_path.name: sha256_file(txt_path)},
         },
         "parity_max_abs_diff": diff,
         "parity_rows": int(len(check_rows)),
