@@ -87,6 +87,8 @@ def _read_file(path: Path):  # type: ignore[no-untyped-def]
 def cmd_analyse(args: argparse.Namespace) -> int:
     from inference.models import ModelRegistry
     from inference.pipeline import analyse_ecg
+    from mapping.ecg import AnalysisResult
+    from mapping.lvef_result import LVEF_TASK, explanation_lines
 
     settings = _settings(args)
     _setup_logging("WARNING")
@@ -116,13 +118,19 @@ def cmd_analyse(args: argparse.Namespace) -> int:
             print(f"  {len(r['leads'])} leads, {r['fs']:g} Hz, {r['duration_s']:g} s")
             for flag in r["ecg_flags"] + r["quality_flags"]:
                 print(f"  flag: {flag}")
-            for out in r["outputs"]:
-                print(f"  model {out['model']} {out['version']}:")
-                for name, value in (out.get("extra") or {}).get("measurements", {}).items():
+            for out in AnalysisResult.from_dict(r).outputs:
+                print(f"  model {out.model} {out.version}:")
+                for name, value in out.extra.get("measurements", {}).items():
                     print(f"    {name:<22} {value}")
-                for f in out["findings"]:
-                    mark = "PRESENT" if f["present"] else "-"
-                    print(f"    {f['code']:<5} {f['display']:<26} p={f['probability']:.3f} (threshold {f['threshold']:.2f}) {mark}")
+                for f in out.findings:
+                    mark = "PRESENT" if f.present else "-"
+                    print(f"    {f.code:<5} {f.display:<26} p={f.probability:.3f} (threshold {f.threshold:.2f}) {mark}")
+                severity = out.extra.get("severity4_display") or out.extra.get("severity_display")
+                if severity:
+                    print(f"    severity: {severity}")
+                if out.task == LVEF_TASK:
+                    for line in explanation_lines(out):
+                        print(f"    {line}")
             print(f"  {r['label']}")
     return 1 if failed else 0
 
