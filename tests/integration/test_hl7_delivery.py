@@ -213,8 +213,10 @@ def test_aa_delivers_exactly_one_valid_oru(deployment: Deployment) -> None:
     assert len(probabilities) == 5
     assert {_parts(s, 3)[0]: float(str(s(5))) for s in probabilities} == pytest.approx(
         {f["code"]: round(f["probability"], 4) for f in findings}, abs=1e-4)
-    impressions = _obx(message, "CWE")
+    impressions = [s for s in _obx(message, "CWE") if _parts(s, 3)[0] == "8601-7"]
     assert {_parts(s, 5)[0] for s in impressions} == {f["snomed"] for f in findings if f["present"]}
+    tiers = [s for s in _obx(message, "CWE") if _parts(s, 3)[0].endswith("-tier")]
+    assert {_parts(s, 3)[0] for s in tiers} == {f"{f['code']}-tier" for f in findings if f["tier"]}
     assert all(_parts(s, 5)[2] == "SCT" for s in impressions)
     notes = [message.unescape(str(s(3))) for s in message.segments("NTE")]
     assert NOT_FOR_CLINICAL_USE in notes
