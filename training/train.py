@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -341,6 +342,7 @@ def train_diagnosis(
     ema_decay: float = 0.98,
     augment_online: bool = True,
     augment_strength: float = 1.0,
+    noise_max: float | None = None,
     min_sensitivity: float = 0.8,
     tier_catch: float = 0.95,
     tier_specificity: float = 0.95,
@@ -389,6 +391,8 @@ def train_diagnosis(
     )
     pos_weight = class_pos_weight(train.y)
     aug_config = AugmentConfig(fs=FS_HZ).scaled(augment_strength)
+    if noise_max is not None:  # heavy-noise training: the seed's "noisy normal above a true MI" failure
+        aug_config = dataclasses.replace(aug_config, noise_max=noise_max)
     augmenter = Augmenter(aug_config, DEFAULT_SPEC) if augment_online else None
     common = dict(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, width=width,
@@ -714,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-augment", action="store_true", help="train without online artefact augmentation")
     parser.add_argument("--augment-strength", type=float, default=1.0,
                         help="multiply every artefact probability and amplitude by this (1 = training.augment defaults)")
+    parser.add_argument("--noise-max", type=float, default=None,
+                        help="largest Gaussian-noise sigma of the augmentation, in z-scored signal units (default 0.2 x strength)")
     parser.add_argument("--min-sensitivity", type=float, default=0.8, help="decision thresholds: minimum fold-9 sensitivity")
     parser.add_argument("--tier-catch", type=float, default=0.95, help="Moderate + High must catch this share of fold-9 positives")
     parser.add_argument("--tier-specificity", type=float, default=0.95, help="High admits at most 1 - this of fold-9 negatives")
@@ -747,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ema_decay=args.ema_decay,
         augment_online=not args.no_augment,
         augment_strength=args.augment_strength,
+        noise_max=args.noise_max,
         min_sensitivity=args.min_sensitivity,
         tier_catch=args.tier_catch,
         tier_specificity=args.tier_specificity,
