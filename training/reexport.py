@@ -139,6 +139,7 @@ def reexport(
             "in_graph": True, "uncalibrated_output": "logits",
         },
         architecture={"module": "training.models.Cnn1d", "arch": "cnn", "width": model.classifier.in_features // 4,
+                      "dropout": float(model.dropout.p),
                       "members": 1, "parameters": int(sum(p.numel() for p in model.parameters())),
                       "cam_stride_samples": 16, "rebuilt_from": f"{old.name} {old.version} (sha256 {old.sha256})"},
     )
