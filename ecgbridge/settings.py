@@ -193,6 +193,9 @@ class FhirDestination(_Strict):
     timeout_s: float = Field(10.0, gt=0)
     #: Identifier system of DICOM PatientID values in this EHR (used to find the Patient).
     patient_identifier_system: str = "urn:ecgbridge:patient-id"
+    #: individual: one conditional create per resource (works with every server);
+    #: transaction: the report and its Observations in one atomic transaction Bundle.
+    write_mode: Literal["individual", "transaction"] = "individual"
 
     @field_validator("base_url")
     @classmethod

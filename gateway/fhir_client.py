@@ -378,6 +378,14 @@ class FhirClient:
         raise FhirPermanentError(f"FHIR POST {rtype} -> {status} without a resource id",
                                  status=status)
 
+    def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a transaction (or batch) Bundle to the base; returns the response Bundle."""
+        response = self._request("POST", "Bundle", "", json=bundle)
+        body = self._resource_body(response, "FHIR transaction")
+        if body.get("resourceType") != "Bundle":
+            raise FhirPermanentError("FHIR transaction: the answer is not a Bundle", status=response.status_code)
+        return body
+
     def update(self, resource: Mapping[str, Any]) -> dict[str, Any]:
         """PUT ``Type/id``; returns the stored resource."""
         rtype = str(resource["resourceType"])
@@ -621,8 +629,12 @@ def _as_timeout(value: Any) -> httpx.Timeout | None:
     return None
 
 
-def deliver_report(client: FhirClient, bundle: ReportBundle) -> str:
+def deliver_report(client: FhirClient, bundle: ReportBundle, *, transaction: bool = False) -> str:
     """Write ``bundle`` to the server idempotently; returns "DiagnosticReport/<id>".
+
+    ``transaction``: Devices, Observations and the report go in one FHIR transaction (one
+    POST, atomic, each entry a conditional create), then the Provenance as below; for
+    servers that support transactions. Otherwise one request per resource:
 
     Order follows the references: Devices, Observations (device -> server id), the
     report (results -> server ids), then a Provenance unless one already targets the
@@ -630,18 +642,66 @@ def deliver_report(client: FhirClient, bundle: ReportBundle) -> str:
     finishes the job without duplicates (two workers racing on one message can still
     both create; delivery runs once per message id).
     """
+    if transaction:
+        return _provenance(client, bundle, _transaction(client, bundle))
     refs: dict[str, str] = {}
     for planned in bundle.all_planned():
         resource = resolve_references(planned.resource, refs)
         _no_placeholders(resource)
         ref, _ = client.conditional_create(resource, planned.if_none_exist)
         refs[planned.placeholder] = ref
+    return _provenance(client, bundle, refs)
+
+
+def _provenance(client: FhirClient, bundle: ReportBundle, refs: Mapping[str, str]) -> str:
+    """Create the report's Provenance unless one already targets it; returns the report's reference."""
     report_ref = refs[bundle.report.placeholder]
     if client.find_one("Provenance", bundle.provenance_query(report_ref)) is None:
         provenance = bundle.provenance_for(report_ref, refs)
         _no_placeholders(provenance)
         client.conditional_create(provenance, None)
     return report_ref
+
+
+def _transaction(client: FhirClient, bundle: ReportBundle) -> dict[str, str]:
+    """POST the planned resources as one transaction Bundle; placeholder -> "Type/id" from the response.
+
+    The entries keep their ``urn:uuid:`` references and ``fullUrl``s: the server resolves
+    them, to the existing resource when a conditional create matched one (FHIR R4 transaction
+    processing rules).
+    """
+    planned = bundle.all_planned()
+    body = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": p.placeholder,
+                "resource": p.resource,
+                "request": {"method": "POST", "url": p.resource_type,
+                            **({"ifNoneExist": p.if_none_exist} if p.if_none_exist else {})},
+            }
+            for p in planned
+        ],
+    }
+    response = client.transaction(body)
+    answers = response.get("entry") or []
+    if response.get("type") != "transaction-response" or len(answers) != len(planned):
+        raise FhirPermanentError(
+            f"FHIR transaction: expected a transaction-response with {len(planned)} entries, got "
+            f"{response.get('type')!r} with {len(answers)}")
+    refs: dict[str, str] = {}
+    for p, answer in zip(planned, answers):
+        result = answer.get("response") or {}
+        status = str(result.get("status", "")).split(" ", 1)[0]
+        ref = _ref_from_location(result["location"], p.resource_type) if result.get("location") else None
+        if ref is None and isinstance(answer.get("resource"), dict) and answer["resource"].get("id"):
+            ref = f"{p.resource_type}/{answer['resource']['id']}"
+        if status not in ("200", "201") or ref is None:
+            raise FhirPermanentError(
+                f"FHIR transaction: the {p.resource_type} entry answered {status or '?'} without a resource id")
+        refs[p.placeholder] = ref
+    return refs
 
 
 def _no_placeholders(resource: Mapping[str, Any]) -> None:

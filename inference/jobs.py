@@ -233,7 +233,7 @@ def _deliver_fhir(
             patient_identifier_system=dest.patient_identifier_system,
             attachments_data=attachments_data,
         )
-        return deliver_report(client, bundle)
+        return deliver_report(client, bundle, transaction=dest.write_mode == "transaction")
 
 
 def control_id(message_id: str, destination: str) -> str:

@@ -13,6 +13,8 @@ from ecgbridge.settings import Settings
 from gateway.dispatch import Dispatcher
 
 from . import jobs
+from .lvef import LvefModel
+from .pipeline import LVEF_MODEL
 from .celery_app import ANALYSE_TASK, DELIVER_TASK
 
 __all__ = ["register", "context"]
@@ -37,7 +39,10 @@ def _warm_models(**_: object) -> None:
     ctx = context()
     for entry in ctx.settings.models:
         try:
-            ctx.registry.get(entry.name)
+            if entry.name == LVEF_MODEL:
+                LvefModel.load(ctx.registry.configured_path(LVEF_MODEL))
+            else:
+                ctx.registry.get(entry.name)
         except Exception as exc:  # reported again, with the message, when a task needs it
             log.error("model %s could not be loaded: %s", entry.name, exc)
 

@@ -111,3 +111,26 @@ def test_second_ecg_reuses_device(server: Any) -> None:
 
 def probs_codes() -> tuple[str, ...]:
     return ("NORM", "MI", "STTC", "CD", "HYP")
+
+
+def test_transaction_mode_writes_the_report_in_one_post_and_stays_idempotent(server: Any) -> None:
+    uid = UID + ".77"
+    bundle = make_bundle(uid=uid, message_id="msg-int-tx")
+    with fhir_client(server) as client:
+        log_mark = len(server.logs().splitlines())
+        first = deliver_report(client, bundle, transaction=True)
+        first_run = server.logs().splitlines()[log_mark:]
+        second = deliver_report(client, bundle, transaction=True)
+        individually = deliver_report(client, bundle)  # the other mode finds the same resources
+    assert first == second == individually
+    posts = [line for line in first_run if " POST " in line]
+    assert len(posts) == 2, first_run  # the transaction, then the Provenance
+    reports = entries(server.search("DiagnosticReport", identifier=f"urn:dicom:uid|urn:oid:{uid}"))
+    assert len(reports) == 1 and f"DiagnosticReport/{reports[0]['id']}" == first
+    refs = [r["reference"] for r in reports[0]["result"]]
+    assert len(refs) == 5 and all(r.startswith("Observation/") for r in refs)
+    for ref in refs:  # the server resolved every urn:uuid placeholder
+        obs = server.read(*ref.split("/"))
+        assert obs["device"]["reference"].startswith("Device/")
+    assert len(entries(server.search("Device", identifier=f"urn:ecgbridge:model|{MODEL}@{VERSION}"))) == 1
+    assert len(entries(server.search("Provenance", target=first))) == 1

@@ -364,3 +364,29 @@ def test_smart_backend_auth_token_errors_and_key_types() -> None:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     with pytest.raises(ValueError, match="P-384"):
         SmartBackendAuth(client_id="c", private_key_pem=p256, key_id="k", scope="s", token_url="https://a/t")
+
+
+def test_transaction_answers_that_do_not_match_the_request_are_permanent_errors() -> None:
+    """A server that drops entries or answers a batch-response must not leave a half-known report."""
+    planned = len(make_bundle().all_planned())
+    sent: list[dict[str, Any]] = []
+
+    def short(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append(body)
+        entries = [{"response": {"status": "201 Created", "location": f"{e['request']['url']}/1/_history/1"}}
+                   for e in body["entry"]][:-1]
+        return httpx.Response(200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
+
+    with pytest.raises(PermanentDeliveryError, match=f"transaction-response with {planned} entries"):
+        deliver_report(client(short), make_bundle(), transaction=True)
+    (body,) = sent
+    assert body["type"] == "transaction" and len(body["entry"]) == planned
+    assert all(e["fullUrl"].startswith("urn:uuid:") and e["request"]["method"] == "POST" for e in body["entry"])
+    assert all("ifNoneExist" in e["request"] for e in body["entry"])
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json=oo("Transaction requires strict isolation but has too many entries"))
+
+    with pytest.raises(PermanentDeliveryError, match="too many entries"):
+        deliver_report(client(refused), make_bundle(), transaction=True)
