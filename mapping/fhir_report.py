@@ -68,6 +68,7 @@ from mapping.fhir_lvef import lvef_observation
 from mapping.fhir_measurements import measurement_observations
 from mapping.fhir_validate import validate_resource
 from mapping.lvef_result import LVEF_TASK, explanation_text
+from mapping.severity_result import Severity, severity_of_output
 
 __all__ = [
     "AI_SECURITY_LABEL",
@@ -449,6 +450,46 @@ def _lvef_observation(
     return _planned(resource)
 
 
+def _severity_codings(severity: Severity) -> list[dict[str, str]]:
+    codings = [
+        {"system": SYSTEM["snomed"], "code": severity.snomed[0], "display": severity.snomed[1]},
+        {"system": severity.system, "code": severity.code, "display": severity.display},
+    ]
+    if severity.code4 and severity.display4:
+        codings.append({"system": severity.system, "code": f"4tier-{severity.code4}", "display": severity.display4})
+    return codings
+
+
+def _severity_observation(
+    output: ModelOutput, severity: Severity, *, id_value: str, device: PlannedResource,
+    subject: dict[str, Any] | None, effective: str | None, issued: str, label: str,
+) -> PlannedResource:
+    """The triage tier as one "EKG impression" (LOINC 8601-7) a worklist can filter on."""
+    code, display = LOINC["ecg_impression"]
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": {"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
+        "identifier": [{"system": SYSTEM["ecgbridge_result"],
+                        "value": f"{id_value}/{output.model}/{output.version}/severity"}],
+        "status": "preliminary",
+        "category": [{"coding": [{"system": SYSTEM["obs_category"], "code": "procedure", "display": "Procedure"}]}],
+        "code": {"coding": [{"system": SYSTEM["loinc"], "code": code, "display": display}],
+                 "text": "ECG severity tier (AI triage)"},
+    }
+    if subject is not None:
+        obs["subject"] = copy.deepcopy(subject)
+    if effective is not None:
+        obs["effectiveDateTime"] = effective
+    obs["issued"] = issued
+    obs["valueCodeableConcept"] = {"coding": _severity_codings(severity), "text": severity.display4 or severity.display}
+    obs["interpretation"] = [{"coding": [{"system": SYSTEM["obs_interpretation"], "code": severity.flag[0],
+                                          "display": severity.flag[1]}]}]
+    rule = output.extra.get("severity_rule")
+    obs["note"] = [{"text": f"Model {output.model} {output.version}" + (f": {rule}" if rule else "") + f". {label}"}]
+    obs["device"] = {"reference": device.placeholder, "display": f"{output.model} {output.version}"}
+    return _planned(obs)
+
+
 def _conclusion(result: AnalysisResult, flags: list[str]) -> str:
     lines = [
         explanation_text(output) if output.task == LVEF_TASK and output.findings else output_summary(output)
@@ -562,6 +603,12 @@ def build_report(
                 output, id_value=id_value, device=device, subject=subject, effective=effective,
                 issued=issued_s, label=label))
             continue
+        severity = severity_of_output(output)
+        if severity is not None:
+            observations.append(_severity_observation(
+                output, severity, id_value=id_value, device=device, subject=subject, effective=effective,
+                issued=issued_s, label=label))
+            conclusion_codes.append({"coding": _severity_codings(severity), "text": severity.display})
         for finding in output.findings:
             obs = _observation(
                 finding,
@@ -574,7 +621,7 @@ def build_report(
                 label=label,
             )
             observations.append(obs)
-            if finding.present:
+            if finding.present and severity is None:  # a triage output is summed up by its tier
                 conclusion_codes.append(
                     {"coding": _finding_codings(finding, output), "text": finding.display}
                 )

@@ -86,6 +86,7 @@ from mapping.codes import LOINC, SUPERCLASS_SNOMED
 from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, aware_acquisition_time, output_summary
 from mapping.hl7_common import hl7_timestamp, unescape
 from mapping.lvef_result import LVEF_TASK, explanation_lines, predicted_tier, tier_interpretation
+from mapping.severity_result import severity_of_output
 
 if TYPE_CHECKING:
     from ecgbridge.settings import Hl7Destination
@@ -376,8 +377,13 @@ def _observations(
         checked = [(f, *_probability(f, output)) for f in output.findings]
         if output.task == LVEF_TASK and checked:
             planned.extend(_lvef_obx(output, sub))
+        severity = severity_of_output(output)
+        if severity is not None:  # a triage output is summed up by its tier, one impression
+            n_impression += 1
+            value = (*severity.snomed, "SCT", severity.code, severity.display, LOCAL_CODING_SYSTEM)
+            planned.append(_Obx("CWE", impression, value, output, str(n_impression), flag=severity.flag[0]))
         for finding, p, _t in checked:
-            if finding.present and output.task != LVEF_TASK:
+            if finding.present and output.task != LVEF_TASK and severity is None:
                 n_impression += 1
                 planned.append(_Obx("CWE", impression, _finding_value(finding), output, str(n_impression),
                                     flag=_abnormal_flag(finding), probability=f"{p:.4f}"))

@@ -331,3 +331,23 @@ def test_a_triage_output_names_its_severity_tier_in_the_conclusion() -> None:
     triage = ModelOutput("triage", "0.1.0", "triage", (f,), {"severity": "urgent", "severity_display": "Urgent ECG (AI triage)"})
     b = build(result=make_result(outputs=make_result().outputs + (triage,)))
     assert "Severity tier: Urgent ECG (AI triage)." in b.report.resource["conclusion"]
+
+
+def test_a_triage_tier_is_one_coded_ekg_impression_for_worklists() -> None:
+    findings = (Finding("abnormal", "Abnormal ECG", 0.9, 0.38, True, snomed="102594003"),
+                Finding("major", "Major abnormality or urgent", 0.7, 0.33, True),
+                Finding("urgent", "Urgent ECG", 0.4, 0.13, True))
+    triage = ModelOutput("triage", "0.1.0", "triage", findings, {
+        "severity": "urgent", "severity_display": "Urgent", "severity4": "urgent", "severity_rule": "worst flag wins"})
+    b = build(result=make_result(outputs=make_result().outputs + (triage,)))
+    impressions = [o.resource for o in b.observations if o.resource["code"]["coding"][0]["code"] == "8601-7"]
+    assert len(impressions) == 1
+    obs = impressions[0]
+    codings = obs["valueCodeableConcept"]["coding"]
+    assert codings[0] == {"system": "http://snomed.info/sct", "code": "102594003", "display": "Electrocardiogram abnormal"}
+    assert codings[1]["system"] == "urn:ecgbridge:severity" and codings[1]["code"] == "urgent"
+    assert codings[2]["code"] == "4tier-urgent"
+    assert obs["interpretation"][0]["coding"][0]["code"] == "AA"
+    assert len([o for o in b.observations if o.resource["device"]["display"] == "triage 0.1.0"]) == 4  # tier + 3 probabilities
+    report_codes = [c["coding"][0]["code"] for c in b.report.resource["conclusionCode"]]
+    assert report_codes.count("102594003") == 1  # the tier, not the "abnormal" output again

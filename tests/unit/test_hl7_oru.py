@@ -430,3 +430,15 @@ def test_lvef_tier_goes_out_as_loinc_10230_1_with_its_explanation() -> None:
     impressions = [s for s in obx_by_type(er7, "CWE") if s[3].startswith("8601-7^")]
     assert all("LVEF" not in s[5] for s in impressions)
     assert len([s for s in obx_by_type(er7, "NM") if s[3].startswith("LVEF_")]) == 4
+
+
+def test_a_triage_tier_is_one_impression_obx_flagged_aa_when_urgent() -> None:
+    triage = ModelOutput("triage", "0.1.0", "triage", (
+        Finding("abnormal", "Abnormal ECG", 0.9, 0.38, True, snomed="102594003"),
+        Finding("urgent", "Urgent ECG", 0.4, 0.13, True)), {"severity": "urgent"})
+    er7 = build(result=make_result(outputs=make_result().outputs + (triage,)))
+    tier = [s for s in obx_by_type(er7, "CWE") if s[3].startswith("8601-7^") and "urgent^" in s[5]]
+    assert len(tier) == 1
+    assert tier[0][5] == "102594003^Electrocardiogram abnormal^SCT^urgent^Urgent: possible emergency, review now (AI triage)^ECGBRIDGE"
+    assert tier[0][8] == "AA"
+    assert not [s for s in obx_by_type(er7, "CWE") if s[5].startswith("urgent^")]  # no per-output impression
