@@ -350,8 +350,9 @@ def test_noise_that_outscores_a_true_mi_is_flagged_and_capped(shipped) -> None:
 
 
 MOTION_GAP = (
-    "measured 2026-12-01 with diagnosis 0.1.0 (and the 0.2.0 training candidates): wfdb/00024_lr.hea with a 0.35-level "
-    "motion burst makes the model call CD (p=0.27 > 0.16) while only 2 leads exceed the burst ratio 2.2 "
+    "measured 2026-12-01 with diagnosis 0.1.0 and 0.1.1 (the same network; and the 0.2.0 training candidates): "
+    "wfdb/00024_lr.hea with a 0.35-level "
+    "motion burst makes the model call CD (0.1.0: p=0.27 > 0.16) while only 2 leads exceed the burst ratio 2.2 "
     "(V2 2.18 at 1.8 would catch it, but 1.8 also marked 28 of 114 PTB-XL records with PVCs / AF as poor); "
     "a short electrode-motion burst and an ectopic beat look alike to this gate"
 )
