@@ -52,9 +52,10 @@ def _lvef_observation(fhir_server, sop_uid: str) -> tuple[dict, dict]:
     return report, lvef[0]
 
 
-def test_seeded_patient_gets_an_lvef_tier_explained_by_ehr_variables(make_stack, fhir_server, waveform_ecg_path):
+def test_seeded_patient_gets_an_lvef_tier_explained_by_ehr_variables(make_stack, fhir_server, waveform_ecg_path,
+                                                                     database_url):
     patient = seed.seed_heart_failure(fhir_server.base_url)
-    stack = make_stack(extra=_config(fhir_server.base_url, fhir_server.base_url))
+    stack = make_stack(extra=_config(fhir_server.base_url, fhir_server.base_url), database_url=database_url)
     stack.start_worker()
     stack.start_gateway()
     ds = _ecg_for(waveform_ecg_path, patient.identifier)
