@@ -103,8 +103,6 @@ def lvef_output(
         "not_configured", "the route names no EHR source (ehr_context)")
     out = model.predict(features or {}, diagnosis, context)
     notes = list(out.extra.get("missing_context") or [])
-    if features is None:
-        notes.insert(0, "the ECG measurements could not be made: every ECG feature is missing")
     if "poor_quality" in quality_flags:
         notes.insert(0, "poor signal quality: the ECG features may be unreliable")
     extra = {**out.extra, "missing_context": notes, "ehr_context": context.to_dict()}
