@@ -33,7 +33,7 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 
-from inference.features import cart_measurements, measure
+from inference.features import cart_measurements, detect_beats, measure
 from mapping.dicom_waveform import median_beat, to_ecg
 from mapping.ecg import Ecg
 
@@ -91,19 +91,7 @@ def mortara() -> None:
         print(_row(key, ours_rel[key], float(value)).replace(" (ms)", ""))
 
     # our beats vs the cart's 10 annotated beats
-    from inference.features import (
-        _DET_BAND,
-        _HP_HZ,
-        _INDEPENDENT,
-        _LP_HZ,
-        _detect_beats,
-        _filter,
-    )
-
-    x = ecg.signals.astype(np.float64)
-    ind = [ecg.leads.index(lead) for lead in _INDEPENDENT]
-    clean = _filter(x, ecg.fs, _HP_HZ, _LP_HZ)
-    ours_beats = _detect_beats(_filter(clean[ind], ecg.fs, *_DET_BAND), ecg.fs)
+    ours_beats = detect_beats(ecg)
     cart_beats = np.array(sorted(beats.values()))
     nearest = [int(ours_beats[np.argmin(np.abs(ours_beats - b))] - b) for b in cart_beats]
     print(f"\nBeats: ours {len(ours_beats)}, cart {len(cart_beats)}; our beat minus the cart's fiducial "
@@ -176,18 +164,7 @@ def philips(data: Path) -> None:
                 diffs[key].append(a - b)
         print(f"| {path.name[:24]} | " + " | ".join(cells) + " |")
         # Philips' mean rate is the mean of the beat-to-beat rates, not 60 / mean RR
-        from inference.features import (
-            _DET_BAND,
-            _HP_HZ,
-            _INDEPENDENT,
-            _LP_HZ,
-            _detect_beats,
-            _filter,
-        )
-
-        x = ecg.signals.astype(np.float64)
-        ind = [ecg.leads.index(lead) for lead in _INDEPENDENT]
-        beats = _detect_beats(_filter(_filter(x, ecg.fs, _HP_HZ, _LP_HZ)[ind], ecg.fs, *_DET_BAND), ecg.fs)
+        beats = detect_beats(ecg)
         inst.append(f"{path.name[:12]} {statistics.mean(60 * ecg.fs / np.diff(beats)):.1f}")
     print("\nmean difference (n): " + "; ".join(
         f"{k} {statistics.mean(v):+.1f} ({len(v)})" for k, v in diffs.items() if v))

@@ -96,6 +96,7 @@ __all__ = [
     "Fiducials",
     "Measurements",
     "cart_measurements",
+    "detect_beats",
     "measure",
 ]
 
@@ -487,6 +488,20 @@ def _contiguous(leads: list[str]) -> tuple[str, ...]:
     return tuple(lead for lead in leads if any(n in hit for n in _NEIGHBOURS.get(lead, ())))
 
 
+def _detection(x: np.ndarray, fs: float, leads: list[str]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """(independent-lead rows, filtered signals, detection signal, QRS fiducials): measure()'s first step."""
+    ind = [leads.index(lead) for lead in _INDEPENDENT if lead in leads] or list(range(len(leads)))
+    clean = _filter(x, fs, _HP_HZ, _LP_HZ if fs >= 250 else None)
+    det = _filter(clean[ind], fs, _DET_BAND[0], _DET_BAND[1])
+    return ind, clean, det, _detect_beats(det, fs)
+
+
+def detect_beats(ecg: Ecg) -> np.ndarray:
+    """QRS fiducials (sample indices) exactly as :func:`measure` finds them (for agreement benchmarks)."""
+    x = np.asarray(ecg.signals, dtype=np.float64)
+    return _detection(np.where(np.isfinite(x), x, 0.0), float(ecg.fs), list(ecg.leads))[3]
+
+
 def measure(ecg: Ecg) -> Measurements:
     """Global measurements of ``ecg`` (see the module docstring for what and how)."""
     fs = float(ecg.fs)
@@ -502,11 +517,7 @@ def measure(ecg: Ecg) -> Measurements:
     missing = [lead for lead in (*_LIMB, *_PRECORDIAL) if lead not in leads]
     if missing:
         flags.append("missing_leads:" + ",".join(missing))
-    ind = [leads.index(lead) for lead in _INDEPENDENT if lead in leads] or list(range(len(leads)))
-
-    clean = _filter(x, fs, _HP_HZ, _LP_HZ if fs >= 250 else None)
-    det = _filter(clean[ind], fs, _DET_BAND[0], _DET_BAND[1])
-    beats = _detect_beats(det, fs)
+    ind, clean, det, beats = _detection(x, fs, leads)
     empty = Measurements(fs=fs, n_beats=int(beats.size), n_beats_median=0, flags=())
     if beats.size < 2:
         return _with_flags(empty, flags + ["too_few_beats"])
