@@ -23,7 +23,9 @@ __all__ = [
     "AnalysisResult",
     "Attachment",
     "output_summary",
-    "aware_acquisition_time",
+    "acquisition_time",
+    "NO_ACQUISITION_TIME",
+    "NAIVE_ACQUISITION_TIME",
     "NOT_FOR_CLINICAL_USE",
 ]
 
@@ -126,13 +128,21 @@ class ModelOutput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def aware_acquisition_time(dt: datetime, assume_tz: tzinfo | None = None) -> tuple[datetime, bool]:
-    """(timezone-aware time, was_naive): a naive cart time is read in ``assume_tz`` (default: this
-    machine's zone, i.e. the hospital's) and converted to UTC; FHIR and HL7 both need an offset."""
+#: Flags a writer reports about the acquisition time (FHIR conclusion, HL7 NTE).
+NO_ACQUISITION_TIME = "no_acquisition_time"
+NAIVE_ACQUISITION_TIME = "acquisition_time_without_offset:assumed_local_converted_to_utc"
+
+
+def acquisition_time(dt: datetime | None, assume_tz: tzinfo | None = None) -> tuple[datetime | None, str | None]:
+    """(timezone-aware time or None, flag or None): a naive cart time is read in ``assume_tz``
+    (default: this machine's zone, i.e. the hospital's) and converted to UTC, and flagged; FHIR
+    and HL7 both need an offset. One rule for both writers, so they flag the same ECGs."""
+    if dt is None:
+        return None, NO_ACQUISITION_TIME
     if dt.tzinfo is not None and dt.utcoffset() is not None:
-        return dt, False
+        return dt, None
     aware = dt.replace(tzinfo=assume_tz) if assume_tz is not None else dt.astimezone()
-    return aware.astimezone(timezone.utc), True
+    return aware.astimezone(timezone.utc), NAIVE_ACQUISITION_TIME
 
 
 def output_summary(output: ModelOutput) -> str:

@@ -63,7 +63,7 @@ from urllib.parse import quote, urlencode
 
 from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
-from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, aware_acquisition_time, output_summary
+from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, acquisition_time, output_summary
 from mapping.fhir_lvef import lvef_observation
 from mapping.fhir_measurements import measurement_observations
 from mapping.fhir_validate import validate_resource
@@ -217,12 +217,6 @@ def _fhir_instant(dt: datetime) -> str:
     spec = "milliseconds" if dt.microsecond else "seconds"
     text = dt.isoformat(timespec=spec)
     return text[:-6] + "Z" if text.endswith("+00:00") else text
-
-
-def _effective_time(dt: datetime, assume_tz: tzinfo | None) -> tuple[str, bool]:
-    """(FHIR dateTime, was_naive). Naive times are read in ``assume_tz`` / local zone."""
-    aware, naive = aware_acquisition_time(dt, assume_tz)
-    return _fhir_instant(aware), naive
 
 
 def _model_tag(output: ModelOutput) -> dict[str, str]:
@@ -575,13 +569,10 @@ def build_report(
     subject = _subject(patient, patient_reference, patient_identifier_system, include_patient_name)
     if subject is None:
         report_flags.append("no_patient_id")
-    effective: str | None = None
-    if study.acquired_at is not None:
-        effective, naive = _effective_time(study.acquired_at, assume_tz)
-        if naive:
-            report_flags.append("acquisition_time_without_offset:assumed_local_converted_to_utc")
-    else:
-        report_flags.append("no_acquisition_time")
+    acquired, time_flag = acquisition_time(study.acquired_at, assume_tz)
+    effective = _fhir_instant(acquired) if acquired is not None else None
+    if time_flag:
+        report_flags.append(time_flag)
     presented = _presented_form(result.attachments, attachments_data, report_flags)
     flags = _dedupe([*result.quality_flags, *result.ecg_flags, *report_flags])
 

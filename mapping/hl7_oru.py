@@ -83,7 +83,7 @@ from hl7apy.validation import Validator
 
 from ecgbridge.errors import PermanentDeliveryError
 from mapping.codes import LOINC, SUPERCLASS_SNOMED
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, aware_acquisition_time, output_summary
+from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, acquisition_time, output_summary
 from mapping.hl7_common import hl7_timestamp, unescape
 from mapping.lvef_result import LVEF_TASK, explanation_lines, predicted_tier, tier_interpretation
 from mapping.severity_result import severity_of_output
@@ -235,12 +235,6 @@ def _hl7_ts(dt: datetime) -> str:
     Whole seconds: some receivers cannot read DTM fractions, and no ECG result needs them.
     """
     return hl7_timestamp(dt.replace(microsecond=0))
-
-
-def _acquired(dt: datetime, assume_tz: tzinfo | None) -> tuple[str, bool]:
-    """(TS, was_naive): naive times are read in ``assume_tz`` / local zone, sent as UTC."""
-    aware, naive = aware_acquisition_time(dt, assume_tz)
-    return _hl7_ts(aware), naive
 
 
 def _number(value: float, places: int) -> str:
@@ -492,13 +486,10 @@ def build_oru_r01(
     placer = _ei(order.get("placer_order_number")) or _ei(study.placer_order_number)
     filler = (_ei(order.get("filler_order_number")) or _ei(study.filler_order_number)
               or (message_id, _first_text(_hd(destination.sending_application))))
-    acquired: str | None = None
-    if study.acquired_at is not None:
-        acquired, naive = _acquired(study.acquired_at, assume_tz)
-        if naive:
-            flags.append("acquisition_time_without_offset:assumed_local_converted_to_utc")
-    else:
-        flags.append("no_acquisition_time")
+    acquired_at, time_flag = acquisition_time(study.acquired_at, assume_tz)
+    acquired = _hl7_ts(acquired_at) if acquired_at is not None else None
+    if time_flag:
+        flags.append(time_flag)
     identifier = _patient_identifier(patient, order, flags)
     if _empty(identifier):
         flags.append("no_patient_id")
