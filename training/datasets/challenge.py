@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,9 +190,10 @@ class ChallengeData:
         """One pseudo-patient per record: the challenge data carry no patient ids."""
         return np.arange(len(self), dtype=np.int64)
 
-    def select(self, source: str) -> "ChallengeData":
-        keep = [i for i, s in enumerate(self.sources) if s == source]
-        return ChallengeData(
+    def _records(self, keep: list[int], **changes: Any) -> "ChallengeData":
+        """These records only (per-record fields subset; ``changes`` replace the rest)."""
+        return replace(
+            self,
             x=self.x[keep],
             y=self.y[keep],
             names=tuple(self.names[i] for i in keep),
@@ -200,29 +201,20 @@ class ChallengeData:
             ages=tuple(self.ages[i] for i in keep),
             sexes=tuple(self.sexes[i] for i in keep),
             dx=tuple(self.dx[i] for i in keep),
+            **changes,
+        )
+
+    def select(self, source: str) -> "ChallengeData":
+        return self._records(
+            [i for i, s in enumerate(self.sources) if s == source],
             excluded=tuple(n for n, s in zip(self.excluded, self.excluded_sources) if s == source),
             excluded_sources=tuple(s for s in self.excluded_sources if s == source),
-            unmapped_codes=self.unmapped_codes,
-            classes=self.classes,
             info={**self.info, "source": source},
         )
 
     def drop(self, names: set[str]) -> "ChallengeData":
-        keep = [i for i, n in enumerate(self.names) if n not in names]
-        return ChallengeData(
-            x=self.x[keep],
-            y=self.y[keep],
-            names=tuple(self.names[i] for i in keep),
-            sources=tuple(self.sources[i] for i in keep),
-            ages=tuple(self.ages[i] for i in keep),
-            sexes=tuple(self.sexes[i] for i in keep),
-            dx=tuple(self.dx[i] for i in keep),
-            excluded=self.excluded,
-            excluded_sources=self.excluded_sources,
-            unmapped_codes=self.unmapped_codes,
-            classes=self.classes,
-            info={**self.info, "dropped": sorted(names)},
-        )
+        return self._records([i for i, n in enumerate(self.names) if n not in names],
+                             info={**self.info, "dropped": sorted(names)})
 
     def label_counts(self) -> dict[str, int]:
         return {c: int(self.y[:, i].sum()) for i, c in enumerate(self.classes)}
