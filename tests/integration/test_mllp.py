@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.support.hl7_messages import with_charset
 from tests.support.processes import REPO, RedisServer, redis_binary, wait_for
 from tests.support.stack import Stack
 
@@ -67,14 +68,6 @@ def orm(control: str, placer: str, filler: str) -> str:
         f"ORC|NW|{placer}^HIS|{filler}^ECG||SC||||20260301100000|||1234^Smith^John",
         f"OBR|1|{placer}^HIS|{filler}^ECG|93000^EKG 12 lead^CPT",
     ]) + "\r"
-
-
-def with_charset(message: str, charset: str) -> str:
-    first, rest = message.split("\r", 1)
-    parts = first.split("|")
-    parts += [""] * (18 - len(parts))
-    parts[17] = charset
-    return "|".join(parts).rstrip("|") + "\r" + rest
 
 
 def break_one_channel(message: str) -> tuple[str, int]:

@@ -30,6 +30,7 @@ from gateway.hl7_inbound import (
 )
 from gateway.store import MessageStore
 from inference.celery_app import QUEUE, make_celery
+from tests.support.hl7_messages import with_charset
 from tests.support.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,15 +124,6 @@ def waveform_message(control: str = "ORU0001", *, placer: str | None = "PL1001",
                                     filler_order_number=filler, version=version,
                                     encoding=charset or "UNICODE UTF-8")
     return message if charset else with_charset(message, "")
-
-
-def with_charset(message: str, charset: str) -> str:
-    """Set MSH-18 of an ER7 message (python-hl7 would re-serialise everything)."""
-    first, rest = message.split("\r", 1)
-    parts = first.split("|")
-    parts += [""] * (18 - len(parts))
-    parts[17] = charset
-    return "|".join(parts).rstrip("|") + "\r" + rest
 
 
 # ----- the ACK ---------------------------------------------------------------------------------
