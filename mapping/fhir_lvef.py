@@ -18,12 +18,12 @@ Decisions:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 from mapping.codes import LOINC, SYSTEM
 from mapping.ecg import NOT_FOR_CLINICAL_USE, ModelOutput
+from mapping.fhir_observation import observation_base
 from mapping.lvef_result import explanation_text, predicted_tier, tier_interpretation
 
 __all__ = ["LVEF_TIER_SYSTEM", "lvef_observation"]
@@ -50,26 +50,12 @@ def lvef_observation(
     code, display = LOINC["lvef"]
     tier_coding = {"system": LVEF_TIER_SYSTEM, "code": tier.code, "display": tier.display}
     variant = str(output.extra.get("variant") or "ecg-only")
-    obs: dict[str, Any] = {"resourceType": "Observation"}
-    if meta:
-        obs["meta"] = copy.deepcopy(dict(meta))
-    obs.update({
-        "identifier": [{"system": SYSTEM["ecgbridge_result"], "value": identifier_value}],
-        "status": "preliminary",
-        "category": [
-            {"coding": [{"system": SYSTEM["obs_category"], "code": "procedure", "display": "Procedure"}]}
-        ],
-        "code": {
-            "coding": [{"system": SYSTEM["loinc"], "code": code, "display": display}],
-            "text": "LVEF tier estimated from the ECG (model)",
-        },
-    })
-    if subject is not None:
-        obs["subject"] = copy.deepcopy(dict(subject))
-    if effective is not None:
-        obs["effectiveDateTime"] = effective
-    if issued is not None:
-        obs["issued"] = issued
+    obs = observation_base(
+        identifier_value=identifier_value,
+        code={"coding": [{"system": SYSTEM["loinc"], "code": code, "display": display}],
+              "text": "LVEF tier estimated from the ECG (model)"},
+        subject=subject, effective=effective, issued=issued, meta=meta,
+    )
     obs["valueCodeableConcept"] = {"coding": [tier_coding], "text": tier.display}
     interpretation = [{"coding": [dict(tier_coding)], "text": tier.display}]
     v3 = tier_interpretation(tier, output)

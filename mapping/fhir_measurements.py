@@ -44,13 +44,13 @@ Every Observation is validated with ``fhir.resources.R4B`` (via
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from mapping.codes import LOINC, SYSTEM
 from mapping.ecg import NOT_FOR_CLINICAL_USE
+from mapping.fhir_observation import observation_base
 from mapping.fhir_validate import validate_resource
 
 __all__ = ["FHIR_MEASUREMENTS", "measurement_observations"]
@@ -117,21 +117,8 @@ def measurement_observations(
         if key == "qtc_interval":
             coding.append({"system": SYSTEM["loinc"], "code": _BAZETT[0], "display": _BAZETT[1]})
             text = "QTc (Bazett)"
-        obs: dict[str, Any] = {
-            "resourceType": "Observation",
-            "identifier": [{"system": SYSTEM["ecgbridge_result"], "value": f"{identifier_base}/{key}"}],
-            "status": "preliminary",
-            "category": [
-                {"coding": [{"system": SYSTEM["obs_category"], "code": "procedure", "display": "Procedure"}]}
-            ],
-            "code": {"coding": coding, "text": text},
-        }
-        if subject is not None:
-            obs["subject"] = copy.deepcopy(dict(subject))
-        if effective is not None:
-            obs["effectiveDateTime"] = effective
-        if issued is not None:
-            obs["issued"] = issued
+        obs = observation_base(identifier_value=f"{identifier_base}/{key}", code={"coding": coding, "text": text},
+                               subject=subject, effective=effective, issued=issued)
         obs["valueQuantity"] = {"value": value, "unit": unit, "system": SYSTEM["ucum"], "code": ucum}
         obs["method"] = {"text": "Global measurement on the median beat of all leads (ecgbridge)"}
         obs["note"] = [{"text": label}]

@@ -66,6 +66,7 @@ from mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
 from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, acquisition_time, output_summary
 from mapping.fhir_lvef import lvef_observation
 from mapping.fhir_measurements import measurement_observations
+from mapping.fhir_observation import observation_base
 from mapping.fhir_validate import validate_resource
 from mapping.lvef_result import LVEF_TASK, explanation_text
 from mapping.severity_result import Severity, severity_of_output
@@ -360,28 +361,12 @@ def _observation(
         + (f"; tier {finding.tier}" if finding.tier else "")
         + f"). {label}"
     )
-    obs: dict[str, Any] = {
-        "resourceType": "Observation",
-        "meta": {"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
-        "identifier": [{"system": system, "value": value}],
-        "status": "preliminary",
-        "category": [
-            {
-                "coding": [
-                    {"system": SYSTEM["obs_category"], "code": "procedure", "display": "Procedure"}
-                ]
-            }
-        ],
-        "code": {
-            "coding": _finding_codings(finding, output),
-            "text": f"{finding.display} (model probability)",
-        },
-    }
-    if subject is not None:
-        obs["subject"] = copy.deepcopy(subject)
-    if effective is not None:
-        obs["effectiveDateTime"] = effective
-    obs["issued"] = issued
+    obs = observation_base(
+        identifier_value=value,
+        code={"coding": _finding_codings(finding, output), "text": f"{finding.display} (model probability)"},
+        subject=subject, effective=effective, issued=issued,
+        meta={"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
+    )
     obs["valueQuantity"] = {"value": probability, **_PROBABILITY_UNIT}
     obs["interpretation"] = [
         {
@@ -460,21 +445,13 @@ def _severity_observation(
 ) -> PlannedResource:
     """The triage tier as one "EKG impression" (LOINC 8601-7) a worklist can filter on."""
     code, display = LOINC["ecg_impression"]
-    obs: dict[str, Any] = {
-        "resourceType": "Observation",
-        "meta": {"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
-        "identifier": [{"system": SYSTEM["ecgbridge_result"],
-                        "value": f"{id_value}/{output.model}/{output.version}/severity"}],
-        "status": "preliminary",
-        "category": [{"coding": [{"system": SYSTEM["obs_category"], "code": "procedure", "display": "Procedure"}]}],
-        "code": {"coding": [{"system": SYSTEM["loinc"], "code": code, "display": display}],
-                 "text": "ECG severity tier (AI triage)"},
-    }
-    if subject is not None:
-        obs["subject"] = copy.deepcopy(subject)
-    if effective is not None:
-        obs["effectiveDateTime"] = effective
-    obs["issued"] = issued
+    obs = observation_base(
+        identifier_value=f"{id_value}/{output.model}/{output.version}/severity",
+        code={"coding": [{"system": SYSTEM["loinc"], "code": code, "display": display}],
+              "text": "ECG severity tier (AI triage)"},
+        subject=subject, effective=effective, issued=issued,
+        meta={"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
+    )
     obs["valueCodeableConcept"] = {"coding": _severity_codings(severity), "text": severity.display4 or severity.display}
     obs["interpretation"] = [{"coding": [{"system": SYSTEM["obs_interpretation"], "code": severity.flag[0],
                                           "display": severity.flag[1]}]}]
