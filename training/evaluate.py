@@ -34,7 +34,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
@@ -95,6 +95,19 @@ def _patient_groups(patient_ids: np.ndarray) -> list[np.ndarray]:
     return np.split(order, bounds)
 
 
+def patient_resamples(patient_ids: np.ndarray, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of each patient-level bootstrap replicate (a patient's records are drawn together).
+
+    The same ``seed`` gives the same replicates, so statistics bootstrapped in separate
+    passes (AUROC here, kappa in ``training.lvef_evaluate``) share their resamples.
+    """
+    rng = np.random.default_rng(seed)
+    groups = _patient_groups(np.asarray(patient_ids))
+    for _ in range(n_bootstrap):
+        drawn = rng.integers(0, len(groups), size=len(groups))
+        yield np.concatenate([groups[g] for g in drawn])
+
+
 def bootstrap_auroc(
     y_true: np.ndarray,
     scores: np.ndarray,
@@ -110,14 +123,10 @@ def bootstrap_auroc(
     replicate counts for the macro only when all of those are defined in it.
     """
     mask = list(macro_classes) if macro_classes is not None else [True] * y_true.shape[1]
-    rng = np.random.default_rng(seed)
-    groups = _patient_groups(np.asarray(patient_ids))
     n_classes = y_true.shape[1]
     per_class: list[list[float]] = [[] for _ in range(n_classes)]
     macro: list[float] = []
-    for _ in range(n_bootstrap):
-        drawn = rng.integers(0, len(groups), size=len(groups))
-        idx = np.concatenate([groups[g] for g in drawn])
+    for idx in patient_resamples(patient_ids, n_bootstrap, seed):
         values = [auroc(y_true[idx, k], scores[idx, k]) for k in range(n_classes)]
         for k, v in enumerate(values):
             if not np.isnan(v):

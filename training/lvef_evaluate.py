@@ -33,7 +33,7 @@ from inference.lvef import LVEF_DIR, LvefModel
 from inference.lvef_features import LVEF_TIERS
 
 from .datasets.lvef import LvefTable, build_table, cache_path_for, load_features, read_manifest
-from .evaluate import _patient_groups, auroc
+from .evaluate import _patient_groups, auroc, bootstrap_auroc, patient_resamples
 
 __all__ = [
     "quadratic_weighted_kappa",
@@ -78,6 +78,10 @@ def _interval(samples: list[float]) -> list[float] | None:
     return [round(float(lo), 4), round(float(hi), 4)]
 
 
+def _rounded(ci: Sequence[float] | None) -> list[float] | None:
+    return None if ci is None else [round(float(v), 4) for v in ci]
+
+
 def tier_metrics(y_true: np.ndarray, probs: np.ndarray, patient_ids: np.ndarray, *,
                  n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Per-tier AUROC (+ CI, counts), macro-AUROC (+ CI), quadratic kappa (+ CI), accuracy, confusion."""
@@ -88,34 +92,22 @@ def tier_metrics(y_true: np.ndarray, probs: np.ndarray, patient_ids: np.ndarray,
     per = [auroc(onehot[:, k], p[:, k]) for k in range(_K)]
     defined = [not np.isnan(v) for v in per]
     macro = float(np.mean([v for v, d in zip(per, defined) if d])) if any(defined) else float("nan")
-    rng = np.random.default_rng(seed)
+    n_rounds = n_bootstrap if len(y) else 0
+    boot = bootstrap_auroc(onehot, p, patient_ids, n_bootstrap=n_rounds, seed=seed, macro_classes=defined)
+    boot_kappa = [kap for idx in patient_resamples(patient_ids, n_rounds, seed)
+                  if not np.isnan(kap := quadratic_weighted_kappa(y[idx], pred[idx]))]
     groups = _patient_groups(np.asarray(patient_ids))
-    boot: list[list[float]] = [[] for _ in range(_K)]
-    boot_macro: list[float] = []
-    boot_kappa: list[float] = []
-    for _ in range(n_bootstrap if len(y) else 0):
-        idx = np.concatenate([groups[g] for g in rng.integers(0, len(groups), size=len(groups))])
-        vals = [auroc(onehot[idx, k], p[idx, k]) for k in range(_K)]
-        for k, v in enumerate(vals):
-            if not np.isnan(v):
-                boot[k].append(v)
-        chosen = [v for v, d in zip(vals, defined) if d]
-        if chosen and not np.any(np.isnan(chosen)):
-            boot_macro.append(float(np.mean(chosen)))
-        kap = quadratic_weighted_kappa(y[idx], pred[idx])
-        if not np.isnan(kap):
-            boot_kappa.append(kap)
     cm = confusion_matrix(y, pred)
     return {
         "n": int(len(y)),
         "n_patients": int(len(groups)),
         "tiers": [
             {"code": CODES[k], "count": int(onehot[:, k].sum()),
-             "auroc": None if np.isnan(per[k]) else round(float(per[k]), 4), "ci": _interval(boot[k])}
+             "auroc": None if np.isnan(per[k]) else round(float(per[k]), 4), "ci": _rounded(boot["class_ci"][k])}
             for k in range(_K)
         ],
         "macro_auroc": None if np.isnan(macro) else round(macro, 4),
-        "macro_ci": _interval(boot_macro),
+        "macro_ci": _rounded(boot["macro_ci"]),
         "macro_tiers": [CODES[k] for k in range(_K) if defined[k]],
         "kappa_quadratic": None if np.isnan(qk := quadratic_weighted_kappa(y, pred)) else round(qk, 4),
         "kappa_ci": _interval(boot_kappa),
