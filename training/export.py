@@ -292,7 +292,9 @@ def build_manifest(
     tiers: dict[str, dict[str, float]] | None = None,
     calibration: dict[str, Any] | None = None,
     architecture: dict[str, Any] | None = None,
+    model_classes: list[ModelClass] | None = None,
 ) -> Manifest:
+    """The manifest of an exported graph; ``model_classes`` default to the PTB-XL superclasses of ``classes``."""
     return Manifest(
         name=name,
         version=version,
@@ -302,7 +304,7 @@ def build_manifest(
         input=ModelInput(name="ecg", leads=list(STANDARD_LEADS), fs_hz=fs_hz, n_samples=n_samples),
         preprocessing=[dict(step) for step in (preprocessing or DEFAULT_SPEC)],
         outputs=dict(outputs or {"probabilities": "probabilities"}),
-        classes=[
+        classes=model_classes or [
             ModelClass(code=c, display=SUPERCLASS_DISPLAY[c], snomed=SUPERCLASS_SNOMED[c][0]) for c in classes
         ],
         thresholds={c: round(float(thresholds[c]), 6) for c in classes},

@@ -40,23 +40,29 @@ import json
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from inference.models import Manifest, ModelClass, ModelInput
+from inference.models import Manifest, ModelClass
 from inference.preprocess import DEFAULT_SPEC
 from inference.triage import DECODING_RULE, TRIAGE_OUTPUT_DISPLAY, TRIAGE_OUTPUTS_3, TRIAGE_OUTPUTS_4
 from mapping.codes import SCP_SEVERITY, SEVERITY3, SEVERITY4, SEVERITY_SNOMED
-from mapping.ecg import STANDARD_LEADS
 
 from .augment import AugmentConfig, Augmenter
 from .datasets.ptbxl import SUPERCLASSES, TEST_FOLDS, TRAIN_FOLDS, VAL_FOLDS, PtbxlData, check_patient_disjoint
 from .evaluate import to_jsonable
-from .export import ServingGraph, check_parity, export_onnx, parity_by_output, sha256_file, write_manifest
+from .export import (
+    ServingGraph,
+    build_manifest,
+    check_parity,
+    export_onnx,
+    parity_by_output,
+    sha256_file,
+    write_manifest,
+)
 from .train import ARCHS, FS_HZ, _fmt_s, _logits, _seed_everything, class_pos_weight, fit_member
 from .triage_evaluate import (
     N_MIN_POSITIVES,
@@ -120,24 +126,11 @@ def _triage_manifest(
 ) -> Manifest:
     codes = _TIERED[scheme]
     snomed = {"abnormal": SEVERITY_SNOMED["abnormal_nonurgent"][0]}
-    return Manifest(
-        name=name,
-        version=version,
-        task="triage",
-        file="model.onnx",
-        sha256=sha256,
-        input=ModelInput(name="ecg", leads=list(STANDARD_LEADS), fs_hz=FS_HZ, n_samples=1000),
-        preprocessing=[dict(step) for step in DEFAULT_SPEC],
+    return build_manifest(
+        classes=tuple(codes), thresholds=thresholds, sha256=sha256, name=name, version=version, task="triage",
+        description=description, trained_on=trained_on, architecture=architecture,
         outputs={"probabilities": "probabilities", "cams": "cams", "logits": "logits"},
-        classes=[ModelClass(code=c, display=TRIAGE_OUTPUT_DISPLAY[c], snomed=snomed.get(c)) for c in codes],
-        thresholds={c: round(float(thresholds[c]), 6) for c in codes},
-        tiers=None,
-        calibration=None,
-        architecture=architecture,
-        card="MODEL_CARD.md",
-        description=description,
-        trained_on=trained_on,
-        created=datetime.now(timezone.utc).date().isoformat(),
+        model_classes=[ModelClass(code=c, display=TRIAGE_OUTPUT_DISPLAY[c], snomed=snomed.get(c)) for c in codes],
     )
 
 
