@@ -41,7 +41,9 @@ def redis_server_binary() -> str:
 
 class EmbeddedRedis:
     def __init__(self, directory: Path, socket_path: Path) -> None:
-        self.directory = directory
+        # Absolute: redis-server changes into --dir before it opens --logfile, so a relative
+        # data directory (the defaults without a config file) would point it nowhere.
+        self.directory = Path(directory).resolve()
         self.socket_path = socket_path
         self.process: subprocess.Popen[bytes] | None = None
 

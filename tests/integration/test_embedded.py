@@ -49,3 +49,22 @@ def test_run_on_embedded_defaults_analyses_and_survives_restart(tmp_path, wavefo
     finally:
         run.stop()
     assert "Traceback" not in run.log_text()
+
+
+def test_embedded_broker_starts_from_a_relative_data_dir(tmp_path, monkeypatch):
+    """`bash scripts/run.sh` without a config: data_dir is the relative ./ecgbridge-data."""
+    import redis
+
+    from ecgbridge.broker import EmbeddedRedis
+    from ecgbridge.settings import default_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = default_settings()
+    assert not settings.data_dir.is_absolute()
+    broker = EmbeddedRedis(settings.data_dir / "broker", settings.broker_socket)
+    broker.start()
+    try:
+        assert redis.Redis(unix_socket_path=str(settings.broker_socket)).ping()
+        assert (tmp_path / "ecgbridge-data" / "broker" / "redis.log").exists()
+    finally:
+        broker.stop()
