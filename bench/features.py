@@ -33,9 +33,9 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 
-from inference.features import cart_measurements, detect_beats, measure
-from mapping.dicom_waveform import median_beat, to_ecg
-from mapping.ecg import Ecg
+from ecgbridge.inference.features import cart_measurements, detect_beats, measure
+from ecgbridge.mapping.dicom_waveform import median_beat, to_ecg
+from ecgbridge.mapping.ecg import Ecg
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("heart_rate", "pr_interval", "qrs_duration", "qt_interval", "qtc_interval", "p_axis", "qrs_axis", "t_axis")
@@ -139,7 +139,7 @@ def _philips_values(path: Path) -> dict[str, float]:
 
 
 def philips(data: Path) -> None:
-    from mapping.readers import read_ecg_file
+    from ecgbridge.mapping.readers import read_ecg_file
 
     folder = data / "vendor-xml" / "philips-sierra"
     files = [p for p in sorted(folder.glob("*")) if p.suffix.lower() == ".xml" and "converted" not in p.name]
@@ -174,7 +174,7 @@ def philips(data: Path) -> None:
 def ptbxl_axis(data: Path) -> None:
     import pandas as pd
 
-    from mapping.wfdb_record import read_wfdb
+    from ecgbridge.mapping.wfdb_record import read_wfdb
 
     base = data / "ptbxl-subset"
     csv = base / "ptbxl_database.csv"
@@ -213,7 +213,7 @@ def ptbxl_axis(data: Path) -> None:
 
 
 def cost(data: Path, repeat: int) -> None:
-    from mapping.wfdb_record import read_wfdb
+    from ecgbridge.mapping.wfdb_record import read_wfdb
 
     cases: list[tuple[str, Ecg]] = [("Mortara 12 x 10 s @ 1000 Hz", to_ecg(pydicom.dcmread(get_testdata_file("waveform_ecg.dcm")))),
                                     ("E07506 12 x 10 s @ 500 Hz", read_wfdb(REPO / "tests/fixtures/wfdb/E07506"))]

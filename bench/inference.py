@@ -26,8 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from inference.models import ModelRegistry, load_manifest
-from inference.preprocess import Pipeline
+from ecgbridge.inference.models import ModelRegistry, load_manifest
+from ecgbridge.inference.preprocess import Pipeline
 
 
 def _rate(fn: Callable[[], None], batch: int, seconds: float) -> tuple[float, float]:
@@ -56,8 +56,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from training.export import ServingGraph
-    from training.train import build_model
+    from ecgbridge.training.export import ServingGraph
+    from ecgbridge.training.train import build_model
 
     if args.model is None:
         args.model = ModelRegistry().available()["diagnosis"]

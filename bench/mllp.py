@@ -41,9 +41,9 @@ _TEMPLATE_ID = "BENCH0000000000"
 
 def build_messages(record: Path, n: int) -> list[bytes]:
     """``n`` ORU^R01 of one real ECG, differing in MSH-10 only (built once: hl7apy is slow)."""
-    from mapping.ecg import Patient
-    from mapping.hl7_waveform import build_oru_waveform
-    from mapping.readers import read_ecg_file
+    from ecgbridge.mapping.ecg import Patient
+    from ecgbridge.mapping.hl7_waveform import build_oru_waveform
+    from ecgbridge.mapping.readers import read_ecg_file
 
     ecg = read_ecg_file(record)
     ecg = replace(ecg, patient=Patient(id="BENCH-0001", name="Bench^Test"))
@@ -179,8 +179,8 @@ def _measure_ours(tmp: Path, redis_url: str, messages: list[bytes], senders: int
 
 def _check_stored(cfg: Path, expected: int) -> None:
     """Every acknowledged message is in the store and queued: the figure counts real work."""
-    from ecgbridge.settings import load_settings
-    from gateway.store import MessageStore
+    from ecgbridge.core.settings import load_settings
+    from ecgbridge.core.store import MessageStore
 
     s = load_settings(cfg)
     rows = MessageStore(s.database_url, s.data_dir).list(limit=expected + 10)

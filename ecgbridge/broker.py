@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from ecgbridge.errors import ConfigError
 
 __all__ = ["redis_server_binary", "EmbeddedRedis"]
 

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
-from .errors import ConfigError, EcgBridgeError
-from .settings import Settings, load_settings
+from ecgbridge import __version__
+from ecgbridge.errors import ConfigError, EcgBridgeError
+from ecgbridge.core.settings import Settings, load_settings
 
 __all__ = ["main", "build_parser"]
 
@@ -41,7 +41,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 # ----- commands ---------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from .service import run_all
+    from ecgbridge.service import run_all
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
@@ -50,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from .service import Gateway, _wait_for_signal
+    from ecgbridge.service import Gateway, _wait_for_signal
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
@@ -68,7 +68,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .service import run_worker
+    from ecgbridge.service import run_worker
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
@@ -79,16 +79,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _read_file(path: Path):  # type: ignore[no-untyped-def]
-    from mapping.readers import read_ecg_file
+    from ecgbridge.mapping.readers import read_ecg_file
 
     return read_ecg_file(path)
 
 
 def cmd_analyse(args: argparse.Namespace) -> int:
-    from inference.models import ModelRegistry
-    from inference.pipeline import analyse_ecg
-    from mapping.ecg import AnalysisResult
-    from mapping.lvef_result import LVEF_TASK, explanation_lines
+    from ecgbridge.inference.models import ModelRegistry
+    from ecgbridge.inference.pipeline import analyse_ecg
+    from ecgbridge.mapping.ecg import AnalysisResult
+    from ecgbridge.mapping.lvef_result import LVEF_TASK, explanation_lines
 
     settings = _settings(args)
     _setup_logging("WARNING")
@@ -136,7 +136,7 @@ def cmd_analyse(args: argparse.Namespace) -> int:
 
 
 def _store(settings: Settings):  # type: ignore[no-untyped-def]
-    from gateway.store import MessageStore
+    from ecgbridge.core.store import MessageStore
 
     store = MessageStore(settings.database_url, settings.data_dir)
     store.create_schema()
@@ -228,9 +228,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 #: model -> (module of its trainer, module of its evaluator); each module has ``main(argv)``.
 TRAINING_ENTRIES: dict[str, tuple[str, str]] = {
-    "diagnosis": ("training.train", "training.evaluate"),
-    "triage": ("training.triage", "training.triage_evaluate"),
-    "lvef": ("training.lvef_model", "training.lvef_evaluate"),
+    "diagnosis": ("ecgbridge.training.train", "ecgbridge.training.evaluate"),
+    "triage": ("ecgbridge.training.triage", "ecgbridge.training.triage_evaluate"),
+    "lvef": ("ecgbridge.training.lvef_model", "ecgbridge.training.lvef_evaluate"),
 }
 
 

@@ -15,9 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .broker import EmbeddedRedis
-from .errors import StorageError
-from .settings import Settings
+from ecgbridge.broker import EmbeddedRedis
+from ecgbridge.errors import StorageError
+from ecgbridge.core.settings import Settings
 
 __all__ = ["recover", "Gateway", "run_worker", "run_all"]
 
@@ -51,10 +51,10 @@ class Gateway:
     """The listeners plus a periodic sweep that enqueues stored-but-unqueued messages."""
 
     def __init__(self, settings: Settings, sweep_interval_s: float = 15.0) -> None:
-        from gateway.dicom_scp import DicomGateway
-        from gateway.dispatch import Dispatcher
-        from gateway.store import MessageStore
-        from inference.celery_app import make_celery
+        from ecgbridge.gateway.dicom_scp import DicomGateway
+        from ecgbridge.core.queue import Dispatcher
+        from ecgbridge.core.store import MessageStore
+        from ecgbridge.worker.celery_app import make_celery
 
         self.settings = settings
         self.store = MessageStore(settings.database_url, settings.data_dir)
@@ -63,12 +63,12 @@ class Gateway:
         self.dicom = DicomGateway(settings, self.store, self.dispatcher) if settings.listeners.dicom.enabled else None
         self.mllp = None
         if settings.listeners.mllp.enabled:
-            from gateway.mllp import MllpGateway
+            from ecgbridge.gateway.mllp import MllpGateway
 
             self.mllp = MllpGateway(settings, self.store, self.dispatcher)
         self.inbox = None
         if settings.listeners.inbox.enabled:
-            from gateway.inbox import InboxWatcher
+            from ecgbridge.gateway.inbox import InboxWatcher
 
             self.inbox = InboxWatcher(settings, self.store, self.dispatcher)
         self._stop = threading.Event()
@@ -99,9 +99,9 @@ class Gateway:
 
 def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: str | None = None) -> None:
     """A Celery worker in this process (prefork pool); blocks until stopped."""
-    from inference.celery_app import QUEUE, make_celery
+    from ecgbridge.worker.celery_app import QUEUE, make_celery
 
-    from gateway.store import MessageStore
+    from ecgbridge.core.store import MessageStore
 
     MessageStore(settings.database_url, settings.data_dir).create_schema()
     app = make_celery(settings, include_tasks=True)

@@ -1,1 +1,1 @@
-"""gateway"""
+"""inbound listeners: DICOM SCP, MLLP server and HL7 handler, inbox folder. Core and mapping only; never a model runtime."""

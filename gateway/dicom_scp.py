@@ -20,13 +20,13 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ecgbridge.errors import EcgBridgeError, InputError, StorageError
-from ecgbridge.settings import DicomListener, Settings
-from mapping.codes import ECG_STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
-from mapping.dicom_waveform import read_bytes, to_ecg
+from ecgbridge.core.settings import DicomListener, Settings
+from ecgbridge.mapping.codes import ECG_STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
+from ecgbridge.mapping.dicom_waveform import read_bytes, to_ecg
 
-from .dispatch import Dispatcher
-from .routing import MessageFacts, match_route
-from .store import MessageStore
+from ecgbridge.core.queue import Dispatcher
+from ecgbridge.core.routing import MessageFacts, match_route
+from ecgbridge.core.store import MessageStore
 
 __all__ = ["StoreContext", "handle_store", "handle_echo", "DicomGateway", "TRANSFER_SYNTAXES"]
 

@@ -62,8 +62,8 @@ from ecgbridge.errors import (
     UnsupportedInputError,
     WaveformError,
 )
-from ecgbridge.settings import Settings
-from mapping.hl7_common import (
+from ecgbridge.core.settings import Settings
+from ecgbridge.mapping.hl7_common import (
     CHARSETS,
     ErrorLocation,
     decode_bytes,
@@ -74,9 +74,9 @@ from mapping.hl7_common import (
     read_er7,
 )
 
-from .dispatch import Dispatcher
-from .routing import MessageFacts, match_route
-from .store import MessageRow, MessageStore
+from ecgbridge.core.queue import Dispatcher
+from ecgbridge.core.routing import MessageFacts, match_route
+from ecgbridge.core.store import MessageRow, MessageStore
 
 __all__ = [
     "InboundContext",
@@ -654,7 +654,7 @@ def _accept_oru(msg: _Inbound, segments: list[Any], ctx: InboundContext) -> str:
     orc = orcs[0] if orcs else None
     msg.placer = _first(obrs[0], 2) or _first(orc, 2) or None
     msg.filler = _first(obrs[0], 3) or _first(orc, 3) or None
-    from mapping.hl7_waveform import parse_oru_waveform
+    from ecgbridge.mapping.hl7_waveform import parse_oru_waveform
 
     try:
         ecg = parse_oru_waveform(msg.text)

@@ -40,12 +40,12 @@ from pathlib import Path
 
 
 from ecgbridge.errors import EcgBridgeError, InputError, StorageError
-from ecgbridge.settings import InboxListener, Settings
-from mapping.readers import read_ecg_bytes
+from ecgbridge.core.settings import InboxListener, Settings
+from ecgbridge.mapping.readers import read_ecg_bytes
 
-from .dispatch import Dispatcher
-from .routing import MessageFacts, match_route
-from .store import MessageRow, MessageStore
+from ecgbridge.core.queue import Dispatcher
+from ecgbridge.core.routing import MessageFacts, match_route
+from ecgbridge.core.store import MessageRow, MessageStore
 
 __all__ = ["InboxWatcher", "PARTIAL_SUFFIXES", "MAX_FILE_BYTES", "DONE", "FAILED"]
 

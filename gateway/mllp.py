@@ -36,10 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Union
 
-from ecgbridge.settings import MllpListener, Settings
+from ecgbridge.core.settings import MllpListener, Settings
 
-from .dispatch import Dispatcher
-from .store import MessageStore
+from ecgbridge.core.queue import Dispatcher
+from ecgbridge.core.store import MessageStore
 
 __all__ = [
     "START_BLOCK",
@@ -385,7 +385,7 @@ class MllpGateway:
     """The HL7 v2 MLLP listener of the gateway, bound to a store and a dispatcher."""
 
     def __init__(self, settings: Settings, store: MessageStore, dispatcher: Dispatcher) -> None:
-        from .hl7_inbound import InboundContext, handle_message, handle_oversize
+        from ecgbridge.gateway.hl7_inbound import InboundContext, handle_message, handle_oversize
 
         self.config = settings.listeners.mllp
         self.context = InboundContext(settings, store, dispatcher)

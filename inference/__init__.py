@@ -1,1 +1,1 @@
-"""inference"""
+"""inference: pure compute on an ECG: preprocessing, model registry, quality gate, measurements, explanations."""

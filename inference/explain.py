@@ -44,14 +44,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import signal as sps
 
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput
-from mapping.lvef_result import LVEF_TASK, predicted_tier
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput
+from ecgbridge.mapping.lvef_result import LVEF_TASK, predicted_tier
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .models import LoadedModel
+    from ecgbridge.inference.models import LoadedModel
 
 __all__ = [
     "CamSet",
@@ -514,7 +514,7 @@ def _pdf_bytes(fig: "Figure", title: str, extra_pages: tuple["Figure", ...] = ()
 
 
 def _extra_pages(result: AnalysisResult) -> tuple["Figure", ...]:
-    from .explain_lvef import render_lvef_page
+    from ecgbridge.inference.explain_lvef import render_lvef_page
 
     page = render_lvef_page(result)
     return (page,) if page is not None else ()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import textwrap
 from typing import TYPE_CHECKING
 
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult
-from mapping.lvef_result import attributions, explanation_lines, format_value, lvef_output, predicted_tier
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult
+from ecgbridge.mapping.lvef_result import attributions, explanation_lines, format_value, lvef_output, predicted_tier
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -87,7 +87,7 @@ import numpy as np
 from scipy.ndimage import uniform_filter1d
 from scipy.signal import butter, find_peaks, resample_poly, sosfiltfilt
 
-from mapping.ecg import Ecg
+from ecgbridge.mapping.ecg import Ecg
 
 __all__ = [
     "FEATURES_VERSION",

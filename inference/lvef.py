@@ -37,10 +37,10 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from ecgbridge.errors import ModelError
-from mapping.ecg import Finding, ModelOutput
-from mapping.ehr_context import EhrContext
+from ecgbridge.mapping.ecg import Finding, ModelOutput
+from ecgbridge.mapping.ehr_context import EhrContext
 
-from .lvef_features import (
+from ecgbridge.inference.lvef_features import (
     ECG_FEATURE_NAMES,
     FEATURE_SPECS,
     FEATURES_SCHEMA_VERSION,
@@ -50,7 +50,7 @@ from .lvef_features import (
     lvef_feature_row,
     missing_context_notes,
 )
-from .models import SHIPPED_DIR, sha256_file
+from ecgbridge.inference.models import SHIPPED_DIR, sha256_file
 
 __all__ = [
     "LVEF_DIR",

@@ -37,8 +37,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mapping.ecg import ModelOutput
-from mapping.ehr_context import EHR_CONDITION_NAMES, EHR_MEDICATION_NAMES, EHR_VALUE_NAMES, EhrContext
+from ecgbridge.mapping.ecg import ModelOutput
+from ecgbridge.mapping.ehr_context import EHR_CONDITION_NAMES, EHR_MEDICATION_NAMES, EHR_VALUE_NAMES, EhrContext
 
 __all__ = [
     "FeatureSpec",

@@ -20,10 +20,10 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ecgbridge.errors import ModelError
-from mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
 
-from .preprocess import Pipeline
-from .triage import severity_extra
+from ecgbridge.inference.preprocess import Pipeline
+from ecgbridge.inference.triage import severity_extra
 
 __all__ = ["SHIPPED_DIR", "sha256_file", "Manifest", "ModelClass", "LoadedModel", "ModelRegistry", "prepare_input", "load_manifest"]
 

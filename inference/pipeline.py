@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 
-from mapping.ecg import AnalysisResult, Ecg, ModelOutput
-from mapping.ehr_context import EhrContext
+from ecgbridge.mapping.ecg import AnalysisResult, Ecg, ModelOutput
+from ecgbridge.mapping.ehr_context import EhrContext
 
-from .features import FEATURES_VERSION, MEASUREMENTS_MODEL, measure
-from .models import ModelRegistry
-from .quality import assess, cap_for_quality
+from ecgbridge.inference.features import FEATURES_VERSION, MEASUREMENTS_MODEL, measure
+from ecgbridge.inference.models import ModelRegistry
+from ecgbridge.inference.quality import assess, cap_for_quality
 
 __all__ = ["LVEF_MODEL", "MEASUREMENTS_FAILED", "analyse_ecg", "lvef_output", "measurement_output"]
 
@@ -95,7 +95,7 @@ def lvef_output(
     result says so. A poor-quality ECG is said to be one in ``missing_context``: its
     features may be wrong, and the reader must know.
     """
-    from .lvef import LvefModel
+    from ecgbridge.inference.lvef import LvefModel
 
     model = LvefModel.load(registry.configured_path(LVEF_MODEL))
     diagnosis = next((o for o in outputs if o.task == "diagnosis"), None)

@@ -88,8 +88,8 @@ from typing import Any
 import numpy as np
 from scipy import signal as sps
 
-from mapping.codes import SUPERCLASS_SNOMED
-from mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
+from ecgbridge.mapping.codes import SUPERCLASS_SNOMED
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
 
 __all__ = [
     "LeadQuality",

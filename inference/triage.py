@@ -32,8 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mapping.codes import SEVERITY3, SEVERITY4, SEVERITY4_DISPLAY, SEVERITY4_TO_3, SEVERITY_DISPLAY
-from mapping.ecg import Finding, ModelOutput
+from ecgbridge.mapping.codes import SEVERITY3, SEVERITY4, SEVERITY4_DISPLAY, SEVERITY4_TO_3, SEVERITY_DISPLAY
+from ecgbridge.mapping.ecg import Finding, ModelOutput
 
 __all__ = [
     "TRIAGE_OUTPUTS_3",

@@ -36,13 +36,13 @@ from pydicom.tag import Tag
 from pydicom.valuerep import DT
 
 from ecgbridge.errors import DecodeError, UnsupportedInputError, WaveformError
-from mapping.codes import (
+from ecgbridge.mapping.codes import (
     ECG_STORAGE_SOP_CLASSES,
     LEAD_BY_MEANING,
     MDC_LEAD_CODES,
     SCPECG_LEAD_CODES,
 )
-from mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
 
 __all__ = [
     "read_bytes",

@@ -29,13 +29,13 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
-from mapping.codes import (
+from ecgbridge.mapping.codes import (
     SCPECG_LEAD_CODES,
     SOP_12_LEAD_ECG,
     SOP_AMBULATORY_ECG,
     SOP_GENERAL_ECG,
 )
-from mapping.ecg import Ecg, Patient, Study
+from ecgbridge.mapping.ecg import Ecg, Patient, Study
 
 __all__ = ["ecg_to_dataset", "dataset_to_bytes", "crude_median_beat", "LEAD_MEANINGS", "UNITS"]
 

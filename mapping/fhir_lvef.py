@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mapping.codes import LOINC, SYSTEM
-from mapping.ecg import NOT_FOR_CLINICAL_USE, ModelOutput
-from mapping.fhir_observation import observation_base
-from mapping.lvef_result import explanation_text, predicted_tier, tier_interpretation
+from ecgbridge.mapping.codes import LOINC, SYSTEM
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, ModelOutput
+from ecgbridge.mapping.fhir_observation import observation_base
+from ecgbridge.mapping.lvef_result import explanation_text, predicted_tier, tier_interpretation
 
 __all__ = ["LVEF_TIER_SYSTEM", "lvef_observation"]
 

@@ -48,10 +48,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from mapping.codes import LOINC, SYSTEM
-from mapping.ecg import NOT_FOR_CLINICAL_USE
-from mapping.fhir_observation import observation_base
-from mapping.fhir_validate import validate_resource
+from ecgbridge.mapping.codes import LOINC, SYSTEM
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE
+from ecgbridge.mapping.fhir_observation import observation_base
+from ecgbridge.mapping.fhir_validate import validate_resource
 
 __all__ = ["FHIR_MEASUREMENTS", "measurement_observations"]
 

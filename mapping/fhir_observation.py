@@ -12,7 +12,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from mapping.codes import SYSTEM
+from ecgbridge.mapping.codes import SYSTEM
 
 __all__ = ["observation_base"]
 

@@ -62,14 +62,14 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from ecgbridge.errors import PermanentDeliveryError
-from mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
-from mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, acquisition_time, output_summary
-from mapping.fhir_lvef import lvef_observation
-from mapping.fhir_measurements import measurement_observations
-from mapping.fhir_observation import observation_base
-from mapping.fhir_validate import validate_resource
-from mapping.lvef_result import LVEF_TASK, explanation_text
-from mapping.severity_result import Severity, severity_of_output
+from ecgbridge.mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
+from ecgbridge.mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, acquisition_time, output_summary
+from ecgbridge.mapping.fhir_lvef import lvef_observation
+from ecgbridge.mapping.fhir_measurements import measurement_observations
+from ecgbridge.mapping.fhir_observation import observation_base
+from ecgbridge.mapping.fhir_validate import validate_resource
+from ecgbridge.mapping.lvef_result import LVEF_TASK, explanation_text
+from ecgbridge.mapping.severity_result import Severity, severity_of_output
 
 __all__ = [
     "AI_SECURITY_LABEL",

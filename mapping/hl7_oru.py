@@ -82,14 +82,14 @@ from hl7apy.parser import parse_field, parse_message
 from hl7apy.validation import Validator
 
 from ecgbridge.errors import PermanentDeliveryError
-from mapping.codes import LOINC, SUPERCLASS_SNOMED
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, acquisition_time, output_summary
-from mapping.hl7_common import hl7_timestamp, unescape
-from mapping.lvef_result import LVEF_TASK, explanation_lines, predicted_tier, tier_interpretation
-from mapping.severity_result import severity_of_output
+from ecgbridge.mapping.codes import LOINC, SUPERCLASS_SNOMED
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, acquisition_time, output_summary
+from ecgbridge.mapping.hl7_common import hl7_timestamp, unescape
+from ecgbridge.mapping.lvef_result import LVEF_TASK, explanation_lines, predicted_tier, tier_interpretation
+from ecgbridge.mapping.severity_result import severity_of_output
 
 if TYPE_CHECKING:
-    from ecgbridge.settings import Hl7Destination
+    from ecgbridge.core.settings import Hl7Destination
 
 __all__ = [
     "HL7_VERSION",

@@ -61,10 +61,10 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message, Segment
 
 from ecgbridge.errors import DecodeError, InputError, UnsupportedInputError, WaveformError
-from mapping.codes import LEAD_BY_MEANING, LOINC, MDC_LEAD_CODES, SCPECG_LEAD_CODES
-from mapping.dicom_waveform import standardise_leads
-from mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
-from mapping.hl7_common import (
+from ecgbridge.mapping.codes import LEAD_BY_MEANING, LOINC, MDC_LEAD_CODES, SCPECG_LEAD_CODES
+from ecgbridge.mapping.dicom_waveform import standardise_leads
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
+from ecgbridge.mapping.hl7_common import (
     Er7,
     ErrorLocation,
     component_text,
@@ -709,12 +709,12 @@ def _embedded(er7: Er7, orders: Sequence[_Order]) -> tuple[_Order, Ecg] | None:
     order, obx, data, kind = found[0]
     try:
         if kind == "dicom":
-            from mapping.dicom_waveform import read_bytes, to_ecg
+            from ecgbridge.mapping.dicom_waveform import read_bytes, to_ecg
 
             ecg = to_ecg(read_bytes(data, force=data[128:132] != b"DICM"))
         else:
             try:
-                from mapping.vendor import read_xml
+                from ecgbridge.mapping.vendor import read_xml
             except ImportError as exc:
                 raise UnsupportedInputError(
                     f"{obx.where()}: embedded XML ECG, but the XML readers (mapping.vendor) are not installed"

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mapping.ecg import AnalysisResult, Finding, ModelOutput
+from ecgbridge.mapping.ecg import AnalysisResult, Finding, ModelOutput
 
 __all__ = [
     "LVEF_TASK",

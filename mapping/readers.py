@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ecgbridge.errors import UnsupportedInputError
-from mapping.ecg import Ecg
+from ecgbridge.mapping.ecg import Ecg
 
 __all__ = ["read_ecg_bytes", "read_ecg_file", "looks_like_dicom", "looks_like_hl7", "looks_like_xml"]
 
@@ -21,7 +21,7 @@ def looks_like_hl7(data: bytes) -> bool:
 
 def looks_like_xml(data: bytes) -> bool:
     """XML in UTF-8 or, as Philips carts write it, UTF-16 with a byte-order mark."""
-    from mapping.vendor import looks_like_xml as vendor_looks_like_xml
+    from ecgbridge.mapping.vendor import looks_like_xml as vendor_looks_like_xml
 
     return vendor_looks_like_xml(data)
 
@@ -29,15 +29,15 @@ def looks_like_xml(data: bytes) -> bool:
 def read_ecg_bytes(data: bytes, *, hint: str | None = None) -> Ecg:
     """Bytes as stored by a listener -> Ecg. ``hint`` is the message source (dicom, hl7, file)."""
     if hint == "hl7" or looks_like_hl7(data):
-        from mapping.hl7_waveform import parse_oru_waveform
+        from ecgbridge.mapping.hl7_waveform import parse_oru_waveform
 
         return parse_oru_waveform(data)
     if hint == "dicom" or looks_like_dicom(data):
-        from mapping.dicom_waveform import read_bytes, to_ecg
+        from ecgbridge.mapping.dicom_waveform import read_bytes, to_ecg
 
         return to_ecg(read_bytes(data))
     if looks_like_xml(data):
-        from mapping.vendor import read_xml
+        from ecgbridge.mapping.vendor import read_xml
 
         return read_xml(data)
     raise UnsupportedInputError(
@@ -52,7 +52,7 @@ def read_ecg_file(path: Path) -> Ecg:
 
     p = _Path(path)
     if p.suffix.lower() in (".hea", ".dat", ".mat") or (p.with_suffix(".hea").exists() and not p.suffix):
-        from mapping.wfdb_record import read_wfdb
+        from ecgbridge.mapping.wfdb_record import read_wfdb
 
         return read_wfdb(p.with_suffix(""))
     return read_ecg_bytes(p.read_bytes())

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mapping.codes import (
+from ecgbridge.mapping.codes import (
     SEVERITY4_DISPLAY,
     SEVERITY_DISPLAY,
     SEVERITY_INTERPRETATION,
     SEVERITY_SNOMED,
     SEVERITY_SYSTEM,
 )
-from mapping.ecg import ModelOutput
+from ecgbridge.mapping.ecg import ModelOutput
 
 __all__ = ["TRIAGE_TASK", "Severity", "severity_of_output"]
 

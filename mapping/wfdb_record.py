@@ -19,9 +19,9 @@ import numpy as np
 import wfdb
 
 from ecgbridge.errors import DecodeError, WaveformError
-from mapping.codes import LEAD_BY_MEANING
-from mapping.dicom_waveform import standardise_leads
-from mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
+from ecgbridge.mapping.codes import LEAD_BY_MEANING
+from ecgbridge.mapping.dicom_waveform import standardise_leads
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
 
 __all__ = ["read_wfdb", "lead_name", "WFDB_UNITS_TO_MV"]
 

@@ -1,1 +1,1 @@
-"""training"""
+"""training: datasets, torch models, train / evaluate / export with parity checks, model cards. Nothing imports training."""

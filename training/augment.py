@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.preprocess import DEFAULT_SPEC, Pipeline
+from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
 
 __all__ = ["AugmentConfig", "Augmenter"]
 

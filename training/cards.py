@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .evaluate import format_report
+from ecgbridge.training.evaluate import format_report
 
 __all__ = ["render_model_card", "write_model_card"]
 

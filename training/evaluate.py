@@ -39,12 +39,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from inference.models import ModelRegistry, load_manifest, prepare_input
-from mapping.ecg import STANDARD_LEADS, Ecg
+from ecgbridge.inference.models import ModelRegistry, load_manifest, prepare_input
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
 
-from .calibration import ece, sigmoid
-from .datasets.challenge import is_challenge_dir, load_challenge, ptbxl_overlap
-from .datasets.ptbxl import load_ptbxl
+from ecgbridge.training.calibration import ece, sigmoid
+from ecgbridge.training.datasets.challenge import is_challenge_dir, load_challenge, ptbxl_overlap
+from ecgbridge.training.datasets.ptbxl import load_ptbxl
 
 __all__ = [
     "auroc",

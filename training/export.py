@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.models import Manifest, ModelClass, ModelInput, sha256_file
-from inference.preprocess import DEFAULT_SPEC, Pipeline
-from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
-from mapping.ecg import STANDARD_LEADS
+from ecgbridge.inference.models import Manifest, ModelClass, ModelInput, sha256_file
+from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
+from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
+from ecgbridge.mapping.ecg import STANDARD_LEADS
 
 __all__ = [
     "OPSET",

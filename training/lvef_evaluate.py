@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from inference.lvef import LVEF_DIR, LvefModel
-from inference.lvef_features import LVEF_TIERS
+from ecgbridge.inference.lvef import LVEF_DIR, LvefModel
+from ecgbridge.inference.lvef_features import LVEF_TIERS
 
-from .datasets.lvef import LvefTable, build_table, cache_path_for, load_features, read_manifest
-from .evaluate import _patient_groups, auroc, bootstrap_auroc, patient_resamples
+from ecgbridge.training.datasets.lvef import LvefTable, build_table, cache_path_for, load_features, read_manifest
+from ecgbridge.training.evaluate import _patient_groups, auroc, bootstrap_auroc, patient_resamples
 
 __all__ = [
     "quadratic_weighted_kappa",

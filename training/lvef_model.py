@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from inference.lvef import LvefModel
-from inference.models import sha256_file
-from inference.lvef_features import (
+from ecgbridge.inference.lvef import LvefModel
+from ecgbridge.inference.models import sha256_file
+from ecgbridge.inference.lvef_features import (
     ECG_FEATURE_NAMES,
     FEATURE_NAMES,
     FEATURE_SPECS,
@@ -53,9 +53,9 @@ from inference.lvef_features import (
     LVEF_TIERS,
 )
 
-from .datasets.lvef import LvefTable, build_table, cache_path_for, load_features, read_manifest
-from .evaluate import auroc
-from .lvef_evaluate import evaluate_model, format_metrics, quadratic_weighted_kappa
+from ecgbridge.training.datasets.lvef import LvefTable, build_table, cache_path_for, load_features, read_manifest
+from ecgbridge.training.evaluate import auroc
+from ecgbridge.training.lvef_evaluate import evaluate_model, format_metrics, quadratic_weighted_kappa
 
 __all__ = ["PARITY_TOLERANCE", "ONNX_OPSET", "train_lvef", "export_variant", "render_card", "main"]
 
@@ -198,7 +198,7 @@ def train_lvef(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     cohort_summary = None
     manifest_csv = args.manifest
     if args.synthetic_from:
-        from .lvef_synthetic import data_dir_sources, folder_sources, generate_cohort
+        from ecgbridge.training.lvef_synthetic import data_dir_sources, folder_sources, generate_cohort
 
         src = Path(args.synthetic_from)
         sources = data_dir_sources(src) if not list(src.glob("*.hea")) else folder_sources(src)
@@ -235,7 +235,7 @@ def train_lvef(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         ef_tr = reg.predict(xv[tr], num_iteration=reg.best_iteration or None)
         sd = float(np.std(table.ef[va] - ef_va)) if va.any() else float(np.std(table.ef[tr] - ef_tr))
         p_reg = _regression_tier_probs(ef_va, sd)
-        from inference.lvef_features import tier_index
+        from ecgbridge.inference.lvef_features import tier_index
 
         cut = np.array([tier_index(float(e)) for e in ef_va], dtype=int)
         comparison[vname] = {
@@ -262,7 +262,7 @@ def train_lvef(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     import onnxmltools
     import onnxruntime
 
-    from inference.models import ModelRegistry
+    from ecgbridge.inference.models import ModelRegistry
 
     diag = ModelRegistry().get("diagnosis").manifest
     name = args.name or ("lvef-synthetic" if synthetic else "lvef")

@@ -102,8 +102,8 @@ so its probabilities there are not fitted) are ``test``; every other row is ``tr
 Output: the manifest CSV (``training.datasets.lvef`` format) and, beside it, the features
 cache (``<stem>.features.json``) that ``training.datasets.lvef.load_features`` reads.
 
-    python -m training.lvef_synthetic --data /work/shared/data --out cohort/lvef_synthetic.csv [--seed 0]
-    python -m training.lvef_synthetic --records tests/fixtures/wfdb --replicas 40 --out /tmp/tiny.csv
+    python -m ecgbridge.training.lvef_synthetic --data /work/shared/data --out cohort/lvef_synthetic.csv [--seed 0]
+    python -m ecgbridge.training.lvef_synthetic --records tests/fixtures/wfdb --replicas 40 --out /tmp/tiny.csv
 """
 
 from __future__ import annotations
@@ -124,9 +124,9 @@ from typing import Any
 
 import numpy as np
 
-from inference.lvef_features import LVEF_TIERS, lvef_feature_row, tier_index
+from ecgbridge.inference.lvef_features import LVEF_TIERS, lvef_feature_row, tier_index
 
-from .datasets.lvef import EHR_COLUMNS, LvefRecord, Measurer, cache_path_for, load_features
+from ecgbridge.training.datasets.lvef import EHR_COLUMNS, LvefRecord, Measurer, cache_path_for, load_features
 
 __all__ = ["SourceRecord", "ptbxl_sources", "unlabelled_sources", "challenge_sources", "folder_sources",
            "data_dir_sources", "generate_cohort", "main"]
@@ -426,7 +426,7 @@ def generate_cohort(
                          split="", ehr=None) for i, (k, s) in enumerate(keyed)]
     key = None
     if measurer is None:
-        from .datasets.lvef import _default_measurer
+        from ecgbridge.training.datasets.lvef import _default_measurer
 
         measurer, key = _default_measurer()
     feats = load_features(pseudo, cache_path_for(out_csv), measurer=measurer, key=key, progress=progress)
@@ -456,7 +456,7 @@ def generate_cohort(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.lvef_synthetic", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ecgbridge.training.lvef_synthetic", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="shared data dir (ptbxl-subset, ptbxl-unlabelled, challenge/cinc2021)")
     src.add_argument("--records", type=Path, help="a folder of WFDB records (e.g. tests/fixtures/wfdb)")

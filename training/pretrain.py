@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.preprocess import DEFAULT_SPEC, Pipeline
+from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
 
-from .augment import Augmenter
-from .datasets.ptbxl import read_signal
+from ecgbridge.training.augment import Augmenter
+from ecgbridge.training.datasets.ptbxl import read_signal
 
 __all__ = ["load_unlabelled", "nt_xent", "pretrain_encoder"]
 

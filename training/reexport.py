@@ -10,7 +10,7 @@ graph's probabilities, fits calibration, thresholds and tiers on fold 9 exactly 
 logits, parity-checked). Fold 10 and the external sources are evaluated afterwards and
 decide nothing.
 
-    python -m training.reexport --model inference/shipped/diagnosis-baseline \\
+    python -m ecgbridge.training.reexport --model inference/shipped/diagnosis-baseline \\
         --data ../shared/data/ptbxl-subset --out /tmp/reexport --version 0.1.1 \\
         [--external ../shared/data/challenge/cinc2021]
 """
@@ -26,15 +26,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from inference.models import load_manifest
-from inference.preprocess import DEFAULT_SPEC
+from ecgbridge.inference.models import load_manifest
+from ecgbridge.inference.preprocess import DEFAULT_SPEC
 
-from .calibration import apply_calibration, choose_tiers, ece, fit_calibration, min_sensitivity_threshold, sigmoid
-from .datasets.ptbxl import SUPERCLASSES, TEST_FOLDS, TRAIN_FOLDS, VAL_FOLDS, load_ptbxl
-from .evaluate import evaluate_diagnosis, evaluate_external, format_report, macro_auroc
-from .export import ServingGraph, export_model
-from .models.cnn1d import Cnn1d
-from .train import _logits, class_pos_weight
+from ecgbridge.training.calibration import apply_calibration, choose_tiers, ece, fit_calibration, min_sensitivity_threshold, sigmoid
+from ecgbridge.training.datasets.ptbxl import SUPERCLASSES, TEST_FOLDS, TRAIN_FOLDS, VAL_FOLDS, load_ptbxl
+from ecgbridge.training.evaluate import evaluate_diagnosis, evaluate_external, format_report, macro_auroc
+from ecgbridge.training.export import ServingGraph, export_model
+from ecgbridge.training.models.cnn1d import Cnn1d
+from ecgbridge.training.train import _logits, class_pos_weight
 
 __all__ = ["cnn_from_onnx", "reexport", "main"]
 
@@ -223,7 +223,7 @@ def render_card(summary: dict[str, Any], old_card: str, command: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.reexport", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ecgbridge.training.reexport", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="shipped model directory (manifest + ONNX)")
     parser.add_argument("--data", type=Path, required=True, help="PTB-XL root the model was trained on")
     parser.add_argument("--out", type=Path, required=True, help="new model directory")
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    command = "python -m training.reexport " + " ".join(sys.argv[1:] if argv is None else list(argv))
+    command = "python -m ecgbridge.training.reexport " + " ".join(sys.argv[1:] if argv is None else list(argv))
     summary = reexport(args.model, args.data, args.out, version=args.version, external=args.external,
                        threshold_rule=args.thresholds, n_bootstrap=args.n_bootstrap)
     old_card = (args.model / "MODEL_CARD.md").read_text()

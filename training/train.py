@@ -50,13 +50,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.preprocess import DEFAULT_SPEC
-from mapping.ecg import STANDARD_LEADS
+from ecgbridge.inference.preprocess import DEFAULT_SPEC
+from ecgbridge.mapping.ecg import STANDARD_LEADS
 
-from .augment import AugmentConfig, Augmenter
-from .calibration import apply_calibration, choose_tiers, ece, fit_calibration, min_sensitivity_threshold
-from .cards import write_model_card
-from .datasets.ptbxl import (
+from ecgbridge.training.augment import AugmentConfig, Augmenter
+from ecgbridge.training.calibration import apply_calibration, choose_tiers, ece, fit_calibration, min_sensitivity_threshold
+from ecgbridge.training.cards import write_model_card
+from ecgbridge.training.datasets.ptbxl import (
     SUPERCLASSES,
     TEST_FOLDS,
     TRAIN_FOLDS,
@@ -66,10 +66,10 @@ from .datasets.ptbxl import (
     load_metadata,
     load_ptbxl,
 )
-from .evaluate import auroc, bootstrap_auroc, evaluate_diagnosis, evaluate_external, format_report, to_jsonable
-from .export import ServingGraph, export_model
-from .models.cnn1d import Cnn1d
-from .models.resnet_se import ResNetSE1d
+from ecgbridge.training.evaluate import auroc, bootstrap_auroc, evaluate_diagnosis, evaluate_external, format_report, to_jsonable
+from ecgbridge.training.export import ServingGraph, export_model
+from ecgbridge.training.models.cnn1d import Cnn1d
+from ecgbridge.training.models.resnet_se import ResNetSE1d
 
 __all__ = ["augment", "FocalLoss", "class_pos_weight", "build_model", "fit_member", "train_diagnosis", "main"]
 
@@ -405,7 +405,7 @@ def train_diagnosis(
     if pretrain is not None:
         if arch != "resnet_se":
             raise ValueError("--pretrain needs --arch resnet_se")
-        from .pretrain import load_unlabelled, pretrain_encoder
+        from ecgbridge.training.pretrain import load_unlabelled, pretrain_encoder
 
         x_unlabelled = load_unlabelled(Path(pretrain), limit=limit)
         x_ssl = np.concatenate([x_unlabelled, train.x])

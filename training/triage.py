@@ -46,15 +46,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from inference.models import Manifest, ModelClass
-from inference.preprocess import DEFAULT_SPEC
-from inference.triage import DECODING_RULE, TRIAGE_OUTPUT_DISPLAY, TRIAGE_OUTPUTS_3, TRIAGE_OUTPUTS_4
-from mapping.codes import SCP_SEVERITY, SEVERITY3, SEVERITY4, SEVERITY_SNOMED
+from ecgbridge.inference.models import Manifest, ModelClass
+from ecgbridge.inference.preprocess import DEFAULT_SPEC
+from ecgbridge.inference.triage import DECODING_RULE, TRIAGE_OUTPUT_DISPLAY, TRIAGE_OUTPUTS_3, TRIAGE_OUTPUTS_4
+from ecgbridge.mapping.codes import SCP_SEVERITY, SEVERITY3, SEVERITY4, SEVERITY_SNOMED
 
-from .augment import AugmentConfig, Augmenter
-from .datasets.ptbxl import SUPERCLASSES, TEST_FOLDS, TRAIN_FOLDS, VAL_FOLDS, PtbxlData, check_patient_disjoint
-from .evaluate import to_jsonable
-from .export import (
+from ecgbridge.training.augment import AugmentConfig, Augmenter
+from ecgbridge.training.datasets.ptbxl import SUPERCLASSES, TEST_FOLDS, TRAIN_FOLDS, VAL_FOLDS, PtbxlData, check_patient_disjoint
+from ecgbridge.training.evaluate import to_jsonable
+from ecgbridge.training.export import (
     ServingGraph,
     build_manifest,
     check_parity,
@@ -63,8 +63,8 @@ from .export import (
     sha256_file,
     write_manifest,
 )
-from .train import ARCHS, FS_HZ, _fmt_s, _logits, _seed_everything, class_pos_weight, fit_member
-from .triage_evaluate import (
+from ecgbridge.training.train import ARCHS, FS_HZ, _fmt_s, _logits, _seed_everything, class_pos_weight, fit_member
+from ecgbridge.training.triage_evaluate import (
     N_MIN_POSITIVES,
     choose_thresholds,
     evaluate_triage,

@@ -62,13 +62,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inference.triage import decode_levels
-from mapping.codes import SCP_SEVERITY, SEVERITY3, SEVERITY4_TO_3, severity4_of_scp, severity4_of_snomed
+from ecgbridge.inference.triage import decode_levels
+from ecgbridge.mapping.codes import SCP_SEVERITY, SEVERITY3, SEVERITY4_TO_3, severity4_of_scp, severity4_of_snomed
 
-from .calibration import min_sensitivity_threshold
-from .datasets.challenge import is_challenge_dir, load_challenge, ptbxl_overlap
-from .datasets.ptbxl import VAL_FOLDS, PtbxlData, load_ptbxl
-from .evaluate import _load, _serve_transform, auroc, bootstrap_auroc, predict_outputs, threshold_metrics, to_jsonable
+from ecgbridge.training.calibration import min_sensitivity_threshold
+from ecgbridge.training.datasets.challenge import is_challenge_dir, load_challenge, ptbxl_overlap
+from ecgbridge.training.datasets.ptbxl import VAL_FOLDS, PtbxlData, load_ptbxl
+from ecgbridge.training.evaluate import _load, _serve_transform, auroc, bootstrap_auroc, predict_outputs, threshold_metrics, to_jsonable
 
 __all__ = [
     "TASKS",
@@ -432,7 +432,7 @@ def rethreshold(
     ``thresholds`` are replaced (the ONNX file and its sha256 are untouched) and the
     manifest is validated before it is written. Only the validation fold is ever read.
     """
-    from inference.models import Manifest
+    from ecgbridge.inference.models import Manifest
 
     model_dir = Path(model_dir)
     loaded = _load(model_dir)

@@ -23,9 +23,9 @@ from __future__ import annotations
 from xml.etree.ElementTree import Element
 
 from ecgbridge.errors import UnsupportedInputError
-from mapping.ecg import Ecg
+from ecgbridge.mapping.ecg import Ecg
 
-from ._xml import parse, split_tag
+from ecgbridge.mapping.vendor._xml import parse, split_tag
 
 __all__ = ["FORMATS", "read_xml", "detect_format", "looks_like_xml"]
 
@@ -68,15 +68,15 @@ def read_xml(data: bytes) -> Ecg:
     root = parse(data)
     fmt = detect_format(root)
     if fmt == "aecg":
-        from . import aecg
+        from ecgbridge.mapping.vendor import aecg
 
         return aecg.to_ecg(root)
     if fmt == "philips":
-        from . import philips
+        from ecgbridge.mapping.vendor import philips
 
         return philips.to_ecg(root)
     if fmt == "muse":
-        from . import muse
+        from ecgbridge.mapping.vendor import muse
 
         return muse.to_ecg(root)
     namespace, name = split_tag(root.tag)

@@ -28,11 +28,11 @@ from xml.etree.ElementTree import Element
 import numpy as np
 
 from ecgbridge.errors import WaveformError
-from mapping.dicom_waveform import standardise_leads
-from mapping.ecg import Ecg, Patient, Study
+from ecgbridge.mapping.dicom_waveform import standardise_leads
+from ecgbridge.mapping.ecg import Ecg, Patient, Study
 
-from ._signal import trim_calibration
-from ._xml import child, children, hl7_ts, text, to_float, uid_from_id, volts_to_mv
+from ecgbridge.mapping.vendor._signal import trim_calibration
+from ecgbridge.mapping.vendor._xml import child, children, hl7_ts, text, to_float, uid_from_id, volts_to_mv
 
 __all__ = ["NAMESPACE", "AecgLeads", "read_leads", "to_ecg", "lead_for_code"]
 

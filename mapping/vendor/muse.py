@@ -32,10 +32,10 @@ from xml.etree.ElementTree import Element
 import numpy as np
 
 from ecgbridge.errors import DecodeError, WaveformError
-from mapping.dicom_waveform import standardise_leads
-from mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
+from ecgbridge.mapping.dicom_waveform import standardise_leads
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
 
-from ._xml import child, children, iso_date, text, to_float, volts_to_mv
+from ecgbridge.mapping.vendor._xml import child, children, iso_date, text, to_float, volts_to_mv
 
 __all__ = ["ROOT", "to_ecg", "read_leads"]
 

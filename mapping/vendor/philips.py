@@ -36,11 +36,11 @@ from sierraecg.lzw import LzwDecoder
 from sierraecg.xli import xli_decode_deltas
 
 from ecgbridge.errors import DecodeError, UnsupportedInputError, WaveformError
-from mapping.dicom_waveform import standardise_leads
-from mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
+from ecgbridge.mapping.dicom_waveform import standardise_leads
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
 
-from ._signal import trim_calibration
-from ._xml import child, text, to_float, uid_from_id
+from ecgbridge.mapping.vendor._signal import trim_calibration
+from ecgbridge.mapping.vendor._xml import child, text, to_float, uid_from_id
 
 __all__ = ["NAMESPACE", "SUPPORTED_VERSIONS", "to_ecg", "read_counts", "xli_decode"]
 

@@ -11,10 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ecgbridge.settings import EhrSource
-from gateway.ehr_fetch import EhrFetcher, fetch_context
-from mapping.ecg import Patient
-from mapping.ehr_context import EHR_CONDITION_NAMES, EHR_MEDICATION_NAMES, EhrContext
+from ecgbridge.core.settings import EhrSource
+from ecgbridge.outbound.ehr_fetch import EhrFetcher, fetch_context
+from ecgbridge.mapping.ecg import Patient
+from ecgbridge.mapping.ehr_context import EHR_CONDITION_NAMES, EHR_MEDICATION_NAMES, EhrContext
 from tests.support import ehr_bundles as seed
 from tests.support.fhir_server import FhirServer, node_available
 from tests.support.http_peers import FaultProxy, SlowPeer, SmartTokenEndpoint, closed_port_url

@@ -56,7 +56,7 @@ def test_embedded_broker_starts_from_a_relative_data_dir(tmp_path, monkeypatch):
     import redis
 
     from ecgbridge.broker import EmbeddedRedis
-    from ecgbridge.settings import default_settings
+    from ecgbridge.core.settings import default_settings
 
     monkeypatch.chdir(tmp_path)
     settings = default_settings()

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from gateway.fhir_client import BearerAuth, FhirClient, deliver_report
-from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
-from mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient, Study
-from mapping.fhir_report import ReportBundle, build_report
+from ecgbridge.outbound.fhir_client import BearerAuth, FhirClient, deliver_report
+from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
+from ecgbridge.mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient, Study
+from ecgbridge.mapping.fhir_report import ReportBundle, build_report
 from tests.support.fhir_server import FhirServer, node_available
 
 UID = "1.2.826.0.1.3680043.8.498.99887766554433221100"

@@ -30,11 +30,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
-from ecgbridge.settings import Hl7Destination
-from gateway.mllp_client import send_oru
-from inference.jobs import control_id
-from mapping.ecg import NOT_FOR_CLINICAL_USE
-from mapping.hl7_oru import LOCAL_CODING_SYSTEM, validate_er7
+from ecgbridge.core.settings import Hl7Destination
+from ecgbridge.outbound.mllp_client import send_oru
+from ecgbridge.worker.jobs import control_id
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE
+from ecgbridge.mapping.hl7_oru import LOCAL_CODING_SYSTEM, validate_er7
 from tests.support.hl7_receiver import Hl7Receiver
 from tests.support.processes import REPO, RedisServer, redis_binary, wait_for
 from tests.support.stack import Stack, send_dicom
@@ -228,7 +228,7 @@ def test_aa_delivers_exactly_one_valid_oru(deployment: Deployment) -> None:
 
 
 def test_result_carries_the_order_it_was_recorded_for(deployment: Deployment) -> None:
-    from mapping.dicom_waveform import to_ecg
+    from ecgbridge.mapping.dicom_waveform import to_ecg
 
     attrs = {"PlacerOrderNumberImagingServiceRequest": "PLC-1001",
              "FillerOrderNumberImagingServiceRequest": "FIL-2002"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import hl7
 import pytest
 
-from mapping.hl7_oru import validate_er7
+from ecgbridge.mapping.hl7_oru import validate_er7
 from tests.integration.test_mllp import _uid, mllp_send, msa, orm, oru, wait_row
 from tests.support.hl7_receiver import Hl7Receiver
 from tests.support.processes import wait_for

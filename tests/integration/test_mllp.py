@@ -48,11 +48,11 @@ def _uid() -> str:
 
 def oru(control: str, placer: str | None, *, name: str | None = None, charset: str = "UNICODE UTF-8") -> str:
     """An ORU^R01 with the 12-lead waveform of a real PTB-XL record (``charset`` "": no MSH-18)."""
-    hw = pytest.importorskip("mapping.hl7_waveform", reason="mapping.hl7_waveform is not there yet")
+    hw = pytest.importorskip("ecgbridge.mapping.hl7_waveform", reason="mapping.hl7_waveform is not there yet")
     from dataclasses import replace
 
-    from mapping.ecg import Patient
-    from mapping.wfdb_record import read_wfdb
+    from ecgbridge.mapping.ecg import Patient
+    from ecgbridge.mapping.wfdb_record import read_wfdb
 
     ecg = replace(read_wfdb(WFDB), patient=Patient(id=PATIENT_ID, name=name))
     message = hw.build_oru_waveform(ecg, control_id=control, placer_order_number=placer,
@@ -321,7 +321,7 @@ def test_idle_connection_is_closed(stack: Stack) -> None:
 @pytest.mark.parametrize("charset, codec", [("UNICODE UTF-8", "utf-8"), ("8859/1", "latin-1"), ("", "latin-1")],
                          ids=["utf-8", "8859-1", "8859-1-undeclared"])
 def test_non_ascii_patient_names(stack: Stack, tmp_path: Path, charset: str, codec: str) -> None:
-    from mapping.readers import read_ecg_bytes
+    from ecgbridge.mapping.readers import read_ecg_bytes
 
     placer = f"PL{_uid()}"
     raw = oru(f"N{placer}", placer, name=NAME, charset=charset).encode(codec)
@@ -391,11 +391,11 @@ def _ignore_connection_errors(fn: Any) -> None:
 
 # ----- listener limits, in process ----------------------------------------------------------------------------------
 def _in_process_server(tmp_path: Path, **mllp: Any) -> Any:
-    from ecgbridge.settings import Settings, default_settings
-    from gateway.dispatch import Dispatcher
-    from gateway.mllp import MllpGateway
-    from gateway.store import MessageStore
-    from inference.celery_app import make_celery
+    from ecgbridge.core.settings import Settings, default_settings
+    from ecgbridge.core.queue import Dispatcher
+    from ecgbridge.gateway.mllp import MllpGateway
+    from ecgbridge.core.store import MessageStore
+    from ecgbridge.worker.celery_app import make_celery
     from tests.support.processes import free_port
 
     data = default_settings().model_dump(exclude={"source_file"})

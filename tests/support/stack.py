@@ -101,9 +101,9 @@ class Stack:
 
     # ----- looking at the store, the way `ecgbridge messages` does -------------------
     def store(self):  # type: ignore[no-untyped-def]
-        from gateway.store import MessageStore
+        from ecgbridge.core.store import MessageStore
 
-        from ecgbridge.settings import load_settings
+        from ecgbridge.core.settings import load_settings
 
         s = load_settings(self.config)
         return MessageStore(s.database_url, s.data_dir)

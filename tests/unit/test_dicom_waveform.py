@@ -16,8 +16,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from ecgbridge.errors import DecodeError, UnsupportedInputError, WaveformError
-from mapping.codes import MDC_LEAD_CODES, SCPECG_LEAD_CODES, SOP_12_LEAD_ECG
-from mapping.dicom_waveform import (
+from ecgbridge.mapping.codes import MDC_LEAD_CODES, SCPECG_LEAD_CODES, SOP_12_LEAD_ECG
+from ecgbridge.mapping.dicom_waveform import (
     lead_for_channel,
     median_beat,
     read_bytes,
@@ -25,7 +25,7 @@ from mapping.dicom_waveform import (
     to_ecg,
     validate_for_storage,
 )
-from mapping.ecg import STANDARD_LEADS
+from ecgbridge.mapping.ecg import STANDARD_LEADS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "dicom"
 MORTARA_PATH = get_testdata_file("waveform_ecg.dcm")

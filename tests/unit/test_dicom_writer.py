@@ -12,10 +12,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from mapping.codes import SCPECG_LEAD_CODES, SOP_12_LEAD_ECG, SOP_GENERAL_ECG
-from mapping.dicom_waveform import median_beat, read_bytes, to_ecg
-from mapping.dicom_writer import crude_median_beat, dataset_to_bytes, ecg_to_dataset
-from mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
+from ecgbridge.mapping.codes import SCPECG_LEAD_CODES, SOP_12_LEAD_ECG, SOP_GENERAL_ECG
+from ecgbridge.mapping.dicom_waveform import median_beat, read_bytes, to_ecg
+from ecgbridge.mapping.dicom_writer import crude_median_beat, dataset_to_bytes, ecg_to_dataset
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_values_beyond_int16_are_clipped_and_logged(caplog: pytest.LogCaptureFix
     signals = np.zeros((2, 400), dtype=np.float32)
     signals[0, 10], signals[1, 20] = 40.0, -50.0  # mV: beyond +-32.767 mV at 1 uV/LSB
     ecg = Ecg(signals=signals, leads=("I", "II"), fs=400.0)
-    with caplog.at_level(logging.WARNING, logger="mapping.dicom_writer"):
+    with caplog.at_level(logging.WARNING, logger="ecgbridge.mapping.dicom_writer"):
         ds = ecg_to_dataset(ecg)
     raw = np.frombuffer(ds.WaveformSequence[0].WaveformData, dtype="<i2").reshape(400, 2)
     assert raw[10, 0] == 32767 and raw[20, 1] == -32768

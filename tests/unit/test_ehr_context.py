@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mapping.ehr_context import (
+from ecgbridge.mapping.ehr_context import (
     EHR_CONDITION_ICD10,
     EHR_CONDITION_NAMES,
     EHR_CONDITION_SNOMED,

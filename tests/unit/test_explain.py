@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.explain import (
+from ecgbridge.inference.explain import (
     CamSet,
     cams_for,
     render_both,
@@ -29,10 +29,10 @@ from inference.explain import (
     render_png,
     top_finding,
 )
-from inference.models import ModelRegistry
-from inference.preprocess import DEFAULT_SPEC
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput
-from mapping.readers import read_ecg_file
+from ecgbridge.inference.models import ModelRegistry
+from ecgbridge.inference.preprocess import DEFAULT_SPEC
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput
+from ecgbridge.mapping.readers import read_ecg_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
@@ -271,7 +271,7 @@ def test_the_top_findings_map_is_shaded() -> None:
 
 
 def test_decisions_the_quality_gate_changed_are_marked() -> None:
-    from inference.quality import QualityReport, cap_for_quality
+    from ecgbridge.inference.quality import QualityReport, cap_for_quality
 
     ecg = load("wfdb/00024_lr.hea")
     result = result_with({"NORM": 0.9, "MI": 0.7})
@@ -359,7 +359,7 @@ KNOWN_FAILURES = {
 
 def test_shipped_model_mi_map_weighs_qrs_st_over_baseline(shipped_with_cams, request) -> None:
     """On the MI fixture the MI map is higher over QRS + ST (R-60 ms .. R+350 ms) than over the rest."""
-    from inference.quality import _beats
+    from ecgbridge.inference.quality import _beats
 
     reason = KNOWN_FAILURES.get((request.node.originalname, shipped_with_cams.manifest.sha256))
     if reason:
@@ -382,8 +382,8 @@ def test_shipped_model_mi_map_weighs_qrs_st_over_baseline(shipped_with_cams, req
 
 
 def _context(tmp_path: Path, registry: ModelRegistry | None = None):
-    from ecgbridge.settings import Settings
-    from inference.jobs import WorkerContext
+    from ecgbridge.core.settings import Settings
+    from ecgbridge.worker.jobs import WorkerContext
 
     ctx = WorkerContext.create(Settings(data_dir=tmp_path))
     ctx.store.create_schema()
@@ -393,7 +393,7 @@ def _context(tmp_path: Path, registry: ModelRegistry | None = None):
 
 
 def test_analyse_message_renders_and_stores_the_attachments(tmp_path) -> None:
-    from inference.jobs import analyse_message, attachment_bytes
+    from ecgbridge.worker.jobs import analyse_message, attachment_bytes
 
     ctx = _context(tmp_path)
     data = (FIXTURES / "dicom" / "ptbxl_00024_norm_12lead.dcm").read_bytes()
@@ -411,13 +411,13 @@ def test_analyse_message_renders_and_stores_the_attachments(tmp_path) -> None:
 
 
 def test_a_render_failure_does_not_fail_the_analysis(tmp_path, monkeypatch) -> None:
-    import inference.explain
-    from inference.jobs import analyse_message
+    import ecgbridge.inference.explain
+    from ecgbridge.worker.jobs import analyse_message
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts on this machine")
 
-    monkeypatch.setattr(inference.explain, "render_both", broken)
+    monkeypatch.setattr(ecgbridge.inference.explain, "render_both", broken)
     ctx = _context(tmp_path)
     data = (FIXTURES / "dicom" / "ptbxl_00024_norm_12lead.dcm").read_bytes()
     sha, size = ctx.store.save_blob(data)
@@ -431,10 +431,10 @@ def test_a_render_failure_does_not_fail_the_analysis(tmp_path, monkeypatch) -> N
 
 
 def test_deliveries_get_the_bytes_from_the_store(tmp_path) -> None:
-    from ecgbridge.settings import Hl7Destination
-    from inference.jobs import attach_explanations, attachment_bytes
-    from mapping.fhir_report import build_report
-    from mapping.hl7_oru import build_oru_r01
+    from ecgbridge.core.settings import Hl7Destination
+    from ecgbridge.worker.jobs import attach_explanations, attachment_bytes
+    from ecgbridge.mapping.fhir_report import build_report
+    from ecgbridge.mapping.hl7_oru import build_oru_r01
 
     ctx = _context(tmp_path)
     ecg = load("dicom/ptbxl_00024_norm_12lead.dcm")
@@ -452,7 +452,7 @@ def test_deliveries_get_the_bytes_from_the_store(tmp_path) -> None:
 
 
 def test_an_lvef_tier_adds_a_page_with_its_explanation_and_attribution_chart() -> None:
-    from inference.explain_lvef import render_lvef_page
+    from ecgbridge.inference.explain_lvef import render_lvef_page
     from tests.unit.test_fhir_report import _lvef_output
 
     ecg = load("wfdb/00024_lr.hea")

@@ -21,11 +21,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from inference import features
-from inference.features import HL7_KEYS, Measurements, cart_measurements, measure
-from mapping.dicom_waveform import median_beat, to_ecg
-from mapping.ecg import STANDARD_LEADS, Ecg
-from mapping.hl7_oru import MEASUREMENT_UNITS
+from ecgbridge.inference import features
+from ecgbridge.inference.features import HL7_KEYS, Measurements, cart_measurements, measure
+from ecgbridge.mapping.dicom_waveform import median_beat, to_ecg
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
+from ecgbridge.mapping.hl7_oru import MEASUREMENT_UNITS
 from tests.conftest import FIXTURES
 
 # --------------------------------------------------------------------------- synthetic ECG
@@ -315,7 +315,7 @@ def test_amplitudes_agree_with_the_carts_median_beat(mortara) -> None:  # type: 
 
 
 def test_ptbxl_fixtures_zscore_and_lbbb() -> None:
-    from mapping.wfdb_record import read_wfdb
+    from ecgbridge.mapping.wfdb_record import read_wfdb
 
     normal = measure(read_wfdb(FIXTURES / "wfdb" / "00024_lr"))
     lbbb = measure(read_wfdb(FIXTURES / "wfdb" / "00730_lr"))  # CLBBB + 1AVB, 100 Hz, z-scored
@@ -327,7 +327,7 @@ def test_ptbxl_fixtures_zscore_and_lbbb() -> None:
 
 
 def test_real_500hz_record() -> None:
-    from mapping.wfdb_record import read_wfdb
+    from ecgbridge.mapping.wfdb_record import read_wfdb
 
     m = measure(read_wfdb(FIXTURES / "wfdb" / "E07506"))  # Georgia, sinus rhythm, 500 Hz, mV
     assert m.flags == ()
@@ -351,8 +351,8 @@ class _NoModels:
 
 
 def test_pipeline_adds_the_measurements_output(mortara) -> None:  # type: ignore[no-untyped-def]
-    from inference.pipeline import analyse_ecg
-    from mapping.ecg import AnalysisResult
+    from ecgbridge.inference.pipeline import analyse_ecg
+    from ecgbridge.mapping.ecg import AnalysisResult
 
     ds, m = mortara
     result = analyse_ecg(to_ecg(ds), _NoModels(), [], message_id="msg-1")  # type: ignore[arg-type]
@@ -367,7 +367,7 @@ def test_pipeline_adds_the_measurements_output(mortara) -> None:  # type: ignore
 
 
 def test_pipeline_survives_a_measurement_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    from inference import pipeline
+    from ecgbridge.inference import pipeline
 
     def boom(ecg: Ecg) -> Measurements:
         raise RuntimeError("delineation exploded")
@@ -380,10 +380,10 @@ def test_pipeline_survives_a_measurement_failure(monkeypatch: pytest.MonkeyPatch
 def test_hl7_oru_sends_one_nm_obx_per_measurement(mortara) -> None:  # type: ignore[no-untyped-def]
     from datetime import datetime
 
-    from ecgbridge.settings import Hl7Destination
-    from inference.pipeline import measurement_output
-    from mapping.ecg import AnalysisResult
-    from mapping.hl7_oru import build_oru_r01
+    from ecgbridge.core.settings import Hl7Destination
+    from ecgbridge.inference.pipeline import measurement_output
+    from ecgbridge.mapping.ecg import AnalysisResult
+    from ecgbridge.mapping.hl7_oru import build_oru_r01
 
     ds, m = mortara
     ecg = to_ecg(ds)

@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
-from gateway.fhir_client import BearerAuth, FhirClient, deliver_report
-from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
-from mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient, Study
-from mapping.fhir_report import build_report
+from ecgbridge.outbound.fhir_client import BearerAuth, FhirClient, deliver_report
+from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
+from ecgbridge.mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient, Study
+from ecgbridge.mapping.fhir_report import build_report
 
 BASE = "https://ehr.example/fhir/R4"
 OBS = {"resourceType": "Observation", "status": "preliminary", "code": {"text": "x"}}
@@ -314,7 +314,7 @@ def _rsa_pem() -> tuple[bytes, bytes]:
 def test_smart_backend_auth_assertion_cache_and_401_refresh() -> None:
     import jwt
 
-    from gateway.fhir_client import SmartBackendAuth
+    from ecgbridge.outbound.fhir_client import SmartBackendAuth
 
     private, public = _rsa_pem()
     token_url = "https://auth.example/token"
@@ -350,7 +350,7 @@ def test_smart_backend_auth_token_errors_and_key_types() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from gateway.fhir_client import SmartBackendAuth
+    from ecgbridge.outbound.fhir_client import SmartBackendAuth
 
     private, _ = _rsa_pem()
     refuse = httpx.MockTransport(lambda r: httpx.Response(400, json={"error": "invalid_scope",

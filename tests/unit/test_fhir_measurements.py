@@ -13,8 +13,8 @@ import math
 import pytest
 from fhir.resources.R4B.observation import Observation
 
-from mapping.fhir_measurements import FHIR_MEASUREMENTS, measurement_observations
-from mapping.fhir_report import identifier_query
+from ecgbridge.mapping.fhir_measurements import FHIR_MEASUREMENTS, measurement_observations
+from ecgbridge.mapping.fhir_report import identifier_query
 
 SUBJECT = {"type": "Patient", "identifier": {"system": "urn:ecgbridge:patient-id", "value": "MRN-0042"}}
 BASE = "urn:oid:1.2.826.0.1.3680043.8.498.1/ecgbridge-measurements/0.1.0"
@@ -110,8 +110,8 @@ def test_every_mapped_key_has_a_valid_observation() -> None:
 def test_from_the_pipeline_output(waveform_ecg_path) -> None:  # type: ignore[no-untyped-def]
     import pydicom
 
-    from inference.pipeline import measurement_output
-    from mapping.dicom_waveform import to_ecg
+    from ecgbridge.inference.pipeline import measurement_output
+    from ecgbridge.mapping.dicom_waveform import to_ecg
 
     out = measurement_output(to_ecg(pydicom.dcmread(waveform_ecg_path)))
     merged = {**out.extra["measurements"], "qtc_fridericia": out.extra["features"]["qtc_fridericia"],

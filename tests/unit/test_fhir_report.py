@@ -18,9 +18,9 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.provenance import Provenance
 
 from ecgbridge.errors import PermanentDeliveryError
-from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study
-from mapping.fhir_report import (
+from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study
+from ecgbridge.mapping.fhir_report import (
     ReportBundle,
     build_report,
     identifier_query,

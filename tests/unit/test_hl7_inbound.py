@@ -17,9 +17,9 @@ import redis
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
-from ecgbridge.settings import Route, RouteMatch, Settings, default_settings
-from gateway.dispatch import Dispatcher
-from gateway.hl7_inbound import (
+from ecgbridge.core.settings import Route, RouteMatch, Settings, default_settings
+from ecgbridge.core.queue import Dispatcher
+from ecgbridge.gateway.hl7_inbound import (
     Hl7Error,
     InboundContext,
     build_ack,
@@ -28,8 +28,8 @@ from gateway.hl7_inbound import (
     handle_oversize,
     read_header,
 )
-from gateway.store import MessageStore
-from inference.celery_app import QUEUE, make_celery
+from ecgbridge.core.store import MessageStore
+from ecgbridge.worker.celery_app import QUEUE, make_celery
 from tests.support.hl7_messages import with_charset
 from tests.support.processes import free_port
 
@@ -113,11 +113,11 @@ def live_ctx(store: MessageStore, redis_server: Any) -> Iterator[InboundContext]
 def waveform_message(control: str = "ORU0001", *, placer: str | None = "PL1001", filler: str | None = None,
                      name: str | None = None, charset: str = "UNICODE UTF-8", version: str = "2.5.1") -> str:
     """An ORU^R01 with the 12-lead waveform of a real PTB-XL record (``charset`` "": no MSH-18)."""
-    hw = pytest.importorskip("mapping.hl7_waveform", reason="mapping.hl7_waveform is not there yet")
+    hw = pytest.importorskip("ecgbridge.mapping.hl7_waveform", reason="mapping.hl7_waveform is not there yet")
     from dataclasses import replace
 
-    from mapping.ecg import Patient
-    from mapping.wfdb_record import read_wfdb
+    from ecgbridge.mapping.ecg import Patient
+    from ecgbridge.mapping.wfdb_record import read_wfdb
 
     ecg = replace(read_wfdb(WFDB), patient=Patient(id="MRN55501", name=name))
     message = hw.build_oru_waveform(ecg, control_id=control, placer_order_number=placer,
@@ -490,7 +490,7 @@ def test_oru_without_obr_is_rejected(dead_ctx: InboundContext) -> None:
 
 @pytest.mark.parametrize("charset, codec", [("UNICODE UTF-8", "utf-8"), ("8859/1", "latin-1"), ("", "latin-1")])
 def test_oru_with_non_ascii_name_in_the_senders_charset(live_ctx: InboundContext, charset: str, codec: str) -> None:
-    from mapping.readers import read_ecg_bytes
+    from ecgbridge.mapping.readers import read_ecg_bytes
 
     raw = waveform_message("ORU-51", name=NAME, charset=charset).encode(codec)
     m = fields(handle_message(raw, PEER, live_ctx), codec)

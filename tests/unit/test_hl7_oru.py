@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from ecgbridge.errors import PermanentDeliveryError
-from ecgbridge.settings import Hl7Destination
-from gateway.mllp_client import parse_ack
-from mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
-from mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Attachment, Ecg, Finding, ModelOutput, Patient, Study
-from mapping.hl7_common import unescape
-from mapping.hl7_oru import LOCAL_CODING_SYSTEM, build_oru_r01, validate_er7
+from ecgbridge.core.settings import Hl7Destination
+from ecgbridge.outbound.mllp_client import parse_ack
+from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Attachment, Ecg, Finding, ModelOutput, Patient, Study
+from ecgbridge.mapping.hl7_common import unescape
+from ecgbridge.mapping.hl7_oru import LOCAL_CODING_SYSTEM, build_oru_r01, validate_er7
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
 NOW = datetime(2024, 3, 1, 10, 20, 0, tzinfo=timezone.utc)

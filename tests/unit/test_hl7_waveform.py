@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from ecgbridge.errors import DecodeError, UnsupportedInputError, WaveformError
-from mapping.dicom_waveform import read_bytes, to_ecg
-from mapping.ecg import STANDARD_LEADS, Ecg, Patient
-from mapping.hl7_common import (
+from ecgbridge.mapping.dicom_waveform import read_bytes, to_ecg
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient
+from ecgbridge.mapping.hl7_common import (
     ErrorLocation,
     decode_bytes,
     error_location,
@@ -36,15 +36,15 @@ from mapping.hl7_common import (
     strip_mllp,
     unescape,
 )
-from mapping.hl7_waveform import (
+from ecgbridge.mapping.hl7_waveform import (
     MAX_OBX5_CHARS,
     build_oru_ed,
     build_oru_waveform,
     lead_for_channel_name,
     parse_oru_waveform,
 )
-from mapping.readers import read_ecg_bytes
-from mapping.wfdb_record import read_wfdb
+from ecgbridge.mapping.readers import read_ecg_bytes
+from ecgbridge.mapping.wfdb_record import read_wfdb
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SENT = datetime(2026, 11, 20, 9, 30, tzinfo=timezone(timedelta(hours=1)))
@@ -439,7 +439,7 @@ def test_ed_with_broken_payloads() -> None:
 
 @pytest.mark.parametrize("name", ["liryc_hl7aecg_example.xml", "129DYPRG.XML", "3191723_ZZDEMOPTONLY_1-04_orig.xml"])
 def test_ed_with_xml_ecg(name: str) -> None:
-    vendor = pytest.importorskip("mapping.vendor", reason="mapping.vendor (XML readers) not present")
+    vendor = pytest.importorskip("ecgbridge.mapping.vendor", reason="mapping.vendor (XML readers) not present")
     path = FIXTURES / "vendor" / name
     if not path.exists():
         pytest.skip(f"vendor XML fixture {name} not present")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from ecgbridge.errors import ModelError
-from inference.features import measure
-from inference.lvef import LVEF_DIR, LvefModel, choose_variant
-from inference.lvef_features import (
+from ecgbridge.inference.features import measure
+from ecgbridge.inference.lvef import LVEF_DIR, LvefModel, choose_variant
+from ecgbridge.inference.lvef_features import (
     ECG_FEATURE_NAMES,
     FEATURE_NAMES,
     FEATURE_SPECS,
@@ -21,9 +21,9 @@ from inference.lvef_features import (
     lvef_feature_row,
     tier_index,
 )
-from mapping.ehr_context import EHR_VALUE_NAMES, EhrContext, EhrValue
-from mapping.wfdb_record import read_wfdb
-from training.datasets.lvef import LvefManifestError, patient_split, read_manifest
+from ecgbridge.mapping.ehr_context import EHR_VALUE_NAMES, EhrContext, EhrValue
+from ecgbridge.mapping.wfdb_record import read_wfdb
+from ecgbridge.training.datasets.lvef import LvefManifestError, patient_split, read_manifest
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wfdb"
 
@@ -197,7 +197,7 @@ def test_shipped_model_is_marked_synthetic() -> None:
 
 
 def test_predict_with_ehr_uses_ecg_ehr_and_names_ehr_variables() -> None:
-    from inference.models import ModelRegistry
+    from ecgbridge.inference.models import ModelRegistry
 
     ecg = read_wfdb(FIXTURES / "00730_lr")
     diagnosis = ModelRegistry().get("diagnosis").run(ecg)
@@ -246,8 +246,8 @@ def test_load_errors_are_model_errors(tmp_path: Path) -> None:
 
 
 def test_train_and_evaluate_on_a_tiny_fixture_cohort(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from training import lvef_evaluate, lvef_model
-    from training.lvef_synthetic import folder_sources, generate_cohort
+    from ecgbridge.training import lvef_evaluate, lvef_model
+    from ecgbridge.training.lvef_synthetic import folder_sources, generate_cohort
 
     csv_path = tmp_path / "cohort" / "tiny.csv"
     summary = generate_cohort(folder_sources(FIXTURES), csv_path, seed=1, replicas=40)
@@ -290,7 +290,7 @@ def test_synthetic_cohort_follows_its_documented_associations(tmp_path: Path) ->
         pytest.skip(f"shared data not found at {root} (set ECGBRIDGE_SHARED_DATA); skipping the PTB-XL cohort test")
     from scipy.stats import spearmanr
 
-    from training.lvef_synthetic import ptbxl_sources, generate_cohort
+    from ecgbridge.training.lvef_synthetic import ptbxl_sources, generate_cohort
 
     sources = ptbxl_sources(root / "ptbxl-subset")[:250]
     csv_path = tmp_path / "ptbxl.csv"

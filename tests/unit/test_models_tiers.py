@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ecgbridge.errors import ModelError
-from inference.models import Manifest, ModelRegistry
-from mapping.ecg import STANDARD_LEADS, Ecg
+from ecgbridge.inference.models import Manifest, ModelRegistry
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
 
 CLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
 
@@ -55,8 +55,8 @@ def test_manifest_tiers_are_checked_and_applied() -> None:
 
 def _export(tmp_path: Path, with_cams: bool, tiers: dict | None) -> Path:
     torch = pytest.importorskip("torch", reason="torch is not installed: building a test model needs it")
-    from training.export import ProbabilityModel, export_model
-    from training.models import ResNetSE1d
+    from ecgbridge.training.export import ProbabilityModel, export_model
+    from ecgbridge.training.models import ResNetSE1d
 
     torch.manual_seed(0)
     model = ResNetSE1d(width=8).eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.preprocess import DEFAULT_SPEC, Bandpass, FixLength, Pipeline, Resample, ZScore
+from ecgbridge.inference.preprocess import DEFAULT_SPEC, Bandpass, FixLength, Pipeline, Resample, ZScore
 
 
 def _shared_ptbxl() -> Path:

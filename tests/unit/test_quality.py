@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from scipy import signal as sps
 
-from inference.quality import QualityReport, assess, cap_for_quality, quality_flags
-from mapping.ecg import Ecg, Finding, ModelOutput
-from mapping.readers import read_ecg_file
+from ecgbridge.inference.quality import QualityReport, assess, cap_for_quality, quality_flags
+from ecgbridge.mapping.ecg import Ecg, Finding, ModelOutput
+from ecgbridge.mapping.readers import read_ecg_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REAL = sorted((FIXTURES / "dicom").glob("*_12lead.dcm")) + sorted((FIXTURES / "wfdb").glob("*.hea"))
@@ -286,7 +286,7 @@ def shipped():
     """The shipped diagnosis model, or the model directory in ECGBRIDGE_TEST_DIAGNOSIS_MODEL (a candidate)."""
     import os
 
-    from inference.models import ModelRegistry
+    from ecgbridge.inference.models import ModelRegistry
 
     candidate = os.environ.get("ECGBRIDGE_TEST_DIAGNOSIS_MODEL")
     registry = ModelRegistry(paths={"diagnosis": Path(candidate)}) if candidate else ModelRegistry()

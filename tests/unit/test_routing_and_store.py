@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ecgbridge.settings import Route, RouteMatch
-from gateway.routing import MessageFacts, match_route
-from gateway.store import MessageStore
-from mapping.codes import SOP_12_LEAD_ECG, SOP_GENERAL_ECG
+from ecgbridge.core.settings import Route, RouteMatch
+from ecgbridge.core.routing import MessageFacts, match_route
+from ecgbridge.core.store import MessageStore
+from ecgbridge.mapping.codes import SOP_12_LEAD_ECG, SOP_GENERAL_ECG
 
 
 def test_first_matching_route_wins_and_no_match_is_none():

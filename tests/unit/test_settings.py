@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ecgbridge.errors import ConfigError
-from ecgbridge.settings import load_settings
+from ecgbridge.core.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 

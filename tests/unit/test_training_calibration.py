@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.calibration import (
+from ecgbridge.training.calibration import (
     apply_calibration,
     choose_tiers,
     ece,
@@ -70,7 +70,7 @@ def test_tiers_catch_95_percent_and_keep_high_specific() -> None:
 
 def test_focal_loss_reduces_to_bce_and_downweights_easy_examples() -> None:
     torch = pytest.importorskip("torch")
-    from training.train import FocalLoss
+    from ecgbridge.training.train import FocalLoss
 
     logits = torch.tensor([[3.0, -2.0], [0.1, 0.4]])
     target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -84,8 +84,8 @@ def test_focal_loss_reduces_to_bce_and_downweights_easy_examples() -> None:
 
 
 def test_augmentation_is_seeded_finite_and_goes_through_the_serving_pipeline() -> None:
-    from inference.preprocess import DEFAULT_SPEC, Pipeline
-    from training.augment import AugmentConfig, Augmenter
+    from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
+    from ecgbridge.training.augment import AugmentConfig, Augmenter
 
     rng = np.random.default_rng(0)
     t = np.arange(1000) / 100.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.datasets.challenge import (
+from ecgbridge.training.datasets.challenge import (
     NORM_COMPATIBLE,
     SNOMED_TO_SUPERCLASS,
     is_challenge_dir,
@@ -18,7 +18,7 @@ from training.datasets.challenge import (
     source_of,
     superclasses_from_snomed,
 )
-from training.datasets.ptbxl import SUPERCLASSES
+from ecgbridge.training.datasets.ptbxl import SUPERCLASSES
 
 
 def _shared() -> Path:

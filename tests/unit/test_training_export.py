@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.models import SHIPPED_DIR, Manifest, ModelRegistry
-from inference.preprocess import DEFAULT_SPEC, Pipeline
-from mapping.ecg import STANDARD_LEADS, Ecg
+from ecgbridge.inference.models import SHIPPED_DIR, Manifest, ModelRegistry
+from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
 
 # The shipped diagnosis model. A replacement (``training.train`` with ``--model-dir``) goes into
 # ``inference/shipped/diagnosis`` with version 0.2.0 and the baseline directory is deleted in the same step.
@@ -52,7 +52,7 @@ def _real_inputs(n: int) -> np.ndarray | None:
     root = _shared_ptbxl()
     if not (root / "ptbxl_database.csv").is_file():
         return None
-    from training.datasets.ptbxl import load_ptbxl
+    from ecgbridge.training.datasets.ptbxl import load_ptbxl
 
     return load_ptbxl(root, (9,), limit=n).x
 
@@ -62,8 +62,8 @@ def _real_inputs(n: int) -> np.ndarray | None:
 
 def test_export_matches_torch_within_1e_4(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch", reason="torch is not installed: export parity needs it")
-    from training.export import check_parity, export_model
-    from training.models import Cnn1d
+    from ecgbridge.training.export import check_parity, export_model
+    from ecgbridge.training.models import Cnn1d
 
     torch.manual_seed(0)
     model = Cnn1d()
@@ -105,8 +105,8 @@ def test_export_matches_torch_within_1e_4(tmp_path: Path) -> None:
 
 def test_parity_check_raises_on_a_different_model(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch", reason="torch is not installed: export parity needs it")
-    from training.export import ParityError, check_parity, export_onnx
-    from training.models import Cnn1d
+    from ecgbridge.training.export import ParityError, check_parity, export_onnx
+    from ecgbridge.training.models import Cnn1d
 
     torch.manual_seed(0)
     exported = Cnn1d().eval()
@@ -131,7 +131,7 @@ def test_shipped_directory_holds_exactly_the_three_files() -> None:
 
 def test_shipped_model_loads_by_name_and_gives_five_probabilities() -> None:
     from ecgbridge.errors import ModelError
-    from training.export import sha256_file
+    from ecgbridge.training.export import sha256_file
 
     loaded = ModelRegistry().get("diagnosis")
     manifest = loaded.manifest
@@ -188,7 +188,7 @@ def test_only_one_shipped_model_is_named_diagnosis() -> None:
 
 
 def _tiny_resnet(torch, seed: int):
-    from training.models import ResNetSE1d
+    from ecgbridge.training.models import ResNetSE1d
 
     torch.manual_seed(seed)
     model = ResNetSE1d(width=8)
@@ -203,7 +203,7 @@ def test_serving_graph_parity_for_probabilities_cams_and_logits(tmp_path: Path) 
     torch = pytest.importorskip("torch", reason="torch is not installed: export parity needs it")
     import onnxruntime as ort
 
-    from training.export import ServingGraph, export_model, parity_by_output
+    from ecgbridge.training.export import ServingGraph, export_model, parity_by_output
 
     members = [_tiny_resnet(torch, 0), _tiny_resnet(torch, 1)]
     temperature = np.array([1.5, 0.8, 1.0, 2.0, 1.2], dtype=np.float32)
@@ -240,7 +240,7 @@ def test_serving_graph_parity_for_probabilities_cams_and_logits(tmp_path: Path) 
 
 
 def test_rank_auroc_matches_known_values_and_handles_ties() -> None:
-    from training.evaluate import auroc, best_f1_threshold, threshold_metrics
+    from ecgbridge.training.evaluate import auroc, best_f1_threshold, threshold_metrics
 
     assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
     assert auroc(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
@@ -254,7 +254,7 @@ def test_rank_auroc_matches_known_values_and_handles_ties() -> None:
 
 
 def test_patient_bootstrap_is_seeded() -> None:
-    from training.evaluate import bootstrap_auroc
+    from ecgbridge.training.evaluate import bootstrap_auroc
 
     rng = np.random.default_rng(0)
     y = (rng.random((60, 2)) < 0.4).astype(float)
@@ -271,7 +271,7 @@ def test_patient_bootstrap_is_seeded() -> None:
 def test_tiny_end_to_end_train_export_evaluate(tmp_path: Path) -> None:
     pytest.importorskip("torch", reason="torch is not installed: training needs it")
     root = _require_ptbxl()
-    from training.train import train_diagnosis
+    from ecgbridge.training.train import train_diagnosis
 
     out_dir, model_dir = tmp_path / "out", tmp_path / "model"
     result = train_diagnosis(

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.models import SHIPPED_DIR, ModelRegistry
-from inference.triage import TRIAGE_OUTPUTS_3, TRIAGE_OUTPUTS_4, decode_levels, severity_extra
-from mapping.codes import (
+from ecgbridge.inference.models import SHIPPED_DIR, ModelRegistry
+from ecgbridge.inference.triage import TRIAGE_OUTPUTS_3, TRIAGE_OUTPUTS_4, decode_levels, severity_extra
+from ecgbridge.mapping.codes import (
     SCP_SEVERITY,
     SEVERITY3,
     SEVERITY4,
@@ -27,7 +27,7 @@ from mapping.codes import (
     severity4_of_snomed,
     to_severity3,
 )
-from mapping.ecg import Finding
+from ecgbridge.mapping.ecg import Finding
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SHIPPED = SHIPPED_DIR / "triage"
@@ -75,7 +75,7 @@ def test_clinical_anchors_of_the_scp_table() -> None:
 
 
 def test_snomed_table_covers_the_superclass_table_and_the_challenge_codes() -> None:
-    from training.datasets import challenge
+    from ecgbridge.training.datasets import challenge
 
     assert challenge.SNOMED_TO_SUPERCLASS is SNOMED_TO_SUPERCLASS  # moved, re-exported
     for code in [*SNOMED_TO_SUPERCLASS, *challenge.NORM_COMPATIBLE, *challenge.SINUS_RHYTHMS]:
@@ -92,7 +92,7 @@ def test_snomed_table_covers_the_superclass_table_and_the_challenge_codes() -> N
 
 
 def test_every_code_of_the_shared_challenge_headers_has_a_tier() -> None:
-    from training.datasets.challenge import read_header
+    from ecgbridge.training.datasets.challenge import read_header
 
     root = _require(_shared() / "challenge" / "cinc2021", "shared challenge data")
     codes = {c for hea in root.rglob("*.hea") for c in read_header(hea).dx}
@@ -170,7 +170,7 @@ def test_severity_extra_for_3_and_4_tier_models() -> None:
 
 
 def test_tier_scores_from_other_granularities() -> None:
-    from training.triage_evaluate import superclass_weights, tier_scores
+    from ecgbridge.training.triage_evaluate import superclass_weights, tier_scores
 
     probs = np.array([[0.9, 0.2, 0.1], [0.1, 0.3, 0.8]])
     fine = tier_scores(probs, ["NORM", "IMI", "INJAS"], "fine")
@@ -184,7 +184,7 @@ def test_tier_scores_from_other_granularities() -> None:
 
 
 def test_specificity_threshold_comes_from_the_negatives_alone() -> None:
-    from training.triage_evaluate import specificity_threshold
+    from ecgbridge.training.triage_evaluate import specificity_threshold
 
     neg = np.linspace(0.0, 0.99, 100)
     y = np.r_[np.zeros(100), 1.0]
@@ -203,8 +203,8 @@ def test_specificity_threshold_comes_from_the_negatives_alone() -> None:
 
 
 def test_choose_thresholds_switches_rule_below_n_min_positives() -> None:
-    from training.calibration import min_sensitivity_threshold
-    from training.triage_evaluate import N_MIN_POSITIVES, choose_thresholds, specificity_threshold, task_labels
+    from ecgbridge.training.calibration import min_sensitivity_threshold
+    from ecgbridge.training.triage_evaluate import N_MIN_POSITIVES, choose_thresholds, specificity_threshold, task_labels
 
     assert N_MIN_POSITIVES == 10
     rng = np.random.default_rng(0)
@@ -243,8 +243,8 @@ def test_shipped_triage_directory() -> None:
 
 
 def test_shipped_triage_model_gives_a_tier_for_fixture_ecgs() -> None:
-    from mapping.readers import read_ecg_file
-    from training.export import sha256_file
+    from ecgbridge.mapping.readers import read_ecg_file
+    from ecgbridge.training.export import sha256_file
 
     loaded = ModelRegistry().get("triage")
     manifest = loaded.manifest
@@ -268,7 +268,7 @@ def test_shipped_triage_model_gives_a_tier_for_fixture_ecgs() -> None:
 
 def test_shipped_triage_thresholds_are_the_fold9_rule() -> None:
     """The manifest's thresholds are what ``choose_thresholds`` gives on fold 9 through the serving path."""
-    from training.triage_evaluate import rethreshold
+    from ecgbridge.training.triage_evaluate import rethreshold
 
     root = _require(_shared() / "ptbxl-subset" / "ptbxl_database.csv", "shared PTB-XL subset").parent
     before = (SHIPPED / "manifest.json").read_bytes()
@@ -280,7 +280,7 @@ def test_shipped_triage_thresholds_are_the_fold9_rule() -> None:
 
 
 def test_diagnosis_results_carry_no_severity() -> None:
-    from mapping.readers import read_ecg_file
+    from ecgbridge.mapping.readers import read_ecg_file
 
     out = ModelRegistry().get("diagnosis").run(read_ecg_file(FIXTURES / "wfdb" / "00024_lr.hea"))
     assert "severity" not in out.extra
@@ -291,8 +291,8 @@ def test_diagnosis_results_carry_no_severity() -> None:
 
 def test_triage_graph_onnx_matches_torch(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch", reason="torch is not installed: export parity needs it")
-    from training.export import ServingGraph, check_parity, export_onnx
-    from training.train import build_model
+    from ecgbridge.training.export import ServingGraph, check_parity, export_onnx
+    from ecgbridge.training.train import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet_se", width=8, dropout=0.3, n_classes=len(TRIAGE_OUTPUTS_4))
@@ -306,7 +306,7 @@ def test_triage_graph_onnx_matches_torch(tmp_path: Path) -> None:
 
 
 def test_ptbxl_loader_can_keep_records_without_a_superclass() -> None:
-    from training.datasets.ptbxl import load_ptbxl
+    from ecgbridge.training.datasets.ptbxl import load_ptbxl
 
     root = _require(_shared() / "ptbxl-subset" / "ptbxl_database.csv", "shared PTB-XL subset").parent
     strict = load_ptbxl(root, (10,))

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from ecgbridge.errors import DecodeError, UnsupportedInputError, WaveformError
-from mapping.ecg import STANDARD_LEADS, Ecg
-from mapping.readers import read_ecg_bytes
-from mapping.vendor import detect_format, looks_like_xml, read_xml
-from mapping.vendor import aecg, philips
-from mapping.vendor._xml import parse
-from mapping.wfdb_record import read_wfdb
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
+from ecgbridge.mapping.readers import read_ecg_bytes
+from ecgbridge.mapping.vendor import detect_format, looks_like_xml, read_xml
+from ecgbridge.mapping.vendor import aecg, philips
+from ecgbridge.mapping.vendor._xml import parse
+from ecgbridge.mapping.wfdb_record import read_wfdb
 from tests.conftest import FIXTURES, shared_data_dir
 
 VENDOR = FIXTURES / "vendor"

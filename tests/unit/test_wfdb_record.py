@@ -10,9 +10,9 @@ import pytest
 import wfdb
 
 from ecgbridge.errors import WaveformError
-from mapping.dicom_waveform import read_bytes, to_ecg
-from mapping.ecg import STANDARD_LEADS
-from mapping.wfdb_record import lead_name, read_wfdb
+from ecgbridge.mapping.dicom_waveform import read_bytes, to_ecg
+from ecgbridge.mapping.ecg import STANDARD_LEADS
+from ecgbridge.mapping.wfdb_record import lead_name, read_wfdb
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 WFDB_DIR = FIXTURES / "wfdb"

@@ -1,7 +1,7 @@
 """Labelled ECG data sets for training (PTB-XL) and external evaluation (PhysioNet challenge)."""
 
-from .challenge import SNOMED_TO_SUPERCLASS, ChallengeData, is_challenge_dir, load_challenge
-from .ptbxl import (
+from ecgbridge.training.datasets.challenge import SNOMED_TO_SUPERCLASS, ChallengeData, is_challenge_dir, load_challenge
+from ecgbridge.training.datasets.ptbxl import (
     SUPERCLASSES,
     TEST_FOLDS,
     TRAIN_FOLDS,

@@ -56,11 +56,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from inference.preprocess import DEFAULT_SPEC, Pipeline
-from mapping.codes import SNOMED_TO_SUPERCLASS
-from mapping.ecg import STANDARD_LEADS
+from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
+from ecgbridge.mapping.codes import SNOMED_TO_SUPERCLASS
+from ecgbridge.mapping.ecg import STANDARD_LEADS
 
-from .ptbxl import SUPERCLASSES, Transform, read_signal
+from ecgbridge.training.datasets.ptbxl import SUPERCLASSES, Transform, read_signal
 
 __all__ = [
     "SNOMED_TO_SUPERCLASS",

@@ -56,8 +56,8 @@ from typing import Any
 import numpy as np
 
 from ecgbridge.errors import InputError
-from inference.lvef_features import FEATURE_NAMES, lvef_feature_row, tier_index
-from mapping.ehr_context import EHR_CONDITION_NAMES, EHR_MEDICATION_NAMES, EHR_VALUE_NAMES, EhrContext, EhrValue
+from ecgbridge.inference.lvef_features import FEATURE_NAMES, lvef_feature_row, tier_index
+from ecgbridge.mapping.ehr_context import EHR_CONDITION_NAMES, EHR_MEDICATION_NAMES, EHR_VALUE_NAMES, EhrContext, EhrValue
 
 __all__ = [
     "LVEF_MIN",
@@ -256,9 +256,9 @@ Measurer = Callable[[Path], tuple[dict[str, Any], dict[str, float] | None]]
 
 
 def _default_measurer() -> tuple[Measurer, str]:
-    from inference.features import FEATURES_VERSION, measure
-    from inference.models import ModelRegistry
-    from mapping.readers import read_ecg_file
+    from ecgbridge.inference.features import FEATURES_VERSION, measure
+    from ecgbridge.inference.models import ModelRegistry
+    from ecgbridge.mapping.readers import read_ecg_file
 
     diag = ModelRegistry().get("diagnosis")
 

@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from inference.preprocess import DEFAULT_SPEC, Pipeline
-from mapping.ecg import STANDARD_LEADS
+from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
+from ecgbridge.mapping.ecg import STANDARD_LEADS
 
 __all__ = [
     "SUPERCLASSES",

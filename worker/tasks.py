@@ -9,13 +9,13 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 
 from ecgbridge.errors import TransientDeliveryError
-from ecgbridge.settings import Settings
-from gateway.dispatch import Dispatcher
+from ecgbridge.core.settings import Settings
+from ecgbridge.core.queue import Dispatcher
 
-from . import jobs
-from .lvef import LvefModel
-from .pipeline import LVEF_MODEL
-from .celery_app import ANALYSE_TASK, DELIVER_TASK
+from ecgbridge.worker import jobs
+from ecgbridge.inference.lvef import LvefModel
+from ecgbridge.inference.pipeline import LVEF_MODEL
+from ecgbridge.worker.celery_app import ANALYSE_TASK, DELIVER_TASK
 
 __all__ = ["register", "context"]
 

@@ -33,8 +33,8 @@ from urllib.parse import parse_qsl
 import httpx
 
 from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
-from mapping.ecg import Patient
-from mapping.fhir_report import ReportBundle, operation_outcome_text, resolve_references
+from ecgbridge.mapping.ecg import Patient
+from ecgbridge.mapping.fhir_report import ReportBundle, operation_outcome_text, resolve_references
 
 __all__ = [
     "FHIR_JSON",

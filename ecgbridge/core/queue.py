@@ -7,7 +7,7 @@ import logging
 from celery import Celery
 
 from ecgbridge.errors import StorageError
-from inference.celery_app import ANALYSE_TASK, DELIVER_TASK, QUEUE
+from ecgbridge.worker.celery_app import ANALYSE_TASK, DELIVER_TASK, QUEUE
 
 __all__ = ["Dispatcher"]
 

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ecgbridge.errors import EcgBridgeError, InputError, ModelError, PermanentDeliveryError, TransientDeliveryError
-from ecgbridge.settings import FhirDestination, Hl7Destination, Route, Settings
-from gateway.dispatch import Dispatcher
-from gateway.ehr_fetch import EhrFetcher
-from gateway.store import MessageRow, MessageStore
-from mapping.ecg import AnalysisResult, Attachment, Ecg
-from mapping.ehr_context import EhrContext
-from mapping.readers import read_ecg_bytes
+from ecgbridge.core.settings import FhirDestination, Hl7Destination, Route, Settings
+from ecgbridge.core.queue import Dispatcher
+from ecgbridge.outbound.ehr_fetch import EhrFetcher
+from ecgbridge.core.store import MessageRow, MessageStore
+from ecgbridge.mapping.ecg import AnalysisResult, Attachment, Ecg
+from ecgbridge.mapping.ehr_context import EhrContext
+from ecgbridge.mapping.readers import read_ecg_bytes
 
-from .models import ModelRegistry
-from .pipeline import LVEF_MODEL, analyse_ecg
+from ecgbridge.inference.models import ModelRegistry
+from ecgbridge.inference.pipeline import LVEF_MODEL, analyse_ecg
 
 __all__ = [
     "WorkerContext", "analyse_message", "attach_explanations", "attachment_bytes", "deliver_message", "dead_letter",
@@ -137,7 +137,7 @@ def attach_explanations(ctx: WorkerContext, message_id: str, ecg: Ecg, result: A
     effort: any failure is recorded as a ``render_failed`` event and the result is
     returned without attachments; the analysis itself never fails here.
     """
-    from .explain import cams_for, render_both
+    from ecgbridge.inference.explain import cams_for, render_both
 
     started = time.perf_counter()
     try:
@@ -218,8 +218,8 @@ def _deliver_fhir(
     result: AnalysisResult, ecg: Ecg, dest: FhirDestination, message_id: str,
     attachments_data: Mapping[str, bytes] | None = None,
 ) -> str:
-    from gateway.fhir_client import BearerAuth, FhirClient, deliver_report, resolve_patient
-    from mapping.fhir_report import build_report
+    from ecgbridge.outbound.fhir_client import BearerAuth, FhirClient, deliver_report, resolve_patient
+    from ecgbridge.mapping.fhir_report import build_report
 
     token = dest.auth.token()
     with FhirClient(dest.base_url, auth=BearerAuth(token) if token else None, timeout_s=dest.timeout_s) as client:
@@ -246,8 +246,8 @@ def _deliver_hl7(
     attachments_data: Mapping[str, bytes] | None = None,
 ) -> str:
     """ORU^R01 over MLLP; waits for the ACK (AA delivers, AE/timeout retry, AR fails)."""
-    from gateway.mllp_client import send_oru
-    from mapping.hl7_oru import build_oru_r01
+    from ecgbridge.outbound.mllp_client import send_oru
+    from ecgbridge.mapping.hl7_oru import build_oru_r01
 
     order = ctx.store.order_for_message(row.id)
     message = build_oru_r01(

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ecgbridge.errors import ConfigError, DeliveryError
-from ecgbridge.settings import EhrSource
-from gateway.fhir_client import (
+from ecgbridge.core.settings import EhrSource
+from ecgbridge.outbound.fhir_client import (
     BearerAuth,
     FhirClient,
     FhirPermanentError,
@@ -33,8 +33,8 @@ from gateway.fhir_client import (
     SmartBackendAuth,
     search_matches,
 )
-from mapping.ecg import Patient
-from mapping.ehr_context import LOINC, EhrContext, context_from_resources, observation_loinc_codes
+from ecgbridge.mapping.ecg import Patient
+from ecgbridge.mapping.ehr_context import LOINC, EhrContext, context_from_resources, observation_loinc_codes
 
 __all__ = ["fetch_context", "build_client", "EhrFetcher"]
 

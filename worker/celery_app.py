@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from ecgbridge.settings import Settings
+from ecgbridge.core.settings import Settings
 
 __all__ = ["ANALYSE_TASK", "DELIVER_TASK", "QUEUE", "make_celery"]
 
@@ -39,7 +39,7 @@ def make_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
         enable_utc=True,
     )
     if include_tasks:
-        from . import tasks
+        from ecgbridge.worker import tasks
 
         tasks.register(app, settings)
     return app

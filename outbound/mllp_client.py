@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
-from mapping.hl7_common import unescape
+from ecgbridge.mapping.hl7_common import unescape
 
-from .mllp import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
+from ecgbridge.gateway.mllp import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
 
 if TYPE_CHECKING:
-    from ecgbridge.settings import Hl7Destination
+    from ecgbridge.core.settings import Hl7Destination
 
 __all__ = ["Ack", "parse_ack", "send_oru", "send_message", "MAX_ACK_BYTES"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ecgbridge.settings import Route
+from ecgbridge.core.settings import Route
 
 __all__ = ["MessageFacts", "match_route"]
 

@@ -1,0 +1,1 @@
+"""worker: the Celery app, its thin tasks and the analysis and delivery jobs behind them."""
