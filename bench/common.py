@@ -41,9 +41,13 @@ def time_storescu(port: int, files: list[Path], *, associations: int = 1, called
     chunks = [files[i::associations] for i in range(associations)]
     start = time.perf_counter()
     procs = [
-        subprocess.Popen(["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, chunk)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for chunk in chunks if chunk
+        subprocess.Popen(
+            ["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, chunk)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+        if chunk
     ]
     for p in procs:
         _, err = p.communicate()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 from pydicom import dcmread
@@ -53,8 +53,14 @@ def main() -> None:
             extra = {
                 "models": [{"name": "diagnosis"}, {"name": "triage"}, {"name": "lvef"}],
                 "ehr": [{"name": "ehr-context", "base_url": fhir.base_url}],
-                "routes": [{"name": "all-ecg", "models": ["diagnosis", "triage", "lvef"], "destinations": ["ehr"],
-                            "ehr_context": "ehr-context"}],
+                "routes": [
+                    {
+                        "name": "all-ecg",
+                        "models": ["diagnosis", "triage", "lvef"],
+                        "destinations": ["ehr"],
+                        "ehr_context": "ehr-context",
+                    }
+                ],
             }
         stack = Stack(tmp=Path(tmp_name), broker_url=redis.url, fhir_base_url=fhir.base_url, extra=extra)
         try:
@@ -68,8 +74,12 @@ def main() -> None:
                 ds.AcquisitionDateTime = ehr_bundles.ECG_TIME.strftime("%Y%m%d%H%M%S+0000")
             ae = AE(ae_title="BENCH")
             ae.add_requested_context(ds.SOPClassUID, "1.2.840.10008.1.2.1")
-            assoc = wait_for(lambda: (a := ae.associate("127.0.0.1", stack.port, ae_title="ECGBRIDGE")).is_established and a,
-                             60, 0.5, "the gateway")
+            assoc = wait_for(
+                lambda: (a := ae.associate("127.0.0.1", stack.port, ae_title="ECGBRIDGE")).is_established and a,
+                60,
+                0.5,
+                "the gateway",
+            )
             # warm-up: the first ECG loads the model in the worker
             ds.SOPInstanceUID = generate_uid()
             assoc.send_c_store(ds)
@@ -105,18 +115,24 @@ def main() -> None:
             redis.stop()
     latencies.sort()
     what = "diagnosis + triage + LVEF with EHR context" if args.lvef else "diagnosis"
-    print(f"end to end ({what}), {args.n} x 12-lead ECG, {args.workers} worker process(es), "
-          f"{'back to back' if not args.interval else f'every {args.interval}s'}, {time.strftime('%Y-%m-%d')}")
-    print(f"latency C-STORE response -> DiagnosticReport created: p50 {percentile(latencies, 50):.3f} s, "
-          f"p95 {percentile(latencies, 95):.3f} s, max {latencies[-1]:.3f} s")
-    print(f"  of which response -> result saved: p50 {percentile(sorted(analysed), 50):.3f} s; "
-          f"result saved -> report created: p50 {percentile(sorted(delivering), 50):.3f} s, "
-          f"p95 {percentile(sorted(delivering), 95):.3f} s")
+    print(
+        f"end to end ({what}), {args.n} x 12-lead ECG, {args.workers} worker process(es), "
+        f"{'back to back' if not args.interval else f'every {args.interval}s'}, {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"latency C-STORE response -> DiagnosticReport created: p50 {percentile(latencies, 50):.3f} s, "
+        f"p95 {percentile(latencies, 95):.3f} s, max {latencies[-1]:.3f} s"
+    )
+    print(
+        f"  of which response -> result saved: p50 {percentile(sorted(analysed), 50):.3f} s; "
+        f"result saved -> report created: p50 {percentile(sorted(delivering), 50):.3f} s, "
+        f"p95 {percentile(sorted(delivering), 95):.3f} s"
+    )
     print(f"throughput: {args.n / elapsed:.2f} ECGs/s ({args.n} in {elapsed:.1f} s)")
 
 
 def _ts(dt) -> float:  # type: ignore[no-untyped-def]
-    return dt.replace(tzinfo=dt.tzinfo or timezone.utc).timestamp()
+    return dt.replace(tzinfo=dt.tzinfo or UTC).timestamp()
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 
-from ecgbridge.inference.features import cart_measurements, detect_beats, measure
+from ecgbridge.inference.features import detect_beats, measure
 from ecgbridge.mapping.dicom_waveform import median_beat, to_ecg
 from ecgbridge.mapping.ecg import Ecg
+from tests.support.cart_measurements import cart_measurements
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("heart_rate", "pr_interval", "qrs_duration", "qt_interval", "qtc_interval", "p_axis", "qrs_axis", "t_axis")
@@ -59,9 +60,11 @@ def mortara() -> None:
     print(_row("rr_interval", m.rr_interval, cart.get("rr_interval")))
     for key in KEYS:
         print(_row(key, ours.get(key), cart.get(key)))
-    print(f"\nQTc Fridericia (ours): {m.qtc_fridericia:.1f} ms; the cart's QTc 370 lies between our "
-          f"Bazett-from-its-QT {cart['qt_interval'] / math.sqrt(cart['rr_interval'] / 1000):.1f} and "
-          f"Fridericia-from-its-QT {cart['qt_interval'] / (cart['rr_interval'] / 1000) ** (1 / 3):.1f}.")
+    print(
+        f"\nQTc Fridericia (ours): {m.qtc_fridericia:.1f} ms; the cart's QTc 370 lies between our "
+        f"Bazett-from-its-QT {cart['qt_interval'] / math.sqrt(cart['rr_interval'] / 1000):.1f} and "
+        f"Fridericia-from-its-QT {cart['qt_interval'] / (cart['rr_interval'] / 1000) ** (1 / 3):.1f}."
+    )
     print(f"flags: {list(m.flags)}; beats detected {m.n_beats}, in the median {m.n_beats_median}")
 
     # fiducials of the cart's median beat (annotation group 2), relative to its fiducial point
@@ -78,13 +81,21 @@ def mortara() -> None:
             beats[group] = int(item.ReferencedSamplePositions)
     r = fid["Fiducial Point"]
     cart_rel = {
-        "p_onset": fid["P Onset"] - r, "p_offset": fid["P Offset"] - r, "qrs_onset": fid["QRS Onset"] - r,
-        "qrs_offset": fid["QRS Offset"] - r, "t_end": fid["T Offset"] - r,
+        "p_onset": fid["P Onset"] - r,
+        "p_offset": fid["P Offset"] - r,
+        "qrs_onset": fid["QRS Onset"] - r,
+        "qrs_offset": fid["QRS Offset"] - r,
+        "t_end": fid["T Offset"] - r,
     }
     f = m.fiducials
     assert f is not None
-    ours_rel = {"p_onset": f.p_onset, "p_offset": f.p_offset, "qrs_onset": f.qrs_onset,
-                "qrs_offset": f.qrs_offset, "t_end": f.t_end}
+    ours_rel = {
+        "p_onset": f.p_onset,
+        "p_offset": f.p_offset,
+        "qrs_onset": f.qrs_onset,
+        "qrs_offset": f.qrs_offset,
+        "t_end": f.t_end,
+    }
     print("\nMedian-beat fiducials, ms from each one's own QRS fiducial point (ours: QRS energy peak):\n")
     print("| fiducial | ours | cart | difference |\n|---|---|---|---|")
     for key, value in cart_rel.items():
@@ -94,8 +105,10 @@ def mortara() -> None:
     ours_beats = detect_beats(ecg)
     cart_beats = np.array(sorted(beats.values()))
     nearest = [int(ours_beats[np.argmin(np.abs(ours_beats - b))] - b) for b in cart_beats]
-    print(f"\nBeats: ours {len(ours_beats)}, cart {len(cart_beats)}; our beat minus the cart's fiducial "
-          f"point, ms: {nearest}")
+    print(
+        f"\nBeats: ours {len(ours_beats)}, cart {len(cart_beats)}; our beat minus the cart's fiducial "
+        f"point, ms: {nearest}"
+    )
 
     # R amplitude per lead: ours (our median, our fiducials) vs the cart's median beat at its fiducials
     cm = median_beat(ds)
@@ -104,24 +117,33 @@ def mortara() -> None:
     diffs_r, diffs_s = [], []
     cells = []
     for i, lead in enumerate(cm.leads):
-        seg = cm.signals[i, on: off + 1].astype(float) - float(cm.signals[i, on - 10: on + 1].mean())
+        seg = cm.signals[i, on : off + 1].astype(float) - float(cm.signals[i, on - 10 : on + 1].mean())
         k = int(np.argmax(seg))
         cr, cs = max(0.0, float(seg.max())), max(0.0, -float(seg[k:].min()))
         diffs_r.append(m.r_amplitude[lead] - cr)
         diffs_s.append(m.s_amplitude[lead] - cs)
         cells.append(f"{lead} {m.r_amplitude[lead]:.2f}/{cr:.2f}")
     print("\nR amplitude, mV, ours/cart median beat: " + ", ".join(cells))
-    print(f"R: max |difference| {max(abs(d) for d in diffs_r):.3f} mV, mean {statistics.mean(diffs_r):+.3f}; "
-          f"S: max |difference| {max(abs(d) for d in diffs_s):.3f} mV, mean {statistics.mean(diffs_s):+.3f}")
-    print(f"Sokolow-Lyon {m.sokolow_lyon:.2f} mV, Cornell {m.cornell:.2f} mV, QRS morphology "
-          f"{m.qrs_morphology}, Q waves {list(m.q_waves or ())}, T inversion {list(m.t_inversion or ())}, "
-          f"fragmented QRS {list(m.fragmented_qrs or ())}")
+    print(
+        f"R: max |difference| {max(abs(d) for d in diffs_r):.3f} mV, mean {statistics.mean(diffs_r):+.3f}; "
+        f"S: max |difference| {max(abs(d) for d in diffs_s):.3f} mV, mean {statistics.mean(diffs_s):+.3f}"
+    )
+    print(
+        f"Sokolow-Lyon {m.sokolow_lyon:.2f} mV, Cornell {m.cornell:.2f} mV, QRS morphology "
+        f"{m.qrs_morphology}, Q waves {list(m.q_waves or ())}, T inversion {list(m.t_inversion or ())}, "
+        f"fragmented QRS {list(m.fragmented_qrs or ())}"
+    )
 
 
 _PHILIPS_TAGS = {
-    "heart_rate": ("meanventrate", "heartrate"), "pr_interval": ("meanprint",), "qrs_duration": ("meanqrsdur",),
-    "qt_interval": ("meanqtint",), "qtc_interval": ("meanqtc",), "p_axis": ("pfrontaxis",),
-    "qrs_axis": ("qrsfrontaxis",), "t_axis": ("tfrontaxis",),
+    "heart_rate": ("meanventrate", "heartrate"),
+    "pr_interval": ("meanprint",),
+    "qrs_duration": ("meanqrsdur",),
+    "qt_interval": ("meanqtint",),
+    "qtc_interval": ("meanqtc",),
+    "p_axis": ("pfrontaxis",),
+    "qrs_axis": ("qrsfrontaxis",),
+    "t_axis": ("tfrontaxis",),
 }
 
 
@@ -166,8 +188,10 @@ def philips(data: Path) -> None:
         # Philips' mean rate is the mean of the beat-to-beat rates, not 60 / mean RR
         beats = detect_beats(ecg)
         inst.append(f"{path.name[:12]} {statistics.mean(60 * ecg.fs / np.diff(beats)):.1f}")
-    print("\nmean difference (n): " + "; ".join(
-        f"{k} {statistics.mean(v):+.1f} ({len(v)})" for k, v in diffs.items() if v))
+    print(
+        "\nmean difference (n): "
+        + "; ".join(f"{k} {statistics.mean(v):+.1f} ({len(v)})" for k, v in diffs.items() if v)
+    )
     print("mean of beat-to-beat rates (/min), Philips' convention: " + ", ".join(inst))
 
 
@@ -182,10 +206,13 @@ def ptbxl_axis(data: Path) -> None:
         print("\n## 3. PTB-XL: no subset (skipped)")
         return
     df = pd.read_csv(csv)
-    interval_columns = [c for c in df.columns
-                        if re.search(r"interval|duration|^(pr|qrs|qt|qtc|rr|heart_?rate)(_|$)", c, re.IGNORECASE)]
-    print(f"\n## 3. PTB-XL subset ({len(df)} records): interval columns in ptbxl_database.csv: "
-          f"{interval_columns or 'none'}; heart_axis given for {int(df.heart_axis.notna().sum())}\n")
+    interval_columns = [
+        c for c in df.columns if re.search(r"interval|duration|^(pr|qrs|qt|qtc|rr|heart_?rate)(_|$)", c, re.IGNORECASE)
+    ]
+    print(
+        f"\n## 3. PTB-XL subset ({len(df)} records): interval columns in ptbxl_database.csv: "
+        f"{interval_columns or 'none'}; heart_axis given for {int(df.heart_axis.notna().sum())}\n"
+    )
     table: dict[str, dict[str, int]] = {}
     for row in df[df.heart_axis.notna()].itertuples():
         ecg = read_wfdb(base / row.filename_lr)
@@ -215,12 +242,13 @@ def ptbxl_axis(data: Path) -> None:
 def cost(data: Path, repeat: int) -> None:
     from ecgbridge.mapping.wfdb_record import read_wfdb
 
-    cases: list[tuple[str, Ecg]] = [("Mortara 12 x 10 s @ 1000 Hz", to_ecg(pydicom.dcmread(get_testdata_file("waveform_ecg.dcm")))),
-                                    ("E07506 12 x 10 s @ 500 Hz", read_wfdb(REPO / "tests/fixtures/wfdb/E07506"))]
+    cases: list[tuple[str, Ecg]] = [
+        ("Mortara 12 x 10 s @ 1000 Hz", to_ecg(pydicom.dcmread(get_testdata_file("waveform_ecg.dcm")))),
+        ("E07506 12 x 10 s @ 500 Hz", read_wfdb(REPO / "tests/fixtures/wfdb/E07506")),
+    ]
     cases.append(("PTB-XL 00024 12 x 10 s @ 100 Hz", read_wfdb(REPO / "tests/fixtures/wfdb/00024_lr")))
     challenge = sorted((data / "challenge" / "cinc2021").glob("*.hea"))
-    print(f"\n## 4. Cost of measure() per ECG (median of {repeat} runs, one process, "
-          f"{os.cpu_count()} CPUs shared)\n")
+    print(f"\n## 4. Cost of measure() per ECG (median of {repeat} runs, one process, {os.cpu_count()} CPUs shared)\n")
     for name, ecg in cases:
         measure(ecg)
         times = []
@@ -261,26 +289,43 @@ def neurokit() -> None:
         on, off = np.array(w["ECG_R_Onsets"], float), np.array(w["ECG_R_Offsets"], float)
         p_on, t_off = np.array(w["ECG_P_Onsets"], float), np.array(w["ECG_T_Offsets"], float)
         n = min(len(on), len(off), len(p_on), len(t_off))
-        med = lambda a: float(np.nanmedian(a)) * 1000 / fs
-        print(f"| {method} | {dt:.0f} | {med(on[:n] - p_on[:n]):.0f} | {med(off[:n] - on[:n]):.0f} | "
-              f"{med(t_off[:n] - on[:n]):.0f} | {int(np.isnan(off).sum())} of {len(off)} |")
+
+        def med(a: np.ndarray) -> float:
+            return float(np.nanmedian(a)) * 1000 / fs
+
+        print(
+            f"| {method} | {dt:.0f} | {med(on[:n] - p_on[:n]):.0f} | {med(off[:n] - on[:n]):.0f} | "
+            f"{med(t_off[:n] - on[:n]):.0f} | {int(np.isnan(off).sum())} of {len(off)} |"
+        )
     print("| cart | - | 161 | 75 | 368 | - |")
 
 
 def synthetic() -> None:
     from tests.unit.test_features import qrs_axis_of, synthetic_ecg
 
-    print("\n## 0. Synthetic ECGs with exact intervals (tests/unit/test_features.py; 10 uV noise, "
-          "0.1 mV wander): measured - true\n")
-    print("| fs (Hz) | HR | true PR / QRS / QT (ms) | PR | QRS | QT | P / QRS / T axis (deg) |\n|---|---|---|---|---|---|---|")
-    for fs, hr, pr, qrs, qt in [(500.0, 60, 160, 90, 400), (1000.0, 75, 200, 100, 380), (500.0, 100, 140, 80, 320),
-                                (500.0, 50, 280, 100, 480), (250.0, 70, 180, 90, 420), (500.0, 60, 160, 130, 440)]:
+    print(
+        "\n## 0. Synthetic ECGs with exact intervals (tests/unit/test_features.py; 10 uV noise, "
+        "0.1 mV wander): measured - true\n"
+    )
+    print(
+        "| fs (Hz) | HR | true PR / QRS / QT (ms) | PR | QRS | QT | P / QRS / T axis (deg) |\n|---|---|---|---|---|---|---|"
+    )
+    for fs, hr, pr, qrs, qt in [
+        (500.0, 60, 160, 90, 400),
+        (1000.0, 75, 200, 100, 380),
+        (500.0, 100, 140, 80, 320),
+        (500.0, 50, 280, 100, 480),
+        (250.0, 70, 180, 90, 420),
+        (500.0, 60, 160, 130, 440),
+    ]:
         m = measure(synthetic_ecg(fs=fs, hr=hr, pr=pr / 1000, qrs=qrs / 1000, qt=qt / 1000))
         assert m.pr_interval is not None and m.qrs_duration is not None and m.qt_interval is not None
         assert m.p_axis is not None and m.qrs_axis is not None and m.t_axis is not None
-        print(f"| {fs:.0f} | {hr} | {pr} / {qrs} / {qt} | {m.pr_interval - pr:+.0f} | {m.qrs_duration - qrs:+.0f} | "
-              f"{m.qt_interval - qt:+.0f} | {m.p_axis - 60:+.1f} / {m.qrs_axis - qrs_axis_of(qrs / 1000):+.1f} / "
-              f"{m.t_axis - 45:+.1f} |")
+        print(
+            f"| {fs:.0f} | {hr} | {pr} / {qrs} / {qt} | {m.pr_interval - pr:+.0f} | {m.qrs_duration - qrs:+.0f} | "
+            f"{m.qt_interval - qt:+.0f} | {m.p_axis - 60:+.1f} / {m.qrs_axis - qrs_axis_of(qrs / 1000):+.1f} / "
+            f"{m.t_axis - 45:+.1f} |"
+        )
 
 
 def main() -> None:

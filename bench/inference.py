@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -68,8 +68,13 @@ def main() -> None:
     torch.manual_seed(0)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False) if args.checkpoint else None
     if state is not None:
-        arch = {**arch, "arch": state["arch"], "width": state["width"], "dropout": state["dropout"],
-                "members": len(state["members"])}
+        arch = {
+            **arch,
+            "arch": state["arch"],
+            "width": state["width"],
+            "dropout": state["dropout"],
+            "members": len(state["members"]),
+        }
     members = [build_model(arch["arch"], width=arch["width"], dropout=arch["dropout"]) for _ in range(arch["members"])]
     temperature = offset = None
     if manifest.calibration:
@@ -94,8 +99,10 @@ def main() -> None:
     raw = rng.normal(size=(leads, int(10 * 500))).astype(np.float32)
     pre_rate, pre_ms = _rate(lambda: pipeline.apply(raw, 500.0), 1, args.seconds)
 
-    print(f"model {manifest.name} {manifest.version} ({arch['arch']}, {arch['members']} member(s), "
-          f"{arch.get('parameters', sum(p.numel() for p in graph.parameters())):,} parameters); outputs {', '.join(names)}")
+    print(
+        f"model {manifest.name} {manifest.version} ({arch['arch']}, {arch['members']} member(s), "
+        f"{arch.get('parameters', sum(p.numel() for p in graph.parameters())):,} parameters); outputs {', '.join(names)}"
+    )
     print(f"torch {torch.__version__} (1 thread, {weights}); onnxruntime {ort.__version__} (1 intra-op thread)")
     print(f"preprocessing a raw 500 Hz 10 s ECG: {pre_ms:.2f} ms per ECG ({pre_rate:.0f} ECG/s)\n")
     print(f"{'runtime':<13} {'batch':>5} {'ECG/s':>9} {'ms/ECG':>8} {'ms/call':>8}")
@@ -118,7 +125,9 @@ def main() -> None:
                 ref = graph(xt)
             got = session.run(names, feeds)
             by_name = dict(zip(ServingGraph.output_names, ref))
-            worst = max([worst] + [float(np.max(np.abs(by_name[nm].numpy() - g))) for nm, g in zip(names, got) if nm in by_name])
+            worst = max(
+                [worst] + [float(np.max(np.abs(by_name[nm].numpy() - g))) for nm, g in zip(names, got) if nm in by_name]
+            )
     if args.checkpoint is not None:
         print(f"\nmax |onnx - torch| over all outputs: {worst:.2e}")
 

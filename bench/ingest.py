@@ -23,9 +23,17 @@ from .common import make_ecg_files, require, time_storescu
 
 def _storescp(port: int, out: Path) -> subprocess.Popen[bytes]:
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(["storescp", "-od", str(out), "-aet", "ANY-SCP", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: subprocess.run(["echoscu", "127.0.0.1", str(port)], capture_output=True).returncode == 0, 15, 0.1, "storescp")
+    proc = subprocess.Popen(
+        ["storescp", "-od", str(out), "-aet", "ANY-SCP", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(
+        lambda: subprocess.run(["echoscu", "127.0.0.1", str(port)], capture_output=True).returncode == 0,
+        15,
+        0.1,
+        "storescp",
+    )
     return proc
 
 
@@ -54,16 +62,25 @@ def main() -> None:
                     scp.wait()
 
                 port = free_port()
-                cfg = write_config(tmp / f"gw{assocs}.yaml", {
-                    "data_dir": str(tmp / f"gwdata{assocs}"),
-                    "listeners": {"dicom": {"port": port}, "mllp": {"enabled": False}},
-                    "broker": {"url": redis.url},
-                    "log_level": "WARNING",
-                })
+                cfg = write_config(
+                    tmp / f"gw{assocs}.yaml",
+                    {
+                        "data_dir": str(tmp / f"gwdata{assocs}"),
+                        "listeners": {"dicom": {"port": port}, "mllp": {"enabled": False}},
+                        "broker": {"url": redis.url},
+                        "log_level": "WARNING",
+                    },
+                )
                 gw = EcgbridgeProcess(["gateway", "--config", str(cfg)], tmp / f"gw{assocs}.log").start()
                 try:
-                    wait_for(lambda: subprocess.run(["echoscu", "127.0.0.1", str(port)], capture_output=True).returncode == 0,
-                             60, 0.2, "the ecgbridge gateway")
+                    wait_for(
+                        lambda: (
+                            subprocess.run(["echoscu", "127.0.0.1", str(port)], capture_output=True).returncode == 0
+                        ),
+                        60,
+                        0.2,
+                        "the ecgbridge gateway",
+                    )
                     ours_s = time_storescu(port, files, associations=assocs)
                 finally:
                     gw.stop()

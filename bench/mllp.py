@@ -4,7 +4,7 @@
 checked, the waveform decoded and checked as an ECG, the message recorded in SQLite,
 routed and its id enqueued on a real Redis, then the ACK. Messages are one real
 12-lead ECG (PTB-XL record 00024, 500 Hz, 10 s, from the DICOM fixture) written as a
-chapter 7 waveform ORU^R01 by ``mapping.hl7_waveform``, each with its own MSH-10.
+chapter 7 waveform ORU^R01 by ``tests.support.hl7_waveform_writer``, each with its own MSH-10.
 
 Beside it, in the same run and with the same client, two peers built on python-hl7's
 asyncio MLLP server (``hl7.mllp.start_hl7_server``) that keep nothing: "framing" reads
@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ecgbridge.mapping.hl7_common import FRAME_END, frame
 from tests.support.processes import REPO, EcgbridgeProcess, RedisServer, free_port, wait_for, write_config
 
 from .common import percentile
@@ -42,8 +43,8 @@ _TEMPLATE_ID = "BENCH0000000000"
 def build_messages(record: Path, n: int) -> list[bytes]:
     """``n`` ORU^R01 of one real ECG, differing in MSH-10 only (built once: hl7apy is slow)."""
     from ecgbridge.mapping.ecg import Patient
-    from ecgbridge.mapping.hl7_waveform import build_oru_waveform
     from ecgbridge.mapping.readers import read_ecg_file
+    from tests.support.hl7_waveform_writer import build_oru_waveform
 
     ecg = read_ecg_file(record)
     ecg = replace(ecg, patient=Patient(id="BENCH-0001", name="Bench^Test"))
@@ -54,7 +55,7 @@ def build_messages(record: Path, n: int) -> list[bytes]:
 
 def _recv_ack(sock: socket.socket) -> bytes:
     buf = b""
-    while not buf.endswith(b"\x1c\r"):
+    while not buf.endswith(FRAME_END):
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError("closed before the ACK")
@@ -78,13 +79,13 @@ def run_senders(port: int, messages: list[bytes], senders: int) -> tuple[float, 
             with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
                 for raw in chunk:
                     t0 = time.perf_counter()
-                    sock.sendall(b"\x0b" + raw + b"\x1c\r")
+                    sock.sendall(frame(raw))
                     ack = _recv_ack(sock)
                     dt = time.perf_counter() - t0
                     with lock:
                         latencies.append(dt)
                         accepted[0] += b"MSA|AA|" in ack or b"MSA|CA|" in ack
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=send, args=(c,)) for c in chunks if c]
@@ -108,7 +109,7 @@ def serve_peer(port: int, mode: str = "parse") -> None:
     import hl7
     import hl7.mllp
 
-    async def handle(reader: "hl7.mllp.HL7StreamReader", writer: "hl7.mllp.HL7StreamWriter") -> None:
+    async def handle(reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
         try:
             while not writer.is_closing():
                 if mode == "parse":
@@ -124,8 +125,7 @@ def serve_peer(port: int, mode: str = "parse") -> None:
             writer.close()
 
     async def main() -> None:
-        server = await hl7.mllp.start_hl7_server(handle, "127.0.0.1", port, limit=64 * 1024 * 1024,
-                                                 encoding="utf-8")
+        server = await hl7.mllp.start_hl7_server(handle, "127.0.0.1", port, limit=64 * 1024 * 1024, encoding="utf-8")
         async with server:
             await server.serve_forever()
 
@@ -142,8 +142,9 @@ def _listening(port: int) -> bool:
 
 def _measure_peer(messages: list[bytes], senders: int, mode: str) -> float:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.mllp", "--serve-peer", str(port), "--peer-mode", mode],
-                            cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.mllp", "--serve-peer", str(port), "--peer-mode", mode], cwd=REPO
+    )
     try:
         wait_for(lambda: _listening(port), 30, 0.1, "python-hl7's MLLP server")
         elapsed, _, accepted = run_senders(port, messages, senders)
@@ -158,13 +159,18 @@ def _measure_peer(messages: list[bytes], senders: int, mode: str) -> float:
 def _measure_ours(tmp: Path, redis_url: str, messages: list[bytes], senders: int) -> tuple[float, list[float]]:
     port = free_port()
     data_dir = tmp / f"gw{senders}"
-    cfg = write_config(tmp / f"gw{senders}.yaml", {
-        "data_dir": str(data_dir),
-        "listeners": {"dicom": {"port": free_port()},
-                      "mllp": {"enabled": True, "port": port, "max_connections": 64}},
-        "broker": {"url": redis_url},
-        "log_level": "WARNING",
-    })
+    cfg = write_config(
+        tmp / f"gw{senders}.yaml",
+        {
+            "data_dir": str(data_dir),
+            "listeners": {
+                "dicom": {"port": free_port()},
+                "mllp": {"enabled": True, "port": port, "max_connections": 64},
+            },
+            "broker": {"url": redis_url},
+            "log_level": "WARNING",
+        },
+    )
     gw = EcgbridgeProcess(["gateway", "--config", str(cfg)], tmp / f"gw{senders}.log").start()
     try:
         wait_for(lambda: _listening(port), 60, 0.2, "the ecgbridge gateway's MLLP listener")
@@ -215,12 +221,16 @@ def main() -> None:
     finally:
         redis.stop()
 
-    print(f"HL7 ORU^R01 waveform ingest, {args.n} messages of {size_kb:.0f} kB ({args.record.name}), "
-          f"one connection per sender, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"HL7 ORU^R01 waveform ingest, {args.n} messages of {size_kb:.0f} kB ({args.record.name}), "
+        f"one connection per sender, {time.strftime('%Y-%m-%d')}"
+    )
     print("peers: python-hl7 asyncio MLLP server keeping nothing; 'framing' parses only MSH for its ACK,")
     print("       'parse' runs hl7.parse on the whole message; neither stores, validates or decodes the ECG")
-    print(f"{'senders':>7}  {'py-hl7 framing/s':>16}  {'py-hl7 parse/s':>14}  {'ecgbridge/s':>11}  "
-          f"{'p50 ms':>7}  {'p95 ms':>7}")
+    print(
+        f"{'senders':>7}  {'py-hl7 framing/s':>16}  {'py-hl7 parse/s':>14}  {'ecgbridge/s':>11}  "
+        f"{'p50 ms':>7}  {'p95 ms':>7}"
+    )
     for senders, framing, parse, ours, p50, p95 in rows:
         print(f"{senders:>7}  {framing:>16.1f}  {parse:>14.1f}  {ours:>11.1f}  {p50 * 1000:>7.0f}  {p95 * 1000:>7.0f}")
 

@@ -54,21 +54,32 @@ class EmbeddedRedis:
         if self.socket_path.exists():
             try:
                 redis.Redis(unix_socket_path=str(self.socket_path)).ping()
-                raise ConfigError(f"an embedded broker is already running on {self.socket_path}: "
-                                  "is another 'ecgbridge run' using this data directory?")
+                raise ConfigError(
+                    f"an embedded broker is already running on {self.socket_path}: "
+                    "is another 'ecgbridge run' using this data directory?"
+                )
             except redis.ConnectionError:
                 self.socket_path.unlink()
         args = [
             redis_server_binary(),
-            "--port", "0",
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.directory / "redis.log"),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "redis.log"),
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s

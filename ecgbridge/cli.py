@@ -6,12 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ecgbridge import __version__
-from ecgbridge.errors import ConfigError, EcgBridgeError
 from ecgbridge.core.settings import Settings, load_settings
+from ecgbridge.errors import ConfigError, EcgBridgeError
 
 __all__ = ["main", "build_parser"]
 
@@ -55,8 +56,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging(settings.log_level)
     if settings.embedded_broker:
-        raise ConfigError("'ecgbridge gateway' needs broker.url (or ECGBRIDGE_BROKER_URL): "
-                          "the embedded broker runs only under 'ecgbridge run'")
+        raise ConfigError(
+            "'ecgbridge gateway' needs broker.url (or ECGBRIDGE_BROKER_URL): "
+            "the embedded broker runs only under 'ecgbridge run'"
+        )
     gw = Gateway(settings)
     gw.start()
     print(f"ecgbridge gateway running (DICOM port {gw.dicom.port if gw.dicom else '-'}). Ctrl-C stops.", flush=True)
@@ -102,8 +105,16 @@ def cmd_analyse(args: argparse.Namespace) -> int:
         try:
             ecg = _read_file(path)
             result = analyse_ecg(ecg, registry, models, message_id=path.name)
-            reports.append({"file": str(path), "ok": True, "leads": list(ecg.leads), "fs": ecg.fs,
-                            "duration_s": round(ecg.duration_s, 3), **result.to_dict()})
+            reports.append(
+                {
+                    "file": str(path),
+                    "ok": True,
+                    "leads": list(ecg.leads),
+                    "fs": ecg.fs,
+                    "duration_s": round(ecg.duration_s, 3),
+                    **result.to_dict(),
+                }
+            )
         except (EcgBridgeError, OSError) as exc:
             failed += 1
             reports.append({"file": str(path), "ok": False, "error": f"{type(exc).__name__}: {exc}"})
@@ -196,7 +207,9 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, default=str))
         return 0
     m = view.message
-    print(f"message {m['id']}\n  state: {m['state']}\n  received: {m['received_at']} via {m['source']} from {m['remote']}")
+    print(
+        f"message {m['id']}\n  state: {m['state']}\n  received: {m['received_at']} via {m['source']} from {m['remote']}"
+    )
     print(f"  SOP instance: {m['sop_instance_uid']}\n  route: {m['route']}")
     if m["error"]:
         print(f"  error: {m['error']}")
@@ -209,8 +222,11 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
                 print(f"    {f['code']:<5} p={f['probability']:.3f} {'PRESENT' if f['present'] else '-'}")
         print(f"  {view.result['label']}")
     for d in view.deliveries:
-        print(f"  delivery to {d['destination']}: {d['state']} after {d['attempts']} attempt(s)"
-              + (f", {d['remote_ref']}" if d["remote_ref"] else "") + (f"; last error: {d['last_error']}" if d["last_error"] else ""))
+        print(
+            f"  delivery to {d['destination']}: {d['state']} after {d['attempts']} attempt(s)"
+            + (f", {d['remote_ref']}" if d["remote_ref"] else "")
+            + (f"; last error: {d['last_error']}" if d["last_error"] else "")
+        )
     for e in view.events:
         print(f"  {e['at'][:19]} {e['level']}: {e['kind']}: {e['detail']}")
     return 0
@@ -220,9 +236,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
     where = args.file or "(embedded defaults)"
     dests = ", ".join(d.name for d in settings.destinations) or "none"
-    print(f"{where}: OK — {len(settings.routes)} route(s), destinations: {dests}, "
-          f"store: {'PostgreSQL' if settings.database_url.startswith('postgresql') else 'SQLite'}, "
-          f"broker: {'embedded' if settings.embedded_broker else 'external'}")
+    print(
+        f"{where}: OK — {len(settings.routes)} route(s), destinations: {dests}, "
+        f"store: {'PostgreSQL' if settings.database_url.startswith('postgresql') else 'SQLite'}, "
+        f"broker: {'embedded' if settings.embedded_broker else 'external'}"
+    )
     return 0
 
 
@@ -262,7 +280,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ----- parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecgbridge", description="Receive ECGs, analyse them with explainable models, write results to the EHR.")
+    parser = argparse.ArgumentParser(
+        prog="ecgbridge", description="Receive ECGs, analyse them with explainable models, write results to the EHR."
+    )
     parser.add_argument("--version", action="version", version=f"ecgbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -279,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="pool processes (default: workers.concurrency)")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("analyse", aliases=["analyze"], help="analyse local ECG files with the same pipeline, no network")
+    p = sub.add_parser(
+        "analyse", aliases=["analyze"], help="analyse local ECG files with the same pipeline, no network"
+    )
     _add_config(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="DICOM ECG (.dcm) or WFDB record (.hea)")
     p.add_argument("--model", action="append", help="model name (repeatable; default: all configured)")
@@ -291,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("list", help="messages, newest first")
     _add_config(q)
     q.add_argument("--json", action="store_true")
-    q.add_argument("--state", help="only this state (received, queued, analysed, delivered, failed, unrouted, rejected)")
+    q.add_argument(
+        "--state", help="only this state (received, queued, analysed, delivered, failed, unrouted, rejected)"
+    )
     q.add_argument("--limit", type=int, default=100)
     q.set_defaults(func=cmd_messages_list)
     q = msub.add_parser("show", help="one message: state, findings, deliveries, errors")
@@ -307,8 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_config_check)
 
     for name, func, what in (("train", cmd_train, "train a model"), ("evaluate", cmd_evaluate, "evaluate a model")):
-        p = sub.add_parser(name, help=f"{what} (needs the 'train' extra: torch); see '{name} diagnosis --help'",
-                           description=f"{what}; options: ecgbridge {name} diagnosis --help")
+        p = sub.add_parser(
+            name,
+            help=f"{what} (needs the 'train' extra: torch); see '{name} diagnosis --help'",
+            description=f"{what}; options: ecgbridge {name} diagnosis --help",
+        )
         p.add_argument("model", choices=sorted(TRAINING_ENTRIES), help="which model")
         p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the model's trainer/evaluator")
         p.set_defaults(func=func)

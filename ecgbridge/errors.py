@@ -12,6 +12,7 @@ operation that raised it is worth retrying::
     │   └── Hl7Error               an HL7 message refused: table-0357 code + ERR location (AR/AE)
     ├── StorageError               the durable store failed (DIMSE 0xA700 when out of space)
     ├── ModelError                 a model is missing, malformed or failed to run
+    ├── MappingError               a result cannot be written as valid FHIR / HL7 (never retried)
     └── DeliveryError              sending a result to a destination failed
         ├── TransientDeliveryError network down, 5xx, 429, timeout (retry=True)
         └── PermanentDeliveryError 4xx / validation: retrying cannot help
@@ -29,6 +30,7 @@ __all__ = [
     "Hl7Error",
     "StorageError",
     "ModelError",
+    "MappingError",
     "DeliveryError",
     "TransientDeliveryError",
     "PermanentDeliveryError",
@@ -94,8 +96,9 @@ class Hl7Error(InputError):
     repetition, component) as far as known; ``hl7_ack_code`` AR or AE.
     """
 
-    def __init__(self, message: str, *, code: int, location: tuple = (), ack: str = "AR",
-                 kind: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: int, location: tuple[str | int, ...] = (), ack: str = "AR", kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.location = tuple(location)
@@ -110,6 +113,13 @@ class StorageError(EcgBridgeError):
 
 class ModelError(EcgBridgeError):
     pass
+
+
+class MappingError(EcgBridgeError):
+    """A pure conversion cannot produce a valid message from this result; resending cannot fix it.
+
+    Raised by :mod:`ecgbridge.mapping`; a sender that meets it fails the delivery for good.
+    """
 
 
 class DeliveryError(EcgBridgeError):

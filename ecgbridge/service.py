@@ -16,28 +16,32 @@ import threading
 from pathlib import Path
 
 from ecgbridge.broker import EmbeddedRedis
-from ecgbridge.errors import StorageError
+from ecgbridge.core.queue import QUEUE, Dispatcher, make_celery
 from ecgbridge.core.settings import Settings
+from ecgbridge.core.states import MessageState, WorkKind
+from ecgbridge.core.store import MessageStore
+from ecgbridge.errors import StorageError
 
 __all__ = ["recover", "Gateway", "run_worker", "run_all"]
 
 log = logging.getLogger("ecgbridge")
 
 
-def recover(store, dispatcher, *, include_queued: bool) -> int:  # type: ignore[no-untyped-def]
+def recover(store: MessageStore, dispatcher: Dispatcher, *, include_queued: bool) -> int:
     """Re-enqueue work a crash may have lost; jobs are idempotent, so extra enqueues are harmless."""
     count = 0
-    for message_id, what in list(store.unfinished()):
-        row = store.get(message_id)
-        if what == "analyse" and row is not None and row.state == "queued" and not include_queued:
-            continue
+    for work in list(store.unfinished()):
         try:
-            if what == "analyse":
-                dispatcher.analyse(message_id)
-                if row is not None and row.state == "received":
-                    store.set_state(message_id, "queued")
+            if work.kind is WorkKind.ANALYSE:
+                row = store.get(work.message_id)
+                if row is not None and row.state == MessageState.QUEUED and not include_queued:
+                    continue
+                dispatcher.analyse(work.message_id)
+                if row is not None and row.state == MessageState.RECEIVED:
+                    store.set_state(work.message_id, MessageState.QUEUED)
             else:
-                dispatcher.deliver(message_id, what.split(":", 1)[1])
+                assert work.destination is not None
+                dispatcher.deliver(work.message_id, work.destination)
             count += 1
         except StorageError:
             log.warning("recovery: broker unreachable, will try again")
@@ -52,9 +56,6 @@ class Gateway:
 
     def __init__(self, settings: Settings, sweep_interval_s: float = 15.0) -> None:
         from ecgbridge.gateway.dicom_scp import DicomGateway
-        from ecgbridge.core.queue import Dispatcher
-        from ecgbridge.core.store import MessageStore
-        from ecgbridge.worker.celery_app import make_celery
 
         self.settings = settings
         self.store = MessageStore(settings.database_url, settings.data_dir)
@@ -99,20 +100,25 @@ class Gateway:
 
 def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: str | None = None) -> None:
     """A Celery worker in this process (prefork pool); blocks until stopped."""
-    from ecgbridge.worker.celery_app import QUEUE, make_celery
-
-    from ecgbridge.core.store import MessageStore
+    from ecgbridge.worker.tasks import worker_app
 
     MessageStore(settings.database_url, settings.data_dir).create_schema()
-    app = make_celery(settings, include_tasks=True)
+    app = worker_app(settings)
     argv = [
         "worker",
-        "--queues", QUEUE,
-        "--concurrency", str(concurrency or settings.workers.concurrency),
-        "--pool", "prefork",
-        "--loglevel", loglevel or settings.log_level,
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "--hostname", f"ecgbridge-{os.getpid()}@%h",
+        "--queues",
+        QUEUE,
+        "--concurrency",
+        str(concurrency or settings.workers.concurrency),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        loglevel or settings.log_level,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--hostname",
+        f"ecgbridge-{os.getpid()}@%h",
     ]
     app.worker_main(argv)
 

@@ -1,10 +1,11 @@
 """DICOM listener: C-ECHO and C-STORE of ECG waveforms, acknowledged only after the durable write.
 
 The C-STORE handler gets its dependencies as bound arguments (pynetdicom's
-``evt_handlers=[(evt.EVT_C_STORE, handle_store, [ctx])]``), stores the encoded
-dataset (fsync), checks it is a usable ECG, records the message, routes it and
-enqueues its id, and only then answers 0x0000. Every exception becomes a DIMSE
-failure status with an error comment, so the association survives.
+``evt_handlers=[(evt.EVT_C_STORE, handle_store, [intake])]``), stores the encoded
+dataset (fsync), checks it is a usable ECG and hands it to
+:meth:`ecgbridge.core.intake.Intake.admit` (route, record, enqueue); only then does it
+answer 0x0000. Every exception becomes a DIMSE failure status with an error comment,
+so the association survives.
 """
 
 from __future__ import annotations
@@ -12,23 +13,24 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from ecgbridge.errors import EcgBridgeError, InputError, StorageError
+from ecgbridge.core.intake import Arrival, Intake
+from ecgbridge.core.queue import Dispatcher
+from ecgbridge.core.routing import MessageFacts
 from ecgbridge.core.settings import DicomListener, Settings
+from ecgbridge.core.states import Source
+from ecgbridge.core.store import MessageStore
+from ecgbridge.errors import EcgBridgeError, InputError, StorageError
 from ecgbridge.mapping.codes import ECG_STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
 from ecgbridge.mapping.dicom_waveform import read_bytes, to_ecg
 
-from ecgbridge.core.queue import Dispatcher
-from ecgbridge.core.routing import MessageFacts, match_route
-from ecgbridge.core.store import MessageStore
-
-__all__ = ["StoreContext", "handle_store", "handle_echo", "DicomGateway", "TRANSFER_SYNTAXES"]
+__all__ = ["handle_store", "handle_echo", "DicomGateway", "TRANSFER_SYNTAXES"]
 
 log = logging.getLogger("ecgbridge.dicom")
 
@@ -38,13 +40,6 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
 ]
-
-
-@dataclass
-class StoreContext:
-    settings: Settings
-    store: MessageStore
-    dispatcher: Dispatcher
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -58,14 +53,13 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
-def handle_store(event: evt.Event, ctx: StoreContext) -> int | Dataset:
-    """C-STORE: durable write, validate, record, route, enqueue; then (and only then) success."""
+def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
+    """C-STORE: durable write, validate, then ``admit``; success only after both."""
     calling = event.assoc.requestor.ae_title.strip()
     remote = f"{calling}@{event.assoc.requestor.address}"
-    store = ctx.store
     try:
         data = event.encoded_dataset(include_meta=True)
-        sha, size = store.save_blob(data)
+        sha, size = intake.store.save_blob(data)
     except StorageError as exc:
         log.error("C-STORE from %s not stored: %s", calling, exc)
         return _status(0xA700, str(exc))
@@ -73,8 +67,17 @@ def handle_store(event: evt.Event, ctx: StoreContext) -> int | Dataset:
         log.exception("C-STORE from %s could not be read from the association", calling)
         return _status(0xC210, f"cannot read the dataset: {type(exc).__name__}")
 
-    sop_class = str(event.request.AffectedSOPClassUID)
-    sop_instance = str(event.request.AffectedSOPInstanceUID)
+    request: Any = event.request  # a C-STORE request in this handler
+    sop_class = str(request.AffectedSOPClassUID)
+    sop_instance = str(request.AffectedSOPInstanceUID)
+    arrival = Arrival(
+        facts=MessageFacts(Source.DICOM, calling, sop_class),
+        blob_sha256=sha,
+        blob_size=size,
+        remote=remote,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+    )
     try:
         ds = read_bytes(data)
         ecg = to_ecg(ds)
@@ -82,36 +85,27 @@ def handle_store(event: evt.Event, ctx: StoreContext) -> int | Dataset:
             log.warning("C-STORE %s: dataset SOP Instance UID differs from the request", sop_instance)
     except InputError as exc:
         try:
-            mid = store.record_message(source="dicom", remote=remote, sop_class_uid=sop_class,
-                                       sop_instance_uid=sop_instance, blob_sha256=sha, blob_size=size,
-                                       state="rejected", error=str(exc))
-            store.add_event(mid, type(exc).__name__, str(exc))
+            intake.reject(arrival, str(exc), type(exc).__name__)
         except Exception:
             log.exception("could not record the rejected C-STORE %s", sop_instance)
         log.warning("C-STORE %s from %s rejected: %s", sop_instance, calling, type(exc).__name__)
         return _status(exc.dimse_status, str(exc))
 
     try:
-        route = match_route(ctx.settings.routes, MessageFacts("dicom", calling, sop_class))
-        flags = list(ecg.flags)
-        mid = store.record_message(
-            source="dicom", remote=remote, sop_class_uid=sop_class, sop_instance_uid=sop_instance,
-            blob_sha256=sha, blob_size=size, state="received" if route else "unrouted",
-            route=route.name if route else None, flags=flags,
-            placer_order_number=ecg.study.placer_order_number, filler_order_number=ecg.study.filler_order_number,
+        admitted = intake.admit(
+            replace(
+                arrival,
+                flags=list(ecg.flags),
+                placer_order_number=ecg.study.placer_order_number,
+                filler_order_number=ecg.study.filler_order_number,
+            )
         )
-        if route is None:
-            store.add_event(mid, "unrouted", f"no route matches source dicom, calling AE {calling}, SOP class {sop_class}",
-                            level="warning")
-            log.info("C-STORE %s stored as message %s: unrouted", sop_instance, mid)
-            return 0x0000
-        try:
-            ctx.dispatcher.analyse(mid)
-            store.set_state(mid, "queued")
-        except StorageError as exc:
-            # The message is safe on disk; the recovery sweep enqueues it when the broker is back.
-            store.add_event(mid, "enqueue_failed", str(exc), level="warning")
-        log.info("C-STORE %s stored as message %s (route %s)", sop_instance, mid, route.name)
+        log.info(
+            "C-STORE %s stored as message %s (%s)",
+            sop_instance,
+            admitted.message_id,
+            f"route {admitted.route.name}" if admitted.route else "unrouted",
+        )
         return 0x0000
     except EcgBridgeError as exc:
         log.error("C-STORE %s failed: %s", sop_instance, exc)
@@ -144,7 +138,7 @@ class DicomGateway:
 
     def __init__(self, settings: Settings, store: MessageStore, dispatcher: Dispatcher) -> None:
         self.config: DicomListener = settings.listeners.dicom
-        self.context = StoreContext(settings, store, dispatcher)
+        self.intake = Intake(settings, store, dispatcher)
         self.ae = AE(ae_title=self.config.ae_title)
         self.ae.maximum_associations = self.config.max_associations
         self.ae.network_timeout = self.config.network_timeout_s
@@ -166,13 +160,14 @@ class DicomGateway:
         return int(self.server.server_address[1])
 
     def start(self) -> None:
-        handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [self.context])]
-        server = self.ae.make_server(
+        handlers: list[Any] = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [self.intake])]
+        server = self.ae.make_server(  # an _AllowlistServer: server_class below
             (self.config.host, self.config.port),
             ae_title=self.config.ae_title,
             evt_handlers=handlers,
             server_class=_AllowlistServer,
         )
+        assert isinstance(server, _AllowlistServer)
         server.allowed_networks = [ipaddress.ip_network(n, strict=False) for n in self.config.allowed_addresses]
         self.server = server
         self.ae._servers.append(server)

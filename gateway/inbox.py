@@ -7,8 +7,9 @@ not changed for ``settle_s`` (the exporter finished writing), then, in this orde
 2. it is read as an ECG (:func:`mapping.readers.read_ecg_bytes`): an input error
    records the message as ``rejected`` (with an event) and the file goes to
    ``failed/`` with a sibling ``<name>.error.txt`` saying why;
-3. otherwise the message is recorded (source ``file``, remote = the file's name),
-   routed, enqueued (state ``queued``) and the file goes to ``done/``.
+3. otherwise it is admitted (:meth:`ecgbridge.core.intake.Intake.admit`: routed,
+   recorded with source ``file`` and remote = the file's name, enqueued) and the file
+   goes to ``done/``.
 
 Why nothing is lost or doubled on restart: a file is moved only after its message is
 recorded, and before recording, a message with the same content hash and file name
@@ -35,17 +36,17 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-
-from ecgbridge.errors import EcgBridgeError, InputError, StorageError
-from ecgbridge.core.settings import InboxListener, Settings
-from ecgbridge.mapping.readers import read_ecg_bytes
-
+from ecgbridge.core.intake import Arrival, Intake
 from ecgbridge.core.queue import Dispatcher
-from ecgbridge.core.routing import MessageFacts, match_route
+from ecgbridge.core.routing import MessageFacts
+from ecgbridge.core.settings import InboxListener, Settings
+from ecgbridge.core.states import MessageState, Source
 from ecgbridge.core.store import MessageRow, MessageStore
+from ecgbridge.errors import EcgBridgeError, InputError, StorageError
+from ecgbridge.mapping.readers import read_ecg_bytes
 
 __all__ = ["InboxWatcher", "PARTIAL_SUFFIXES", "MAX_FILE_BYTES", "DONE", "FAILED"]
 
@@ -77,7 +78,7 @@ class InboxWatcher:
             raise ValueError("the inbox listener needs a path")
         self.path = Path(self.config.path).absolute()
         self.store = store
-        self.dispatcher = dispatcher
+        self.intake = Intake(settings, store, dispatcher)
         self._seen: dict[str, _Seen] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,8 +89,12 @@ class InboxWatcher:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="inbox-watcher", daemon=True)
         self._thread.start()
-        log.info("inbox listener watching %s every %.1f s (settle %.1f s)",
-                 self.path, self.config.poll_interval_s, self.config.settle_s)
+        log.info(
+            "inbox listener watching %s every %.1f s (settle %.1f s)",
+            self.path,
+            self.config.poll_interval_s,
+            self.config.settle_s,
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,7 +106,7 @@ class InboxWatcher:
         while not self._stop.is_set():
             try:
                 self.scan_once()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad poll
+            except Exception:
                 log.exception("inbox poll failed; trying again")
             self._stop.wait(self.config.poll_interval_s)
 
@@ -160,8 +165,11 @@ class InboxWatcher:
             self._seen.pop(name, None)  # it is still being written: settle again
             return False
         except _TooLarge as exc:
-            self.store.add_event(None, "inbox_too_large",
-                                 f"an inbox file of {exc.size} bytes exceeds {MAX_FILE_BYTES} bytes; moved to failed/")
+            self.store.add_event(
+                None,
+                "inbox_too_large",
+                f"an inbox file of {exc.size} bytes exceeds {MAX_FILE_BYTES} bytes; moved to failed/",
+            )
             self._move(name, FAILED, error=f"file is {exc.size} bytes, more than the {MAX_FILE_BYTES} accepted")
             log.warning("inbox: a file of %d bytes is over the size limit; moved to failed/", exc.size)
             return True
@@ -180,23 +188,25 @@ class InboxWatcher:
         existing = self._existing_message(sha, remote)
         if existing is not None:
             # Recorded before a crash, not moved: move it now, record nothing new.
-            failed = existing.state == "rejected"
-            self._move(name, FAILED if failed else DONE, error=existing.error if failed else None,
-                       message_id=existing.id)
+            failed = existing.state == MessageState.REJECTED
+            self._move(
+                name, FAILED if failed else DONE, error=existing.error if failed else None, message_id=existing.id
+            )
             log.info("inbox: file %s was already message %s; moved", tag, existing.id)
             return True
 
+        arrival = Arrival(facts=MessageFacts(source=Source.FILE), blob_sha256=sha, blob_size=size, remote=remote)
         try:
             ecg = read_ecg_bytes(data, hint="file")
-        except Exception as exc:  # noqa: BLE001 - any reader failure rejects the file, never loops
-            error = str(exc) if isinstance(exc, InputError) else f"internal error reading the file ({type(exc).__name__})"
+        except Exception as exc:
+            error = (
+                str(exc) if isinstance(exc, InputError) else f"internal error reading the file ({type(exc).__name__})"
+            )
             kind = type(exc).__name__
             if not isinstance(exc, InputError):
                 log.exception("inbox: reading file %s failed unexpectedly", tag)
             try:
-                mid = self.store.record_message(source="file", remote=remote, blob_sha256=sha, blob_size=size,
-                                                state="rejected", error=error)
-                self.store.add_event(mid, kind, error)
+                mid = self.intake.reject(arrival, error, kind)
             except EcgBridgeError as store_exc:
                 log.error("inbox: could not record rejected file %s (%s); will retry", tag, store_exc)
                 return False
@@ -204,34 +214,30 @@ class InboxWatcher:
             log.warning("inbox: file %s rejected as message %s: %s", tag, mid, kind)
             return True
 
-        route = match_route(self.settings.routes, MessageFacts(source="file"))
         try:
-            mid = self.store.record_message(
-                source="file", remote=remote, blob_sha256=sha, blob_size=size,
-                sop_instance_uid=ecg.study.sop_instance_uid, state="received" if route else "unrouted",
-                route=route.name if route else None, flags=list(ecg.flags),
-                placer_order_number=ecg.study.placer_order_number,
-                filler_order_number=ecg.study.filler_order_number,
+            admitted = self.intake.admit(
+                replace(
+                    arrival,
+                    sop_instance_uid=ecg.study.sop_instance_uid,
+                    flags=list(ecg.flags),
+                    placer_order_number=ecg.study.placer_order_number,
+                    filler_order_number=ecg.study.filler_order_number,
+                )
             )
         except EcgBridgeError as exc:
             log.error("inbox: could not record file %s (%s); will retry", tag, exc)
             return False
-        if route is None:
-            self.store.add_event(mid, "unrouted", "no route matches source file", level="warning")
-            log.info("inbox: file %s stored as message %s: unrouted", tag, mid)
-        else:
-            try:
-                self.dispatcher.analyse(mid)
-                self.store.set_state(mid, "queued")
-            except StorageError as exc:
-                # Stored and recorded: the recovery sweep enqueues it when the broker is back.
-                self.store.add_event(mid, "enqueue_failed", str(exc), level="warning")
-            log.info("inbox: file %s stored as message %s (route %s)", tag, mid, route.name)
-        self._move(name, DONE, message_id=mid)
+        log.info(
+            "inbox: file %s stored as message %s (%s)",
+            tag,
+            admitted.message_id,
+            f"route {admitted.route.name}" if admitted.route else "unrouted",
+        )
+        self._move(name, DONE, message_id=admitted.message_id)
         return True
 
     def _existing_message(self, sha: str, remote: str) -> MessageRow | None:
-        rows = self.store.find_by_blob(sha, "file", remote=remote)
+        rows = self.store.find_by_blob(sha, Source.FILE, remote=remote)
         return rows[0] if rows else None
 
     def _move(self, name: str, folder: str, *, error: str | None = None, message_id: str | None = None) -> Path | None:
@@ -248,8 +254,11 @@ class InboxWatcher:
             _fsync_dir(target_dir)
             _fsync_dir(self.path)
         except OSError as exc:
-            log.error("inbox: could not move a file to %s/ (%s); it stays in the inbox",
-                      folder, exc.strerror or type(exc).__name__)
+            log.error(
+                "inbox: could not move a file to %s/ (%s); it stays in the inbox",
+                folder,
+                exc.strerror or type(exc).__name__,
+            )
             return None
         self._seen.pop(name, None)
         return target

@@ -32,20 +32,17 @@ import ipaddress
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Union
-
-from ecgbridge.core.settings import MllpListener, Settings
+from typing import Union
 
 from ecgbridge.core.queue import Dispatcher
+from ecgbridge.core.settings import MllpListener, Settings
 from ecgbridge.core.store import MessageStore
+from ecgbridge.mapping.hl7_common import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
 
 __all__ = [
-    "START_BLOCK",
-    "END_BLOCK",
-    "CARRIAGE_RETURN",
-    "frame",
     "Frame",
     "OversizeFrame",
     "MllpDecoder",
@@ -55,19 +52,11 @@ __all__ = [
 
 log = logging.getLogger("ecgbridge.mllp")
 
-START_BLOCK = b"\x0b"
-END_BLOCK = b"\x1c"
-CARRIAGE_RETURN = b"\x0d"
-_SB, _EB, _CR = 0x0B, 0x1C, 0x0D
+_CR = CARRIAGE_RETURN[0]
 
 #: Bytes of an oversized frame kept to answer it (the MSH segment is at the start).
 OVERSIZE_HEAD_BYTES = 64 * 1024
 _READ_CHUNK = 256 * 1024
-
-
-def frame(payload: bytes) -> bytes:
-    """Wrap one message in an MLLP block."""
-    return START_BLOCK + payload + END_BLOCK + CARRIAGE_RETURN
 
 
 @dataclass(frozen=True)
@@ -165,7 +154,7 @@ class MllpDecoder:
             room = self.head_bytes - len(self._buf)
             if room > 0:
                 self._buf += chunk[:room]
-            del self._buf[self.head_bytes:]
+            del self._buf[self.head_bytes :]
             return
         self._buf += chunk
 
@@ -206,8 +195,9 @@ class MllpServer:
     :class:`MllpGateway` wires it to the HL7 inbound handler.
     """
 
-    def __init__(self, config: MllpListener, handler: Handler, oversize_handler: OversizeHandler,
-                 *, workers: int | None = None) -> None:
+    def __init__(
+        self, config: MllpListener, handler: Handler, oversize_handler: OversizeHandler, *, workers: int | None = None
+    ) -> None:
         self.config = config
         self.handler = handler
         self.oversize_handler = oversize_handler
@@ -241,10 +231,12 @@ class MllpServer:
             asyncio.set_event_loop(self._loop)
             try:
                 self._server = self._loop.run_until_complete(
-                    asyncio.start_server(self._serve, self.config.host, self.config.port,
-                                         limit=_READ_CHUNK, reuse_address=True))
+                    asyncio.start_server(
+                        self._serve, self.config.host, self.config.port, limit=_READ_CHUNK, reuse_address=True
+                    )
+                )
                 self._port = int(self._server.sockets[0].getsockname()[1])
-            except BaseException as exc:  # noqa: BLE001 - reported to start()
+            except BaseException as exc:
                 failure.append(exc)
                 ready.set()
                 self._loop.close()
@@ -269,7 +261,7 @@ class MllpServer:
             return
         try:
             asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout_s)
-        except Exception:  # noqa: BLE001 - best effort on the way down
+        except Exception:
             log.warning("MLLP listener did not shut down cleanly", exc_info=True)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout_s)
@@ -337,10 +329,13 @@ class MllpServer:
                 deadline, why = idle_since + cfg.idle_timeout_s, "idle_timeout"
             try:
                 data = await asyncio.wait_for(reader.read(_READ_CHUNK), max(0.0, deadline - loop.time()))
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 self.stats[why] += 1
-                log.info("MLLP connection from %s closed: %s", peer,
-                         "frame not completed in time" if why == "frame_timeout" else "idle")
+                log.info(
+                    "MLLP connection from %s closed: %s",
+                    peer,
+                    "frame not completed in time" if why == "frame_timeout" else "idle",
+                )
                 return
             if not data:
                 if decoder.in_frame:
@@ -362,8 +357,9 @@ class MllpServer:
         loop = asyncio.get_running_loop()
         if isinstance(item, OversizeFrame):
             self.stats["oversize"] += 1
-            log.warning("MLLP message from %s too large: %d bytes (limit %d)", peer, item.size,
-                        self.config.max_message_bytes)
+            log.warning(
+                "MLLP message from %s too large: %d bytes (limit %d)", peer, item.size, self.config.max_message_bytes
+            )
             ack = await loop.run_in_executor(self._pool, self.oversize_handler, item.head, item.size, peer)
         else:
             self.stats["frames"] += 1
@@ -377,7 +373,7 @@ class MllpServer:
         try:
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 2)
-        except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError, asyncio.CancelledError):
+        except (TimeoutError, ConnectionError, OSError, asyncio.CancelledError):
             pass
 
 

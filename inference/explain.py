@@ -105,9 +105,14 @@ _MEASUREMENTS: dict[str, tuple[str, str]] = {
 }
 #: Quality flags of the form ``issue:LEAD,LEAD`` whose leads are marked on their panels.
 _LEAD_ISSUES = {
-    "flat_leads": "flat", "missing_leads": "missing", "clipped_leads": "clipped",
-    "hf_noise": "noise", "motion_artefact": "artefact", "baseline_wander": "wander",
-    "nonfinite_samples": "NaN", "implausible_amplitude": "amplitude",
+    "flat_leads": "flat",
+    "missing_leads": "missing",
+    "clipped_leads": "clipped",
+    "hf_noise": "noise",
+    "motion_artefact": "artefact",
+    "baseline_wander": "wander",
+    "nonfinite_samples": "NaN",
+    "implausible_amplitude": "amplitude",
 }
 
 
@@ -140,7 +145,7 @@ class CamSet:
 Cams = CamSet | np.ndarray | None
 
 
-def cams_for(model: "LoadedModel", ecg: Ecg) -> CamSet | None:
+def cams_for(model: LoadedModel, ecg: Ecg) -> CamSet | None:
     """The model's CAMs for ``ecg``, or None when its graph has no ``cams`` output."""
     from ecgbridge.errors import ModelError
 
@@ -184,8 +189,12 @@ def _as_camset(cams: Cams, output: ModelOutput | None) -> CamSet | None:
         return None
     if isinstance(cams, CamSet):
         return cams
-    return CamSet(maps=np.asarray(cams), classes=tuple(f.code for f in output.findings),
-                  model=output.model, version=output.version)
+    return CamSet(
+        maps=np.asarray(cams),
+        classes=tuple(f.code for f in output.findings),
+        model=output.model,
+        version=output.version,
+    )
 
 
 # --------------------------------------------------------------------------- signal for display
@@ -206,8 +215,11 @@ def _display_signal(ecg: Ecg) -> tuple[dict[str, np.ndarray], bool]:
 
 
 def _gain(signals: Mapping[str, np.ndarray]) -> float:
-    spans = [np.nanpercentile(s, 99.5) - np.nanpercentile(s, 0.5) for s in signals.values()
-             if s.size and np.isfinite(s).any()]
+    spans = [
+        np.nanpercentile(s, 99.5) - np.nanpercentile(s, 0.5)
+        for s in signals.values()
+        if s.size and np.isfinite(s).any()
+    ]
     span = max(spans, default=1.0)
     for gain in _GAINS:
         if span * gain <= _ROW_PITCH * 0.95:
@@ -227,19 +239,21 @@ def _lead_marks(flags: tuple[str, ...]) -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------- drawing
 
+_Segment = tuple[tuple[float, float], tuple[float, float]]  # a grid line, (x0, y0) -> (x1, y1) in mm
 
-def _paper(ax: "Axes") -> None:
+
+def _paper(ax: Axes) -> None:
     from matplotlib.collections import LineCollection
 
-    minor_x = [((x, 0), (x, _GRID_H)) for x in np.arange(0, _GRID_W + 0.01, 1.0) if round(x) % 5]
-    minor_y = [((0, y), (_GRID_W, y)) for y in np.arange(0, _GRID_H + 0.01, 1.0) if round(y) % 5]
-    major_x = [((x, 0), (x, _GRID_H)) for x in np.arange(0, _GRID_W + 0.01, 5.0)]
-    major_y = [((0, y), (_GRID_W, y)) for y in np.arange(0, _GRID_H + 0.01, 5.0)]
+    minor_x: list[_Segment] = [((x, 0), (x, _GRID_H)) for x in np.arange(0, _GRID_W + 0.01, 1.0) if round(x) % 5]
+    minor_y: list[_Segment] = [((0, y), (_GRID_W, y)) for y in np.arange(0, _GRID_H + 0.01, 1.0) if round(y) % 5]
+    major_x: list[_Segment] = [((x, 0), (x, _GRID_H)) for x in np.arange(0, _GRID_W + 0.01, 5.0)]
+    major_y: list[_Segment] = [((0, y), (_GRID_W, y)) for y in np.arange(0, _GRID_H + 0.01, 5.0)]
     ax.add_collection(LineCollection(minor_x + minor_y, colors=_MINOR, linewidths=0.25, zorder=0))
     ax.add_collection(LineCollection(major_x + major_y, colors=_MAJOR, linewidths=0.6, zorder=1))
 
 
-def _heatmap(ax: "Axes", cam: np.ndarray, window_s: float, duration_s: float) -> bool:
+def _heatmap(ax: Axes, cam: np.ndarray, window_s: float, duration_s: float) -> bool:
     """Shade positive CAM evidence under every row, one band per map step; False when there is none.
 
     Step ``j`` is drawn over ``[j, j + 1) * window_s / T'`` seconds of every row, at the
@@ -267,32 +281,48 @@ def _heatmap(ax: "Axes", cam: np.ndarray, window_s: float, duration_s: float) ->
         x1 = _TRACE_X0 + _SPEED * (j + 1) * step
         boxes.append(((x0, 0.0), (x1, 0.0), (x1, _GRID_H), (x0, _GRID_H)))
         colours.append((*_HEAT_RGB, _HEAT_ALPHA * v / peak))
-    ax.add_collection(PolyCollection(boxes, facecolors=colours, edgecolors="none", antialiaseds=False,
-                                     zorder=2))
+    ax.add_collection(PolyCollection(boxes, facecolors=colours, edgecolors="none", antialiaseds=False, zorder=2))
     return True
 
 
-def _calibration(ax: "Axes", y0: float, gain: float) -> None:
+def _calibration(ax: Axes, y0: float, gain: float) -> None:
     xs = [1.0, 3.0, 3.0, 8.0, 8.0, 9.5]
     ys = [y0, y0, y0 + gain, y0 + gain, y0, y0]
     ax.plot(xs, ys, color=_TRACE, linewidth=0.7, zorder=4, solid_joinstyle="miter")
 
 
-def _trace(ax: "Axes", samples: np.ndarray, fs: float, t0: float, t1: float, y0: float, gain: float) -> None:
+def _trace(ax: Axes, samples: np.ndarray, fs: float, t0: float, t1: float, y0: float, gain: float) -> None:
     i0, i1 = round(t0 * fs), min(round(t1 * fs), samples.size)
     if i1 - i0 < 2:
         return
     seg = samples[i0:i1]
     centre = float(np.nanmedian(seg)) if np.isfinite(seg).any() else 0.0
-    t = (np.arange(i0, i1) / fs)
-    ax.plot(_TRACE_X0 + _SPEED * t, y0 + gain * (seg - centre), color=_TRACE, linewidth=0.55,
-            zorder=4, solid_joinstyle="round", antialiased=True)
+    t = np.arange(i0, i1) / fs
+    ax.plot(
+        _TRACE_X0 + _SPEED * t,
+        y0 + gain * (seg - centre),
+        color=_TRACE,
+        linewidth=0.55,
+        zorder=4,
+        solid_joinstyle="round",
+        antialiased=True,
+    )
 
 
-def _label(ax: "Axes", x: float, y: float, text: str, marks: list[str] | None) -> None:
+def _label(ax: Axes, x: float, y: float, text: str, marks: list[str] | None) -> None:
     suffix = f" ({', '.join(marks)})" if marks else ""
-    ax.text(x, y, text + suffix, fontsize=7.5, fontweight="bold", color=_LABEL_RED if marks else _TRACE,
-            ha="left", va="bottom", zorder=5, parse_math=False)
+    ax.text(
+        x,
+        y,
+        text + suffix,
+        fontsize=7.5,
+        fontweight="bold",
+        color=_LABEL_RED if marks else _TRACE,
+        ha="left",
+        va="bottom",
+        zorder=5,
+        parse_math=False,
+    )
 
 
 def _fmt_time(dt: datetime | None) -> str:
@@ -306,8 +336,9 @@ def _wrap(lines: list[str], width: int) -> list[str]:
     """Lines folded to ``width`` characters (7 pt text in a header column), continuation indented."""
     out: list[str] = []
     for line in lines:
-        out.extend(textwrap.wrap(line, width, subsequent_indent="    ", break_long_words=True,
-                                 break_on_hyphens=False) or [""])
+        out.extend(
+            textwrap.wrap(line, width, subsequent_indent="    ", break_long_words=True, break_on_hyphens=False) or [""]
+        )
     return out
 
 
@@ -330,7 +361,7 @@ def render_figure(
     result: AnalysisResult,
     cams: Cams = None,
     measurements: Mapping[str, Any] | None = None,
-) -> "Figure":
+) -> Figure:
     """The page as a matplotlib Figure (A4 landscape, 1 data unit = 1 mm on the grid)."""
     from matplotlib.figure import Figure
 
@@ -359,9 +390,11 @@ def render_figure(
         heat_note = "No heatmap: the maps do not cover the top finding."
     elif _heatmap(ax, camset.for_class(top.code), camset.window_s, ecg.duration_s):  # type: ignore[arg-type]
         shaded = True
-        heat_note = (f"Blue shading: class activation map of {top.display} ({top.code}) where it is positive and "
-                     f"above its median, scaled to its maximum, over the first {camset.window_s:g} s (the model's "
-                     "input); it marks times, not leads.")
+        heat_note = (
+            f"Blue shading: class activation map of {top.display} ({top.code}) where it is positive and "
+            f"above its median, scaled to its maximum, over the first {camset.window_s:g} s (the model's "
+            "input); it marks times, not leads."
+        )
     else:
         heat_note = f"No heatmap: the map of {top.display} ({top.code}) has no positive evidence above its median."
 
@@ -383,8 +416,15 @@ def render_figure(
             if r < 3 and c > 0:  # column boundary tick, as carts print it
                 ax.plot([x, x], [y0 - 3.0, y0 + 3.0], color=_TRACE, linewidth=0.8, zorder=4)
     if ecg.duration_s < _SECONDS:
-        ax.text(_TRACE_X0 + _SPEED * ecg.duration_s + 2, 2.0, f"recording ends at {ecg.duration_s:.1f} s",
-                fontsize=7, color=_LABEL_RED, zorder=5, parse_math=False)
+        ax.text(
+            _TRACE_X0 + _SPEED * ecg.duration_s + 2,
+            2.0,
+            f"recording ends at {ecg.duration_s:.1f} s",
+            fontsize=7,
+            color=_LABEL_RED,
+            zorder=5,
+            parse_math=False,
+        )
 
     def text(x_mm: float, y_mm: float, s: str, **kw: Any) -> None:
         kw.setdefault("fontsize", 7)
@@ -392,8 +432,14 @@ def render_figure(
         fig.text(x_mm / _PAGE_W, y_mm / _PAGE_H, s, parse_math=False, **kw)
 
     top_y = _PAGE_H - 6.0
-    text(_GRID_LEFT, top_y + 1.5, "AI ECG ANALYSIS - NOT FOR CLINICAL USE", fontsize=11, fontweight="bold",
-         color=_LABEL_RED)
+    text(
+        _GRID_LEFT,
+        top_y + 1.5,
+        "AI ECG ANALYSIS - NOT FOR CLINICAL USE",
+        fontsize=11,
+        fontweight="bold",
+        color=_LABEL_RED,
+    )
     scored = [o for o in result.outputs if o.findings]
     models = ", ".join(f"{o.model} {o.version} ({o.task})" for o in scored) or "no model findings"
     text(_GRID_LEFT, top_y - 5.0, f"Model: {models}", fontsize=8, fontweight="bold")
@@ -423,8 +469,10 @@ def render_figure(
         if o.task == LVEF_TASK:  # four tier probabilities would crowd the column: one line, details on page 2
             chosen = predicted_tier(o)
             if chosen is not None:
-                finding_lines.append(f"LVEF tier: {chosen.display} p={chosen.probability:.2f} "
-                                     f"({o.extra.get('variant', '?')}; PDF page 2)")
+                finding_lines.append(
+                    f"LVEF tier: {chosen.display} p={chosen.probability:.2f} "
+                    f"({o.extra.get('variant', '?')}; PDF page 2)"
+                )
             continue
         finding_lines.extend(_finding_line(f, top if shaded and o is output else None, withheld) for f in o.findings)
     finding_lines = _wrap(finding_lines, 78)
@@ -435,8 +483,9 @@ def render_figure(
 
     poor = "poor_quality" in result.quality_flags
     quality = "POOR - interpret with caution" if poor else "acceptable"
-    text(205.0, head_y, f"Signal quality: {quality}", fontsize=8, fontweight="bold",
-         color=_LABEL_RED if poor else _TRACE)
+    text(
+        205.0, head_y, f"Signal quality: {quality}", fontsize=8, fontweight="bold", color=_LABEL_RED if poor else _TRACE
+    )
     flag_lines = [f for f in (*result.quality_flags, *result.ecg_flags) if f != "poor_quality"]
     right = [*(flag_lines[:5] or ["no quality flags"])]
     if len(flag_lines) > 5:
@@ -462,8 +511,14 @@ def render_figure(
         scale += f"   first 10 s of {ecg.duration_s:.1f} s"
     text(_GRID_LEFT, _GRID_BOTTOM - 1.5, scale, fontsize=6.5)
     text(_GRID_LEFT + _GRID_W, _GRID_BOTTOM - 1.5, "ecgbridge", fontsize=6.5, ha="right")
-    text(_GRID_LEFT, _GRID_BOTTOM - 5.5, result.label or NOT_FOR_CLINICAL_USE, fontsize=6.5,
-         color=_LABEL_RED, fontweight="bold")
+    text(
+        _GRID_LEFT,
+        _GRID_BOTTOM - 5.5,
+        result.label or NOT_FOR_CLINICAL_USE,
+        fontsize=6.5,
+        color=_LABEL_RED,
+        fontweight="bold",
+    )
     return fig
 
 
@@ -483,15 +538,15 @@ def _title(result: AnalysisResult) -> str:
     return f"AI ECG analysis ({models}) - NOT FOR CLINICAL USE"
 
 
-def _png_bytes(fig: "Figure", dpi: int, title: str) -> bytes:
+def _png_bytes(fig: Figure, dpi: int, title: str) -> bytes:
     """Draw on Agg and write an 8-bit palette PNG (a quarter of the RGBA size, faster to encode)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image, PngImagePlugin
 
     fig.set_dpi(dpi)
     canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+    canvas.draw()  # type: ignore[no-untyped-call]  # matplotlib's backend_agg is unannotated
+    image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)  # type: ignore[no-untyped-call]  # as above
     paletted = image.convert("RGB").quantize(colors=96, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     info = PngImagePlugin.PngInfo()
     info.add_text("Title", title)
@@ -501,7 +556,7 @@ def _png_bytes(fig: "Figure", dpi: int, title: str) -> bytes:
     return buf.getvalue()
 
 
-def _pdf_bytes(fig: "Figure", title: str, extra_pages: tuple["Figure", ...] = ()) -> bytes:
+def _pdf_bytes(fig: Figure, title: str, extra_pages: tuple[Figure, ...] = ()) -> bytes:
     """One PDF: the 12-lead page, then any extra pages (the LVEF page)."""
     from matplotlib.backends.backend_pdf import PdfPages
 
@@ -513,7 +568,7 @@ def _pdf_bytes(fig: "Figure", title: str, extra_pages: tuple["Figure", ...] = ()
     return buf.getvalue()
 
 
-def _extra_pages(result: AnalysisResult) -> tuple["Figure", ...]:
+def _extra_pages(result: AnalysisResult) -> tuple[Figure, ...]:
     from ecgbridge.inference.explain_lvef import render_lvef_page
 
     page = render_lvef_page(result)

@@ -81,7 +81,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy.ndimage import uniform_filter1d
@@ -95,7 +95,6 @@ __all__ = [
     "MEASUREMENTS_MODEL",
     "Fiducials",
     "Measurements",
-    "cart_measurements",
     "detect_beats",
     "measure",
 ]
@@ -106,8 +105,14 @@ FEATURES_VERSION = "0.1.0"
 MEASUREMENTS_MODEL = "ecgbridge-measurements"
 #: Keys of :meth:`Measurements.as_dict`, in the order of mapping.hl7_oru.MEASUREMENT_UNITS.
 HL7_KEYS: tuple[str, ...] = (
-    "heart_rate", "pr_interval", "qrs_duration", "qt_interval", "qtc_interval",
-    "p_axis", "qrs_axis", "t_axis",
+    "heart_rate",
+    "pr_interval",
+    "qrs_duration",
+    "qt_interval",
+    "qtc_interval",
+    "p_axis",
+    "qrs_axis",
+    "t_axis",
 )
 
 _INDEPENDENT = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
@@ -236,11 +241,11 @@ def _sos(fs: float, lo: float | None, hi: float | None, order: int) -> np.ndarra
     if hi is not None and hi >= 0.9 * nyq:
         hi = None
     if lo is not None and hi is not None:
-        return butter(order, [lo, hi], btype="bandpass", fs=fs, output="sos")
+        return cast(np.ndarray, butter(order, [lo, hi], btype="bandpass", fs=fs, output="sos"))
     if lo is not None:
-        return butter(order, lo, btype="highpass", fs=fs, output="sos")
+        return cast(np.ndarray, butter(order, lo, btype="highpass", fs=fs, output="sos"))
     if hi is not None:
-        return butter(order, hi, btype="lowpass", fs=fs, output="sos")
+        return cast(np.ndarray, butter(order, hi, btype="lowpass", fs=fs, output="sos"))
     return None
 
 
@@ -249,7 +254,7 @@ def _filter(x: np.ndarray, fs: float, lo: float | None, hi: float | None, order:
     if sos is None:
         return x
     padlen = min(x.shape[-1] - 1, 3 * (2 * len(sos) + 1) * 4)
-    return sosfiltfilt(sos, x, axis=-1, padlen=padlen)
+    return cast(np.ndarray, sosfiltfilt(sos, x, axis=-1, padlen=padlen))
 
 
 # --------------------------------------------------------------------------- beats
@@ -266,12 +271,12 @@ def _detect_beats(det: np.ndarray, fs: float) -> np.ndarray:
     env = uniform_filter1d(energy, width, mode="nearest")
     peaks, _ = find_peaks(env, distance=max(1, int(round(_REFRACTORY_S * fs))))
     if peaks.size == 0:
-        return peaks
+        return cast(np.ndarray, peaks)
     heights = env[peaks]
     peaks = peaks[heights >= _PEAK_REL * np.percentile(heights, 90)]
     half = width // 2 + 1
     refined = np.array(
-        [max(0, p - half) + int(np.argmax(energy[max(0, p - half): p + half + 1])) for p in peaks], dtype=int
+        [max(0, p - half) + int(np.argmax(energy[max(0, p - half) : p + half + 1])) for p in peaks], dtype=int
     )
     return np.unique(refined)
 
@@ -295,10 +300,10 @@ def _median_beat(
     lo, hi = m + pre - q, m + pre + q
     template = np.median(dsegs[:, :, lo:hi], axis=0)  # (Li, 2q)
     lags = np.arange(-m, m + 1)
-    scores = np.stack([np.einsum("blt,lt->b", dsegs[:, :, lo + k: hi + k], template) for k in lags])
+    scores = np.stack([np.einsum("blt,lt->b", dsegs[:, :, lo + k : hi + k], template) for k in lags])
     best = lags[np.argmax(scores, axis=0)]  # (B,)
-    aligned = np.stack([segs[b, :, m + k: m + k + pre + post] for b, k in enumerate(best)])
-    qrs = np.stack([dsegs[b, :, lo + k: hi + k].ravel() for b, k in enumerate(best)])
+    aligned = np.stack([segs[b, :, m + k : m + k + pre + post] for b, k in enumerate(best)])
+    qrs = np.stack([dsegs[b, :, lo + k : hi + k].ravel() for b, k in enumerate(best)])
     t = template.ravel() - template.mean()
     qc = qrs - qrs.mean(axis=1, keepdims=True)
     corr = (qc @ t) / (np.linalg.norm(qc, axis=1) * np.linalg.norm(t) + 1e-12)
@@ -354,11 +359,18 @@ class _Delineation:
 
 
 def _delineate(
-    med: np.ndarray, ind: list[int], fs: float, c: int, rr_s: float,
+    med: np.ndarray,
+    ind: list[int],
+    fs: float,
+    c: int,
+    rr_s: float,
     p_consistency: Callable[[int, int | None], float] | None = None,
 ) -> _Delineation | None:
     w = med.shape[1]
-    s = lambda sec: int(round(sec * fs))
+
+    def s(sec: float) -> int:
+        return int(round(sec * fs))
+
     lp = _filter(med[ind], fs, None, _SV_LP_HZ) if fs > 2.5 * _SV_LP_HZ else med[ind]
     deriv = np.gradient(lp, axis=1) * fs
     sv = np.sqrt(np.sum(deriv**2, axis=0))
@@ -380,9 +392,9 @@ def _delineate(
         return None
     d = _Delineation(qrs_on=on, qrs_off=off, t_end=None, p_on=None, p_off=None)
 
-    base = lp[:, max(0, on - s(0.01)): on + 1].mean(axis=1, keepdims=True)
+    base = lp[:, max(0, on - s(0.01)) : on + 1].mean(axis=1, keepdims=True)
     mag = np.sqrt(np.sum((lp - base) ** 2, axis=0))
-    qrs_mag = float(np.max(mag[on: off + 1]))
+    qrs_mag = float(np.max(mag[on : off + 1]))
 
     # P wave, on the 25 Hz median in [QRS onset - min(360 ms, 0.45 RR), QRS onset - 20 ms]:
     # the most prominent peak of the spatial magnitude of the leads less their PR level;
@@ -393,7 +405,7 @@ def _delineate(
     p_lo = max(0, on - s(min(0.36, 0.45 * rr_s)))
     k = max(1, s(0.01))
     if p_hi - p_lo > s(0.08):
-        seg = lp25[:, p_lo: p_hi + 1]
+        seg = lp25[:, p_lo : p_hi + 1]
         magp = np.sqrt(np.sum((seg - seg[:, -k:].mean(axis=1, keepdims=True)) ** 2, axis=0))
         svp = uniform_filter1d(np.sqrt(np.sum((np.gradient(seg, axis=1) * fs) ** 2, axis=0)), k, mode="nearest")
         # the most prominent interior peak (a T wave tail at the window start is no peak)
@@ -406,11 +418,11 @@ def _delineate(
             left, right = peaks[peaks < ppk], peaks[peaks > ppk]
             a0 = int(left[-1]) if left.size else 0
             b0 = int(right[0]) if right.size else len(magp) - 1
-            v1 = a0 + int(np.argmin(magp[a0: ppk + 1]))
-            v2 = ppk + int(np.argmin(magp[ppk: b0 + 1]))
-            h1 = v1 + int(np.argmax(svp[v1: ppk + 1]))
-            h2 = ppk + int(np.argmax(svp[ppk: v2 + 1]))
-            fl1 = float(np.percentile(svp[v1: h1 + 1], 10))
+            v1 = a0 + int(np.argmin(magp[a0 : ppk + 1]))
+            v2 = ppk + int(np.argmin(magp[ppk : b0 + 1]))
+            h1 = v1 + int(np.argmax(svp[v1 : ppk + 1]))
+            h2 = ppk + int(np.argmax(svp[ppk : v2 + 1]))
+            fl1 = float(np.percentile(svp[v1 : h1 + 1], 10))
             fl2 = float(np.percentile(svp[h2:], 10))
             p_on = _quiet_run(svp, h1, max(-1, v1 - s(0.02)), -1, fl1 + _P_FRAC * (float(svp[h1]) - fl1), run)
             p_off = _quiet_run(svp, h2, len(svp), 1, fl2 + _P_FRAC * (float(svp[h2]) - fl2), run)
@@ -437,7 +449,7 @@ def _delineate(
         d_hi = min(t_hi, tpk + s(0.20))
         if d_hi > tpk + 1:
             desc = tpk + int(np.argmax(svt[tpk:d_hi]))
-            floor = float(np.percentile(svt[desc: t_hi + 1], 10))
+            floor = float(np.percentile(svt[desc : t_hi + 1], 10))
             thr = floor + _T_END_FRAC * (float(svt[desc]) - floor)
             d.t_end = _quiet_run(svt, desc, t_hi + 1, 1, thr, run)
     if d.t_end is None:
@@ -476,8 +488,16 @@ def _extrema_count(x: np.ndarray, min_prom: float) -> int:
 
 #: Anatomically contiguous neighbours (anterior V1-V6 in sequence, lateral V5-V6-I-aVL, inferior II-III-aVF).
 _NEIGHBOURS: dict[str, tuple[str, ...]] = {
-    "V1": ("V2",), "V2": ("V1", "V3"), "V3": ("V2", "V4"), "V4": ("V3", "V5"), "V5": ("V4", "V6"),
-    "V6": ("V5", "I"), "I": ("aVL", "V6"), "aVL": ("I",), "II": ("III", "aVF"), "III": ("II", "aVF"),
+    "V1": ("V2",),
+    "V2": ("V1", "V3"),
+    "V3": ("V2", "V4"),
+    "V4": ("V3", "V5"),
+    "V5": ("V4", "V6"),
+    "V6": ("V5", "I"),
+    "I": ("aVL", "V6"),
+    "aVL": ("I",),
+    "II": ("III", "aVF"),
+    "III": ("II", "aVF"),
     "aVF": ("II", "III"),
 }
 
@@ -548,13 +568,14 @@ def measure(ecg: Ecg) -> Measurements:
     def p_consistency(p_on: int, p_off: int | None) -> float:
         a = int(round(p_on * scale))
         b = int(round((p_off if p_off is not None else p_on + 0.1 * fs_med) * scale))
-        return _consistency(kept[:, ind, a: b + 1])
+        return _consistency(kept[:, ind, a : b + 1])
 
     d = _delineate(med, ind, fs_med, pre, rr_med, p_consistency)
     if d is None:
         return _with_flags(
-            Measurements(fs=fs, n_beats=int(beats.size), n_beats_median=n_used, heart_rate=heart_rate,
-                         rr_interval=rr_ms),
+            Measurements(
+                fs=fs, n_beats=int(beats.size), n_beats_median=n_used, heart_rate=heart_rate, rr_interval=rr_ms
+            ),
             flags + ["qrs_not_delineated"],
         )
     flags.extend(d.flags)
@@ -577,9 +598,18 @@ def measure(ecg: Ecg) -> Measurements:
     )
     morph = _morphology(med, leads, fs, d, qrs)
     out = Measurements(
-        fs=float(ecg.fs), n_beats=int(beats.size), n_beats_median=n_used, heart_rate=heart_rate,
-        rr_interval=rr_ms, pr_interval=pr, qrs_duration=qrs, qt_interval=qt, qtc_bazett=qtc_b, qtc_fridericia=qtc_f,
-        qrs_morphology=morph, fiducials=fid,
+        fs=float(ecg.fs),
+        n_beats=int(beats.size),
+        n_beats_median=n_used,
+        heart_rate=heart_rate,
+        rr_interval=rr_ms,
+        pr_interval=pr,
+        qrs_duration=qrs,
+        qt_interval=qt,
+        qtc_bazett=qtc_b,
+        qtc_fridericia=qtc_f,
+        qrs_morphology=morph,
+        fiducials=fid,
     )
     if zscore:
         return _with_flags(out, flags)
@@ -591,7 +621,7 @@ def _with_flags(m: Measurements, flags: list[str]) -> Measurements:
 
 
 def _baseline(med: np.ndarray, on: int, fs: float) -> np.ndarray:
-    return med[:, max(0, on - int(round(0.01 * fs))): on + 1].mean(axis=1)
+    return cast(np.ndarray, med[:, max(0, on - int(round(0.01 * fs))) : on + 1].mean(axis=1))
 
 
 def _morphology(med: np.ndarray, leads: list[str], fs: float, d: _Delineation, qrs: float | None) -> str | None:
@@ -607,7 +637,7 @@ def _morphology(med: np.ndarray, leads: list[str], fs: float, d: _Delineation, q
 
     def complex_(lead: str) -> np.ndarray:
         i = leads.index(lead)
-        return med[i, d.qrs_on: d.qrs_off + 1] - base[i]
+        return cast(np.ndarray, med[i, d.qrs_on : d.qrs_off + 1] - base[i])
 
     v1, lead_i, v6 = complex_("V1"), complex_("I"), complex_("V6")
     if min(v1.size, lead_i.size, v6.size) < 4:
@@ -650,7 +680,7 @@ def _amplitude_measures(
     j60 = d.qrs_off + int(round(0.06 * fs))
     lbbb_like = m.qrs_morphology == "LBBB"
     for i, lead in enumerate(leads):
-        x = med[i, d.qrs_on: d.qrs_off + 1] - base[i]
+        x = med[i, d.qrs_on : d.qrs_off + 1] - base[i]
         if x.size < 3:
             continue
         k = int(np.argmax(x))
@@ -682,7 +712,7 @@ def _amplitude_measures(
         if j60 < med.shape[1]:
             st[lead] = float(med[i, j60] - base[i])
         if d.t_end is not None and d.t_end > d.qrs_off + int(round(0.08 * fs)):
-            tw = med[i, d.qrs_off + int(round(0.08 * fs)): d.t_end + 1] - base[i]
+            tw = med[i, d.qrs_off + int(round(0.08 * fs)) : d.t_end + 1] - base[i]
             ext = float(tw[int(np.argmax(np.abs(tw)))])
             if lead != "aVR" and ext <= -0.1:
                 t_inv.append(lead)
@@ -696,14 +726,17 @@ def _amplitude_measures(
     cornell = None
     if "aVL" in r_amp and "V3" in s_amp:
         cornell = r_amp["aVL"] + s_amp["V3"]
-    low_limb = all(lead in ptp for lead in _LIMB) and all(ptp[lead] < 0.5 for lead in _LIMB) if all(
-        lead in ptp for lead in _LIMB) else None
+    low_limb = (
+        all(lead in ptp for lead in _LIMB) and all(ptp[lead] < 0.5 for lead in _LIMB)
+        if all(lead in ptp for lead in _LIMB)
+        else None
+    )
     low_prec = all(ptp[lead] < 1.0 for lead in _PRECORDIAL) if all(lead in ptp for lead in _PRECORDIAL) else None
 
     def net(lead: str, a: int | None, b: int | None, linear: bool = False) -> float | None:
         if lead not in leads or a is None or b is None or b <= a:
             return None
-        y = med[leads.index(lead), a: b + 1]
+        y = med[leads.index(lead), a : b + 1]
         ref = np.linspace(y[0], y[-1], y.size) if linear else base[leads.index(lead)]
         return float(np.sum(y - ref))
 
@@ -718,59 +751,18 @@ def _amplitude_measures(
     frag_final = _contiguous(frag)
     return replace(
         m,
-        p_axis=p_axis, qrs_axis=qrs_axis, t_axis=t_axis,
-        r_amplitude=r_amp, s_amplitude=s_amp, qrs_area=area, sokolow_lyon=sokolow, cornell=cornell,
-        q_waves=q_final, st_deviation=st or None, t_inversion=tuple(t_inv),
-        fragmented_qrs=frag_final, low_voltage_limb=low_limb, low_voltage_precordial=low_prec,
+        p_axis=p_axis,
+        qrs_axis=qrs_axis,
+        t_axis=t_axis,
+        r_amplitude=r_amp,
+        s_amplitude=s_amp,
+        qrs_area=area,
+        sokolow_lyon=sokolow,
+        cornell=cornell,
+        q_waves=q_final,
+        st_deviation=st or None,
+        t_inversion=tuple(t_inv),
+        fragmented_qrs=frag_final,
+        low_voltage_limb=low_limb,
+        low_voltage_precordial=low_prec,
     )
-
-
-# --------------------------------------------------------------------------- the cart's own
-
-#: SCP-ECG measurement codes (DICOM CID 3687 family, as Mortara writes them) -> our keys.
-_CART_CODES: dict[str, str] = {
-    "5.10.2.1-3": "rr_interval",
-    "5.10.2.1-5": "pp_interval",
-    "5.13.5-7": "pr_interval",
-    "5.13.5-9": "qrs_duration",
-    "5.13.5-11": "qt_interval",
-    "5.10.2.5-5": "qtc_interval",
-    "5.10.3-11": "p_axis",
-    "5.10.3-13": "qrs_axis",
-    "5.10.3-15": "t_axis",
-}
-_CART_MEANINGS: dict[str, str] = {
-    "rr interval": "rr_interval", "pp interval": "pp_interval", "pr interval": "pr_interval",
-    "qrs duration": "qrs_duration", "qt interval": "qt_interval", "qtc interval": "qtc_interval",
-    "p axis": "p_axis", "qrs axis": "qrs_axis", "t axis": "t_axis",
-    "heart rate": "heart_rate", "ventricular rate": "heart_rate",
-}
-
-
-def cart_measurements(ds: Any) -> dict[str, float]:
-    """The acquiring cart's own global measurements from a DICOM ECG's WaveformAnnotationSequence.
-
-    Numeric annotations are matched by SCP-ECG code (else by code meaning); a value of 0
-    (how Mortara writes "not measured", e.g. the PP interval) is left out. When the cart
-    gives an RR interval but no rate, ``heart_rate`` is 60 000 / RR. Units: ms, deg, /min.
-    """
-    out: dict[str, float] = {}
-    for item in getattr(ds, "WaveformAnnotationSequence", None) or []:
-        if "NumericValue" not in item or "ConceptNameCodeSequence" not in item:
-            continue
-        code = item.ConceptNameCodeSequence[0]
-        key = _CART_CODES.get(str(getattr(code, "CodeValue", "")))
-        if key is None:
-            key = _CART_MEANINGS.get(str(getattr(code, "CodeMeaning", "")).strip().lower())
-        if key is None:
-            continue
-        try:
-            value = float(item.NumericValue)
-        except (TypeError, ValueError):
-            continue
-        if value == 0 or not math.isfinite(value) or key in out:
-            continue
-        out[key] = value
-    if "heart_rate" not in out and out.get("rr_interval"):
-        out["heart_rate"] = 60000.0 / out["rr_interval"]
-    return out

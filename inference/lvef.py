@@ -31,15 +31,12 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from ecgbridge.errors import ModelError
-from ecgbridge.mapping.ecg import Finding, ModelOutput
-from ecgbridge.mapping.ehr_context import EhrContext
-
 from ecgbridge.inference.lvef_features import (
     ECG_FEATURE_NAMES,
     FEATURE_SPECS,
@@ -51,6 +48,8 @@ from ecgbridge.inference.lvef_features import (
     missing_context_notes,
 )
 from ecgbridge.inference.models import SHIPPED_DIR, sha256_file
+from ecgbridge.mapping.ecg import Finding, ModelOutput
+from ecgbridge.mapping.ehr_context import EhrContext
 
 __all__ = [
     "LVEF_DIR",
@@ -105,8 +104,6 @@ class LvefManifest(BaseModel):
     features: list[dict[str, str]] = Field(default_factory=list)  # informational: name, kind, unit, display
 
 
-
-
 def load_lvef_manifest(directory: Path) -> LvefManifest:
     path = directory / "manifest.json"
     try:
@@ -116,7 +113,9 @@ def load_lvef_manifest(directory: Path) -> LvefManifest:
     except (ValueError, ValidationError) as exc:
         raise ModelError(f"LVEF model: invalid manifest {path}: {exc}") from exc
     if set(manifest.variants) != set(VARIANTS):
-        raise ModelError(f"LVEF model {path}: variants must be {list(VARIANTS)}, the manifest has {sorted(manifest.variants)}")
+        raise ModelError(
+            f"LVEF model {path}: variants must be {list(VARIANTS)}, the manifest has {sorted(manifest.variants)}"
+        )
     codes = [t.code for t in manifest.tiers]
     if codes != [t.code for t in LVEF_TIERS]:
         raise ModelError(f"LVEF model {path}: tiers {codes} do not match this code's {[t.code for t in LVEF_TIERS]}")
@@ -151,10 +150,16 @@ def _json_value(x: float) -> float | None:
 
 
 class LvefModel:
-    """A loaded LVEF model directory (both variants); thread-safe to share within a process."""
+    """A loaded LVEF model directory (both variants); thread-safe to share within a process.
 
-    _cache: dict[Path, "LvefModel"] = {}
+    A ``derived`` model: it runs after the signal models, on the measurements, the
+    diagnosis probabilities and the patient's EHR context (:meth:`run_derived`).
+    """
+
+    _cache: dict[Path, LvefModel] = {}
     _lock = threading.Lock()
+    stage: ClassVar[str] = "derived"
+    needs_ehr_context: ClassVar[bool] = True
 
     def __init__(self, directory: Path, manifest: LvefManifest, variants: dict[str, _Loaded]) -> None:
         self.directory = directory
@@ -164,7 +169,7 @@ class LvefModel:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: Path | None = None) -> "LvefModel":
+    def load(cls, path: Path | None = None) -> LvefModel:
         """The model in ``path`` (default: the shipped ``inference/shipped/lvef``), loaded once per process."""
         directory = Path(path or LVEF_DIR).resolve()
         with cls._lock:
@@ -184,7 +189,7 @@ class LvefModel:
                 cls._cache.pop(Path(path).resolve(), None)
 
     @classmethod
-    def _load(cls, directory: Path) -> "LvefModel":
+    def _load(cls, directory: Path) -> LvefModel:
         if not directory.is_dir():
             raise ModelError(f"LVEF model directory {directory} does not exist")
         manifest = load_lvef_manifest(directory)
@@ -211,10 +216,16 @@ class LvefModel:
             try:
                 session = ort.InferenceSession(str(directory / spec.onnx), options, providers=["CPUExecutionProvider"])
                 booster = lgb.Booster(model_file=str(directory / spec.booster))
-            except Exception as exc:  # noqa: BLE001 - a corrupt file is a model error
-                raise ModelError(f"LVEF model {manifest.name}: {vname} could not be loaded: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:
+                raise ModelError(
+                    f"LVEF model {manifest.name}: {vname} could not be loaded: {type(exc).__name__}: {exc}"
+                ) from exc
             inputs = session.get_inputs()
-            if len(inputs) != 1 or inputs[0].name != spec.input_name or inputs[0].shape[-1] not in (len(spec.features), None):
+            if (
+                len(inputs) != 1
+                or inputs[0].name != spec.input_name
+                or inputs[0].shape[-1] not in (len(spec.features), None)
+            ):
                 raise ModelError(
                     f"LVEF model {manifest.name}: {spec.onnx} takes {[(i.name, i.shape) for i in inputs]}, "
                     f"the manifest says {spec.input_name!r} with {len(spec.features)} features"
@@ -245,7 +256,9 @@ class LvefModel:
     def matrix(self, rows: list[dict[str, float]], variant: str) -> np.ndarray:
         """Feature rows (lvef_feature_row dicts) -> the variant's float32 input matrix."""
         names = self._variant(variant).spec.features
-        return np.asarray([[row.get(n, math.nan) for n in names] for row in rows], dtype=np.float32).reshape(len(rows), len(names))
+        return np.asarray([[row.get(n, math.nan) for n in names] for row in rows], dtype=np.float32).reshape(
+            len(rows), len(names)
+        )
 
     def predict_proba(self, x: np.ndarray, variant: str) -> np.ndarray:
         """(N, 4) tier probabilities from the variant's ONNX graph for an (N, features) matrix."""
@@ -257,7 +270,9 @@ class LvefModel:
         """(N, 4, features + 1) tree SHAP values (last column: the expected value) from the booster."""
         v = self._variant(variant)
         with self._booster_lock:
-            raw = v.booster.predict(np.asarray(x, dtype=np.float32).astype(np.float64), pred_contrib=True, num_threads=1)
+            raw = v.booster.predict(
+                np.asarray(x, dtype=np.float32).astype(np.float64), pred_contrib=True, num_threads=1
+            )
         n, f = x.shape[0], len(v.spec.features)
         return np.asarray(raw, dtype=np.float64).reshape(n, len(LVEF_TIERS), f + 1)
 
@@ -273,7 +288,9 @@ class LvefModel:
         x = self.matrix([row], variant)
         probs = self.predict_proba(x, variant)[0]
         if probs.shape != (len(LVEF_TIERS),) or not np.all(np.isfinite(probs)):
-            raise ModelError(f"LVEF model {self.manifest.name}: {variant} returned {probs!r}, not {len(LVEF_TIERS)} probabilities")
+            raise ModelError(
+                f"LVEF model {self.manifest.name}: {variant} returned {probs!r}, not {len(LVEF_TIERS)} probabilities"
+            )
         k = int(np.argmax(probs))
         contrib = self.contributions(x, variant)[0, k]
         names = self._variant(variant).spec.features
@@ -283,19 +300,30 @@ class LvefModel:
             if contrib[i] == 0.0:
                 break
             spec = _SPEC_BY_NAME[names[i]]
-            attributions.append({
-                "feature": spec.name, "display": spec.display, "kind": spec.kind,
-                "value": _json_value(float(x[0, i])), "unit": spec.unit, "contribution": round(float(contrib[i]), 4),
-            })
+            attributions.append(
+                {
+                    "feature": spec.name,
+                    "display": spec.display,
+                    "kind": spec.kind,
+                    "value": _json_value(float(x[0, i])),
+                    "unit": spec.unit,
+                    "contribution": round(float(contrib[i]), 4),
+                }
+            )
         kinds = np.array([_SPEC_BY_NAME[n].kind for n in names])
         tiers = self.manifest.tiers
         missing = missing_context_notes(ehr)
         if diagnosis is None:
             missing.append("no diagnosis model output: its probabilities were missing inputs")
-        elif isinstance(diagnosis, ModelOutput) and self.manifest.diagnosis_model and \
-                f"{diagnosis.model} {diagnosis.version}" != self.manifest.diagnosis_model:
-            missing.append(f"diagnosis probabilities from {diagnosis.model} {diagnosis.version}; this model was "
-                           f"trained with {self.manifest.diagnosis_model}")
+        elif (
+            isinstance(diagnosis, ModelOutput)
+            and self.manifest.diagnosis_model
+            and f"{diagnosis.model} {diagnosis.version}" != self.manifest.diagnosis_model
+        ):
+            missing.append(
+                f"diagnosis probabilities from {diagnosis.model} {diagnosis.version}; this model was "
+                f"trained with {self.manifest.diagnosis_model}"
+            )
         if not measurement_features:
             missing.append("no ECG measurements: every ECG feature was missing")
         findings = tuple(
@@ -320,5 +348,32 @@ class LvefModel:
             "synthetic": bool(self.manifest.synthetic),
             "notice": self.manifest.notice,
         }
-        return ModelOutput(model=self.manifest.name, version=self.manifest.version, task="lvef", findings=findings,
-                           extra=extra)
+        return ModelOutput(
+            model=self.manifest.name, version=self.manifest.version, task="lvef", findings=findings, extra=extra
+        )
+
+    def run_derived(
+        self,
+        features: dict[str, Any] | None,
+        outputs: list[ModelOutput],
+        ehr: EhrContext | None,
+        quality_flags: tuple[str, ...] = (),
+    ) -> ModelOutput:
+        """The LVEF tier from the measurements, the diagnosis probabilities and the EHR context.
+
+        ``ehr`` None means the route names no EHR source: the ECG-only variant runs and the
+        result says so. A poor-quality ECG is said to be one in ``missing_context``: its
+        features may be wrong, and the reader must know.
+        """
+        diagnosis = next((o for o in outputs if o.task == "diagnosis"), None)
+        context = (
+            ehr
+            if ehr is not None
+            else EhrContext.missing("not_configured", "the route names no EHR source (ehr_context)")
+        )
+        out = self.predict(features or {}, diagnosis, context)
+        notes = list(out.extra.get("missing_context") or [])
+        if "poor_quality" in quality_flags:
+            notes.insert(0, "poor signal quality: the ECG features may be unreliable")
+        extra = {**out.extra, "missing_context": notes, "ehr_context": context.to_dict()}
+        return ModelOutput(model=out.model, version=out.version, task=out.task, findings=out.findings, extra=extra)

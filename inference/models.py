@@ -12,20 +12,33 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ecgbridge.errors import ModelError
-from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
-
 from ecgbridge.inference.preprocess import Pipeline
 from ecgbridge.inference.triage import severity_extra
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
 
-__all__ = ["SHIPPED_DIR", "sha256_file", "Manifest", "ModelClass", "LoadedModel", "ModelRegistry", "prepare_input", "load_manifest"]
+if TYPE_CHECKING:
+    from ecgbridge.inference.lvef import LvefModel
+
+__all__ = [
+    "Model",
+    "SHIPPED_DIR",
+    "sha256_file",
+    "Manifest",
+    "ModelClass",
+    "LoadedModel",
+    "ModelRegistry",
+    "prepare_input",
+    "load_manifest",
+]
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
@@ -80,7 +93,7 @@ class Manifest(BaseModel):
         return float(self.thresholds.get(code, 0.5))
 
     @model_validator(mode="after")
-    def _check_tiers(self) -> "Manifest":
+    def _check_tiers(self) -> Manifest:
         if "probabilities" not in self.outputs:
             raise ValueError("outputs must name a `probabilities` output")
         codes = {c.code for c in self.classes}
@@ -132,9 +145,16 @@ def prepare_input(ecg: Ecg, manifest: Manifest) -> np.ndarray:
 
 @dataclass
 class LoadedModel:
+    """A signal model: an ONNX classifier that reads the preprocessed ECG (stage ``signal``)."""
+
     manifest: Manifest
     directory: Path
     session: Any  # onnxruntime.InferenceSession
+
+    #: Signal models run first, on the ECG; ``derived`` models run after them on their outputs.
+    stage: ClassVar[str] = "signal"
+    #: Whether the worker must fetch the patient's EHR context for this model.
+    needs_ehr_context: ClassVar[bool] = False
 
     def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch (N, leads, samples); returns every declared output by its role."""
@@ -221,25 +241,65 @@ def load_manifest(directory: Path) -> Manifest:
         raise ModelError(f"invalid model manifest {path}: {exc}") from exc
 
 
+def _load_lvef(directory: Path) -> LvefModel:
+    from ecgbridge.inference.lvef import LvefModel
+
+    return LvefModel.load(directory)
+
+
+#: A model the registry hands out: a signal classifier or a derived model.
+Model = Union[LoadedModel, "LvefModel"]
+
+#: Manifest ``task`` -> loader, for models that are not ONNX signal classifiers. Every other
+#: task is a signal model (:class:`LoadedModel`). The registry dispatches on this, never on
+#: a model's name.
+DERIVED_LOADERS: dict[str, Callable[[Path], Any]] = {"lvef": _load_lvef}
+
+
+def _manifest_head(directory: Path) -> tuple[str, str] | None:
+    """(name, task) from a model directory's manifest, or None when it is not a usable model."""
+    try:
+        data = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return None
+    task = str(data.get("task", "diagnosis"))
+    if task not in DERIVED_LOADERS:
+        try:
+            load_manifest(directory)
+        except ModelError:
+            return None
+    return data["name"], task
+
+
 class ModelRegistry:
-    """Finds models by name; each ONNX session is created once per process and reused."""
+    """Finds models by name; each model is loaded once per process and reused.
+
+    A model is found by its manifest's ``name`` or by its directory's name (the shipped
+    LVEF model lives in ``shipped/lvef``), or at the path the configuration gives for a
+    name. How it is loaded follows the manifest's ``task`` (:data:`DERIVED_LOADERS`).
+    """
 
     def __init__(self, directories: list[Path] | None = None, paths: dict[str, Path] | None = None) -> None:
         self._dirs = [SHIPPED_DIR, *(directories or [])]
         self._paths = dict(paths or {})
-        self._loaded: dict[str, LoadedModel] = {}
+        self._loaded: dict[str, Model] = {}
         self._lock = threading.Lock()
 
     def available(self) -> dict[str, Path]:
         found: dict[str, Path] = {}
+        aliases: dict[str, Path] = {}
         for base in self._dirs:
             if not base.is_dir():
                 continue
             for manifest in sorted(base.glob("*/manifest.json")):
-                try:
-                    found[load_manifest(manifest.parent).name] = manifest.parent
-                except ModelError:
-                    continue
+                head = _manifest_head(manifest.parent)
+                if head is not None:
+                    found[head[0]] = manifest.parent
+                    aliases[manifest.parent.name] = manifest.parent
+        for alias, directory in aliases.items():
+            found.setdefault(alias, directory)
         found.update(self._paths)
         return found
 
@@ -247,7 +307,7 @@ class ModelRegistry:
         """The directory the configuration gives for ``name`` (``models[].path``), if any."""
         return self._paths.get(name)
 
-    def get(self, name: str) -> LoadedModel:
+    def get(self, name: str) -> Model:
         with self._lock:
             if name in self._loaded:
                 return self._loaded[name]
@@ -258,22 +318,38 @@ class ModelRegistry:
             self._loaded[name] = model
             return model
 
+    def signal_model(self, name: str) -> LoadedModel:
+        """``get(name)``, which must be a signal model (one with a graph over the ECG, e.g. for CAMs)."""
+        model = self.get(name)
+        if not isinstance(model, LoadedModel):
+            raise ModelError(f"model {name!r} is a {model.stage} model, not one that reads the ECG signal")
+        return model
+
     @staticmethod
-    def _load(directory: Path) -> LoadedModel:
-        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # no usage data leaves a hospital network
-        import onnxruntime as ort  # imported here so the gateway never loads it
+    def _load(directory: Path) -> Model:
+        head = _manifest_head(directory)
+        loader = DERIVED_LOADERS.get(head[1]) if head is not None else None
+        if loader is not None:
+            model: Model = loader(directory)
+            return model
+        return _load_signal_model(directory)
 
-        if hasattr(ort, "disable_telemetry_events"):
-            ort.disable_telemetry_events()
 
-        manifest = load_manifest(directory)
-        onnx_path = directory / manifest.file
-        if not onnx_path.is_file():
-            raise ModelError(f"model {manifest.name}: ONNX file {onnx_path} is missing")
-        if manifest.sha256 and sha256_file(onnx_path) != manifest.sha256:
-            raise ModelError(f"model {manifest.name}: {onnx_path.name} does not match the manifest's sha256")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        return LoadedModel(manifest=manifest, directory=directory, session=session)
+def _load_signal_model(directory: Path) -> LoadedModel:
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # no usage data leaves a hospital network
+    import onnxruntime as ort  # imported here so the gateway never loads it
+
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
+
+    manifest = load_manifest(directory)
+    onnx_path = directory / manifest.file
+    if not onnx_path.is_file():
+        raise ModelError(f"model {manifest.name}: ONNX file {onnx_path} is missing")
+    if manifest.sha256 and sha256_file(onnx_path) != manifest.sha256:
+        raise ModelError(f"model {manifest.name}: {onnx_path.name} does not match the manifest's sha256")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return LoadedModel(manifest=manifest, directory=directory, session=session)

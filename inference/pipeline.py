@@ -21,18 +21,15 @@ the quality flags say ``measurements_failed``.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from ecgbridge.inference.features import FEATURES_VERSION, MEASUREMENTS_MODEL, measure
+from ecgbridge.inference.models import LoadedModel, ModelRegistry
+from ecgbridge.inference.quality import assess, cap_for_quality
 from ecgbridge.mapping.ecg import AnalysisResult, Ecg, ModelOutput
 from ecgbridge.mapping.ehr_context import EhrContext
 
-from ecgbridge.inference.features import FEATURES_VERSION, MEASUREMENTS_MODEL, measure
-from ecgbridge.inference.models import ModelRegistry
-from ecgbridge.inference.quality import assess, cap_for_quality
-
-__all__ = ["LVEF_MODEL", "MEASUREMENTS_FAILED", "analyse_ecg", "lvef_output", "measurement_output"]
-
-#: The configured model name that selects the LVEF tier model (:mod:`inference.lvef`).
-LVEF_MODEL = "lvef"
+__all__ = ["MEASUREMENTS_FAILED", "analyse_ecg", "measurement_output", "needs_ehr_context"]
 
 #: Quality flag when the measurements could not be made (the models' results still stand).
 MEASUREMENTS_FAILED = "measurements_failed"
@@ -60,50 +57,30 @@ def analyse_ecg(
     message_id: str = "",
     ehr: EhrContext | None = None,
 ) -> AnalysisResult:
-    """Every requested model on ``ecg``; ``ehr`` is the patient context the LVEF model reads.
+    """Every requested model on ``ecg``; ``ehr`` is the patient context derived models read.
 
-    The LVEF model (name ``lvef``) runs last: it reads the measurements and the
-    diagnosis model's probabilities, so it needs them computed first.
+    Signal models run first, then the measurements, then the derived models (stage
+    ``derived``, e.g. LVEF), which read the measurements and the signal models' outputs.
     """
     report = assess(ecg)
     flags = report.flags
+    models = [registry.get(name) for name in model_names]
     # A poor-quality ECG never gets a "high" tier or a "normal" call from noise alone.
-    outputs = [cap_for_quality(registry.get(name).run(ecg), report) for name in model_names if name != LVEF_MODEL]
-    features: dict | None = None
+    outputs = [cap_for_quality(m.run(ecg), report) for m in models if isinstance(m, LoadedModel)]
+    features: dict[str, Any] | None = None
     try:
         measured = measurement_output(ecg)
         outputs.append(measured)
         features = measured.extra["features"]
-    except Exception as exc:  # noqa: BLE001 - measurements are optional; the models' results stand
+    except Exception as exc:
         log.warning("measurements failed for message %s: %s: %s", message_id or "-", type(exc).__name__, exc)
         flags = (*flags, MEASUREMENTS_FAILED)
-    if LVEF_MODEL in model_names:
-        outputs.append(lvef_output(registry, features, outputs, ehr, flags))
+    for model in models:
+        if not isinstance(model, LoadedModel):
+            outputs.append(model.run_derived(features, outputs, ehr, flags))
     return AnalysisResult(message_id=message_id, outputs=tuple(outputs), quality_flags=flags, ecg_flags=ecg.flags)
 
 
-def lvef_output(
-    registry: ModelRegistry,
-    features: dict | None,
-    outputs: list[ModelOutput],
-    ehr: EhrContext | None,
-    quality_flags: tuple[str, ...] = (),
-) -> ModelOutput:
-    """The LVEF tier from the measurements, the diagnosis probabilities and the EHR context.
-
-    ``ehr`` None means the route names no EHR source: the ECG-only variant runs and the
-    result says so. A poor-quality ECG is said to be one in ``missing_context``: its
-    features may be wrong, and the reader must know.
-    """
-    from ecgbridge.inference.lvef import LvefModel
-
-    model = LvefModel.load(registry.configured_path(LVEF_MODEL))
-    diagnosis = next((o for o in outputs if o.task == "diagnosis"), None)
-    context = ehr if ehr is not None else EhrContext.missing(
-        "not_configured", "the route names no EHR source (ehr_context)")
-    out = model.predict(features or {}, diagnosis, context)
-    notes = list(out.extra.get("missing_context") or [])
-    if "poor_quality" in quality_flags:
-        notes.insert(0, "poor signal quality: the ECG features may be unreliable")
-    extra = {**out.extra, "missing_context": notes, "ehr_context": context.to_dict()}
-    return ModelOutput(model=out.model, version=out.version, task=out.task, findings=out.findings, extra=extra)
+def needs_ehr_context(registry: ModelRegistry, model_names: list[str]) -> bool:
+    """Whether any of these models reads the patient's EHR context (so the worker fetches it)."""
+    return any(registry.get(name).needs_ehr_context for name in model_names)

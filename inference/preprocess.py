@@ -137,7 +137,7 @@ class Pipeline:
     steps: tuple[Step, ...]
 
     @classmethod
-    def from_spec(cls, spec: list[dict[str, Any]]) -> "Pipeline":
+    def from_spec(cls, spec: list[dict[str, Any]]) -> Pipeline:
         steps = []
         for item in spec:
             params = dict(item)

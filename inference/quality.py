@@ -83,7 +83,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy import signal as sps
@@ -166,8 +166,11 @@ class QualityReport:
             "reasons": list(self.reasons),
             "duration_s": round(self.duration_s, 3),
             "leads": {
-                name: {"status": q.status, "issues": list(q.issues),
-                       "metrics": {k: round(float(v), 4) for k, v in q.metrics.items()}}
+                name: {
+                    "status": q.status,
+                    "issues": list(q.issues),
+                    "metrics": {k: round(float(v), 4) for k, v in q.metrics.items()},
+                }
                 for name, q in self.leads.items()
             },
         }
@@ -213,10 +216,11 @@ def _sos(order: int, low_hz: float | None, high_hz: float | None, fs: float) -> 
     """Butterworth sections (cached: the same few filters run on every ECG)."""
     nyquist = fs / 2.0
     if low_hz is None:
-        return sps.butter(order, high_hz / nyquist, btype="low", output="sos")
+        assert high_hz is not None  # every caller gives at least one edge
+        return cast(np.ndarray, sps.butter(order, high_hz / nyquist, btype="low", output="sos"))
     if high_hz is None:
-        return sps.butter(order, low_hz / nyquist, btype="high", output="sos")
-    return sps.butter(order, [low_hz / nyquist, high_hz / nyquist], btype="band", output="sos")
+        return cast(np.ndarray, sps.butter(order, low_hz / nyquist, btype="high", output="sos"))
+    return cast(np.ndarray, sps.butter(order, [low_hz / nyquist, high_hz / nyquist], btype="band", output="sos"))
 
 
 def _nan_where(values: np.ndarray, bad: np.ndarray) -> np.ndarray:
@@ -276,7 +280,7 @@ def _beats(x: np.ndarray, fs: float) -> np.ndarray:
     if height <= 0:
         return np.zeros(0, dtype=int)
     peaks, _ = sps.find_peaks(smooth, height=height, distance=int(0.3 * fs))
-    return peaks
+    return cast(np.ndarray, peaks)
 
 
 def _median_beat(lead: np.ndarray, beats: np.ndarray, fs: float) -> np.ndarray | None:
@@ -284,7 +288,7 @@ def _median_beat(lead: np.ndarray, beats: np.ndarray, fs: float) -> np.ndarray |
     windows = [lead[b - before : b + after] for b in beats if b - before >= 0 and b + after <= lead.size]
     if len(windows) < 4:
         return None
-    return np.median(np.stack(windows), axis=0)
+    return cast(np.ndarray, np.median(np.stack(windows), axis=0))
 
 
 def _qrs_net(beat: np.ndarray, fs: float) -> tuple[float, float]:
@@ -408,8 +412,7 @@ def assess(ecg: Ecg) -> QualityReport:
     overall = "poor" if reasons else "acceptable"
     if reasons:
         flags.append("poor_quality")
-    return QualityReport(overall=overall, flags=tuple(flags), leads=leads, reasons=tuple(reasons),
-                         duration_s=duration)
+    return QualityReport(overall=overall, flags=tuple(flags), leads=leads, reasons=tuple(reasons), duration_s=duration)
 
 
 def quality_flags(ecg: Ecg) -> tuple[str, ...]:

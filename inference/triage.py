@@ -28,7 +28,8 @@ and ``severity4_display`` (4-tier models only), and ``severity_rule``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

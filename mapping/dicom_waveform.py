@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -64,17 +64,33 @@ _BEAT_WORDS = ("MEDIAN", "REPRESENTATIVE", "AVERAGE", "TEMPLATE")
 
 #: (bits allocated, sample interpretation) pairs pydicom's waveform handler decodes.
 _SUPPORTED_SAMPLE_FORMATS = {
-    (8, "SB"), (8, "UB"), (8, "MB"), (8, "AB"),
-    (16, "SS"), (16, "US"), (32, "SL"), (32, "UL"), (64, "SV"), (64, "UV"),
+    (8, "SB"),
+    (8, "UB"),
+    (8, "MB"),
+    (8, "AB"),
+    (16, "SS"),
+    (16, "US"),
+    (32, "SL"),
+    (32, "UL"),
+    (64, "SV"),
+    (64, "UV"),
 }
 
 #: UCUM unit codes (case-sensitive, as UCUM is) -> factor to mV.
 _UCUM_TO_MV: dict[str, float] = {
-    "nV": 1e-6, "uV": 1e-3, "\u00b5V": 1e-3, "\u03bcV": 1e-3, "mV": 1.0, "V": 1e3,
+    "nV": 1e-6,
+    "uV": 1e-3,
+    "\u00b5V": 1e-3,
+    "\u03bcV": 1e-3,
+    "mV": 1.0,
+    "V": 1e3,
 }
 #: Code meanings (case-insensitive) -> factor to mV, for senders with odd code values.
 _MEANING_TO_MV: dict[str, float] = {
-    "nanovolt": 1e-6, "microvolt": 1e-3, "millivolt": 1.0, "volt": 1e3,
+    "nanovolt": 1e-6,
+    "microvolt": 1e-3,
+    "millivolt": 1.0,
+    "volt": 1e3,
 }
 
 
@@ -98,18 +114,15 @@ def read_bytes(data: bytes, *, force: bool = False) -> Dataset:
         raise
     except InvalidDicomError as exc:
         raise DecodeError(
-            f"not a DICOM file: no 'DICM' prefix at byte 128 or invalid file meta "
-            f"({len(data)} bytes read)",
+            f"not a DICOM file: no 'DICM' prefix at byte 128 or invalid file meta ({len(data)} bytes read)",
             detail=str(exc),
         ) from exc
     except (OSError, EOFError, struct.error) as exc:
         # pydicom's structural messages ("No tag to read at file position ...") carry
         # offsets only, never values, so they are safe to show.
         raise DecodeError(f"DICOM object is truncated or corrupt: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a decode failure
-        raise DecodeError(
-            f"DICOM object could not be decoded ({type(exc).__name__})", detail=str(exc)
-        ) from exc
+    except Exception as exc:
+        raise DecodeError(f"DICOM object could not be decoded ({type(exc).__name__})", detail=str(exc)) from exc
     if len(ds) == 0:
         raise DecodeError(f"DICOM object holds no data elements ({len(data)} bytes read)")
     return ds
@@ -184,7 +197,7 @@ def standardise_leads(
         flags.append("dropped_channels:" + ",".join(dropped))
     if "I" in leads and "II" in leads:
         i, ii = leads["I"], leads["II"]
-        formulas = {
+        formulas: dict[str, Callable[[], np.ndarray]] = {
             "III": lambda: ii - i,
             "aVR": lambda: -(i + ii) / 2.0,
             "aVL": lambda: i - ii / 2.0,
@@ -197,9 +210,7 @@ def standardise_leads(
             flags.append("derived_leads:" + ",".join(derived))
     present = [name for name in STANDARD_LEADS if name in leads]
     if len(present) < 2:
-        raise WaveformError(
-            f"fewer than 2 usable ECG leads (found {len(present)}: {', '.join(present) or 'none'})"
-        )
+        raise WaveformError(f"fewer than 2 usable ECG leads (found {len(present)}: {', '.join(present) or 'none'})")
     missing = [name for name in STANDARD_LEADS if name not in leads]
     if missing:
         flags.append("missing_leads:" + ",".join(missing))
@@ -225,8 +236,7 @@ def _check_element_lengths(ds: Dataset) -> None:
             length, value = raw.length, raw.value
             if length != _UNDEFINED_LENGTH and isinstance(value, bytes) and len(value) < length:
                 raise DecodeError(
-                    f"DICOM object is truncated: element {Tag(tag)} declares {length} bytes, "
-                    f"{len(value)} present"
+                    f"DICOM object is truncated: element {Tag(tag)} declares {length} bytes, {len(value)} present"
                 )
             if vr is None:  # implicit VR: the data dictionary knows
                 vr = dictionary_VR(tag) if dictionary_has_tag(tag) else None
@@ -255,7 +265,7 @@ def _waveform_sequence(ds: Dataset) -> Sequence[Dataset]:
     seq = ds.get("WaveformSequence")
     if not seq:
         raise WaveformError("no waveform: WaveformSequence (5400,0100) is missing or empty")
-    return seq
+    return cast(Sequence[Dataset], seq)
 
 
 def _group_label(item: Dataset) -> str:
@@ -353,8 +363,7 @@ def _decode_group(ds: Dataset, index: int) -> tuple[dict[str, np.ndarray], list[
         raise WaveformError(f"{where}: SamplingFrequency must be > 0 (got {fs:g})")
     if n_channels <= 0 or n_samples <= 0:
         raise WaveformError(
-            f"{where}: NumberOfWaveformChannels {n_channels} and NumberOfWaveformSamples "
-            f"{n_samples} must both be > 0"
+            f"{where}: NumberOfWaveformChannels {n_channels} and NumberOfWaveformSamples {n_samples} must both be > 0"
         )
     if (bits, interpretation) not in _SUPPORTED_SAMPLE_FORMATS:
         raise WaveformError(
@@ -364,8 +373,7 @@ def _decode_group(ds: Dataset, index: int) -> tuple[dict[str, np.ndarray], list[
     channels = item.ChannelDefinitionSequence
     if len(channels) != n_channels:
         raise WaveformError(
-            f"{where}: NumberOfWaveformChannels is {n_channels} but ChannelDefinitionSequence "
-            f"has {len(channels)} items"
+            f"{where}: NumberOfWaveformChannels is {n_channels} but ChannelDefinitionSequence has {len(channels)} items"
         )
     expected = n_samples * n_channels * (bits // 8)
     actual = len(item.WaveformData)
@@ -388,17 +396,17 @@ def _decode_group(ds: Dataset, index: int) -> tuple[dict[str, np.ndarray], list[
             continue
         if lead in first_column:
             raise WaveformError(
-                f"{where}: lead {lead} appears twice (channels {first_column[lead] + 1} "
-                f"and {column + 1})"
+                f"{where}: lead {lead} appears twice (channels {first_column[lead] + 1} and {column + 1})"
             )
         first_column[lead] = column
         leads_by_column[column] = lead
 
     try:
         values = ds.waveform_array(index)
-    except Exception as exc:  # noqa: BLE001 - pydicom's decoder failure is our input error
-        raise WaveformError(f"{where}: waveform data could not be decoded ({type(exc).__name__})",
-                            detail=str(exc)) from exc
+    except Exception as exc:
+        raise WaveformError(
+            f"{where}: waveform data could not be decoded ({type(exc).__name__})", detail=str(exc)
+        ) from exc
 
     flags: list[str] = []
     by_lead: dict[str, np.ndarray] = {}
@@ -535,8 +543,14 @@ def _parse_dt(value: str | None) -> datetime | None:
         return None
     # A plain datetime, not pydicom's DT subclass, so callers compare and serialise it freely.
     return datetime(
-        parsed.year, parsed.month, parsed.day, parsed.hour, parsed.minute, parsed.second,
-        parsed.microsecond, tzinfo=parsed.tzinfo,
+        parsed.year,
+        parsed.month,
+        parsed.day,
+        parsed.hour,
+        parsed.minute,
+        parsed.second,
+        parsed.microsecond,
+        tzinfo=parsed.tzinfo,
     )
 
 

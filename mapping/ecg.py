@@ -8,7 +8,7 @@ never be logged (log ``Study.sop_instance_uid`` or internal ids instead).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone, tzinfo
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,18 @@ __all__ = [
 
 #: The twelve standard leads, in the order models and plots use.
 STANDARD_LEADS: tuple[str, ...] = (
-    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6",
+    "I",
+    "II",
+    "III",
+    "aVR",
+    "aVL",
+    "aVF",
+    "V1",
+    "V2",
+    "V3",
+    "V4",
+    "V5",
+    "V6",
 )
 
 NOT_FOR_CLINICAL_USE = (
@@ -85,18 +96,17 @@ class Ecg:
         if self.signals.ndim != 2:
             raise ValueError("Ecg.signals must be 2-D (leads, samples)")
         if self.signals.shape[0] != len(self.leads):
-            raise ValueError(
-                f"Ecg has {self.signals.shape[0]} signal rows but {len(self.leads)} lead names"
-            )
+            raise ValueError(f"Ecg has {self.signals.shape[0]} signal rows but {len(self.leads)} lead names")
         if not self.fs > 0:
             raise ValueError("Ecg.fs must be positive")
 
     @property
     def duration_s(self) -> float:
-        return self.signals.shape[1] / self.fs
+        return float(self.signals.shape[1] / self.fs)
 
     def lead(self, name: str) -> np.ndarray:
-        return self.signals[self.leads.index(name)]
+        lead: np.ndarray = self.signals[self.leads.index(name)]
+        return lead
 
     def in_lead_order(self, order: tuple[str, ...] = STANDARD_LEADS) -> np.ndarray:
         """Signals rearranged into ``order``; a missing lead raises KeyError."""
@@ -142,7 +152,7 @@ def acquisition_time(dt: datetime | None, assume_tz: tzinfo | None = None) -> tu
     if dt.tzinfo is not None and dt.utcoffset() is not None:
         return dt, None
     aware = dt.replace(tzinfo=assume_tz) if assume_tz is not None else dt.astimezone()
-    return aware.astimezone(timezone.utc), NAIVE_ACQUISITION_TIME
+    return aware.astimezone(UTC), NAIVE_ACQUISITION_TIME
 
 
 def output_summary(output: ModelOutput) -> str:
@@ -202,7 +212,7 @@ class AnalysisResult:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AnalysisResult":
+    def from_dict(cls, data: dict[str, Any]) -> AnalysisResult:
         return cls(
             message_id=data["message_id"],
             label=data.get("label", NOT_FOR_CLINICAL_USE),

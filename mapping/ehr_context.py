@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 __all__ = [
@@ -130,11 +130,9 @@ class EhrContext:
     @property
     def has_data(self) -> bool:
         """Whether anything beyond nothing was learned (decides ECG-only vs ECG+EHR)."""
-        return bool(
-            self.values or self.conditions or self.medications or self.age_years is not None or self.sex
-        )
+        return bool(self.values or self.conditions or self.medications or self.age_years is not None or self.sex)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-safe form stored with the result (``extra["ehr_context"]``)."""
         return {
             "status": self.status,
@@ -159,7 +157,7 @@ class EhrContext:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EhrContext":
+    def from_dict(cls, data: dict[str, Any]) -> EhrContext:
         return cls(
             status=data["status"],
             source=data.get("source"),
@@ -184,7 +182,7 @@ class EhrContext:
         )
 
     @classmethod
-    def missing(cls, status: ContextStatus, problem: str, *, source: str | None = None) -> "EhrContext":
+    def missing(cls, status: ContextStatus, problem: str, *, source: str | None = None) -> EhrContext:
         """A context that holds nothing, saying why (the ECG is still analysed, ECG-only)."""
         return cls(status=status, problems=(problem,), source=source)
 
@@ -237,8 +235,19 @@ def observation_loinc_codes() -> tuple[str, ...]:
 
 _MASS_CONC = {"pg/ml": 1.0, "ng/l": 1.0, "ng/ml": 1000.0, "ug/l": 1000.0, "mcg/l": 1000.0}
 _MONOVALENT = {"mmol/l": 1.0, "meq/l": 1.0}
-_EGFR = {u: 1.0 for u in ("ml/min/{1.73_m2}", "ml/min/1.73m2", "ml/min/1.73_m2", "ml/min/{1.73m2}",
-                          "ml/min/1.73.m2", "ml/min/1.73m^2", "ml/min/1.73m²", "ml/min/1.73")}
+_EGFR = {
+    u: 1.0
+    for u in (
+        "ml/min/{1.73_m2}",
+        "ml/min/1.73m2",
+        "ml/min/1.73_m2",
+        "ml/min/{1.73m2}",
+        "ml/min/1.73.m2",
+        "ml/min/1.73m^2",
+        "ml/min/1.73m²",
+        "ml/min/1.73",
+    )
+}
 _MMHG = {"mm[hg]": 1.0, "mmhg": 1.0, "kpa": 7.50062}
 
 #: Factor from each accepted unit (lower-cased, no spaces, µ -> u) to the canonical unit.
@@ -257,82 +266,100 @@ EHR_UNIT_FACTORS: dict[str, dict[str, float]] = {
     "systolic_bp": dict(_MMHG),
     "diastolic_bp": dict(_MMHG),
     "heart_rate": {u: 1.0 for u in ("/min", "1/min", "{beats}/min", "{beat}/min", "beats/min", "beat/min", "bpm")},
-    "weight": {"kg": 1.0, "g": 0.001, "[lb_av]": 0.45359237, "lb": 0.45359237, "lbs": 0.45359237,
-               "[oz_av]": 0.028349523125},
+    "weight": {
+        "kg": 1.0,
+        "g": 0.001,
+        "[lb_av]": 0.45359237,
+        "lb": 0.45359237,
+        "lbs": 0.45359237,
+        "[oz_av]": 0.028349523125,
+    },
     "height": {"cm": 1.0, "m": 100.0, "mm": 0.1, "[in_i]": 2.54, "in": 2.54, "[ft_i]": 30.48},
     "bmi": {u: 1.0 for u in ("kg/m2", "kg/m^2", "kg/m²")},
 }
 
 #: SNOMED CT concept and the descendants sites commonly code (no terminology server here).
 EHR_CONDITION_SNOMED: dict[str, frozenset[str]] = {
-    "heart_failure": frozenset({
-        "84114007",   # heart failure
-        "42343007",   # congestive heart failure
-        "85232009",   # left heart failure
-        "88805009",   # chronic congestive heart failure
-        "417996009",  # systolic heart failure
-        "418304008",  # diastolic heart failure
-        "446221000",  # heart failure with normal ejection fraction
-        "703272007",  # heart failure with reduced ejection fraction
-        "788950000",  # heart failure with mid range ejection fraction
-        "48447003",   # chronic heart failure
-        "56675007",   # acute heart failure
-        "10633002",   # acute congestive heart failure
-        "128404006",  # right heart failure
-        "367363000",  # right ventricular failure
-    }),
-    "myocardial_infarction": frozenset({
-        "22298006",   # myocardial infarction
-        "57054005",   # acute myocardial infarction
-        "401303003",  # acute ST segment elevation myocardial infarction
-        "401314000",  # acute non-ST segment elevation myocardial infarction
-        "54329005",   # acute myocardial infarction of anterior wall
-        "73795002",   # acute myocardial infarction of inferior wall
-        "304914007",  # acute Q wave myocardial infarction
-        "70422006",   # acute subendocardial infarction
-        "233843008",  # silent myocardial infarction
-        "1755008",    # old myocardial infarction
-        "399211009",  # history of myocardial infarction (situation)
-    }),
-    "atrial_fibrillation": frozenset({
-        "49436004",   # atrial fibrillation
-        "282825002",  # paroxysmal atrial fibrillation
-        "426749004",  # chronic atrial fibrillation
-        "440059007",  # persistent atrial fibrillation
-        "440028005",  # permanent atrial fibrillation
-        "706923002",  # longstanding persistent atrial fibrillation
-        "314208002",  # rapid atrial fibrillation
-    }),
-    "hypertension": frozenset({
-        "38341003",   # hypertensive disorder
-        "59621000",   # essential hypertension
-        "1201005",    # benign essential hypertension
-        "78975002",   # malignant essential hypertension
-        "10725009",   # benign hypertension
-        "70272006",   # malignant hypertension
-        "31992008",   # secondary hypertension
-        "56218007",   # systolic hypertension
-        "48146000",   # diastolic hypertension
-        "371125006",  # labile essential hypertension
-    }),
-    "diabetes": frozenset({
-        "73211009",   # diabetes mellitus
-        "44054006",   # type 2 diabetes mellitus
-        "46635009",   # type 1 diabetes mellitus
-        "8801005",    # secondary diabetes mellitus
-    }),
-    "chronic_kidney_disease": frozenset({
-        "709044004",  # chronic kidney disease
-        "431855005",  # CKD stage 1
-        "431856006",  # CKD stage 2
-        "433144002",  # CKD stage 3
-        "700378005",  # CKD stage 3A
-        "700379002",  # CKD stage 3B
-        "431857002",  # CKD stage 4
-        "433146000",  # CKD stage 5
-        "46177005",   # end-stage renal disease
-        "90688005",   # chronic renal failure syndrome
-    }),
+    "heart_failure": frozenset(
+        {
+            "84114007",  # heart failure
+            "42343007",  # congestive heart failure
+            "85232009",  # left heart failure
+            "88805009",  # chronic congestive heart failure
+            "417996009",  # systolic heart failure
+            "418304008",  # diastolic heart failure
+            "446221000",  # heart failure with normal ejection fraction
+            "703272007",  # heart failure with reduced ejection fraction
+            "788950000",  # heart failure with mid range ejection fraction
+            "48447003",  # chronic heart failure
+            "56675007",  # acute heart failure
+            "10633002",  # acute congestive heart failure
+            "128404006",  # right heart failure
+            "367363000",  # right ventricular failure
+        }
+    ),
+    "myocardial_infarction": frozenset(
+        {
+            "22298006",  # myocardial infarction
+            "57054005",  # acute myocardial infarction
+            "401303003",  # acute ST segment elevation myocardial infarction
+            "401314000",  # acute non-ST segment elevation myocardial infarction
+            "54329005",  # acute myocardial infarction of anterior wall
+            "73795002",  # acute myocardial infarction of inferior wall
+            "304914007",  # acute Q wave myocardial infarction
+            "70422006",  # acute subendocardial infarction
+            "233843008",  # silent myocardial infarction
+            "1755008",  # old myocardial infarction
+            "399211009",  # history of myocardial infarction (situation)
+        }
+    ),
+    "atrial_fibrillation": frozenset(
+        {
+            "49436004",  # atrial fibrillation
+            "282825002",  # paroxysmal atrial fibrillation
+            "426749004",  # chronic atrial fibrillation
+            "440059007",  # persistent atrial fibrillation
+            "440028005",  # permanent atrial fibrillation
+            "706923002",  # longstanding persistent atrial fibrillation
+            "314208002",  # rapid atrial fibrillation
+        }
+    ),
+    "hypertension": frozenset(
+        {
+            "38341003",  # hypertensive disorder
+            "59621000",  # essential hypertension
+            "1201005",  # benign essential hypertension
+            "78975002",  # malignant essential hypertension
+            "10725009",  # benign hypertension
+            "70272006",  # malignant hypertension
+            "31992008",  # secondary hypertension
+            "56218007",  # systolic hypertension
+            "48146000",  # diastolic hypertension
+            "371125006",  # labile essential hypertension
+        }
+    ),
+    "diabetes": frozenset(
+        {
+            "73211009",  # diabetes mellitus
+            "44054006",  # type 2 diabetes mellitus
+            "46635009",  # type 1 diabetes mellitus
+            "8801005",  # secondary diabetes mellitus
+        }
+    ),
+    "chronic_kidney_disease": frozenset(
+        {
+            "709044004",  # chronic kidney disease
+            "431855005",  # CKD stage 1
+            "431856006",  # CKD stage 2
+            "433144002",  # CKD stage 3
+            "700378005",  # CKD stage 3A
+            "700379002",  # CKD stage 3B
+            "431857002",  # CKD stage 4
+            "433146000",  # CKD stage 5
+            "46177005",  # end-stage renal disease
+            "90688005",  # chronic renal failure syndrome
+        }
+    ),
 }
 
 #: ICD-10(-CM) code prefixes, dots removed (I50.9 -> I509). A code may set several flags:
@@ -356,16 +383,36 @@ _REFUTED = frozenset({"refuted", "entered-in-error"})
 
 #: RxNorm ingredient RXCUIs per medication class.
 EHR_MEDICATION_RXNORM: dict[str, dict[str, str]] = {
-    "loop_diuretic": {"4603": "furosemide", "1808": "bumetanide", "38413": "torsemide",
-                      "4109": "ethacrynic acid"},
-    "beta_blocker": {"6918": "metoprolol", "20352": "carvedilol", "19484": "bisoprolol", "1202": "atenolol",
-                     "31555": "nebivolol", "8787": "propranolol", "6185": "labetalol", "7226": "nadolol",
-                     "9947": "sotalol"},
-    "ace_inhibitor_or_arb": {"29046": "lisinopril", "3827": "enalapril", "35296": "ramipril", "1998": "captopril",
-                             "54552": "perindopril", "35208": "quinapril", "18867": "benazepril",
-                             "50166": "fosinopril", "38454": "trandolapril", "52175": "losartan",
-                             "69749": "valsartan", "214354": "candesartan", "83818": "irbesartan",
-                             "73494": "telmisartan", "321064": "olmesartan", "83515": "eprosartan"},
+    "loop_diuretic": {"4603": "furosemide", "1808": "bumetanide", "38413": "torsemide", "4109": "ethacrynic acid"},
+    "beta_blocker": {
+        "6918": "metoprolol",
+        "20352": "carvedilol",
+        "19484": "bisoprolol",
+        "1202": "atenolol",
+        "31555": "nebivolol",
+        "8787": "propranolol",
+        "6185": "labetalol",
+        "7226": "nadolol",
+        "9947": "sotalol",
+    },
+    "ace_inhibitor_or_arb": {
+        "29046": "lisinopril",
+        "3827": "enalapril",
+        "35296": "ramipril",
+        "1998": "captopril",
+        "54552": "perindopril",
+        "35208": "quinapril",
+        "18867": "benazepril",
+        "50166": "fosinopril",
+        "38454": "trandolapril",
+        "52175": "losartan",
+        "69749": "valsartan",
+        "214354": "candesartan",
+        "83818": "irbesartan",
+        "73494": "telmisartan",
+        "321064": "olmesartan",
+        "83515": "eprosartan",
+    },
     "mineralocorticoid_antagonist": {"9997": "spironolactone", "298869": "eplerenone"},
 }
 
@@ -400,6 +447,7 @@ _NAME_PATTERNS: dict[str, re.Pattern[str]] = {
 
 # ----- small readers ---------------------------------------------------------------
 
+
 def parse_fhir_datetime(text: Any) -> datetime | None:
     """A FHIR date/dateTime/instant as an aware UTC datetime (partial dates at their start).
 
@@ -418,8 +466,8 @@ def parse_fhir_datetime(text: Any) -> datetime | None:
     except ValueError:
         return None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
 
 
 def age_at(birth_date: Any, when: datetime) -> float | None:
@@ -436,7 +484,7 @@ def age_at(birth_date: Any, when: datetime) -> float | None:
             born = date.fromisoformat(s)
     except ValueError:
         return None
-    at = when.astimezone(timezone.utc).date() if when.tzinfo else when.date()
+    at = when.astimezone(UTC).date() if when.tzinfo else when.date()
     if born > at:
         return None
     return round((at - born).days / 365.2425, 2)
@@ -462,8 +510,9 @@ def _codings(concept: Any) -> list[dict[str, Any]]:
 
 def _status_code(concept: Any) -> str | None:
     for c in _codings(concept):
-        if isinstance(c.get("code"), str):
-            return c["code"]
+        code = c.get("code")
+        if isinstance(code, str):
+            return code
     return None
 
 
@@ -473,6 +522,7 @@ def _reference(resource: dict[str, Any]) -> str | None:
 
 
 # ----- observations ----------------------------------------------------------------
+
 
 @dataclass
 class _Notes:
@@ -486,23 +536,31 @@ class _Notes:
     def problems(self) -> list[str]:
         out = []
         for (name, unit), n in sorted(self.units.items()):
-            out.append(f"{name}: unit {unit!r} not convertible to {EHR_VALUE_NAMES[name]}, "
-                       f"{n} value{'s' if n > 1 else ''} ignored")
+            out.append(
+                f"{name}: unit {unit!r} not convertible to {EHR_VALUE_NAMES[name]}, "
+                f"{n} value{'s' if n > 1 else ''} ignored"
+            )
         for name, n in sorted(self.no_time.items()):
             out.append(f"{name}: {n} value{'s' if n > 1 else ''} without an effective time ignored")
-        for name, n in sorted(self.comparator.items()):
+        for name, _n in sorted(self.comparator.items()):
             out.append(f"{name}: latest value carries a comparator (< or >) and is taken at its bound")
         if self.med_references:
-            out.append(f"MedicationStatement: {self.med_references} refer to a Medication resource "
-                       "without a code or display; not classified")
+            out.append(
+                f"MedicationStatement: {self.med_references} refer to a Medication resource "
+                "without a code or display; not classified"
+            )
         return out
 
 
 def _observation_time(obs: dict[str, Any]) -> datetime | None:
     period = obs.get("effectivePeriod") or {}
-    for text in (obs.get("effectiveDateTime"), obs.get("effectiveInstant"),
-                 period.get("start") if isinstance(period, dict) else None,
-                 period.get("end") if isinstance(period, dict) else None, obs.get("issued")):
+    for text in (
+        obs.get("effectiveDateTime"),
+        obs.get("effectiveInstant"),
+        period.get("start") if isinstance(period, dict) else None,
+        period.get("end") if isinstance(period, dict) else None,
+        obs.get("issued"),
+    ):
         when = parse_fhir_datetime(text)
         if when is not None:
             return when
@@ -597,6 +655,7 @@ def latest_values(
 
 # ----- conditions ------------------------------------------------------------------
 
+
 def condition_flags(concept: Any) -> set[str]:
     """Which EHR_CONDITION_NAMES a Condition.code means (SNOMED CT or ICD-10 codings)."""
     flags: set[str] = set()
@@ -647,6 +706,7 @@ def condition_history(conditions: Iterable[dict[str, Any]], *, reference_time: d
 
 # ----- medications -----------------------------------------------------------------
 
+
 def medication_classes(concept: Any) -> set[str]:
     """Which EHR_MEDICATION_NAMES a medication concept belongs to (RxNorm, ATC, or its name)."""
     classes: set[str] = set()
@@ -670,7 +730,8 @@ def medication_classes(concept: Any) -> set[str]:
 
 def _taken_at(stmt: dict[str, Any], when: datetime) -> bool:
     """active (and not started after the ECG), or completed/stopped over a period covering it."""
-    period = stmt.get("effectivePeriod") if isinstance(stmt.get("effectivePeriod"), dict) else {}
+    raw_period = stmt.get("effectivePeriod")
+    period: dict[str, Any] = raw_period if isinstance(raw_period, dict) else {}
     start = parse_fhir_datetime(stmt.get("effectiveDateTime")) or parse_fhir_datetime(period.get("start"))
     end = parse_fhir_datetime(period.get("end"))
     if start is not None and start > when:
@@ -707,6 +768,7 @@ def medication_use(
 
 # ----- the whole context -----------------------------------------------------------
 
+
 def context_from_resources(
     patient: dict[str, Any] | None,
     observations: Iterable[dict[str, Any]] | None,
@@ -729,18 +791,20 @@ def context_from_resources(
     notes = _Notes()
     extra = list(problems)
     if acquired_at is None:
-        reference_time = datetime.now(timezone.utc)
+        reference_time = datetime.now(UTC)
         extra.append("ECG acquisition time unknown: the window ends now")
     elif acquired_at.tzinfo is None or acquired_at.utcoffset() is None:
-        reference_time = acquired_at.astimezone().astimezone(timezone.utc)
+        reference_time = acquired_at.astimezone().astimezone(UTC)
     else:
-        reference_time = acquired_at.astimezone(timezone.utc)
+        reference_time = acquired_at.astimezone(UTC)
     if patient is None:
-        return EhrContext(status="no_patient" if status == "complete" else status,
-                          problems=tuple(extra), source=source)
+        return EhrContext(status="no_patient" if status == "complete" else status, problems=tuple(extra), source=source)
     gender = patient.get("gender")
-    values = latest_values(observations, reference_time=reference_time, window_days=window_days,
-                           notes=notes) if observations is not None else {}
+    values = (
+        latest_values(observations, reference_time=reference_time, window_days=window_days, notes=notes)
+        if observations is not None
+        else {}
+    )
     flags = condition_history(conditions, reference_time=reference_time) if conditions is not None else {}
     drugs = medication_use(medications, reference_time=reference_time, notes=notes) if medications is not None else {}
     return EhrContext(

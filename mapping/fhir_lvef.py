@@ -52,30 +52,46 @@ def lvef_observation(
     variant = str(output.extra.get("variant") or "ecg-only")
     obs = observation_base(
         identifier_value=identifier_value,
-        code={"coding": [{"system": SYSTEM["loinc"], "code": code, "display": display}],
-              "text": "LVEF tier estimated from the ECG (model)"},
-        subject=subject, effective=effective, issued=issued, meta=meta,
+        code={
+            "coding": [{"system": SYSTEM["loinc"], "code": code, "display": display}],
+            "text": "LVEF tier estimated from the ECG (model)",
+        },
+        subject=subject,
+        effective=effective,
+        issued=issued,
+        meta=meta,
     )
     obs["valueCodeableConcept"] = {"coding": [tier_coding], "text": tier.display}
     interpretation = [{"coding": [dict(tier_coding)], "text": tier.display}]
     v3 = tier_interpretation(tier, output)
     if v3 is not None:
-        interpretation.insert(0, {"coding": [{"system": SYSTEM["obs_interpretation"], "code": v3[0], "display": v3[1]}]})
+        interpretation.insert(
+            0, {"coding": [{"system": SYSTEM["obs_interpretation"], "code": v3[0], "display": v3[1]}]}
+        )
     obs["interpretation"] = interpretation
     obs["note"] = [{"text": explanation_text(output)}, {"text": label}]
     obs["method"] = {
         "coding": [{"system": _VARIANT_SYSTEM, "code": variant}],
-        "text": ("Gradient-boosted trees over ECG features and EHR variables" if variant == "ecg+ehr"
-                 else "Gradient-boosted trees over ECG features only (no EHR context)"),
+        "text": (
+            "Gradient-boosted trees over ECG features and EHR variables"
+            if variant == "ecg+ehr"
+            else "Gradient-boosted trees over ECG features only (no EHR context)"
+        ),
     }
     if device_ref is not None:
         obs["device"] = {"reference": device_ref, "display": f"{output.model} {output.version}"}
     obs["component"] = [
         {
-            "code": {"coding": [{"system": LVEF_TIER_SYSTEM, "code": f.code, "display": f.display}],
-                     "text": f"Probability of {f.display}"},
-            "valueQuantity": {"value": round(float(f.probability), 4), "unit": "probability",
-                              "system": SYSTEM["ucum"], "code": "1"},
+            "code": {
+                "coding": [{"system": LVEF_TIER_SYSTEM, "code": f.code, "display": f.display}],
+                "text": f"Probability of {f.display}",
+            },
+            "valueQuantity": {
+                "value": round(float(f.probability), 4),
+                "unit": "probability",
+                "system": SYSTEM["ucum"],
+                "code": "1",
+            },
         }
         for f in output.findings
     ]

@@ -39,7 +39,7 @@ Decisions:
 
 Every Observation is validated with ``fhir.resources.R4B`` (via
 :func:`mapping.fhir_validate.validate_resource`, which raises
-:class:`~ecgbridge.errors.PermanentDeliveryError` on a bad resource).
+:class:`~ecgbridge.errors.MappingError` on a bad resource).
 """
 
 from __future__ import annotations
@@ -117,8 +117,13 @@ def measurement_observations(
         if key == "qtc_interval":
             coding.append({"system": SYSTEM["loinc"], "code": _BAZETT[0], "display": _BAZETT[1]})
             text = "QTc (Bazett)"
-        obs = observation_base(identifier_value=f"{identifier_base}/{key}", code={"coding": coding, "text": text},
-                               subject=subject, effective=effective, issued=issued)
+        obs = observation_base(
+            identifier_value=f"{identifier_base}/{key}",
+            code={"coding": coding, "text": text},
+            subject=subject,
+            effective=effective,
+            issued=issued,
+        )
         obs["valueQuantity"] = {"value": value, "unit": unit, "system": SYSTEM["ucum"], "code": ucum}
         obs["method"] = {"text": "Global measurement on the median beat of all leads (ecgbridge)"}
         obs["note"] = [{"text": label}]

@@ -32,9 +32,7 @@ def observation_base(
         obs["meta"] = copy.deepcopy(dict(meta))
     obs["identifier"] = [{"system": SYSTEM["ecgbridge_result"], "value": identifier_value}]
     obs["status"] = "preliminary"
-    obs["category"] = [
-        {"coding": [{"system": SYSTEM["obs_category"], "code": "procedure", "display": "Procedure"}]}
-    ]
+    obs["category"] = [{"coding": [{"system": SYSTEM["obs_category"], "code": "procedure", "display": "Procedure"}]}]
     obs["code"] = copy.deepcopy(dict(code))
     if subject is not None:
         obs["subject"] = copy.deepcopy(dict(subject))

@@ -57,13 +57,22 @@ import math
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone, tzinfo
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from ecgbridge.errors import PermanentDeliveryError
+from ecgbridge.errors import MappingError
 from ecgbridge.mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
-from ecgbridge.mapping.ecg import AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study, acquisition_time, output_summary
+from ecgbridge.mapping.ecg import (
+    AnalysisResult,
+    Attachment,
+    Finding,
+    ModelOutput,
+    Patient,
+    Study,
+    acquisition_time,
+    output_summary,
+)
 from ecgbridge.mapping.fhir_lvef import lvef_observation
 from ecgbridge.mapping.fhir_measurements import measurement_observations
 from ecgbridge.mapping.fhir_observation import observation_base
@@ -141,9 +150,7 @@ class ReportBundle:
         """
         return urlencode({"target": report_ref})
 
-    def provenance_for(
-        self, report_ref: str, refs: Mapping[str, str] | None = None
-    ) -> dict[str, Any]:
+    def provenance_for(self, report_ref: str, refs: Mapping[str, str] | None = None) -> dict[str, Any]:
         """A validated Provenance for the delivered report.
 
         ``refs`` maps bundle placeholders to server references ("Device/7"); without it
@@ -155,11 +162,7 @@ class ReportBundle:
         ]
         agents = [
             {
-                "type": {
-                    "coding": [
-                        {"system": _PROVENANCE_PARTICIPANT, "code": "author", "display": "Author"}
-                    ]
-                },
+                "type": {"coding": [{"system": _PROVENANCE_PARTICIPANT, "code": "author", "display": "Author"}]},
                 "who": {
                     "reference": refs.get(d.placeholder, d.placeholder),
                     "display": _device_display(d.resource),
@@ -171,9 +174,7 @@ class ReportBundle:
             "resourceType": "Provenance",
             "target": targets,
             "recorded": self.issued,
-            "activity": {
-                "coding": [{"system": _DATA_OPERATION, "code": "CREATE", "display": "create"}]
-            },
+            "activity": {"coding": [{"system": _DATA_OPERATION, "code": "CREATE", "display": "create"}]},
             "agent": agents,
         }
         if self.source_identifier is not None:
@@ -249,9 +250,7 @@ def _finding_codings(finding: Finding, output: ModelOutput) -> list[dict[str, st
                 "display": _SNOMED_DISPLAY.get(finding.snomed, finding.display),
             }
         )
-    codings.append(
-        {"system": _local_system(output), "code": finding.code, "display": finding.display}
-    )
+    codings.append({"system": _local_system(output), "code": finding.code, "display": finding.display})
     return codings
 
 
@@ -260,10 +259,7 @@ def _probability(finding: Finding, output: ModelOutput) -> float:
     t = float(finding.threshold)
     for name, v in (("probability", p), ("threshold", t)):
         if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-            raise PermanentDeliveryError(
-                f"{output.model} {output.version} finding {finding.code}: "
-                f"{name} {v!r} is not in [0, 1]"
-            )
+            raise MappingError(f"{output.model} {output.version} finding {finding.code}: {name} {v!r} is not in [0, 1]")
     return round(p, 4)
 
 
@@ -364,7 +360,9 @@ def _observation(
     obs = observation_base(
         identifier_value=value,
         code={"coding": _finding_codings(finding, output), "text": f"{finding.display} (model probability)"},
-        subject=subject, effective=effective, issued=issued,
+        subject=subject,
+        effective=effective,
+        issued=issued,
         meta={"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
     )
     obs["valueQuantity"] = {"value": probability, **_PROBABILITY_UNIT}
@@ -399,33 +397,58 @@ def _planned(resource: dict[str, Any]) -> PlannedResource:
 
 
 def _measurement_observations(
-    output: ModelOutput, *, id_value: str, device: PlannedResource, subject: dict[str, Any] | None,
-    effective: str | None, issued: str, label: str,
+    output: ModelOutput,
+    *,
+    id_value: str,
+    device: PlannedResource,
+    subject: dict[str, Any] | None,
+    effective: str | None,
+    issued: str,
+    label: str,
 ) -> list[PlannedResource]:
     """The global measurements (LOINC, UCUM) as Observations, one per value measured."""
     extra = output.extra if isinstance(output.extra, Mapping) else {}
     values = dict(extra.get("measurements") or {})
-    features = extra.get("features") if isinstance(extra.get("features"), Mapping) else {}
+    raw_features = extra.get("features")
+    features: Mapping[str, Any] = raw_features if isinstance(raw_features, Mapping) else {}
     for key in ("qtc_fridericia", "rr_interval"):
         if key in features and key not in values:
             values[key] = features[key]
     try:
         resources = measurement_observations(
-            values, subject=subject, effective=effective, device_ref=device.placeholder,
-            identifier_base=f"{id_value}/{output.model}/{output.version}", issued=issued, label=label)
+            values,
+            subject=subject,
+            effective=effective,
+            device_ref=device.placeholder,
+            identifier_base=f"{id_value}/{output.model}/{output.version}",
+            issued=issued,
+            label=label,
+        )
     except ValueError as exc:
-        raise PermanentDeliveryError(f"measurements of {output.model} {output.version}: {exc}") from exc
+        raise MappingError(f"measurements of {output.model} {output.version}: {exc}") from exc
     return [_planned(r) for r in resources]
 
 
 def _lvef_observation(
-    output: ModelOutput, *, id_value: str, device: PlannedResource, subject: dict[str, Any] | None,
-    effective: str | None, issued: str, label: str,
+    output: ModelOutput,
+    *,
+    id_value: str,
+    device: PlannedResource,
+    subject: dict[str, Any] | None,
+    effective: str | None,
+    issued: str,
+    label: str,
 ) -> PlannedResource:
     resource = lvef_observation(
-        output, subject=subject, effective=effective, device_ref=device.placeholder,
-        identifier_value=f"{id_value}/{output.model}/{output.version}/lvef-tier", issued=issued,
-        meta={"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]}, label=label)
+        output,
+        subject=subject,
+        effective=effective,
+        device_ref=device.placeholder,
+        identifier_value=f"{id_value}/{output.model}/{output.version}/lvef-tier",
+        issued=issued,
+        meta={"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
+        label=label,
+    )
     return _planned(resource)
 
 
@@ -440,21 +463,33 @@ def _severity_codings(severity: Severity) -> list[dict[str, str]]:
 
 
 def _severity_observation(
-    output: ModelOutput, severity: Severity, *, id_value: str, device: PlannedResource,
-    subject: dict[str, Any] | None, effective: str | None, issued: str, label: str,
+    output: ModelOutput,
+    severity: Severity,
+    *,
+    id_value: str,
+    device: PlannedResource,
+    subject: dict[str, Any] | None,
+    effective: str | None,
+    issued: str,
+    label: str,
 ) -> PlannedResource:
     """The triage tier as one "EKG impression" (LOINC 8601-7) a worklist can filter on."""
     code, display = LOINC["ecg_impression"]
     obs = observation_base(
         identifier_value=f"{id_value}/{output.model}/{output.version}/severity",
-        code={"coding": [{"system": SYSTEM["loinc"], "code": code, "display": display}],
-              "text": "ECG severity tier (AI triage)"},
-        subject=subject, effective=effective, issued=issued,
+        code={
+            "coding": [{"system": SYSTEM["loinc"], "code": code, "display": display}],
+            "text": "ECG severity tier (AI triage)",
+        },
+        subject=subject,
+        effective=effective,
+        issued=issued,
         meta={"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
     )
     obs["valueCodeableConcept"] = {"coding": _severity_codings(severity), "text": severity.display4 or severity.display}
-    obs["interpretation"] = [{"coding": [{"system": SYSTEM["obs_interpretation"], "code": severity.flag[0],
-                                          "display": severity.flag[1]}]}]
+    obs["interpretation"] = [
+        {"coding": [{"system": SYSTEM["obs_interpretation"], "code": severity.flag[0], "display": severity.flag[1]}]}
+    ]
     rule = output.extra.get("severity_rule")
     obs["note"] = [{"text": f"Model {output.model} {output.version}" + (f": {rule}" if rule else "") + f". {label}"}]
     obs["device"] = {"reference": device.placeholder, "display": f"{output.model} {output.version}"}
@@ -495,13 +530,15 @@ def _presented_form(
         if hashlib.sha256(blob).hexdigest() != att.blob_sha256:
             flags.append(f"attachment_hash_mismatch:{att.content_type}")
             continue
-        forms.append({
-            "contentType": att.content_type,
-            "data": base64.b64encode(blob).decode("ascii"),
-            "size": len(blob),
-            "hash": base64.b64encode(hashlib.sha1(blob).digest()).decode("ascii"),
-            "title": att.title,
-        })
+        forms.append(
+            {
+                "contentType": att.content_type,
+                "data": base64.b64encode(blob).decode("ascii"),
+                "size": len(blob),
+                "hash": base64.b64encode(hashlib.sha1(blob).digest()).decode("ascii"),
+                "title": att.title,
+            }
+        )
     return forms
 
 
@@ -525,14 +562,14 @@ def build_report(
     ``issued`` defaults to now (UTC); a naive ``issued`` is taken as UTC.
     ``attachments_data`` maps an attachment's ``blob_sha256`` to its bytes: each of
     ``result.attachments`` found there becomes a ``presentedForm`` (PDF, then PNG).
-    Raises :class:`PermanentDeliveryError` when the result cannot form valid FHIR.
+    Raises :class:`MappingError` when the result cannot form valid FHIR.
     """
     if not result.outputs:
-        raise PermanentDeliveryError("analysis result has no model outputs to report")
-    issued_dt = issued or datetime.now(timezone.utc)
+        raise MappingError("analysis result has no model outputs to report")
+    issued_dt = issued or datetime.now(UTC)
     if issued_dt.tzinfo is None:
-        issued_dt = issued_dt.replace(tzinfo=timezone.utc)
-    issued_s = _fhir_instant(issued_dt.astimezone(timezone.utc))
+        issued_dt = issued_dt.replace(tzinfo=UTC)
+    issued_s = _fhir_instant(issued_dt.astimezone(UTC))
     label = result.label
 
     if study.sop_instance_uid:
@@ -562,20 +599,45 @@ def build_report(
             devices[key] = _device(output, label)
         device = devices[key]
         if output.task == "measurements":
-            observations.extend(_measurement_observations(
-                output, id_value=id_value, device=device, subject=subject, effective=effective,
-                issued=issued_s, label=label))
+            observations.extend(
+                _measurement_observations(
+                    output,
+                    id_value=id_value,
+                    device=device,
+                    subject=subject,
+                    effective=effective,
+                    issued=issued_s,
+                    label=label,
+                )
+            )
             continue
         if output.task == LVEF_TASK and output.findings:
-            observations.append(_lvef_observation(
-                output, id_value=id_value, device=device, subject=subject, effective=effective,
-                issued=issued_s, label=label))
+            observations.append(
+                _lvef_observation(
+                    output,
+                    id_value=id_value,
+                    device=device,
+                    subject=subject,
+                    effective=effective,
+                    issued=issued_s,
+                    label=label,
+                )
+            )
             continue
         severity = severity_of_output(output)
         if severity is not None:
-            observations.append(_severity_observation(
-                output, severity, id_value=id_value, device=device, subject=subject, effective=effective,
-                issued=issued_s, label=label))
+            observations.append(
+                _severity_observation(
+                    output,
+                    severity,
+                    id_value=id_value,
+                    device=device,
+                    subject=subject,
+                    effective=effective,
+                    issued=issued_s,
+                    label=label,
+                )
+            )
             conclusion_codes.append({"coding": _severity_codings(severity), "text": severity.display})
         for finding in output.findings:
             obs = _observation(
@@ -590,9 +652,7 @@ def build_report(
             )
             observations.append(obs)
             if finding.present and severity is None:  # a triage output is summed up by its tier
-                conclusion_codes.append(
-                    {"coding": _finding_codings(finding, output), "text": finding.display}
-                )
+                conclusion_codes.append({"coding": _finding_codings(finding, output), "text": finding.display})
 
     tags = _dedupe_tags(_model_tag(o) for o in result.outputs)
     loinc_code, loinc_display = LOINC["ecg_panel"]
@@ -601,9 +661,7 @@ def build_report(
         "meta": {"security": [dict(AI_SECURITY_LABEL)], "tag": tags},
         "identifier": [{"system": id_system, "value": id_value}],
         "status": "preliminary",
-        "category": [
-            {"coding": [{"system": SYSTEM["v2_0074"], "code": "EC", "display": "Electrocardiac"}]}
-        ],
+        "category": [{"coding": [{"system": SYSTEM["v2_0074"], "code": "EC", "display": "Electrocardiac"}]}],
         "code": {
             "coding": [{"system": SYSTEM["loinc"], "code": loinc_code, "display": loinc_display}],
             "text": loinc_display,

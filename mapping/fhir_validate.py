@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ecgbridge.errors import PermanentDeliveryError
+from ecgbridge.errors import MappingError
 
 __all__ = ["validate_resource"]
 
@@ -34,16 +34,14 @@ def validate_resource(resource: dict[str, Any]) -> dict[str, Any]:
     """Check ``resource`` against its ``fhir.resources.R4B`` model; return it unchanged.
 
     A failure is a bug in the mapping or the input, not in the network: it raises
-    :class:`PermanentDeliveryError` so the delivery is dead-lettered, not retried.
+    :class:`MappingError` so the delivery is dead-lettered, not retried.
     """
     rtype = resource.get("resourceType")
     model = _model_classes().get(str(rtype))
     if model is None:
-        raise PermanentDeliveryError(f"no R4B model for resourceType {rtype!r}")
+        raise MappingError(f"no R4B model for resourceType {rtype!r}")
     try:
         model.model_validate(resource)
     except ValidationError as exc:
-        raise PermanentDeliveryError(
-            f"{rtype} failed FHIR R4 validation", detail=str(exc)
-        ) from exc
+        raise MappingError(f"{rtype} failed FHIR R4 validation", detail=str(exc)) from exc
     return resource

@@ -1,9 +1,11 @@
-"""Shared HL7 v2 helpers: bytes -> hl7apy message, MSH facts, timestamps, escaping.
+"""Shared HL7 v2 helpers: MLLP framing, separators, MSH, bytes -> hl7apy message, timestamps, escaping.
 
-Why one module: the MLLP listener, the waveform reader, the order reader and the result
-writer must agree on how bytes become text (MSH-18), how MLLP framing and line endings
-are cleaned up, how a value is escaped and where an error is located; a private copy in
-each would drift.
+Why one module: the MLLP listener and client, the waveform reader, the order reader and
+the result writer must agree on how a frame looks, which delimiters a message uses
+(:class:`Separators`, read from MSH-1/MSH-2 by :func:`read_header`, the one MSH reader
+that works without hl7apy), how bytes become text (MSH-18), how line endings are cleaned
+up, how a value is escaped and where an error is located; a private copy in each would
+drift.
 
 How a message is read (:func:`read_er7`, :func:`parse_er7`):
 
@@ -41,16 +43,25 @@ from hl7apy.core import Message, Segment
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import get_message_info, parse_field, parse_segment, parse_segments
 
-from ecgbridge.errors import DecodeError, EcgBridgeError
+from ecgbridge.errors import DecodeError, EcgBridgeError, Hl7Error
 
 __all__ = [
     "CHARSETS",
-    "MLLP_START",
-    "MLLP_END",
+    "START_BLOCK",
+    "END_BLOCK",
+    "CARRIAGE_RETURN",
+    "FRAME_END",
     "DEFERRED_VALUE_TYPES",
+    "Separators",
+    "DEFAULT_SEPARATORS",
+    "Header",
     "ErrorLocation",
     "Er7",
+    "frame",
     "strip_mllp",
+    "first_segment",
+    "read_header",
+    "version_tuple",
     "decode_bytes",
     "python_codec",
     "hl7_charset",
@@ -70,8 +81,12 @@ __all__ = [
     "with_location",
 ]
 
-MLLP_START = b"\x0b"
-MLLP_END = b"\x1c\r"
+#: MLLP (HL7 v2 Appendix C): a frame is START_BLOCK payload END_BLOCK CARRIAGE_RETURN.
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c"
+CARRIAGE_RETURN = b"\x0d"
+#: The end of a frame as it appears on the wire.
+FRAME_END = END_BLOCK + CARRIAGE_RETURN
 
 #: MSH-18 values (HL7 table 0211) -> Python codec. Upper-cased keys; a few common
 #: non-standard spellings are accepted as aliases.
@@ -99,19 +114,34 @@ CHARSETS: dict[str, str] = {
     "ISO IR192": "utf-8",
 }
 _CANONICAL: dict[str, str] = {
-    "UTF-8": "UNICODE UTF-8", "UTF8": "UNICODE UTF-8", "ISO IR192": "UNICODE UTF-8",
-    "ISO-8859-1": "8859/1", "ISO IR100": "8859/1",
+    "UTF-8": "UNICODE UTF-8",
+    "UTF8": "UNICODE UTF-8",
+    "ISO IR192": "UNICODE UTF-8",
+    "ISO-8859-1": "8859/1",
+    "ISO IR100": "8859/1",
 }
 #: Python codec -> MSH-18 value, for writers.
 _HL7_BY_CODEC: dict[str, str] = {
-    "ascii": "ASCII", "us-ascii": "ASCII",
-    "latin-1": "8859/1", "latin1": "8859/1", "iso-8859-1": "8859/1", "iso8859-1": "8859/1",
-    "utf-8": "UNICODE UTF-8", "utf8": "UNICODE UTF-8",
+    "ascii": "ASCII",
+    "us-ascii": "ASCII",
+    "latin-1": "8859/1",
+    "latin1": "8859/1",
+    "iso-8859-1": "8859/1",
+    "iso8859-1": "8859/1",
+    "utf-8": "UNICODE UTF-8",
+    "utf8": "UNICODE UTF-8",
     **{f"iso-8859-{n}": f"8859/{n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 15)},
     **{f"iso8859-{n}": f"8859/{n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 15)},
 }
-_UNSUPPORTED_CHARSETS = ("UNICODE", "UNICODE UTF-16", "UNICODE UTF-32", "ISO IR14", "ISO IR87",
-                         "ISO IR159", "CNS 11643-1992")
+_UNSUPPORTED_CHARSETS = (
+    "UNICODE",
+    "UNICODE UTF-16",
+    "UNICODE UTF-32",
+    "ISO IR14",
+    "ISO IR87",
+    "ISO IR159",
+    "CNS 11643-1992",
+)
 
 #: OBX value types whose OBX-5 :func:`read_er7` sets aside instead of expanding.
 DEFERRED_VALUE_TYPES: frozenset[str] = frozenset({"NA", "MA", "ED"})
@@ -119,10 +149,22 @@ _PLACEHOLDER = "ecgbridge-deferred-"
 
 #: Message types whose MSH-9.3 (message structure) older versions leave out.
 _STRUCTURE_BY_EVENT: dict[str, str] = {
-    "ORU^R01": "ORU_R01", "ORU^W01": "ORU_R01", "ORM^O01": "ORM_O01", "OML^O21": "OML_O21",
-    "ADT^A01": "ADT_A01", "ADT^A04": "ADT_A01", "ADT^A08": "ADT_A01", "ADT^A13": "ADT_A01",
-    "ADT^A02": "ADT_A02", "ADT^A03": "ADT_A03", "ADT^A05": "ADT_A05", "ADT^A14": "ADT_A05",
-    "ADT^A28": "ADT_A05", "ADT^A31": "ADT_A05", "ADT^A40": "ADT_A39", "ACK": "ACK",
+    "ORU^R01": "ORU_R01",
+    "ORU^W01": "ORU_R01",
+    "ORM^O01": "ORM_O01",
+    "OML^O21": "OML_O21",
+    "ADT^A01": "ADT_A01",
+    "ADT^A04": "ADT_A01",
+    "ADT^A08": "ADT_A01",
+    "ADT^A13": "ADT_A01",
+    "ADT^A02": "ADT_A02",
+    "ADT^A03": "ADT_A03",
+    "ADT^A05": "ADT_A05",
+    "ADT^A14": "ADT_A05",
+    "ADT^A28": "ADT_A05",
+    "ADT^A31": "ADT_A05",
+    "ADT^A40": "ADT_A39",
+    "ACK": "ACK",
 }
 
 
@@ -165,17 +207,170 @@ def error_location(exc: BaseException) -> ErrorLocation | None:
     return location if isinstance(location, ErrorLocation) else None
 
 
+# ---------------------------------------------------------------- separators and MSH
+
+
+@dataclass(frozen=True)
+class Separators:
+    """The delimiters of one message: MSH-1 and MSH-2 (``|^~\\&``, from v2.7 maybe a truncation character)."""
+
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+    truncation: str | None = None
+
+    @property
+    def msh2(self) -> str:
+        """MSH-2 as written: component, repetition, escape, subcomponent (and truncation)."""
+        return self.component + self.repetition + self.escape + self.subcomponent + (self.truncation or "")
+
+    def hl7apy(self) -> dict[str, str]:
+        """As hl7apy's ``encoding_chars`` dict, the form its API takes."""
+        chars = {
+            "FIELD": self.field,
+            "COMPONENT": self.component,
+            "REPETITION": self.repetition,
+            "ESCAPE": self.escape,
+            "SUBCOMPONENT": self.subcomponent,
+            "GROUP": "\r",
+            "SEGMENT": "\r",
+        }
+        if self.truncation:
+            chars["TRUNCATION"] = self.truncation
+        return chars
+
+    @classmethod
+    def of(cls, chars: Separators | str | Mapping[str, str]) -> Separators:
+        """From hl7apy's ``encoding_chars`` dict or MSH-2 text (``^~\\&``, field ``|``)."""
+        if isinstance(chars, Separators):
+            return chars
+        if isinstance(chars, Mapping):
+            return cls(
+                chars["FIELD"],
+                chars["COMPONENT"],
+                chars["REPETITION"],
+                chars["ESCAPE"],
+                chars["SUBCOMPONENT"],
+                chars.get("TRUNCATION"),
+            )
+        if len(chars) < 4:
+            raise ValueError(f"MSH-2 needs 4 encoding characters, got {chars!r}")
+        return cls("|", chars[0], chars[1], chars[2], chars[3], chars[4] if len(chars) > 4 else None)
+
+
+DEFAULT_SEPARATORS = Separators()
+
+
+def _separators_from(field_sep: str, msh2: str, version: tuple[int, ...]) -> Separators | None:
+    """The separators of MSH-1 and MSH-2, or None when they are unusable."""
+    allowed_len = (4, 5) if version >= (2, 7) else (4,)
+    chars = field_sep + msh2
+    if len(msh2) not in allowed_len or len(set(chars)) != len(chars):
+        return None
+    if any(c.isalnum() or c.isspace() or ord(c) < 32 for c in chars):
+        return None
+    return Separators(field_sep, msh2[0], msh2[1], msh2[2], msh2[3], msh2[4] if len(msh2) == 5 else None)
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """An HL7 version id as numbers (``2.5.1`` -> (2, 5, 1)); () when it holds none."""
+    parts = re.findall(r"\d+", text.split("^", 1)[0])
+    return tuple(int(p) for p in parts[:3]) if parts else ()
+
+
+@dataclass(frozen=True)
+class Header:
+    """MSH read without hl7apy, so that even a message hl7apy refuses can be answered.
+
+    ``parts[n - 1]`` is MSH-n for n >= 2 (``parts[0]`` is "MSH"); values are raw ER7.
+    """
+
+    parts: tuple[str, ...]
+    separators: Separators
+    #: False when MSH-2 was unusable: ``separators`` are then the default ones.
+    trusted: bool = True
+
+    def raw(self, n: int) -> str:
+        if n == 1:
+            return self.separators.field
+        return self.parts[n - 1] if n - 1 < len(self.parts) else ""
+
+    def component(self, n: int, c: int = 1) -> str:
+        value = self.raw(n).split(self.separators.repetition, 1)[0]
+        comps = value.split(self.separators.component)
+        return comps[c - 1].strip() if c - 1 < len(comps) else ""
+
+    @property
+    def control_id(self) -> str:
+        return self.raw(10).strip()
+
+    @property
+    def version(self) -> str:
+        return self.component(12)
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return version_tuple(self.version)
+
+    @property
+    def message_type(self) -> str:
+        """TYPE^EVENT, e.g. ORU^R01 (empty parts left empty)."""
+        return f"{self.component(9, 1).upper()}^{self.component(9, 2).upper()}"
+
+    @property
+    def charset(self) -> str:
+        return self.raw(18).split(self.separators.repetition, 1)[0].strip().upper()
+
+    @property
+    def enhanced(self) -> bool:
+        return bool(self.component(15) or self.component(16))
+
+
+def read_header(text: str) -> Header:
+    """Locate MSH and split it on its own separators; :class:`Hl7Error` 100 / 102 without a usable one."""
+    if not text.startswith("MSH") or len(text) < 8:
+        raise Hl7Error("the message does not start with an MSH segment", code=100, location=("MSH", 1))
+    sep = text[3]
+    if sep.isalnum() or sep.isspace() or ord(sep) < 32:
+        raise Hl7Error("MSH-1 field separator is missing or invalid", code=102, location=("MSH", 1, 1))
+    parts = tuple(first_segment(text).split(sep))
+    version = version_tuple(parts[11]) if len(parts) > 11 else ()
+    separators = _separators_from(sep, parts[1] if len(parts) > 1 else "", version or (2, 5))
+    if separators is None:
+        fallback = Separators(field=sep) if sep not in "^~\\&" else DEFAULT_SEPARATORS
+        return Header(parts, fallback, trusted=False)
+    return Header(parts, separators)
+
+
+def first_segment(data: bytes | str) -> str:
+    """The first segment (MSH) as text: up to the first CR or LF, after any leading byte
+    order mark, NUL or white space.
+
+    Bytes are decoded byte for byte (ISO 8859-1): MSH is ASCII in every character set we read.
+    """
+    if isinstance(data, str):
+        return re.split(r"[\r\n]", data.lstrip("\ufeff\x00 \t\r\n"), maxsplit=1)[0]
+    return re.split(rb"[\r\n]", data.lstrip(b"\xef\xbb\xbf\x00 \t\r\n"), maxsplit=1)[0].decode("latin-1")
+
+
 # ------------------------------------------------------------------------ decoding
+
+
+def frame(payload: bytes) -> bytes:
+    """Wrap one message in an MLLP block."""
+    return START_BLOCK + payload + FRAME_END
 
 
 def strip_mllp(raw: bytes) -> bytes:
     """``raw`` without MLLP framing; a frame marker inside the message is a DecodeError."""
     data = raw.strip(b" \t\r\n")
-    if data.startswith(MLLP_START):
+    if data.startswith(START_BLOCK):
         data = data[1:]
-    if data.endswith(b"\x1c"):
+    if data.endswith(END_BLOCK):
         data = data[:-1]
-    for marker, name in ((b"\x0b", "0x0B (start block)"), (b"\x1c", "0x1C (end block)")):
+    for marker, name in ((START_BLOCK, "0x0B (start block)"), (END_BLOCK, "0x1C (end block)")):
         pos = data.find(marker)
         if pos >= 0:
             raise DecodeError(f"MLLP {name} inside the message at byte {pos}: more than one frame?")
@@ -222,26 +417,29 @@ def decode_bytes(raw: bytes | str) -> tuple[str, str]:
     if isinstance(raw, str):
         text = raw.strip(" \t\r\n").lstrip("\ufeff\x0b").rstrip("\x1c\r\n ")
         _check_msh(text[:8].encode("latin-1", errors="replace"))
-        declared = _msh18(_first_segment(text))
+        declared = _msh18(first_segment(text))
         return text, (_canonical_charset(declared) if declared else "UNICODE UTF-8")
     data = strip_mllp(raw)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     _check_msh(data)
-    declared = _msh18(_first_segment(data.decode("latin-1")))
+    declared = _msh18(first_segment(data))
     if declared:
         try:
             codec = python_codec(declared)
         except DecodeError as exc:
-            raise with_location(exc, ErrorLocation("MSH", 1, 18))
+            raise with_location(exc, ErrorLocation("MSH", 1, 18)) from None
         charset = _canonical_charset(declared)
         try:
             return data.decode(codec), charset
         except UnicodeDecodeError as exc:
-            raise with_location(DecodeError(
-                f"MSH-18 declares {declared} but byte 0x{data[exc.start]:02X} at offset "
-                f"{exc.start} is not valid {charset}"
-            ), ErrorLocation("MSH", 1, 18)) from exc
+            raise with_location(
+                DecodeError(
+                    f"MSH-18 declares {declared} but byte 0x{data[exc.start]:02X} at offset "
+                    f"{exc.start} is not valid {charset}"
+                ),
+                ErrorLocation("MSH", 1, 18),
+            ) from exc
     try:
         return data.decode("utf-8"), "UNICODE UTF-8"
     except UnicodeDecodeError:
@@ -255,45 +453,28 @@ def _check_msh(head: bytes) -> None:
         raise DecodeError(f"not an HL7 v2 message: does not start with MSH (starts with {_preview(head)})")
 
 
-def _first_segment(text: str) -> str:
-    """The MSH segment: text up to the first CR or LF."""
-    return re.split(r"[\r\n]", text, maxsplit=1)[0]
-
-
 def _canonical_charset(declared: str) -> str:
     key = declared.strip().upper()
     return _CANONICAL.get(key, key)
 
 
-def _msh18(first_segment: str) -> str | None:
-    """MSH-18 (first repetition) of an MSH segment, read by hl7apy; None when empty."""
+def _msh18(msh: str) -> str | None:
+    """MSH-18 (first repetition, unescaped) of an MSH segment; None when empty.
+
+    hl7apy checks the encoding characters (as it will when parsing the message), so a
+    message it cannot read fails here, before it is decoded, with the MSH-2 location.
+    """
     try:
-        encoding, _message_structure, version = get_message_info(first_segment)
+        encoding, _message_structure, _version = get_message_info(msh)
     except HL7apyException as exc:
         raise with_location(
             DecodeError(f"MSH segment is malformed: {_safe_reason(exc)}", detail=str(exc)),
             ErrorLocation("MSH", 1, 2),
         ) from exc
-    try:
-        msh = parse_segment(first_segment, version=_library_version(version), encoding_chars=encoding,
-                            validation_level=VALIDATION_LEVEL.TOLERANT)
-        reps = [f for f in msh.children if f.name == "MSH_18"]
-        if not reps:
-            return None
-        value = unescape(reps[0].to_er7(), encoding).strip()
-    except HL7apyException as exc:
-        raise with_location(
-            DecodeError(f"MSH segment could not be parsed ({type(exc).__name__})", detail=str(exc)),
-            ErrorLocation("MSH", 1),
-        ) from exc
+    separators = Separators.of(encoding)
+    header = Header(tuple(msh.split(separators.field)), separators)
+    value = unescape(header.raw(18).split(separators.repetition, 1)[0], separators).strip()
     return value or None
-
-
-def _library_version(version: str | None) -> str:
-    """A version hl7apy has definitions for; unknown ones read MSH as 2.5.1."""
-    from hl7apy import SUPPORTED_LIBRARIES
-
-    return version if version in SUPPORTED_LIBRARIES else "2.5.1"
 
 
 def _safe_reason(exc: BaseException) -> str:
@@ -324,6 +505,8 @@ class Er7:
     segment_ids: tuple[str, ...] = ()
     #: Segments hl7apy did not place in the message structure (find_groups only).
     dropped: tuple[str, ...] = ()
+    #: The message's delimiters (MSH-1, MSH-2).
+    separators: Separators = DEFAULT_SEPARATORS
 
     def deferred_value(self, obx: Segment) -> str | None:
         """The original OBX-5 text of a deferred OBX, or None when it was not deferred."""
@@ -357,10 +540,11 @@ def read_er7(
             DecodeError(f"MSH segment is malformed: {_safe_reason(exc)}", detail=str(exc)),
             ErrorLocation("MSH", 1, 2),
         ) from exc
+    separators = Separators.of(encoding)
     seg_texts = text.split("\r")
     segment_ids = tuple(s[:3] for s in seg_texts)
-    _check_segment_ids(seg_texts, encoding["FIELD"])
-    parse_text, deferred = _defer(seg_texts, encoding["FIELD"], encoding["REPETITION"])
+    _check_segment_ids(seg_texts, separators.field)
+    parse_text, deferred = _defer(seg_texts, separators.field)
     if not version:
         raise with_location(DecodeError("MSH-12 (version id) is empty"), ErrorLocation("MSH", 1, 12))
     from hl7apy import SUPPORTED_LIBRARIES
@@ -368,8 +552,7 @@ def read_er7(
     target = (validate_as or version) if validate else version
     if target not in SUPPORTED_LIBRARIES:
         raise with_location(
-            DecodeError(f"HL7 version {target!r} is not one ecgbridge reads "
-                        f"(hl7apy definitions: 2.1-2.8.2)"),
+            DecodeError(f"HL7 version {target!r} is not one ecgbridge reads (hl7apy definitions: 2.1-2.8.2)"),
             ErrorLocation("MSH", 1, 12),
         )
     structure = _structure(structure)
@@ -383,8 +566,7 @@ def read_er7(
             seg = segment_ids[index]
             raise with_location(
                 DecodeError(
-                    f"segment {index + 1} ({seg}) does not fit the {structure or 'message'} "
-                    f"structure of HL7 {target}"
+                    f"segment {index + 1} ({seg}) does not fit the {structure or 'message'} structure of HL7 {target}"
                 ),
                 ErrorLocation(seg, segment_ids[: index + 1].count(seg)),
             )
@@ -395,8 +577,15 @@ def read_er7(
                 DecodeError(f"HL7 {target} validation failed: {_safe_reason(exc)}", detail=str(exc)),
                 _location_from_validation(str(exc)),
             ) from exc
-    return Er7(message=message, text=text, charset=charset, deferred=deferred,
-               segment_ids=segment_ids, dropped=dropped)
+    return Er7(
+        message=message,
+        text=text,
+        charset=charset,
+        deferred=deferred,
+        segment_ids=segment_ids,
+        dropped=dropped,
+        separators=separators,
+    )
 
 
 def parse_er7(raw: bytes | str, *, validate: bool = False) -> Message:
@@ -416,9 +605,10 @@ def parse_deferred_field(er7: Er7, obx: Segment) -> list[Any]:
     encoding = er7.message.encoding_chars
     version = er7.message.version
     return [
-        parse_field(rep, name="OBX_5", version=version, encoding_chars=encoding,
-                    validation_level=VALIDATION_LEVEL.TOLERANT)
-        for rep in value.split(encoding["REPETITION"])
+        parse_field(
+            rep, name="OBX_5", version=version, encoding_chars=encoding, validation_level=VALIDATION_LEVEL.TOLERANT
+        )
+        for rep in value.split(er7.separators.repetition)
     ]
 
 
@@ -431,13 +621,14 @@ def _check_segment_ids(seg_texts: list[str], field_sep: str) -> None:
     for index, seg in enumerate(seg_texts):
         if not re.fullmatch(r"[A-Z][A-Z0-9]{2}", seg[:3]) or (len(seg) > 3 and seg[3] != field_sep):
             raise with_location(
-                DecodeError(f"segment {index + 1} does not start with a segment id and a "
-                            f"field separator {field_sep!r}"),
+                DecodeError(
+                    f"segment {index + 1} does not start with a segment id and a field separator {field_sep!r}"
+                ),
                 ErrorLocation(re.sub(r"[^A-Z0-9]", "?", seg[:3].upper()) or "???", 1),
             )
 
 
-def _defer(seg_texts: list[str], field_sep: str, rep_sep: str) -> tuple[str, dict[str, str]]:
+def _defer(seg_texts: list[str], field_sep: str) -> tuple[str, dict[str, str]]:
     """Replace OBX-5 of NA/MA/ED segments by placeholders; return (text, deferred)."""
     deferred: dict[str, str] = {}
     out: list[str] = []
@@ -460,14 +651,20 @@ def _structure(structure: str | None) -> str | None:
     return _STRUCTURE_BY_EVENT.get(structure.replace("_", "^", 1), structure)
 
 
-def _parse(text: str, version: str, encoding: dict[str, str], structure: str | None,
-           level: int, find_groups: bool, strict: bool) -> Message:
+def _parse(
+    text: str,
+    version: str,
+    encoding: dict[str, str],
+    structure: str | None,
+    level: int,
+    find_groups: bool,
+    strict: bool,
+) -> Message:
     from hl7apy.exceptions import InvalidName
 
     try:
         try:
-            message = Message(name=structure, version=version, validation_level=level,
-                              encoding_chars=encoding)
+            message = Message(name=structure, version=version, validation_level=level, encoding_chars=encoding)
         except InvalidName:
             if strict:
                 raise with_location(
@@ -476,16 +673,19 @@ def _parse(text: str, version: str, encoding: dict[str, str], structure: str | N
                 ) from None
             message = Message(version=version, validation_level=level, encoding_chars=encoding)
         reference = message.reference if message.name else None
-        message.children = parse_segments(text, version, encoding, level, reference,
-                                          find_groups and reference is not None)
+        message.children = parse_segments(
+            text, version, encoding, level, reference, find_groups and reference is not None
+        )
     except DecodeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - hl7apy raises plain ValueErrors on bad values too
+    except Exception as exc:
         where = _locate_parse_error(text, version, encoding, level)
         reason = _safe_reason(exc) if isinstance(exc, HL7apyException) else type(exc).__name__
         if where is not None and where.field is not None:
-            what = (f"{where.segment}-{where.field} (segment occurrence {where.sequence}) is not a "
-                    f"valid value for HL7 {version}")
+            what = (
+                f"{where.segment}-{where.field} (segment occurrence {where.sequence}) is not a "
+                f"valid value for HL7 {version}"
+            )
         elif where is not None:
             what = f"{where.segment} segment (occurrence {where.sequence}) could not be parsed in HL7 {version}"
         else:
@@ -496,6 +696,7 @@ def _parse(text: str, version: str, encoding: dict[str, str], structure: str | N
 
 def _locate_parse_error(text: str, version: str, encoding: dict[str, str], level: int) -> ErrorLocation | None:
     """Re-parse segment by segment, then field by field, to find what hl7apy refused."""
+    separators = Separators.of(encoding)
     counts: dict[str, int] = {}
     for seg in text.split("\r"):
         name = seg[:3]
@@ -503,18 +704,23 @@ def _locate_parse_error(text: str, version: str, encoding: dict[str, str], level
         try:
             parse_segment(seg, version=version, encoding_chars=encoding, validation_level=level)
             continue
-        except Exception:  # noqa: BLE001 - any failure marks the segment
+        except Exception:
             pass
-        fields = seg.split(encoding["FIELD"])
+        fields = seg.split(separators.field)
         # MSH-1 is the separator itself, so MSH's split starts at MSH-2.
         first = 2 if name == "MSH" else 1
         for number, value in enumerate(fields[1:], start=first):
-            for rep in value.split(encoding["REPETITION"]) if number != 2 or name != "MSH" else [value]:
+            for rep in value.split(separators.repetition) if number != 2 or name != "MSH" else [value]:
                 try:
                     if rep:
-                        parse_field(rep, name=f"{name}_{number}", version=version,
-                                    encoding_chars=encoding, validation_level=level)
-                except Exception:  # noqa: BLE001
+                        parse_field(
+                            rep,
+                            name=f"{name}_{number}",
+                            version=version,
+                            encoding_chars=encoding,
+                            validation_level=level,
+                        )
+                except Exception:
                     return ErrorLocation(name, counts[name], number)
         return ErrorLocation(name, counts[name])
     return None
@@ -608,17 +814,21 @@ def field_text(
         value = fld.to_er7()
         return value or None
     if number <= 2 and segment.name == "MSH":
-        return fld.to_er7() if number == 2 else segment.encoding_chars["FIELD"]
+        return str(fld.to_er7()) if number == 2 else str(segment.encoding_chars["FIELD"])
     return component_text(fld, component, subcomponent)
 
 
 def component_text(
-    fld: Any, component: int = 1, subcomponent: int = 1, *, encoding: Mapping[str, str] | None = None
+    fld: Any,
+    component: int = 1,
+    subcomponent: int = 1,
+    *,
+    encoding: Separators | Mapping[str, str] | None = None,
 ) -> str | None:
     """Unescaped text of one component (and subcomponent) of an hl7apy Field.
 
-    Pass the message's ``encoding`` when calling this in a loop: hl7apy finds it by
-    walking up the tree on every call.
+    Pass the message's separators as ``encoding`` when calling this in a loop: hl7apy
+    finds them by walking up the tree on every call.
     """
     comp = _child_at(fld, component)
     if comp is None:
@@ -626,8 +836,8 @@ def component_text(
     target = _child_at(comp, subcomponent) if comp.children else (comp if subcomponent == 1 else None)
     if target is None:
         return None
-    enc = encoding if encoding is not None else fld.encoding_chars
-    text = unescape(target.to_er7(enc), enc).strip()
+    separators = Separators.of(encoding if encoding is not None else fld.encoding_chars)
+    text = unescape(target.to_er7(separators.hl7apy()), separators).strip()
     return None if text in ("", '""') else text
 
 
@@ -722,51 +932,58 @@ def parse_hl7_timestamp(text: str | None) -> datetime | None:
             raise ValueError(f"timestamp offset {g['tz']} is out of range")
         tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
     return datetime(
-        int(g["y"]), int(g["mo"] or 1), int(g["d"] or 1), int(g["h"] or 0), int(g["mi"] or 0),
-        int(g["s"] or 0), micro, tzinfo=tz,
+        int(g["y"]),
+        int(g["mo"] or 1),
+        int(g["d"] or 1),
+        int(g["h"] or 0),
+        int(g["mi"] or 0),
+        int(g["s"] or 0),
+        micro,
+        tzinfo=tz,
     )
 
 
 # ----------------------------------------------------------------------- escaping
 
 
-def _chars(encoding_chars: str | Mapping[str, str]) -> dict[str, str]:
-    """Encoding characters as hl7apy's dict, from a dict or MSH-2 text (``^~\\&``)."""
-    if isinstance(encoding_chars, Mapping):
-        return dict(encoding_chars)
-    text = encoding_chars
-    if len(text) < 4:
-        raise ValueError(f"MSH-2 needs 4 encoding characters, got {text!r}")
-    out = {"FIELD": "|", "COMPONENT": text[0], "REPETITION": text[1], "ESCAPE": text[2],
-           "SUBCOMPONENT": text[3]}
-    if len(text) > 4:
-        out["TRUNCATION"] = text[4]
-    return out
+def escape(text: str, encoding_chars: Separators | str | Mapping[str, str] = DEFAULT_SEPARATORS) -> str:
+    """``text`` as a literal ER7 value: delimiters as \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ (\\P\\), CR/LF as hex.
 
-
-def escape(text: str, encoding_chars: str | Mapping[str, str] = "^~\\&") -> str:
-    """``text`` as a literal ER7 value: delimiters as \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ (\\P\\), CR/LF as hex."""
-    enc = _chars(encoding_chars)
-    esc = enc["ESCAPE"]
+    ``encoding_chars``: :class:`Separators`, MSH-2 text (``^~\\&``) or hl7apy's dict.
+    """
+    seps = Separators.of(encoding_chars)
+    esc = seps.escape
     out = text.replace(esc, f"{esc}E{esc}")
-    pairs = [("FIELD", "F"), ("COMPONENT", "S"), ("SUBCOMPONENT", "T"), ("REPETITION", "R"),
-             ("TRUNCATION", "P")]
-    for key, code in pairs:
-        char = enc.get(key)
+    pairs = [
+        (seps.field, "F"),
+        (seps.component, "S"),
+        (seps.subcomponent, "T"),
+        (seps.repetition, "R"),
+        (seps.truncation, "P"),
+    ]
+    for char, code in pairs:
         if char:
             out = out.replace(char, f"{esc}{code}{esc}")
     return out.replace("\r", f"{esc}X0D{esc}").replace("\n", f"{esc}X0A{esc}")
 
 
-def unescape(text: str, encoding_chars: str | Mapping[str, str] = "^~\\&") -> str:
+def unescape(text: str, encoding_chars: Separators | str | Mapping[str, str] = DEFAULT_SEPARATORS) -> str:
     """ER7 value text -> literal text: \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\P\\ \\Xhh\\ \\.br\\; \\H\\ \\N\\ \\Z..\\ \\C..\\ \\M..\\ dropped."""
-    enc = _chars(encoding_chars)
-    esc = enc["ESCAPE"]
+    seps = Separators.of(encoding_chars)
+    esc = seps.escape
     if esc not in text:
         return text
-    simple = {"F": enc["FIELD"], "S": enc["COMPONENT"], "T": enc["SUBCOMPONENT"],
-              "R": enc["REPETITION"], "E": esc, "P": enc.get("TRUNCATION", "#"),
-              "H": "", "N": "", ".br": "\n"}
+    simple = {
+        "F": seps.field,
+        "S": seps.component,
+        "T": seps.subcomponent,
+        "R": seps.repetition,
+        "E": esc,
+        "P": seps.truncation or "#",
+        "H": "",
+        "N": "",
+        ".br": "\n",
+    }
     pattern = re.compile(re.escape(esc) + r"([^" + re.escape(esc) + r"]*)" + re.escape(esc))
 
     def repl(match: re.Match[str]) -> str:

@@ -58,7 +58,7 @@ Decisions, and why (mirroring :mod:`mapping.fhir_report` where the two overlap):
   for that one parse and checked as ED on its own.
 
 Errors: anything that makes the message invalid raises
-:class:`~ecgbridge.errors.PermanentDeliveryError` (resending cannot fix it).
+:class:`~ecgbridge.errors.MappingError` (resending cannot fix it).
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone, tzinfo
+from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Protocol, Union
 
 from hl7apy import load_library, load_reference
 from hl7apy.base_datatypes import TextualDataType
@@ -81,15 +81,41 @@ from hl7apy.factories import datatype_factory
 from hl7apy.parser import parse_field, parse_message
 from hl7apy.validation import Validator
 
-from ecgbridge.errors import PermanentDeliveryError
+from ecgbridge.errors import MappingError
 from ecgbridge.mapping.codes import LOINC, SUPERCLASS_SNOMED
-from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput, Patient, acquisition_time, output_summary
-from ecgbridge.mapping.hl7_common import hl7_timestamp, unescape
+from ecgbridge.mapping.ecg import (
+    NOT_FOR_CLINICAL_USE,
+    AnalysisResult,
+    Ecg,
+    Finding,
+    ModelOutput,
+    Patient,
+    acquisition_time,
+    output_summary,
+)
+from ecgbridge.mapping.hl7_common import DEFAULT_SEPARATORS, Separators, hl7_timestamp, read_header, unescape
 from ecgbridge.mapping.lvef_result import LVEF_TASK, explanation_lines, predicted_tier, tier_interpretation
 from ecgbridge.mapping.severity_result import severity_of_output
 
-if TYPE_CHECKING:
-    from ecgbridge.core.settings import Hl7Destination
+
+class OruAddressing(Protocol):
+    """What the ORU takes from its destination: MSH-3 to MSH-6 and whether the PDF goes along.
+
+    Plain values (an HL7 destination's configuration has them), so this module never
+    depends on the settings classes.
+    """
+
+    @property
+    def sending_application(self) -> str: ...
+    @property
+    def sending_facility(self) -> str: ...
+    @property
+    def receiving_application(self) -> str: ...
+    @property
+    def receiving_facility(self) -> str: ...
+    @property
+    def include_report_pdf(self) -> bool: ...
+
 
 __all__ = [
     "HL7_VERSION",
@@ -97,6 +123,7 @@ __all__ = [
     "LOCAL_CODING_SYSTEM",
     "MEASUREMENT_UNITS",
     "DEFAULT_SERVICE",
+    "OruAddressing",
     "build_oru_r01",
     "validate_er7",
 ]
@@ -153,12 +180,13 @@ def _raw(value: Any) -> Value:
     """A raw ER7 field from an earlier message -> plain component tuple (first repetition)."""
     if value is None:
         return None
-    text = str(value).split("~", 1)[0]
+    seps = DEFAULT_SEPARATORS
+    text = str(value).split(seps.repetition, 1)[0]
     if not text.strip():
         return None
     parts: list[Value] = []
-    for component in text.split("^"):
-        subs = [unescape(s) for s in component.split("&")]
+    for component in text.split(seps.component):
+        subs = [unescape(s, seps) for s in component.split(seps.subcomponent)]
         parts.append(tuple(subs) if len(subs) > 1 else subs[0])
     return tuple(parts) if len(parts) > 1 else parts[0]
 
@@ -248,7 +276,7 @@ def _hd(text: str | None) -> Value:
     """A configured HD: ``NAME`` or ``NAME^UNIVERSAL-ID^TYPE``."""
     if not text or not text.strip():
         return None
-    parts = tuple(p.strip() for p in text.split("^"))
+    parts = tuple(p.strip() for p in text.split(DEFAULT_SEPARATORS.component))
     return parts if len(parts) > 1 else parts[0]
 
 
@@ -257,7 +285,7 @@ def _ei(value: Any) -> Value:
     if value is None or not str(value).strip():
         return None
     text = str(value)
-    return _raw(text) if "^" in text else text.strip()
+    return _raw(text) if DEFAULT_SEPARATORS.component in text else text.strip()
 
 
 def _dedupe(items: Iterable[str]) -> list[str]:
@@ -275,10 +303,7 @@ def _probability(finding: Finding, output: ModelOutput) -> tuple[float, float]:
     p, t = float(finding.probability), float(finding.threshold)
     for name, v in (("probability", p), ("threshold", t)):
         if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-            raise PermanentDeliveryError(
-                f"{output.model} {output.version} finding {finding.code}: "
-                f"{name} {v!r} is not in [0, 1]"
-            )
+            raise MappingError(f"{output.model} {output.version} finding {finding.code}: {name} {v!r} is not in [0, 1]")
     return p, t
 
 
@@ -311,8 +336,9 @@ def _finding_value(finding: Finding) -> Value:
 class _Obx:
     """One planned OBX: value type, identifier, value and the optional fields."""
 
-    def __init__(self, value_type: str, code: Value, value: Value, output: ModelOutput, sub_id: str,
-                 **fields: Value) -> None:
+    def __init__(
+        self, value_type: str, code: Value, value: Value, output: ModelOutput, sub_id: str, **fields: Value
+    ) -> None:
         self.value_type = value_type
         self.code = code
         self.value = value
@@ -323,9 +349,7 @@ class _Obx:
         self.notes: list[str] = []
 
 
-def _report_pdf(
-    result: AnalysisResult, data: Mapping[str, bytes] | None, flags: list[str]
-) -> str | None:
+def _report_pdf(result: AnalysisResult, data: Mapping[str, bytes] | None, flags: list[str]) -> str | None:
     """Base64 of the result's PDF attachment, when its bytes are supplied and match its hash."""
     pdfs = [a for a in result.attachments if a.content_type == "application/pdf"]
     if not pdfs:
@@ -360,7 +384,9 @@ def _lvef_obx(output: ModelOutput, sub: str) -> list[_Obx]:
 
 
 def _observations(
-    result: AnalysisResult, include_pdf: bool, flags: list[str],
+    result: AnalysisResult,
+    include_pdf: bool,
+    flags: list[str],
     attachments_data: Mapping[str, bytes] | None = None,
 ) -> list[_Obx]:
     planned: list[_Obx] = []
@@ -379,8 +405,17 @@ def _observations(
         for finding, p, _t in checked:
             if finding.present and output.task != LVEF_TASK and severity is None:
                 n_impression += 1
-                planned.append(_Obx("CWE", impression, _finding_value(finding), output, str(n_impression),
-                                    flag=_abnormal_flag(finding), probability=f"{p:.4f}"))
+                planned.append(
+                    _Obx(
+                        "CWE",
+                        impression,
+                        _finding_value(finding),
+                        output,
+                        str(n_impression),
+                        flag=_abnormal_flag(finding),
+                        probability=f"{p:.4f}",
+                    )
+                )
         measurements = output.extra.get("measurements") if isinstance(output.extra, Mapping) else None
         if isinstance(measurements, Mapping):
             for name in [*MEASUREMENT_UNITS, *sorted(set(measurements) - set(MEASUREMENT_UNITS))]:
@@ -395,26 +430,34 @@ def _observations(
                     continue
                 code, display = LOINC[name]
                 unit, unit_text = MEASUREMENT_UNITS[name]
-                planned.append(_Obx("NM", (code, display, "LN"), _number(raw, 1), output, sub,
-                                    units=(unit, unit_text, "UCUM")))
+                planned.append(
+                    _Obx("NM", (code, display, "LN"), _number(raw, 1), output, sub, units=(unit, unit_text, "UCUM"))
+                )
         for finding, p, t in checked:
-            planned.append(_Obx(
-                "NM",
-                (finding.code, f"{finding.display} probability", LOCAL_CODING_SYSTEM),
-                f"{p:.4f}", output, sub,
-                units=("1", None, "UCUM"),
-                range=_reference_range(finding, t),
-                flag=_abnormal_flag(finding),
-            ))
+            planned.append(
+                _Obx(
+                    "NM",
+                    (finding.code, f"{finding.display} probability", LOCAL_CODING_SYSTEM),
+                    f"{p:.4f}",
+                    output,
+                    sub,
+                    units=("1", None, "UCUM"),
+                    range=_reference_range(finding, t),
+                    flag=_abnormal_flag(finding),
+                )
+            )
         for finding, _p, _t in checked:
             if finding.tier:
                 tier = str(finding.tier)
-                planned.append(_Obx(
-                    "CWE",
-                    (f"{finding.code}-tier", f"{finding.display} risk tier", LOCAL_CODING_SYSTEM),
-                    (tier, tier.replace("_", " "), LOCAL_CODING_SYSTEM),
-                    output, sub,
-                ))
+                planned.append(
+                    _Obx(
+                        "CWE",
+                        (f"{finding.code}-tier", f"{finding.display} risk tier", LOCAL_CODING_SYSTEM),
+                        (tier, tier.replace("_", " "), LOCAL_CODING_SYSTEM),
+                        output,
+                        sub,
+                    )
+                )
     if include_pdf and result.outputs:
         pdf = _report_pdf(result, attachments_data, flags)
         if pdf is not None:
@@ -452,7 +495,7 @@ def build_oru_r01(
     *,
     ecg: Ecg,
     order: Mapping[str, Any] | None,
-    destination: "Hl7Destination",
+    destination: OruAddressing,
     message_id: str,
     control_id: str,
     now: datetime | None = None,
@@ -468,15 +511,15 @@ def build_oru_r01(
     and OBX-19. ``attachments_data`` maps an attachment's ``blob_sha256`` to its bytes:
     when the destination wants the report (``include_report_pdf``) and the result's PDF
     attachment is found there, it is sent as an ED OBX (``^Application^PDF^Base64^...``).
-    Raises :class:`PermanentDeliveryError` when no valid message can be made.
+    Raises :class:`MappingError` when no valid message can be made.
     """
     if not result.outputs:
-        raise PermanentDeliveryError("analysis result has no model outputs to report")
+        raise MappingError("analysis result has no model outputs to report")
     if not control_id:
-        raise PermanentDeliveryError("an ORU^R01 needs a message control id (MSH-10)")
-    stamp_dt = now or datetime.now(timezone.utc)
+        raise MappingError("an ORU^R01 needs a message control id (MSH-10)")
+    stamp_dt = now or datetime.now(UTC)
     if stamp_dt.tzinfo is None:
-        stamp_dt = stamp_dt.replace(tzinfo=timezone.utc)
+        stamp_dt = stamp_dt.replace(tzinfo=UTC)
     stamp = _hl7_ts(stamp_dt)
     order = dict(order or {})
     patient, study = ecg.patient, ecg.study
@@ -484,8 +527,11 @@ def build_oru_r01(
     flags: list[str] = []
 
     placer = _ei(order.get("placer_order_number")) or _ei(study.placer_order_number)
-    filler = (_ei(order.get("filler_order_number")) or _ei(study.filler_order_number)
-              or (message_id, _first_text(_hd(destination.sending_application))))
+    filler = (
+        _ei(order.get("filler_order_number"))
+        or _ei(study.filler_order_number)
+        or (message_id, _first_text(_hd(destination.sending_application)))
+    )
     acquired_at, time_flag = acquisition_time(study.acquired_at, assume_tz)
     acquired = _hl7_ts(acquired_at) if acquired_at is not None else None
     if time_flag:
@@ -573,10 +619,10 @@ def build_oru_r01(
                 _note(group.add_segment("NTE"), n, text)
 
         er7 = str(msg.to_er7())
-    except PermanentDeliveryError:
+    except MappingError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any encoder failure is a mapping failure: not retried
-        raise PermanentDeliveryError(f"ORU^R01 could not be built: {_limited(exc)}") from exc
+    except Exception as exc:
+        raise MappingError(f"ORU^R01 could not be built: {_limited(exc)}") from exc
     validate_er7(er7, expected_observations=len(observations))
     return er7
 
@@ -604,7 +650,7 @@ def _order_value(order: Mapping[str, Any], key: str, flags: list[str], datatype:
     datatype = datatype or _ORDER_TYPES.get(key, "ST")
     try:
         _typed_er7(datatype, value)
-    except Exception:  # noqa: BLE001 - an unusable order field is left out, never fatal
+    except Exception:
         flags.append(f"order_field_unusable:{key}")
         return None
     return value
@@ -628,16 +674,14 @@ def _limited(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _shorten_ed(er7: str) -> tuple[str, list[tuple[str, str, str]], bool]:
+def _shorten_ed(er7: str, separators: Separators) -> tuple[str, list[tuple[str, str, str]], bool]:
     """(er7 with ED payloads shortened, [(OBX-1, OBX-2, OBX-5)], whether any was shortened).
 
     hl7apy's strict parser reads every OBX-5 component as ST (at most 199 characters),
     so an ED payload (a base64 PDF) would fail there although ED-5 is TX; the payload
     is checked against ED on its own instead.
     """
-    if len(er7) < 8 or not er7.startswith("MSH"):
-        raise ValueError("not an ER7 message: it does not start with MSH")
-    field_sep, comp_sep = er7[3], er7[4]
+    field_sep, comp_sep = separators.field, separators.component
     segments = er7.split("\r")
     values: list[tuple[str, str, str]] = []
     shortened = False
@@ -678,27 +722,28 @@ def validate_er7(er7: str, *, expected_observations: int | None = None) -> Messa
     checks each OBX-5 against its OBX-2 value type, which hl7apy leaves untyped, and,
     when ``expected_observations`` is given, that every OBX landed in its own
     OBSERVATION group (a misplaced segment would change what a note belongs to).
-    Raises :class:`PermanentDeliveryError` carrying hl7apy's message.
+    Raises :class:`MappingError` carrying hl7apy's message.
     """
     try:
-        checked, values, shortened = _shorten_ed(er7)
+        if len(er7) < 8 or not er7.startswith("MSH"):
+            raise ValueError("not an ER7 message: it does not start with MSH")
+        separators = read_header(er7).separators
+        checked, values, shortened = _shorten_ed(er7, separators)
         msg = parse_message(checked, validation_level=_STRICT, find_groups=True)
         if msg.name != MESSAGE_TYPE[2] or msg.version != _V:
             raise ValueError(f"message is {msg.name} v{msg.version}, expected {MESSAGE_TYPE[2]} v{_V}")
         msg.validate()
         for set_id, value_type, text in values:
-            _check_value(set_id, value_type, text, er7[5])
+            _check_value(set_id, value_type, text, separators.repetition)
         if expected_observations is not None:
             groups = list(_groups(msg, "ORU_R01_OBSERVATION"))
             n_obx = len(list(_segments(msg, "OBX")))
             if len(groups) != expected_observations or n_obx != expected_observations:
-                raise ValueError(
-                    f"{n_obx} OBX in {len(groups)} OBSERVATION groups, expected {expected_observations}"
-                )
+                raise ValueError(f"{n_obx} OBX in {len(groups)} OBSERVATION groups, expected {expected_observations}")
         if shortened:
             msg = parse_message(er7, validation_level=_TOLERANT, find_groups=True)
-    except Exception as exc:  # noqa: BLE001 - hl7apy fails on bad input in many ways
-        raise PermanentDeliveryError(f"ORU^R01 failed HL7 v{_V} validation: {_limited(exc)}") from exc
+    except Exception as exc:
+        raise MappingError(f"ORU^R01 failed HL7 v{_V} validation: {_limited(exc)}") from exc
     return msg
 
 

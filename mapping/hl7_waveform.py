@@ -1,4 +1,4 @@
-"""HL7 v2 ORU^R01 with an ECG waveform <-> the canonical :class:`~mapping.ecg.Ecg`.
+"""HL7 v2 ORU^R01 with an ECG waveform -> the canonical :class:`~mapping.ecg.Ecg`.
 
 Two ways a cart puts an ECG into an ORU^R01, both read here:
 
@@ -53,24 +53,22 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import numpy as np
-from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Message, Segment
+from hl7apy.core import Segment
 
 from ecgbridge.errors import DecodeError, InputError, UnsupportedInputError, WaveformError
-from ecgbridge.mapping.codes import LEAD_BY_MEANING, LOINC, MDC_LEAD_CODES, SCPECG_LEAD_CODES
+from ecgbridge.mapping.codes import LEAD_BY_MEANING, MDC_LEAD_CODES, SCPECG_LEAD_CODES
 from ecgbridge.mapping.dicom_waveform import standardise_leads
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
 from ecgbridge.mapping.hl7_common import (
     Er7,
     ErrorLocation,
+    Separators,
     component_text,
-    escape,
     field_text,
-    hl7_charset,
     hl7_timestamp,
     msh_facts,
     parse_deferred_field,
@@ -82,13 +80,9 @@ from ecgbridge.mapping.hl7_common import (
 
 __all__ = [
     "parse_oru_waveform",
-    "build_oru_waveform",
-    "build_oru_ed",
     "lead_for_channel_name",
     "MDC_LEAD_REFIDS",
     "WAVEFORM_MESSAGE_TYPES",
-    "OBX_CODING_SYSTEM",
-    "MAX_OBX5_CHARS",
 ]
 
 #: Message types that carry a waveform result (W01 is v2.3's waveform trigger).
@@ -96,10 +90,18 @@ WAVEFORM_MESSAGE_TYPES: tuple[str, ...] = ("ORU^R01", "ORU^W01")
 
 #: ISO/IEEE 11073 MDC reference ids some carts put in the channel name.
 MDC_LEAD_REFIDS: dict[str, str] = {
-    "MDC_ECG_LEAD_I": "I", "MDC_ECG_LEAD_II": "II", "MDC_ECG_LEAD_III": "III",
-    "MDC_ECG_LEAD_AVR": "aVR", "MDC_ECG_LEAD_AVL": "aVL", "MDC_ECG_LEAD_AVF": "aVF",
-    "MDC_ECG_LEAD_V1": "V1", "MDC_ECG_LEAD_V2": "V2", "MDC_ECG_LEAD_V3": "V3",
-    "MDC_ECG_LEAD_V4": "V4", "MDC_ECG_LEAD_V5": "V5", "MDC_ECG_LEAD_V6": "V6",
+    "MDC_ECG_LEAD_I": "I",
+    "MDC_ECG_LEAD_II": "II",
+    "MDC_ECG_LEAD_III": "III",
+    "MDC_ECG_LEAD_AVR": "aVR",
+    "MDC_ECG_LEAD_AVL": "aVL",
+    "MDC_ECG_LEAD_AVF": "aVF",
+    "MDC_ECG_LEAD_V1": "V1",
+    "MDC_ECG_LEAD_V2": "V2",
+    "MDC_ECG_LEAD_V3": "V3",
+    "MDC_ECG_LEAD_V4": "V4",
+    "MDC_ECG_LEAD_V5": "V5",
+    "MDC_ECG_LEAD_V6": "V6",
 }
 #: Electrode pairs (WVS source one & source two) of the bipolar limb leads.
 _BIPOLAR: dict[tuple[str, str], str] = {("LA", "RA"): "I", ("LL", "RA"): "II", ("LL", "LA"): "III"}
@@ -108,25 +110,23 @@ _LEAD_BY_UPPER: dict[str, str] = {lead.upper(): lead for lead in STANDARD_LEADS}
 #: Voltage units (lower-cased: UCUM, ISO+ upper-case forms and ANSI X3.50 agree on these;
 #: ISO+ writes mega as "MA", so "MV" is millivolt) -> factor to mV.
 _UNIT_TO_MV: dict[str, float] = {
-    "nv": 1e-6, "uv": 1e-3, "\u00b5v": 1e-3, "\u03bcv": 1e-3, "mv": 1.0, "v": 1e3,
-    "nanovolt": 1e-6, "microvolt": 1e-3, "millivolt": 1.0, "volt": 1e3,
-    "mdc_dim_nano_volt": 1e-6, "mdc_dim_micro_volt": 1e-3, "mdc_dim_milli_volt": 1.0,
+    "nv": 1e-6,
+    "uv": 1e-3,
+    "\u00b5v": 1e-3,
+    "\u03bcv": 1e-3,
+    "mv": 1.0,
+    "v": 1e3,
+    "nanovolt": 1e-6,
+    "microvolt": 1e-3,
+    "millivolt": 1.0,
+    "volt": 1e3,
+    "mdc_dim_nano_volt": 1e-6,
+    "mdc_dim_micro_volt": 1e-3,
+    "mdc_dim_milli_volt": 1.0,
     "mdc_dim_volt": 1e3,
 }
 
-#: OBX-3 coding system of the waveform OBX this module writes (HL7 "99zzz": local).
-OBX_CODING_SYSTEM = "99ECGBRIDGE"
-_OBX3 = {
-    "CD": ("CHN", "Waveform channel definition"),
-    "TS": ("TIM", "Waveform time of first sample"),
-    "NA": ("WAV", "Waveform data"),
-    "MA": ("WAV", "Waveform data"),
-    "ED": ("ECGFILE", "Embedded ECG file"),
-}
-#: The v2.3 waveform chapter's limit for one OBX-5; longer data goes into successive OBX.
-MAX_OBX5_CHARS = 65536
 _SEX = {"M": "male", "F": "female", "O": "other", "A": "other", "U": "unknown", "N": "unknown"}
-_SEX_CODE = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
 
 
 # ----------------------------------------------------------------------- reading
@@ -215,8 +215,13 @@ def parse_oru_waveform(message: bytes | str) -> Ecg:
         signals, leads, lead_flags = standardise_leads(by_lead, dropped)
         study = _study(order, start, device)
         return Ecg(
-            signals=signals, leads=leads, fs=fs, patient=patient, study=study,
-            source_format="hl7", units="mV",
+            signals=signals,
+            leads=leads,
+            fs=fs,
+            patient=patient,
+            study=study,
+            source_format="hl7",
+            units="mV",
             flags=tuple(lead_flags) + tuple(wave_flags) + tuple(patient_flags),
         )
 
@@ -248,13 +253,17 @@ def _orders(segs: Sequence[Segment]) -> list[_Order]:
             count += 1
             if not orders:
                 orders.append(_Order(obr=None, orc=orc))
-            orders[-1].obx.append(_Obx(
-                segment=seg, position=position, sequence=count,
-                set_id=field_text(seg, 1),
-                value_type=(field_text(seg, 2) or "").upper(),
-                code=field_text(seg, 3),
-                sub_id=field_text(seg, 4) or "",
-            ))
+            orders[-1].obx.append(
+                _Obx(
+                    segment=seg,
+                    position=position,
+                    sequence=count,
+                    set_id=field_text(seg, 1),
+                    value_type=(field_text(seg, 2) or "").upper(),
+                    code=field_text(seg, 3),
+                    sub_id=field_text(seg, 4) or "",
+                )
+            )
     return orders
 
 
@@ -275,7 +284,7 @@ def _decode_native(
     for obx in order.obx:
         if obx.value_type == "CD":
             group = groups.setdefault(obx.sub_id, _Group(obx.sub_id))
-            group.channels.extend(_channel_definitions(obx, er7.message.encoding_chars))
+            group.channels.extend(_channel_definitions(obx, er7.separators))
     if not groups:
         first = next(x for x in order.obx if x.value_type in ("NA", "MA"))
         raise with_location(
@@ -287,10 +296,10 @@ def _decode_native(
         )
     for obx in order.obx:
         if obx.value_type in ("NA", "MA", "TS"):
-            group = groups.get(obx.sub_id)
-            if group is None and obx.sub_id == "" and len(groups) == 1:
-                group = next(iter(groups.values()))
-            if group is None:
+            found = groups.get(obx.sub_id)
+            if found is None and obx.sub_id == "" and len(groups) == 1:
+                found = next(iter(groups.values()))
+            if found is None:
                 if obx.value_type == "TS":
                     continue  # a timestamp observation that belongs to no waveform group
                 raise with_location(
@@ -301,14 +310,13 @@ def _decode_native(
                     ),
                     obx.location(4),
                 )
-            group.events.append(("TIM" if obx.value_type == "TS" else "WAV", obx))
+            found.events.append(("TIM" if obx.value_type == "TS" else "WAV", obx))
 
-    encoding = er7.message.encoding_chars
     all_channels = [c for g in groups.values() for c in g.channels]
     fs = _common_fs(all_channels)
     decoded: list[tuple[_Group, np.ndarray, datetime | None]] = []
     for group in groups.values():
-        raw, start = _group_samples(er7, group, fs, encoding)
+        raw, start = _group_samples(er7, group, fs)
         decoded.append((group, raw, start))
     lengths = {raw.shape[1] for _, raw, _ in decoded}
     if len(lengths) > 1:
@@ -350,8 +358,10 @@ def _decode_native(
             mv = (values - channel.baseline) * (channel.sensitivity * channel.correction * factor)
             if not np.all(np.isfinite(mv)):
                 raise with_location(
-                    WaveformError(f"{channel.obx.where()}: lead {channel.lead}: samples are not "
-                                  "finite after scaling (check sensitivity and correction factor)"),
+                    WaveformError(
+                        f"{channel.obx.where()}: lead {channel.lead}: samples are not "
+                        "finite after scaling (check sensitivity and correction factor)"
+                    ),
                     channel.obx.location(5, channel.repetition),
                 )
             skew_ignored = skew_ignored or channel.skew != 0
@@ -377,19 +387,27 @@ def _seconds_between(a: datetime, b: datetime) -> float:
     return (a - b).total_seconds()
 
 
-def _channel_definitions(obx: _Obx, encoding: dict[str, str]) -> list[_Channel]:
+def _channel_definitions(obx: _Obx, separators: Separators) -> list[_Channel]:
     """The CD repetitions of one OBX-5, sticky defaults applied."""
     seg = obx.segment
     reps = [f for f in seg.children if f.name == "OBX_5"]
     if not reps:
-        raise with_location(WaveformError(f"{obx.where()}: channel definition (CD) is empty"),
-                            obx.location(5))
-    sticky: dict[str, Any] = {"sensitivity": None, "units": None, "correction": None,
-                              "baseline": None, "skew": None, "fs": None, "low": None, "high": None}
+        raise with_location(WaveformError(f"{obx.where()}: channel definition (CD) is empty"), obx.location(5))
+    sticky: dict[str, Any] = {
+        "sensitivity": None,
+        "units": None,
+        "correction": None,
+        "baseline": None,
+        "skew": None,
+        "fs": None,
+        "low": None,
+        "high": None,
+    }
     channels: list[_Channel] = []
     for r, fld in enumerate(reps, start=1):
+
         def text(c: int, s: int = 1) -> str | None:
-            return component_text(fld, c, s, encoding=encoding)
+            return component_text(fld, c, s, encoding=separators)
 
         def number(c: int, s: int, what: str) -> float | None:
             value = text(c, s)
@@ -454,15 +472,23 @@ def _channel_definitions(obx: _Obx, encoding: dict[str, str]) -> list[_Channel]:
                 WaveformError(f"{obx.where()}: channel {r} ({label}): sensitivity correction factor is 0"),
                 obx.location(5, r),
             )
-        channels.append(_Channel(
-            obx=obx, repetition=r, number=number_text, label=label, lead=lead,
-            sensitivity=1.0 if sens is None else sens,
-            units_factor=factor,
-            correction=1.0 if correction is None else correction,
-            baseline=sticky["baseline"] or 0.0,
-            skew=sticky["skew"] or 0.0,
-            fs=sticky["fs"], low=sticky["low"], high=sticky["high"],
-        ))
+        channels.append(
+            _Channel(
+                obx=obx,
+                repetition=r,
+                number=number_text,
+                label=label,
+                lead=lead,
+                sensitivity=1.0 if sens is None else sens,
+                units_factor=factor,
+                correction=1.0 if correction is None else correction,
+                baseline=sticky["baseline"] or 0.0,
+                skew=sticky["skew"] or 0.0,
+                fs=sticky["fs"],
+                low=sticky["low"],
+                high=sticky["high"],
+            )
+        )
     return channels
 
 
@@ -512,14 +538,18 @@ def _common_fs(channels: Sequence[_Channel]) -> float:
     for channel in channels:
         if channel.fs is None:
             raise with_location(
-                WaveformError(f"{channel.obx.where()}: channel {channel.repetition} ({channel.label}) "
-                              "has no sampling frequency (CD-5)"),
+                WaveformError(
+                    f"{channel.obx.where()}: channel {channel.repetition} ({channel.label}) "
+                    "has no sampling frequency (CD-5)"
+                ),
                 channel.obx.location(5, channel.repetition),
             )
         if channel.fs <= 0:
             raise with_location(
-                WaveformError(f"{channel.obx.where()}: channel {channel.repetition} ({channel.label}) "
-                              f"sampling frequency must be > 0 (got {channel.fs:g})"),
+                WaveformError(
+                    f"{channel.obx.where()}: channel {channel.repetition} ({channel.label}) "
+                    f"sampling frequency must be > 0 (got {channel.fs:g})"
+                ),
                 channel.obx.location(5, channel.repetition),
             )
     first = channels[0]
@@ -537,9 +567,7 @@ def _common_fs(channels: Sequence[_Channel]) -> float:
     return float(first.fs)  # type: ignore[arg-type]
 
 
-def _group_samples(
-    er7: Er7, group: _Group, fs: float, encoding: dict[str, str]
-) -> tuple[np.ndarray, datetime | None]:
+def _group_samples(er7: Er7, group: _Group, fs: float) -> tuple[np.ndarray, datetime | None]:
     """Raw samples (channels x samples) of one sub-ID group, and its start time."""
     n_channels = len(group.channels)
     blocks: list[np.ndarray] = []
@@ -559,8 +587,9 @@ def _group_samples(
             if start is None:
                 if n_so_far:
                     raise with_location(
-                        WaveformError(f"{obx.where()}: time of first sample (TS) comes after "
-                                      f"{n_so_far} samples of data"),
+                        WaveformError(
+                            f"{obx.where()}: time of first sample (TS) comes after {n_so_far} samples of data"
+                        ),
                         obx.location(5),
                     )
                 start = when
@@ -579,9 +608,10 @@ def _group_samples(
             continue
         payload = er7.deferred_value(obx.segment)
         if not payload:
-            raise with_location(WaveformError(f"{obx.where()}: waveform data ({obx.value_type}) is empty"),
-                                obx.location(5))
-        block = _samples(payload, obx, n_channels, encoding)
+            raise with_location(
+                WaveformError(f"{obx.where()}: waveform data ({obx.value_type}) is empty"), obx.location(5)
+            )
+        block = _samples(payload, obx, n_channels, er7.separators)
         n_so_far += block.shape[1]
         blocks.append(block)
     if not blocks:
@@ -596,16 +626,18 @@ def _group_samples(
     return np.concatenate(blocks, axis=1), start
 
 
-def _samples(payload: str, obx: _Obx, n_channels: int, encoding: dict[str, str]) -> np.ndarray:
+def _samples(payload: str, obx: _Obx, n_channels: int, separators: Separators) -> np.ndarray:
     """One NA / MA OBX-5 -> raw samples (channels x samples), shape checked against CD."""
-    comp, rep = encoding["COMPONENT"], encoding["REPETITION"]
+    comp, rep = separators.component, separators.repetition
     reps = payload.split(rep)
     if obx.value_type == "NA":
         if len(reps) != n_channels:
             hint = ""
             if len(reps) == 1 and n_channels > 1:
-                hint = (" (NA waveform data is channel-block: one '" + rep + "'-separated repetition "
-                        "per channel; samples interleaved by time point are MA)")
+                hint = (
+                    " (NA waveform data is channel-block: one '" + rep + "'-separated repetition "
+                    "per channel; samples interleaved by time point are MA)"
+                )
             raise with_location(
                 WaveformError(
                     f"{obx.where()}: channel definition lists {n_channels} channels but the NA data "
@@ -613,8 +645,7 @@ def _samples(payload: str, obx: _Obx, n_channels: int, encoding: dict[str, str])
                 ),
                 obx.location(5),
             )
-        rows = [_numbers(r, comp, obx, lambda i, c=c: f"sample {i + 1} of channel {c + 1}")
-                for c, r in enumerate(reps)]
+        rows = [_numbers(r, comp, obx, lambda i, c=c: f"sample {i + 1} of channel {c + 1}") for c, r in enumerate(reps)]
         lengths = {len(row) for row in rows}
         if len(lengths) > 1:
             counts = ", ".join(f"channel {c + 1}: {len(row)}" for c, row in enumerate(rows))
@@ -624,8 +655,8 @@ def _samples(payload: str, obx: _Obx, n_channels: int, encoding: dict[str, str])
             )
         return np.stack(rows)
     # MA: repetitions are time samples, components the channels of one sample.
-    counts = [r.count(comp) + 1 for r in reps]
-    for index, count in enumerate(counts):
+    sample_counts = [r.count(comp) + 1 for r in reps]
+    for index, count in enumerate(sample_counts):
         if count != n_channels:
             raise with_location(
                 WaveformError(
@@ -634,8 +665,9 @@ def _samples(payload: str, obx: _Obx, n_channels: int, encoding: dict[str, str])
                 ),
                 obx.location(5, index + 1),
             )
-    flat = _numbers(payload.replace(rep, comp), comp, obx,
-                    lambda i: f"sample {i // n_channels + 1} of channel {i % n_channels + 1}")
+    flat = _numbers(
+        payload.replace(rep, comp), comp, obx, lambda i: f"sample {i // n_channels + 1} of channel {i % n_channels + 1}"
+    )
     return flat.reshape(len(reps), n_channels).T
 
 
@@ -750,8 +782,7 @@ def _ed_bytes(er7: Er7, obx: _Obx) -> tuple[bytes, str | None]:
             data = text.encode("utf-8")
         else:
             raise with_location(
-                UnsupportedInputError(f"{obx.where()}: ED encoding {encoding!r} is not supported "
-                                      "(Base64, Hex or A)"),
+                UnsupportedInputError(f"{obx.where()}: ED encoding {encoding!r} is not supported (Base64, Hex or A)"),
                 obx.location(5),
             )
     except (binascii.Error, ValueError) as exc:
@@ -763,7 +794,7 @@ def _ed_bytes(er7: Er7, obx: _Obx) -> tuple[bytes, str | None]:
 
 
 def _sniff(data: bytes, subtype: str | None) -> str | None:
-    """"dicom" | "xml" by content (the subtype is only a hint), None for other files (PDF)."""
+    """ "dicom" | "xml" by content (the subtype is only a hint), None for other files (PDF)."""
     if len(data) > 132 and data[128:132] == b"DICM":
         return "dicom"
     head = data.lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -784,6 +815,8 @@ def _merge_identity(ecg: Ecg, patient: Patient, study: Study) -> Ecg:
     """HL7 PID and order numbers win; the embedded file keeps its UIDs and fills the rest."""
     inner = ecg.patient
     flags = [f for f in ecg.flags]
+    pid: str | None
+    issuer: str | None
     if patient.id:
         if inner.id and inner.id != patient.id:
             flags.append("patient_id_overrides_embedded")
@@ -794,7 +827,8 @@ def _merge_identity(ecg: Ecg, patient: Patient, study: Study) -> Ecg:
         if not pid and "no_patient_id" not in flags:
             flags.append("no_patient_id")
     merged_patient = Patient(
-        id=pid, id_issuer=issuer,
+        id=pid,
+        id_issuer=issuer,
         name=patient.name or inner.name,
         birth_date=patient.birth_date or inner.birth_date,
         sex=patient.sex if patient.sex not in (None, "unknown") else (inner.sex or patient.sex),
@@ -808,8 +842,7 @@ def _merge_identity(ecg: Ecg, patient: Patient, study: Study) -> Ecg:
         device=es.device or study.device,
     )
     flags.append(f"embedded:{ecg.source_format}")
-    return replace(ecg, patient=merged_patient, study=merged_study, source_format="hl7",
-                   flags=tuple(flags))
+    return replace(ecg, patient=merged_patient, study=merged_study, source_format="hl7", flags=tuple(flags))
 
 
 # ------------------------------------------------------------- patient and study
@@ -856,227 +889,4 @@ def _study(order: _Order, start: datetime | None, device: str | None) -> Study:
             acquired = parse_hl7_timestamp(field_text(obr, 7))
         except ValueError:
             acquired = None
-    return Study(acquired_at=acquired, device=device, placer_order_number=placer,
-                 filler_order_number=filler)
-
-
-# ----------------------------------------------------------------------- writing
-
-
-def build_oru_waveform(
-    ecg: Ecg,
-    *,
-    control_id: str,
-    sending_application: str = "CART",
-    sending_facility: str = "WARD",
-    receiving_application: str = "ECGBRIDGE",
-    receiving_facility: str = "",
-    placer_order_number: str | None = None,
-    filler_order_number: str | None = None,
-    version: str = "2.5.1",
-    encoding: str = "UTF-8",
-    form: str = "NA",
-    sensitivity_uv: float = 1.0,
-    sent_at: datetime | None = None,
-    accept_ack_type: str | None = None,
-    application_ack_type: str | None = None,
-) -> str:
-    """The ORU^R01 a cart would send for ``ecg``, as ER7 text (``\\r`` separators).
-
-    Samples are integers in units of ``sensitivity_uv`` microvolts (CSU ``uV`` UCUM), one CD
-    OBX with a repetition per lead, a TS OBX, then NA (channel-block) or MA (multiplexed)
-    OBX split so that no OBX-5 exceeds :data:`MAX_OBX5_CHARS`. Built with hl7apy on the
-    2.5.1 definitions (MSH-12 says ``version``) and validated strictly before returning.
-    Encode the text with :func:`mapping.hl7_common.python_codec` of its MSH-18.
-    """
-    form = form.upper()
-    if form not in ("NA", "MA"):
-        raise ValueError(f"form must be NA or MA, not {form!r}")
-    if not sensitivity_uv > 0 or not math.isfinite(sensitivity_uv):
-        raise ValueError("sensitivity_uv must be a positive number")
-    samples = np.rint(np.asarray(ecg.signals, dtype=np.float64) * (1000.0 / sensitivity_uv))
-    if not np.all(np.isfinite(samples)):
-        raise ValueError("ECG signals hold NaN or infinite values")
-    ints = samples.astype(np.int64)
-    peak = int(np.max(np.abs(ints))) if ints.size else 0
-    bits = 16 if peak <= 32767 else 32
-    if peak > 2**31 - 1:
-        raise ValueError(f"samples exceed 32 bits at {sensitivity_uv} uV per unit; raise sensitivity_uv")
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-    message, oo, enc = _header(
-        ecg.patient, control_id=control_id, sending_application=sending_application,
-        sending_facility=sending_facility, receiving_application=receiving_application,
-        receiving_facility=receiving_facility, version=version, encoding=encoding, sent_at=sent_at,
-        accept_ack_type=accept_ack_type, application_ack_type=application_ack_type,
-    )
-    acquired = ecg.study.acquired_at or sent_at or datetime.now(timezone.utc)
-    _order(oo, placer_order_number or ecg.study.placer_order_number,
-           filler_order_number or ecg.study.filler_order_number, acquired)
-
-    sens = _nm(sensitivity_uv)
-    cd = []
-    for number, lead in enumerate(ecg.leads, start=1):
-        name = escape(lead, enc)
-        cd.append(f"{number}&{name}^{name}^{sens}&uV&microvolt&UCUM^1&0&0^{_nm(ecg.fs)}^{low}&{high}")
-    set_id = 1
-    _obx(oo, set_id, "CD", cd, sub_id="1")
-    set_id += 1
-    _obx(oo, set_id, "TS", [hl7_timestamp(acquired, naive_ok=True)], sub_id="1")
-    payloads: dict[str, str] = {}
-    for chunk in _chunks(ints):
-        set_id += 1
-        key = f"ecgbridge-payload-{len(payloads)}"
-        payloads[key] = _payload(chunk, form, enc)
-        _obx(oo, set_id, form, [key], sub_id="1")
-    return _finish(message, payloads)
-
-
-def build_oru_ed(
-    payload: bytes,
-    subtype: str,
-    *,
-    control_id: str,
-    patient: Patient | None = None,
-    acquired_at: datetime | None = None,
-    sending_application: str = "CART",
-    sending_facility: str = "WARD",
-    receiving_application: str = "ECGBRIDGE",
-    receiving_facility: str = "",
-    placer_order_number: str | None = None,
-    filler_order_number: str | None = None,
-    version: str = "2.5.1",
-    encoding: str = "UTF-8",
-    type_of_data: str = "Application",
-    sent_at: datetime | None = None,
-) -> str:
-    """An ORU^R01 carrying one file (DICOM, XML) base64-encoded in an ED OBX, validated."""
-    if not payload:
-        raise ValueError("payload is empty")
-    message, oo, enc = _header(
-        patient or Patient(), control_id=control_id, sending_application=sending_application,
-        sending_facility=sending_facility, receiving_application=receiving_application,
-        receiving_facility=receiving_facility, version=version, encoding=encoding, sent_at=sent_at,
-        accept_ack_type=None, application_ack_type=None,
-    )
-    _order(oo, placer_order_number, filler_order_number, acquired_at or sent_at or datetime.now(timezone.utc))
-    key = "ecgbridge-payload-0"
-    value = "^".join((escape(sending_application, enc), escape(type_of_data, enc), escape(subtype, enc),
-                      "Base64", key))
-    _obx(oo, 1, "ED", [value], sub_id="")
-    return _finish(message, {key: base64.b64encode(payload).decode("ascii")})
-
-
-def _nm(value: float) -> str:
-    """An NM value without float noise: 500.0 -> '500', 0.5 -> '0.5'."""
-    return f"{value:.10g}"
-
-
-def _header(
-    patient: Patient, *, control_id: str, sending_application: str, sending_facility: str,
-    receiving_application: str, receiving_facility: str, version: str, encoding: str,
-    sent_at: datetime | None, accept_ack_type: str | None, application_ack_type: str | None,
-) -> tuple[Message, Any, dict[str, str]]:
-    if not control_id:
-        raise ValueError("control_id is required (MSH-10); never reuse one")
-    if not patient.id:
-        raise ValueError("patient.id is required: PID-3 is required in ORU^R01")
-    charset = hl7_charset(encoding)
-    message = Message("ORU_R01", version="2.5.1", validation_level=VALIDATION_LEVEL.STRICT)
-    enc = message.encoding_chars
-    msh = message.msh
-    msh.msh_3 = escape(sending_application, enc)
-    msh.msh_4 = escape(sending_facility, enc)
-    msh.msh_5 = escape(receiving_application, enc)
-    if receiving_facility:
-        msh.msh_6 = escape(receiving_facility, enc)
-    msh.msh_7 = hl7_timestamp(sent_at or datetime.now(timezone.utc))
-    msh.msh_9 = "ORU^R01^ORU_R01"
-    msh.msh_10 = escape(control_id, enc)
-    msh.msh_11 = "P"
-    msh.msh_12 = escape(version, enc)
-    if accept_ack_type:
-        msh.msh_15 = accept_ack_type
-    if application_ack_type:
-        msh.msh_16 = application_ack_type
-    msh.msh_18 = charset
-    result = message.oru_r01_patient_result
-    pid = result.oru_r01_patient.pid
-    pid.pid_1 = "1"
-    issuer = f"^^^{escape(patient.id_issuer, enc)}" if patient.id_issuer else "^^^"
-    pid.pid_3 = f"{escape(patient.id, enc)}{issuer}^MR"
-    pid.pid_5 = _xpn(patient.name, enc)
-    if patient.birth_date:
-        pid.pid_7 = patient.birth_date.replace("-", "")
-    if patient.sex:
-        pid.pid_8 = _SEX_CODE.get(patient.sex, "U")
-    return message, result.oru_r01_order_observation, enc
-
-
-def _xpn(name: str | None, enc: dict[str, str]) -> str:
-    """A DICOM-order name (Family^Given^Middle^Prefix^Suffix) as XPN; ``""`` (null) if none."""
-    if not name:
-        return '""'
-    parts = (name.split("^") + [""] * 5)[:5]
-    family, given, middle, prefix, suffix = (escape(p, enc) for p in parts)
-    return "^".join((family, given, middle, suffix, prefix)).rstrip("^")
-
-
-def _order(oo: Any, placer: str | None, filler: str | None, acquired: datetime) -> None:
-    enc = oo.encoding_chars
-    if placer or filler:
-        oo.orc.orc_1 = "RE"
-        if placer:
-            oo.orc.orc_2 = escape(placer, enc)
-        if filler:
-            oo.orc.orc_3 = escape(filler, enc)
-    obr = oo.obr
-    obr.obr_1 = "1"
-    if placer:
-        obr.obr_2 = escape(placer, enc)
-    if filler:
-        obr.obr_3 = escape(filler, enc)
-    code, display = LOINC["ecg_panel"]
-    obr.obr_4 = f"{code}^{escape(display, enc)}^LN"
-    obr.obr_7 = hl7_timestamp(acquired, naive_ok=True)
-    obr.obr_25 = "F"
-
-
-def _obx(oo: Any, set_id: int, value_type: str, values: Sequence[str], *, sub_id: str) -> None:
-    """Append one OBX (values: ER7 text of each OBX-5 repetition, already escaped)."""
-    group = oo.add_group("ORU_R01_OBSERVATION")
-    obx = group.obx
-    obx.obx_1 = str(set_id)
-    obx.obx_2 = value_type
-    code, text = _OBX3[value_type]
-    obx.obx_3 = f"{code}^{text}^{OBX_CODING_SYSTEM}"
-    if sub_id:
-        obx.obx_4 = sub_id
-    obx.obx_5 = values[0]
-    for value in values[1:]:
-        obx.add_field("OBX_5").value = value
-    obx.obx_11 = "F"
-
-
-def _chunks(ints: np.ndarray) -> list[np.ndarray]:
-    """Time slices of the samples so that each OBX-5 stays within MAX_OBX5_CHARS."""
-    n_channels, n_samples = ints.shape
-    widest = max(len(str(int(ints.min()))), len(str(int(ints.max())))) + 1 if ints.size else 2
-    per_slice = max(1, MAX_OBX5_CHARS // (n_channels * widest))
-    return [ints[:, i:i + per_slice] for i in range(0, n_samples, per_slice)] or [ints]
-
-
-def _payload(chunk: np.ndarray, form: str, enc: dict[str, str]) -> str:
-    comp, rep = enc["COMPONENT"], enc["REPETITION"]
-    rows = chunk if form == "NA" else chunk.T
-    return rep.join(comp.join(map(str, row.tolist())) for row in rows)
-
-
-def _finish(message: Message, payloads: dict[str, str]) -> str:
-    """Validate, serialise, put the payloads in, and check the result parses strictly."""
-    message.validate()
-    text = message.to_er7()
-    for key, value in payloads.items():
-        text = text.replace(key, value, 1)
-    read_er7(text, validate=True, validate_as="2.5.1")
-    return text
+    return Study(acquired_at=acquired, device=device, placer_order_number=placer, filler_order_number=filler)

@@ -84,14 +84,16 @@ def attributions(output: ModelOutput) -> list[Attribution]:
             continue
         if not math.isfinite(contribution):
             continue
-        out.append(Attribution(
-            feature=str(item.get("feature", "?")),
-            display=str(item.get("display") or item.get("feature", "?")),
-            kind=str(item.get("kind", "ecg")),
-            value=item.get("value"),
-            unit=item.get("unit"),
-            contribution=contribution,
-        ))
+        out.append(
+            Attribution(
+                feature=str(item.get("feature", "?")),
+                display=str(item.get("display") or item.get("feature", "?")),
+                kind=str(item.get("kind", "ecg")),
+                value=item.get("value"),
+                unit=item.get("unit"),
+                contribution=contribution,
+            )
+        )
     return sorted(out, key=lambda a: -abs(a.contribution))
 
 
@@ -124,17 +126,21 @@ def explanation_lines(output: ModelOutput, *, top: int = 5) -> list[str]:
     if tier is None:
         return ["The LVEF model gave no tier."]
     variant = str(output.extra.get("variant") or "ecg-only")
-    source = "ECG features and the patient's EHR record" if variant == "ecg+ehr" else "ECG features only (no EHR context)"
+    source = (
+        "ECG features and the patient's EHR record" if variant == "ecg+ehr" else "ECG features only (no EHR context)"
+    )
     lines.append(f"Estimated LVEF tier: {_tier_text(tier)}, from {source}.")
     attrs = attributions(output)
     toward = [a for a in attrs if a.contribution > 0][:top]
     against = [a for a in attrs if a.contribution < 0][: max(1, top // 2)]
     if toward:
-        lines.append("Pointing to this tier: " + "; ".join(
-            f"{format_value(a)} ({a.kind.upper()})" for a in toward) + ".")
+        lines.append(
+            "Pointing to this tier: " + "; ".join(f"{format_value(a)} ({a.kind.upper()})" for a in toward) + "."
+        )
     if against:
-        lines.append("Pointing away from it: " + "; ".join(
-            f"{format_value(a)} ({a.kind.upper()})" for a in against) + ".")
+        lines.append(
+            "Pointing away from it: " + "; ".join(f"{format_value(a)} ({a.kind.upper()})" for a in against) + "."
+        )
     missing = [str(m) for m in output.extra.get("missing_context") or () if m]
     status = output.extra.get("ehr_status")
     if variant != "ecg+ehr" and status:

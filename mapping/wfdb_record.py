@@ -27,7 +27,12 @@ __all__ = ["read_wfdb", "lead_name", "WFDB_UNITS_TO_MV"]
 
 #: WFDB units (lower-cased) -> factor to mV. "zscore" is dimensionless, kept as is.
 WFDB_UNITS_TO_MV: dict[str, float] = {
-    "mv": 1.0, "uv": 1e-3, "\u00b5v": 1e-3, "\u03bcv": 1e-3, "v": 1e3, "zscore": 1.0,
+    "mv": 1.0,
+    "uv": 1e-3,
+    "\u00b5v": 1e-3,
+    "\u03bcv": 1e-3,
+    "v": 1e3,
+    "zscore": 1.0,
 }
 
 _LEAD_BY_LOWER: dict[str, str] = {lead.lower(): lead for lead in STANDARD_LEADS}
@@ -50,9 +55,8 @@ def read_wfdb(path: Path | str) -> Ecg:
         raise FileNotFoundError(f"no WFDB header {header}")
     try:
         record = wfdb.rdrecord(str(base), physical=True)
-    except Exception as exc:  # noqa: BLE001 - any wfdb failure means an unreadable record
-        raise DecodeError(f"WFDB record {base.name} could not be read ({type(exc).__name__})",
-                          detail=str(exc)) from exc
+    except Exception as exc:
+        raise DecodeError(f"WFDB record {base.name} could not be read ({type(exc).__name__})", detail=str(exc)) from exc
 
     name = str(record.record_name or base.name)
     fs = float(record.fs or 0)

@@ -19,27 +19,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ecgbridge.errors import ConfigError, DeliveryError
 from ecgbridge.core.settings import EhrSource
+from ecgbridge.errors import ConfigError, DeliveryError
+from ecgbridge.mapping.ecg import Patient
+from ecgbridge.mapping.ehr_context import LOINC, EhrContext, context_from_resources, observation_loinc_codes
+from ecgbridge.outbound.fhir_auth import SmartBackendAuth
 from ecgbridge.outbound.fhir_client import (
     BearerAuth,
     FhirClient,
     FhirPermanentError,
     FhirTransientError,
-    SmartBackendAuth,
     search_matches,
 )
-from ecgbridge.mapping.ecg import Patient
-from ecgbridge.mapping.ehr_context import LOINC, EhrContext, context_from_resources, observation_loinc_codes
 
 __all__ = ["fetch_context", "build_client", "EhrFetcher"]
 
 log = logging.getLogger("ecgbridge.ehr")
-
 
 
 def build_client(source: EhrSource) -> FhirClient:
@@ -55,7 +54,9 @@ def build_client(source: EhrSource) -> FhirClient:
         try:
             pem = Path(auth_cfg.private_key_file or "").read_bytes()
         except OSError as exc:
-            raise ConfigError(f"EHR {source.name}: SMART private key file cannot be read ({type(exc).__name__})") from exc
+            raise ConfigError(
+                f"EHR {source.name}: SMART private key file cannot be read ({type(exc).__name__})"
+            ) from exc
         try:
             auth = SmartBackendAuth(
                 client_id=auth_cfg.client_id or "",
@@ -90,8 +91,8 @@ def _utc(dt: datetime | None) -> datetime | None:
     if dt is None:
         return None
     if dt.tzinfo is None or dt.utcoffset() is None:
-        return dt.astimezone().astimezone(timezone.utc)
-    return dt.astimezone(timezone.utc)
+        return dt.astimezone().astimezone(UTC)
+    return dt.astimezone(UTC)
 
 
 def _stamp(dt: datetime) -> str:
@@ -108,25 +109,41 @@ class _Query:
 
     def run(self, resource_type: str, params: list[tuple[str, str]]) -> list[dict[str, Any]] | None:
         started = time.monotonic()
-        results = self.client.search_all(resource_type, params, self.source.max_observation_pages,
-                                         deadline=self.deadline, retries=self.source.retries)
+        results = self.client.search_all(
+            resource_type,
+            params,
+            self.source.max_observation_pages,
+            deadline=self.deadline,
+            retries=self.source.retries,
+        )
         try:
             resources = list(results)
         except (FhirTransientError, FhirPermanentError) as exc:
-            log.info("EHR %s search failed after %d page(s): %s (%.2fs)", resource_type, results.pages,
-                     getattr(exc, "status", None) or type(exc).__name__, time.monotonic() - started)
+            log.info(
+                "EHR %s search failed after %d page(s): %s (%.2fs)",
+                resource_type,
+                results.pages,
+                getattr(exc, "status", None) or type(exc).__name__,
+                time.monotonic() - started,
+            )
             self.problems.append(_failure(f"{resource_type} search", exc))
             self.failed = True
             return None
         if results.truncated:
             self.problems.append(f"{resource_type} search: {results.why}; older results not read")
-        log.info("EHR %s search: %d resources in %d page(s) (%.2fs)", resource_type, len(resources),
-                 results.pages, time.monotonic() - started)
+        log.info(
+            "EHR %s search: %d resources in %d page(s) (%.2fs)",
+            resource_type,
+            len(resources),
+            results.pages,
+            time.monotonic() - started,
+        )
         return resources
 
 
-def _find_patient(client: FhirClient, source: EhrSource, patient: Patient, deadline: float
-                  ) -> dict[str, Any] | EhrContext:
+def _find_patient(
+    client: FhirClient, source: EhrSource, patient: Patient, deadline: float
+) -> dict[str, Any] | EhrContext:
     params = {"identifier": f"{source.patient_identifier_system}|{patient.id}"}
     try:
         bundle = client.search_page("Patient", params, deadline=deadline, retries=source.retries)
@@ -137,37 +154,54 @@ def _find_patient(client: FhirClient, source: EhrSource, patient: Patient, deadl
     log.info("EHR Patient search: %d match(es)", len(matches))
     if not matches:
         return EhrContext.missing(
-            "no_patient", f"no Patient on the EHR has the ECG's identifier (system {source.patient_identifier_system})",
-            source=source.name)
+            "no_patient",
+            f"no Patient on the EHR has the ECG's identifier (system {source.patient_identifier_system})",
+            source=source.name,
+        )
     if len(matches) > 1 or not matches[0].get("id"):
         return EhrContext.missing(
-            "no_patient", f"{len(matches)} Patients on the EHR share the ECG's identifier: ambiguous, none used",
-            source=source.name)
+            "no_patient",
+            f"{len(matches)} Patients on the EHR share the ECG's identifier: ambiguous, none used",
+            source=source.name,
+        )
     return matches[0]
 
 
-def _fetch(client: FhirClient, source: EhrSource, patient: Patient, acquired_at: datetime | None,
-           deadline: float) -> EhrContext:
+def _fetch(
+    client: FhirClient, source: EhrSource, patient: Patient, acquired_at: datetime | None, deadline: float
+) -> EhrContext:
     found = _find_patient(client, source, patient, deadline)
     if isinstance(found, EhrContext):
         return found
     ref = f"Patient/{found['id']}"
     end = _utc(acquired_at)
-    start = (end or datetime.now(timezone.utc)) - timedelta(days=source.observation_window_days)
-    obs_params = [("patient", ref), ("code", ",".join(f"{LOINC}|{c}" for c in observation_loinc_codes())),
-                  ("date", f"ge{_stamp(start)}")]
+    start = (end or datetime.now(UTC)) - timedelta(days=source.observation_window_days)
+    obs_params = [
+        ("patient", ref),
+        ("code", ",".join(f"{LOINC}|{c}" for c in observation_loinc_codes())),
+        ("date", f"ge{_stamp(start)}"),
+    ]
     if end is not None:
         obs_params.append(("date", f"le{_stamp(end)}"))
     obs_params += [("_sort", "-date"), ("_count", str(source.page_size))]
     query = _Query(client, source, deadline)
     observations = query.run("Observation", obs_params)
     conditions = query.run("Condition", [("patient", ref), ("_count", str(source.page_size))])
-    medications = (query.run("MedicationStatement", [("patient", ref), ("_count", str(source.page_size))])
-                   if source.fetch_medications else None)
+    medications = (
+        query.run("MedicationStatement", [("patient", ref), ("_count", str(source.page_size))])
+        if source.fetch_medications
+        else None
+    )
     return context_from_resources(
-        found, observations, conditions, medications,
-        acquired_at=acquired_at, window_days=source.observation_window_days, source=source.name,
-        status="partial" if query.failed else "complete", problems=query.problems,
+        found,
+        observations,
+        conditions,
+        medications,
+        acquired_at=acquired_at,
+        window_days=source.observation_window_days,
+        source=source.name,
+        status="partial" if query.failed else "complete",
+        problems=query.problems,
     )
 
 
@@ -196,15 +230,22 @@ def fetch_context(
         return EhrContext.missing("unavailable", exc.message, source=source.name)
     try:
         context = _fetch(client, source, patient, acquired_at, deadline)
-    except Exception as exc:  # noqa: BLE001 - a worker must go on ECG-only whatever the EHR did
+    except Exception as exc:
         log.warning("EHR %s: unexpected %s while reading context", source.name, type(exc).__name__)
         context = EhrContext.missing(
-            "unavailable", f"unexpected error while reading the EHR ({type(exc).__name__})", source=source.name)
+            "unavailable", f"unexpected error while reading the EHR ({type(exc).__name__})", source=source.name
+        )
     finally:
         if own and client is not None:
             client.close()
-    log.info("EHR context from %s: %s, %d value(s), %d problem(s) (%.2fs)", source.name, context.status,
-             len(context.values), len(context.problems), time.monotonic() - started)
+    log.info(
+        "EHR context from %s: %s, %d value(s), %d problem(s) (%.2fs)",
+        source.name,
+        context.status,
+        len(context.values),
+        len(context.problems),
+        time.monotonic() - started,
+    )
     return context
 
 
@@ -242,7 +283,7 @@ class EhrFetcher:
                 client.close()
             self._clients.clear()
 
-    def __enter__(self) -> "EhrFetcher":
+    def __enter__(self) -> EhrFetcher:
         return self
 
     def __exit__(self, *exc: object) -> None:

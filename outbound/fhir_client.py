@@ -1,4 +1,4 @@
-"""A small synchronous FHIR R4 REST client and the idempotent report delivery.
+"""A small synchronous FHIR R4 REST client: the transport result delivery and EHR reads share.
 
 Every failure leaves as one of the two delivery errors, so the caller's retry policy
 needs no HTTP knowledge:
@@ -10,8 +10,9 @@ needs no HTTP knowledge:
   the server's OperationOutcome summary.
 
 Reading (EHR context) adds :meth:`FhirClient.search_all`, which follows
-``Bundle.link[next]`` up to a page cap under one deadline, and :class:`SmartBackendAuth`
-(SMART Backend Services: client_credentials with a signed JWT assertion).
+``Bundle.link[next]`` up to a page cap under one deadline. Authentication is an
+``httpx.Auth``: :class:`BearerAuth` here, SMART Backend Services in
+:mod:`ecgbridge.outbound.fhir_auth`; the report delivery is :mod:`ecgbridge.outbound.fhir_sender`.
 
 Logs name the method, resource type and status only (logger ``ecgbridge.fhir``):
 bodies, query strings and identifiers can hold PHI and are never logged.
@@ -21,32 +22,26 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timezone
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, AsyncGenerator, Generator
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import httpx
 
 from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
-from ecgbridge.mapping.ecg import Patient
-from ecgbridge.mapping.fhir_report import ReportBundle, operation_outcome_text, resolve_references
+from ecgbridge.mapping.fhir_report import operation_outcome_text
 
 __all__ = [
     "FHIR_JSON",
     "BearerAuth",
-    "SmartBackendAuth",
     "FhirClient",
     "SearchResults",
     "search_matches",
     "FhirTransientError",
     "FhirPermanentError",
-    "deliver_report",
-    "resolve_patient",
 ]
 
 FHIR_JSON = "application/fhir+json"
@@ -97,7 +92,7 @@ class BearerAuth(httpx.Auth):
         self._token = token
 
     @classmethod
-    def from_env(cls, variable: str) -> "BearerAuth":
+    def from_env(cls, variable: str) -> BearerAuth:
         """Read the token from an environment variable (secrets stay out of config)."""
         token = os.environ.get(variable, "")
         if not token:
@@ -126,11 +121,11 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _json_or_none(response: httpx.Response) -> dict[str, Any] | None:
+def json_or_none(response: httpx.Response) -> dict[str, Any] | None:
     if not response.content:
         return None
     try:
@@ -140,7 +135,7 @@ def _json_or_none(response: httpx.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _ref_from_location(location: str, resource_type: str) -> str | None:
+def ref_from_location(location: str, resource_type: str) -> str | None:
     """``Type/id`` from a Location like ``.../Type/id/_history/3``."""
     segments = [s for s in httpx.URL(location).path.split("/") if s]
     if len(segments) >= 4 and segments[-2] == "_history":
@@ -190,7 +185,7 @@ class FhirClient:
         if callable(closer):
             closer()
 
-    def __enter__(self) -> "FhirClient":
+    def __enter__(self) -> FhirClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -216,21 +211,19 @@ class FhirClient:
         extra: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
         try:
             response = self._http.request(
-                method, path, json=json, params=_params(params) or None, headers=send_headers, **extra
+                method, path, json=json, params=cast(Any, _params(params) or None), headers=send_headers, **extra
             )
         except httpx.TimeoutException as exc:
             log.debug("%s -> timeout", what)
             raise FhirTransientError(f"{what}: timed out", detail=type(exc).__name__) from exc
         except httpx.TransportError as exc:
             log.debug("%s -> %s", what, type(exc).__name__)
-            raise FhirTransientError(
-                f"{what}: connection failed ({type(exc).__name__})", detail=str(exc)
-            ) from exc
+            raise FhirTransientError(f"{what}: connection failed ({type(exc).__name__})", detail=str(exc)) from exc
         status = response.status_code
         log.debug("%s -> %d", what, status)
         if status < 400:
             return response
-        outcome = _json_or_none(response)
+        outcome = json_or_none(response)
         summary = operation_outcome_text(outcome) or response.reason_phrase or "no details"
         message = f"{what} -> {status}: {summary}"
         if status in (408, 429) or status >= 500:
@@ -240,10 +233,11 @@ class FhirClient:
         raise FhirPermanentError(message, status=status, outcome=outcome)
 
     def _resource_body(self, response: httpx.Response, what: str) -> dict[str, Any]:
-        body = _json_or_none(response)
+        body = json_or_none(response)
         if body is None:
-            raise FhirPermanentError(f"{what}: the server's answer is not a FHIR JSON resource",
-                                     status=response.status_code)
+            raise FhirPermanentError(
+                f"{what}: the server's answer is not a FHIR JSON resource", status=response.status_code
+            )
         return body
 
     # -- interactions
@@ -260,8 +254,9 @@ class FhirClient:
         response = self._request("GET", resource_type, path, params=params, timeout_s=timeout_s)
         body = self._resource_body(response, f"FHIR search {resource_type}")
         if body.get("resourceType") != "Bundle":
-            raise FhirPermanentError(f"FHIR search {resource_type}: answer is not a Bundle",
-                                     status=response.status_code)
+            raise FhirPermanentError(
+                f"FHIR search {resource_type}: answer is not a Bundle", status=response.status_code
+            )
         return body
 
     def search_all(
@@ -272,7 +267,7 @@ class FhirClient:
         *,
         deadline: float | None = None,
         retries: int = 0,
-    ) -> "SearchResults":
+    ) -> SearchResults:
         """Every match of a search, following ``link[next]``, at most ``max_pages`` pages.
 
         Iterate the result for the resources; afterwards ``truncated`` says whether
@@ -327,18 +322,14 @@ class FhirClient:
         bundle = self.search(resource_type, params)
         matches = search_matches(bundle, resource_type)
         if len(matches) > 1:
-            raise FhirPermanentError(
-                f"FHIR search {resource_type}: {len(matches)} matches where one was expected"
-            )
+            raise FhirPermanentError(f"FHIR search {resource_type}: {len(matches)} matches where one was expected")
         return matches[0] if matches else None
 
     def create(self, resource: Mapping[str, Any]) -> tuple[str, bool]:
         """Plain POST (not idempotent); returns ("Type/id", True)."""
         return self.conditional_create(resource, None)
 
-    def conditional_create(
-        self, resource: Mapping[str, Any], if_none_exist: str | None
-    ) -> tuple[str, bool]:
+    def conditional_create(self, resource: Mapping[str, Any], if_none_exist: str | None) -> tuple[str, bool]:
         """POST with ``If-None-Exist``; returns ("Type/id", created).
 
         201 -> created (id from Location, else the body); 200 -> an existing match (id
@@ -361,22 +352,20 @@ class FhirClient:
         status = response.status_code
         created = status == 201
         if status not in (200, 201):
-            raise FhirPermanentError(f"FHIR POST {rtype} -> unexpected status {status}",
-                                     status=status)
-        body = _json_or_none(response)
+            raise FhirPermanentError(f"FHIR POST {rtype} -> unexpected status {status}", status=status)
+        body = json_or_none(response)
         if body and body.get("resourceType") == rtype and body.get("id"):
             return f"{rtype}/{body['id']}", created
         for header in ("Location", "Content-Location"):
             location = response.headers.get(header)
-            ref = _ref_from_location(location, rtype) if location else None
+            ref = ref_from_location(location, rtype) if location else None
             if ref:
                 return ref, created
         if not created and if_none_exist:
             existing = self.find_one(rtype, if_none_exist)
             if existing and existing.get("id"):
                 return f"{rtype}/{existing['id']}", False
-        raise FhirPermanentError(f"FHIR POST {rtype} -> {status} without a resource id",
-                                 status=status)
+        raise FhirPermanentError(f"FHIR POST {rtype} -> {status} without a resource id", status=status)
 
     def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """POST a transaction (or batch) Bundle to the base; returns the response Bundle."""
@@ -393,7 +382,7 @@ class FhirClient:
         if not rid:
             raise FhirPermanentError(f"FHIR PUT {rtype}: resource has no id")
         response = self._request("PUT", rtype, f"{rtype}/{rid}", json=resource)
-        body = _json_or_none(response)
+        body = json_or_none(response)
         return body if body is not None else dict(resource)
 
 
@@ -412,8 +401,15 @@ def search_matches(bundle: Mapping[str, Any], resource_type: str) -> list[dict[s
 class SearchResults:
     """Lazily paged search matches; ``pages``, ``truncated`` and ``total`` fill in as it runs."""
 
-    def __init__(self, client: FhirClient, resource_type: str, params: Params, max_pages: int,
-                 deadline: float | None, retries: int) -> None:
+    def __init__(
+        self,
+        client: FhirClient,
+        resource_type: str,
+        params: Params,
+        max_pages: int,
+        deadline: float | None,
+        retries: int,
+    ) -> None:
         if max_pages < 1:
             raise ValueError("max_pages must be at least 1")
         self._client = client
@@ -432,8 +428,9 @@ class SearchResults:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         url: str | None = None
         while True:
-            bundle = self._client.search_page(self.resource_type, self._params, url=url,
-                                              deadline=self._deadline, retries=self._retries)
+            bundle = self._client.search_page(
+                self.resource_type, self._params, url=url, deadline=self._deadline, retries=self._retries
+            )
             self.pages += 1
             if self.pages == 1 and isinstance(bundle.get("total"), int):
                 self.total = bundle["total"]
@@ -457,281 +454,7 @@ class SearchResults:
 
 def _next_link(bundle: Mapping[str, Any]) -> str | None:
     for link in bundle.get("link") or []:
-        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            return link["url"]
+        url = link.get("url") if isinstance(link, dict) else None
+        if isinstance(url, str) and link.get("relation") == "next":
+            return url
     return None
-
-
-_JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-
-
-class SmartBackendAuth(httpx.Auth):
-    """SMART Backend Services: a client_credentials token got with a signed JWT assertion.
-
-    The assertion (iss = sub = client id, aud = token URL, exp within 5 minutes, unique
-    jti, ``kid`` header) is signed RS384 (RSA key) or ES384 (EC P-384 key). The token is
-    cached until shortly before ``expires_in`` and fetched again once when the FHIR server
-    answers 401 (revoked or expired early). With no ``token_url`` it is discovered from
-    ``{fhir_base_url}/.well-known/smart-configuration``. Token endpoint failures raise
-    :class:`FhirPermanentError` (4xx: the registration or key is wrong) or
-    :class:`FhirTransientError` (unreachable, 5xx).
-    """
-
-    requires_response_body = False
-
-    def __init__(
-        self,
-        *,
-        client_id: str,
-        private_key_pem: bytes,
-        key_id: str,
-        scope: str,
-        token_url: str | None = None,
-        fhir_base_url: str | None = None,
-        timeout_s: float = 10.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        import jwt  # noqa: F401  (fail here, at configuration time, when PyJWT is missing)
-        from cryptography.hazmat.primitives.asymmetric import ec, rsa
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-        if token_url is None and fhir_base_url is None:
-            raise ValueError("SMART backend auth needs token_url or fhir_base_url (for discovery)")
-        key = load_pem_private_key(private_key_pem, password=None)
-        if isinstance(key, rsa.RSAPrivateKey):
-            self.algorithm = "RS384"
-        elif isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
-            self.algorithm = "ES384"
-        else:
-            raise ValueError("the SMART private key must be RSA (RS384) or EC P-384 (ES384)")
-        self._key = key
-        self.client_id = client_id
-        self.key_id = key_id
-        self.scope = scope
-        self.token_url = token_url
-        self._fhir_base = fhir_base_url.rstrip("/") if fhir_base_url else None
-        self._http = httpx.Client(timeout=timeout_s, transport=transport, follow_redirects=False)
-        self._lock = threading.Lock()
-        self._token: str | None = None
-        self._renew_at = 0.0
-        #: Tokens fetched so far (for metrics and tests).
-        self.tokens_fetched = 0
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __repr__(self) -> str:
-        return f"SmartBackendAuth(client_id={self.client_id!r}, alg={self.algorithm}, token=***)"
-
-    # -- the flow
-    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        timeout = request.extensions.get("timeout")
-        token = self.access_token(timeout)
-        request.headers["Authorization"] = f"Bearer {token}"
-        response = yield request
-        if response.status_code == 401:
-            log.debug("FHIR answered 401 with a cached SMART token; fetching a new one")
-            self.invalidate(token)
-            request.headers["Authorization"] = f"Bearer {self.access_token(timeout)}"
-            yield request
-
-    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        raise NotImplementedError("SmartBackendAuth is for the synchronous httpx.Client")
-        yield request  # pragma: no cover
-
-    def invalidate(self, token: str | None = None) -> None:
-        with self._lock:
-            if token is None or token == self._token:
-                self._token, self._renew_at = None, 0.0
-
-    def access_token(self, timeout: Any = None) -> str:
-        """The cached token, or a new one from the token endpoint."""
-        with self._lock:
-            if self._token is not None and time.monotonic() < self._renew_at:
-                return self._token
-            token, expires_in = self._fetch(_as_timeout(timeout))
-            self._token = token
-            self._renew_at = time.monotonic() + expires_in - min(30.0, expires_in * 0.1)
-            self.tokens_fetched += 1
-            return token
-
-    # -- helpers
-    def client_assertion(self, token_url: str) -> str:
-        import jwt
-
-        now = int(time.time())
-        claims = {"iss": self.client_id, "sub": self.client_id, "aud": token_url,
-                  "iat": now, "exp": now + 240, "jti": uuid.uuid4().hex}
-        return jwt.encode(claims, self._key, algorithm=self.algorithm,  # type: ignore[arg-type]
-                          headers={"kid": self.key_id, "typ": "JWT"})
-
-    def _discover(self, timeout: httpx.Timeout | None) -> str:
-        if self.token_url:
-            return self.token_url
-        url = f"{self._fhir_base}/.well-known/smart-configuration"
-        response = self._post_or_get("GET", url, "SMART configuration", timeout)
-        body = _json_or_none(response)
-        endpoint = body.get("token_endpoint") if body else None
-        if response.status_code != 200 or not isinstance(endpoint, str):
-            raise FhirPermanentError(
-                f"SMART configuration -> {response.status_code}: no token_endpoint in "
-                ".well-known/smart-configuration (set token_url)", status=response.status_code)
-        self.token_url = endpoint
-        return endpoint
-
-    def _fetch(self, timeout: httpx.Timeout | None) -> tuple[str, float]:
-        token_url = self._discover(timeout)
-        form = {
-            "grant_type": "client_credentials",
-            "scope": self.scope,
-            "client_assertion_type": _JWT_BEARER,
-            "client_assertion": self.client_assertion(token_url),
-        }
-        response = self._post_or_get("POST", token_url, "SMART token endpoint", timeout, form)
-        body = _json_or_none(response) or {}
-        status = response.status_code
-        if status != 200:
-            error = str(body.get("error") or response.reason_phrase or "no details")[:80]
-            description = str(body.get("error_description") or "")[:200]
-            message = f"SMART token endpoint -> {status}: {error}" + (f": {description}" if description else "")
-            log.debug("SMART token endpoint -> %d (%s)", status, error)
-            if status in (408, 429) or status >= 500:
-                raise FhirTransientError(message, status=status)
-            raise FhirPermanentError(message, status=status)
-        token = body.get("access_token")
-        if not isinstance(token, str) or not token:
-            raise FhirPermanentError("SMART token endpoint -> 200 without an access_token", status=status)
-        expires_in = body.get("expires_in")
-        seconds = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 300.0
-        log.debug("SMART token endpoint -> 200 (expires in %.0fs)", seconds)
-        return token, seconds
-
-    def _post_or_get(self, method: str, url: str, what: str, timeout: httpx.Timeout | None,
-                     form: Mapping[str, str] | None = None) -> httpx.Response:
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-        try:
-            return self._http.request(method, url, data=form, headers={"Accept": "application/json"}, **extra)
-        except httpx.TimeoutException as exc:
-            raise FhirTransientError(f"{what}: timed out", detail=type(exc).__name__) from exc
-        except httpx.TransportError as exc:
-            raise FhirTransientError(f"{what}: connection failed ({type(exc).__name__})", detail=str(exc)) from exc
-
-
-def _as_timeout(value: Any) -> httpx.Timeout | None:
-    """The FHIR request's own timeout (httpx keeps it in ``request.extensions``), for the token call."""
-    if isinstance(value, httpx.Timeout):
-        return value
-    if isinstance(value, dict):
-        try:
-            return httpx.Timeout(**value)
-        except TypeError:
-            return None
-    return None
-
-
-def deliver_report(client: FhirClient, bundle: ReportBundle, *, transaction: bool = False) -> str:
-    """Write ``bundle`` to the server idempotently; returns "DiagnosticReport/<id>".
-
-    ``transaction``: Devices, Observations and the report go in one FHIR transaction (one
-    POST, atomic, each entry a conditional create), then the Provenance as below; for
-    servers that support transactions. Otherwise one request per resource:
-
-    Order follows the references: Devices, Observations (device -> server id), the
-    report (results -> server ids), then a Provenance unless one already targets the
-    report. Each step is a conditional create, so a retry after a crash anywhere
-    finishes the job without duplicates (two workers racing on one message can still
-    both create; delivery runs once per message id).
-    """
-    if transaction:
-        return _provenance(client, bundle, _transaction(client, bundle))
-    refs: dict[str, str] = {}
-    for planned in bundle.all_planned():
-        resource = resolve_references(planned.resource, refs)
-        _no_placeholders(resource)
-        ref, _ = client.conditional_create(resource, planned.if_none_exist)
-        refs[planned.placeholder] = ref
-    return _provenance(client, bundle, refs)
-
-
-def _provenance(client: FhirClient, bundle: ReportBundle, refs: Mapping[str, str]) -> str:
-    """Create the report's Provenance unless one already targets it; returns the report's reference."""
-    report_ref = refs[bundle.report.placeholder]
-    if client.find_one("Provenance", bundle.provenance_query(report_ref)) is None:
-        provenance = bundle.provenance_for(report_ref, refs)
-        _no_placeholders(provenance)
-        client.conditional_create(provenance, None)
-    return report_ref
-
-
-def _transaction(client: FhirClient, bundle: ReportBundle) -> dict[str, str]:
-    """POST the planned resources as one transaction Bundle; placeholder -> "Type/id" from the response.
-
-    The entries keep their ``urn:uuid:`` references and ``fullUrl``s: the server resolves
-    them, to the existing resource when a conditional create matched one (FHIR R4 transaction
-    processing rules).
-    """
-    planned = bundle.all_planned()
-    body = {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {
-                "fullUrl": p.placeholder,
-                "resource": p.resource,
-                "request": {"method": "POST", "url": p.resource_type,
-                            **({"ifNoneExist": p.if_none_exist} if p.if_none_exist else {})},
-            }
-            for p in planned
-        ],
-    }
-    response = client.transaction(body)
-    answers = response.get("entry") or []
-    if response.get("type") != "transaction-response" or len(answers) != len(planned):
-        raise FhirPermanentError(
-            f"FHIR transaction: expected a transaction-response with {len(planned)} entries, got "
-            f"{response.get('type')!r} with {len(answers)}")
-    refs: dict[str, str] = {}
-    for p, answer in zip(planned, answers):
-        result = answer.get("response") or {}
-        status = str(result.get("status", "")).split(" ", 1)[0]
-        ref = _ref_from_location(result["location"], p.resource_type) if result.get("location") else None
-        if ref is None and isinstance(answer.get("resource"), dict) and answer["resource"].get("id"):
-            ref = f"{p.resource_type}/{answer['resource']['id']}"
-        if status not in ("200", "201") or ref is None:
-            raise FhirPermanentError(
-                f"FHIR transaction: the {p.resource_type} entry answered {status or '?'} without a resource id")
-        refs[p.placeholder] = ref
-    return refs
-
-
-def _no_placeholders(resource: Mapping[str, Any]) -> None:
-    """A ``urn:uuid:`` left in a resource sent alone would dangle on the server."""
-
-    def walk(node: Any) -> None:
-        if isinstance(node, Mapping):
-            ref = node.get("reference")
-            if isinstance(ref, str) and ref.startswith("urn:uuid:"):
-                raise PermanentDeliveryError(
-                    f"{resource.get('resourceType')} still refers to an unresolved {ref}"
-                )
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(resource)
-
-
-def resolve_patient(client: FhirClient, patient: Patient, identifier_system: str) -> str | None:
-    """``Patient/<id>`` of the EHR's patient with this identifier, or None to use a logical reference.
-
-    Exactly one match is required: none means the EHR does not know the patient yet
-    (the report then carries the identifier), several is ambiguous and refused.
-    """
-    if not patient.id:
-        return None
-    found = client.find_one("Patient", {"identifier": f"{identifier_system}|{patient.id}"})
-    if found is None or not found.get("id"):
-        return None
-    return f"Patient/{found['id']}"

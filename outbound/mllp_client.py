@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
-from ecgbridge.mapping.hl7_common import unescape
-
-from ecgbridge.gateway.mllp import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
+from ecgbridge.mapping.hl7_common import FRAME_END as _FRAME_END
+from ecgbridge.mapping.hl7_common import START_BLOCK, frame, unescape
 
 if TYPE_CHECKING:
     from ecgbridge.core.settings import Hl7Destination
@@ -41,8 +40,6 @@ __all__ = ["Ack", "parse_ack", "send_oru", "send_message", "MAX_ACK_BYTES"]
 
 log = logging.getLogger("ecgbridge.mllp_client")
 
-#: The end of a frame as it appears on the wire.
-_FRAME_END = END_BLOCK + CARRIAGE_RETURN
 #: An ACK larger than this is not an ACK (and must not fill the worker's memory).
 MAX_ACK_BYTES = 1024 * 1024
 
@@ -71,8 +68,16 @@ def _unescape(text: str, seps: dict[str, str]) -> str:
     """Unescape with the ACK's own separators (the shared HL7 rules)."""
     if not seps["escape"]:
         return text
-    return unescape(text, {"FIELD": seps["field"], "COMPONENT": seps["component"], "REPETITION": seps["repetition"],
-                           "ESCAPE": seps["escape"], "SUBCOMPONENT": seps["subcomponent"] or "&"})
+    return unescape(
+        text,
+        {
+            "FIELD": seps["field"],
+            "COMPONENT": seps["component"],
+            "REPETITION": seps["repetition"],
+            "ESCAPE": seps["escape"],
+            "SUBCOMPONENT": seps["subcomponent"] or "&",
+        },
+    )
 
 
 def _field(fields: list[str], index: int) -> str:
@@ -120,8 +125,13 @@ def parse_ack(data: bytes) -> Ack:
     if start < 0 or len(text) < start + 8:
         raise ValueError("the reply is not an HL7 message (no MSH segment)")
     text = text[start:]
-    seps = {"field": text[3], "component": text[4], "repetition": text[5],
-            "escape": text[6] if text[6] != text[3] else "", "subcomponent": text[7] if text[7] != text[3] else ""}
+    seps = {
+        "field": text[3],
+        "component": text[4],
+        "repetition": text[5],
+        "escape": text[6] if text[6] != text[3] else "",
+        "subcomponent": text[7] if text[7] != text[3] else "",
+    }
     msh: list[str] | None = None
     msa: list[str] | None = None
     errors: list[str] = []
@@ -174,7 +184,7 @@ def _read_frame(sock: socket.socket, deadline: float, where: str, timeout_s: flo
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             raise TransientDeliveryError(f"no ACK from {where} within {timeout_s:g} s") from None
         except OSError as exc:
             raise TransientDeliveryError(f"connection to {where} failed while waiting for the ACK: {exc}") from exc
@@ -187,7 +197,7 @@ def _read_frame(sock: socket.socket, deadline: float, where: str, timeout_s: flo
             if index < 0:
                 buffer.clear()
                 continue
-            del buffer[:index + 1]
+            del buffer[: index + 1]
             started = True
         end = buffer.find(_FRAME_END)
         if end >= 0:
@@ -205,7 +215,7 @@ def send_message(host: str, port: int, message: str, *, connect_timeout_s: float
         raise PermanentDeliveryError(f"the message cannot be encoded as UTF-8 at position {exc.start}") from exc
     try:
         sock = socket.create_connection((host, port), timeout=connect_timeout_s)
-    except socket.timeout:
+    except TimeoutError:
         raise TransientDeliveryError(f"could not connect to {where} within {connect_timeout_s:g} s") from None
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
@@ -215,7 +225,7 @@ def send_message(host: str, port: int, message: str, *, connect_timeout_s: float
         try:
             sock.settimeout(ack_timeout_s)
             sock.sendall(data_out)
-        except socket.timeout:
+        except TimeoutError:
             raise TransientDeliveryError(f"sending to {where} did not finish within {ack_timeout_s:g} s") from None
         except OSError as exc:
             raise TransientDeliveryError(f"connection to {where} failed while sending: {exc.strerror or exc}") from exc
@@ -226,7 +236,7 @@ def send_message(host: str, port: int, message: str, *, connect_timeout_s: float
         raise TransientDeliveryError(f"{where} answered with something that is not an ACK: {exc}") from exc
 
 
-def send_oru(destination: "Hl7Destination", message: str) -> str:
+def send_oru(destination: Hl7Destination, message: str) -> str:
     """Deliver ``message`` to an HL7 destination; ``"ACK:<receiver MSH-10>"`` on AA / CA.
 
     Raises TransientDeliveryError (retry) or PermanentDeliveryError (AR / CR) as the
@@ -235,17 +245,19 @@ def send_oru(destination: "Hl7Destination", message: str) -> str:
     control = _control_id(message)
     name = destination.name
     try:
-        ack = send_message(destination.host, destination.port, message,
-                           connect_timeout_s=destination.connect_timeout_s,
-                           ack_timeout_s=destination.ack_timeout_s)
+        ack = send_message(
+            destination.host,
+            destination.port,
+            message,
+            connect_timeout_s=destination.connect_timeout_s,
+            ack_timeout_s=destination.ack_timeout_s,
+        )
     except TransientDeliveryError as exc:
         log.warning("ORU %s to %s: no ACK (%s)", control, name, exc)
         raise
     if ack.acked_control_id != control:
         log.warning("ORU %s to %s: ACK %s is for message %r", control, name, ack.code, ack.acked_control_id)
-        raise TransientDeliveryError(
-            f"ACK for another message: MSA-2 is {ack.acked_control_id!r}, we sent {control!r}"
-        )
+        raise TransientDeliveryError(f"ACK for another message: MSA-2 is {ack.acked_control_id!r}, we sent {control!r}")
     if ack.code in _ACCEPT:
         log.info("ORU %s to %s: %s (receiver control id %s)", control, name, ack.code, ack.control_id or "-")
         return f"ACK:{ack.control_id or '-'}"

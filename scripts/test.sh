@@ -2,7 +2,8 @@
 # Install ecgbridge with its test and training extras into .venv, install the FHIR server peer
 # (Medplum, from the npm registry) and run the whole test suite. Tests whose peers are missing
 # (redis-server, DCMTK, node, PostgreSQL, ../shared/data) skip with a message saying what is missing;
-# .ci/run installs those peers first. Extra arguments go to pytest.
+# .ci/run installs those peers first. Before the tests, scripts/lint.sh checks the import contracts,
+# ruff and mypy (docs/architecture.md). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -14,4 +15,5 @@ if command -v npm >/dev/null 2>&1; then
 else
   echo "npm not found: the FHIR server tests will be skipped" >&2
 fi
+bash scripts/lint.sh
 exec .venv/bin/python -m pytest "$@"

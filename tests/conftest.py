@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -51,7 +51,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def fhir_server() -> Iterator["object"]:
+def fhir_server() -> Iterator[object]:
     from tests.support.fhir_server import FhirServer, node_available
 
     reason = node_available()
@@ -108,7 +108,7 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
 
 
 @pytest.fixture
-def make_stack(tmp_path: Path, redis_server: RedisServer) -> Iterator["callable"]:
+def make_stack(tmp_path: Path, redis_server: RedisServer) -> Iterator[callable]:
     stacks: list[Stack] = []
 
     def make(**kwargs: object) -> Stack:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -49,9 +49,12 @@ class AugmentConfig:
     motion_max: float = 2.0
     p_flat: float = 0.1
 
-    def scaled(self, strength: float) -> "AugmentConfig":
+    def scaled(self, strength: float) -> AugmentConfig:
         """The same artefacts with every probability and amplitude multiplied by ``strength`` (probabilities capped at 1)."""
-        p = lambda v: min(1.0, v * strength)  # noqa: E731
+
+        def p(v: float) -> float:
+            return min(1.0, v * strength)
+
         return AugmentConfig(
             fs=self.fs,
             p_scale=p(self.p_scale),
@@ -93,7 +96,7 @@ class Augmenter:
         time_s = np.arange(t) / c.fs
 
         def pick(p: float) -> np.ndarray:
-            return rng.random(n) < p
+            return cast(np.ndarray, rng.random(n) < p)  # n is an int: an array, not the scalar overload
 
         m = pick(c.p_scale)
         if m.any():
@@ -112,9 +115,11 @@ class Augmenter:
         for i in np.flatnonzero(pick(c.p_powerline)):
             f = 50.0 if rng.random() < 0.5 else 60.0
             amp = rng.uniform(0, c.powerline_max)
-            x[i] += amp * rng.uniform(0.3, 1.0, size=(leads, 1)) * np.sin(
-                2 * math.pi * f * time_s + rng.uniform(0, 2 * math.pi)
-            )[None]
+            x[i] += (
+                amp
+                * rng.uniform(0.3, 1.0, size=(leads, 1))
+                * np.sin(2 * math.pi * f * time_s + rng.uniform(0, 2 * math.pi))[None]
+            )
         for i in np.flatnonzero(pick(c.p_motion)):
             for lead in rng.choice(leads, size=int(rng.integers(1, 4)), replace=False):
                 length = int(rng.uniform(0.2, 1.5) * c.fs)
@@ -123,7 +128,7 @@ class Augmenter:
                 kernel = np.hanning(max(int(0.08 * c.fs), 3))
                 walk = np.convolve(walk - walk.mean(), kernel / kernel.sum(), mode="same")
                 walk = walk / (np.abs(walk).max() + 1e-9) * rng.uniform(0.3, c.motion_max)
-                x[i, lead, start:start + length] += walk * np.hanning(length)
+                x[i, lead, start : start + length] += walk * np.hanning(length)
         for i in np.flatnonzero(pick(c.p_flat)):
             x[i, int(rng.integers(0, leads))] = 0.0
         y, _ = self.pipeline.apply(x, c.fs)

@@ -68,7 +68,9 @@ def fit_temperature(y: np.ndarray, z: np.ndarray) -> float:
     """The T in [0.05, 20] minimising NLL of sigmoid(z / T) (searched on log T)."""
     if y.size == 0:
         return 1.0
-    res = minimize_scalar(lambda lt: nll(y, z / math.exp(lt)), bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    res = minimize_scalar(
+        lambda lt: nll(y, z / math.exp(lt)), bounds=(math.log(0.05), math.log(20.0)), method="bounded"
+    )
     return float(math.exp(res.x))
 
 
@@ -112,7 +114,7 @@ def fit_calibration(
             cv[name] = float(np.sum(losses) / n) if losses else float("nan")
     cv["uncalibrated"] = nll(y, z)
     candidates = {name: v for name, v in cv.items() if name != "uncalibrated" and not math.isnan(v)}
-    best = min(candidates, key=candidates.get) if candidates else "single temperature, offset none"
+    best = min(candidates, key=candidates.__getitem__) if candidates else "single temperature, offset none"
     per_class = best.startswith("per-class")
     offset = offsets["prior" if best.endswith("prior") else "none"]
     temperature = _fit_variant(y, z, offset, per_class)
@@ -145,8 +147,12 @@ def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
         return float(total / yy.size)
 
     per_class = [one(y[:, k], p[:, k]) for k in range(y.shape[1])]
-    return {"per_class": per_class, "mean": float(np.nanmean(per_class)) if per_class else float("nan"),
-            "pooled": one(y.ravel(), p.ravel()), "bins": n_bins}
+    return {
+        "per_class": per_class,
+        "mean": float(np.nanmean(per_class)) if per_class else float("nan"),
+        "pooled": one(y.ravel(), p.ravel()),
+        "bins": n_bins,
+    }
 
 
 def _midpoints(score: np.ndarray) -> np.ndarray:
@@ -175,8 +181,12 @@ def min_sensitivity_threshold(y: np.ndarray, score: np.ndarray, min_sensitivity:
         if f1 > best_f1 + 1e-12 or (abs(f1 - best_f1) <= 1e-12 and best_t is not None and t > best_t):
             best_t, best_f1 = float(t), f1
     assert best_t is not None  # the lowest candidate catches every positive
-    return {"threshold": best_t, "rule": f"max F1 with sensitivity >= {min_sensitivity:g}", "positives": int(y.sum()),
-            "f1": best_f1}
+    return {
+        "threshold": best_t,
+        "rule": f"max F1 with sensitivity >= {min_sensitivity:g}",
+        "positives": int(y.sum()),
+        "f1": best_f1,
+    }
 
 
 def choose_tiers(y: np.ndarray, score: np.ndarray, *, catch: float = 0.95, specificity: float = 0.95) -> dict[str, Any]:

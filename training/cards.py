@@ -56,13 +56,16 @@ def _loss_section(training: dict[str, Any]) -> str:
     classes = list(rows[0]["fold10"]["per_class"])
     head = (
         "| loss | chosen | best epoch | fold-9 macro-AUROC (selection) | fold-10 macro-AUROC (95% CI) | "
-        + " | ".join(f"fold-10 {c}" for c in classes) + " |\n"
-        + "|---" * (5 + len(classes)) + "|\n"
+        + " | ".join(f"fold-10 {c}" for c in classes)
+        + " |\n"
+        + "|---" * (5 + len(classes))
+        + "|\n"
     )
     body = "".join(
         f"| {r['loss']} | {'yes' if r['chosen'] else 'no'} | {r['best_epoch']} | {_f(r['fold9_macro_auroc'])} | "
         f"{_f(r['fold10']['macro_auroc'])} ({_ci(r['fold10']['macro_auroc_ci'])}) | "
-        + " | ".join(_f(r["fold10"]["per_class"][c]) for c in classes) + " |\n"
+        + " | ".join(_f(r["fold10"]["per_class"][c]) for c in classes)
+        + " |\n"
         for r in rows
     )
     return (
@@ -94,12 +97,18 @@ def _comparison_section(training: dict[str, Any]) -> str:
     if not c:
         return ""
     sources = sorted({src for r in c["rows"] for src in r.get("external", {})})
-    head = "| model | fold-9 macro-AUROC (95% CI) | fold-10 macro-AUROC (95% CI) | fold-10 ECE (mean) |" + "".join(
-        f" external {src} |" for src in sources) + "\n|---|---|---|---|" + "---|" * len(sources) + "\n"
+    head = (
+        "| model | fold-9 macro-AUROC (95% CI) | fold-10 macro-AUROC (95% CI) | fold-10 ECE (mean) |"
+        + "".join(f" external {src} |" for src in sources)
+        + "\n|---|---|---|---|"
+        + "---|" * len(sources)
+        + "\n"
+    )
     rows = "".join(
         f"| {r['model']} ({r['label']}) | {_f(r['fold9']['macro_auroc'])} ({_ci(r['fold9']['macro_auroc_ci'])}) | "
         f"{_f(r['fold10']['macro_auroc'])} ({_ci(r['fold10']['macro_auroc_ci'])}) | {_f(r['fold10']['ece'])} |"
-        + "".join(f" {_f(r.get('external', {}).get(src))} |" for src in sources) + "\n"
+        + "".join(f" {_f(r.get('external', {}).get(src))} |" for src in sources)
+        + "\n"
         for r in c["rows"]
     )
     return (
@@ -115,9 +124,7 @@ def _calibration_section(metrics: dict[str, Any], training: dict[str, Any], exte
     if not cal:
         return ""
     cv_rows = "".join(f"| {k} | {_f(v, 4)} |\n" for k, v in cal["cv_nll"].items())
-    t_rows = "".join(
-        f"| {c} | {_f(cal['temperature'][c])} | {_f(cal['offset'][c])} |\n" for c in cal["temperature"]
-    )
+    t_rows = "".join(f"| {c} | {_f(cal['temperature'][c])} | {_f(cal['offset'][c])} |\n" for c in cal["temperature"])
 
     def ece_row(label: str, m: dict[str, Any]) -> str:
         e = m.get("calibration") or {}
@@ -136,9 +143,11 @@ def _calibration_section(metrics: dict[str, Any], training: dict[str, Any], exte
         "## Calibration\n"
         f"{cal['method']}, fitted on {cal['fitted_on']}; inside the ONNX graph (`probabilities`), the uncalibrated "
         f"logits are exported as `{cal['uncalibrated_output']}`. The variant was chosen by {cal['cv']}:\n\n"
-        "| variant | CV NLL |\n|---|---|\n" + cv_rows
+        "| variant | CV NLL |\n|---|---|\n"
+        + cv_rows
         + f"\nChosen: **{cal['variant']}**, refitted on all of fold 9 (fold-9 NLL {_f(cal['nll_before'], 4)} -> "
-        f"{_f(cal['nll_after'], 4)}):\n\n| class | T | offset |\n|---|---|---|\n" + t_rows
+        f"{_f(cal['nll_after'], 4)}):\n\n| class | T | offset |\n|---|---|---|\n"
+        + t_rows
         + "\nExpected calibration error (10 equal-width bins per class; mean over the five classes and pooled over "
         "all record-class pairs), before = sigmoid(logits), after = `probabilities`:\n\n"
         "| data | records | ECE mean before | ECE mean after | ECE pooled before | ECE pooled after |\n"
@@ -150,7 +159,8 @@ def _thresholds_section(training: dict[str, Any]) -> str:
     thr = training["thresholds"]
     detail = thr.get("detail", {})
     rows = "".join(
-        f"| {code} | {value:.4f} | {detail.get(code, {}).get('positives', '')} |\n" for code, value in thr["values"].items()
+        f"| {code} | {value:.4f} | {detail.get(code, {}).get('positives', '')} |\n"
+        for code, value in thr["values"].items()
     )
     return (
         "## Decision thresholds\n"
@@ -173,7 +183,8 @@ def _tiers_section(training: dict[str, Any]) -> str:
         f"calibrated probabilities. Rule: {tiers['rule']}. Cut-offs (in `manifest.json` `tiers`) and what they do on "
         "fold 9:\n\n"
         "| class | moderate | high | fold-9 positives | fold-9 positives in Moderate+High | fold-9 positives in High | "
-        "fold-9 negatives in High |\n|---|---|---|---|---|---|---|\n" + rows
+        "fold-9 negatives in High |\n|---|---|---|---|---|---|---|\n"
+        + rows
         + "\nWith fewer than 20 fold-9 positives, '>= 95 %' means every fold-9 positive; the fold-10 tier counts are in "
         "the evaluation below.\n\n"
     )
@@ -181,9 +192,7 @@ def _tiers_section(training: dict[str, Any]) -> str:
 
 def _external_section(external: dict[str, Any] | None) -> str:
     if not external:
-        return (
-            "## External evaluation\nNot run for this model (no `--external` directory given).\n\n"
-        )
+        return "## External evaluation\nNot run for this model (no `--external` directory given).\n\n"
     d = external["data"]
     overlap = d.get("ptbxl_overlap") or {}
     dropped = d.get("dropped_in_training_data") or []
@@ -229,7 +238,7 @@ def render_model_card(metrics: dict[str, Any], training: dict[str, Any], externa
     params = f"{arch['parameters']:,} trainable parameters" + (
         f" per member, {arch['parameters_total']:,} in the {members}-member ensemble" if members > 1 else ""
     )
-    return f"""# {m['name']} {m['version']}: research model, NOT FOR CLINICAL USE
+    return f"""# {m["name"]} {m["version"]}: research model, NOT FOR CLINICAL USE
 
 This is a research model. It is **not for clinical use**: its outputs are not a
 diagnosis and must not inform patient care. Every result it produces carries the
@@ -244,7 +253,7 @@ at or above its threshold in `manifest.json`; each finding also gets a risk tier
 (low / moderate / high) from the manifest's `tiers`.
 
 ## Data
-{training['data_description']}
+{training["data_description"]}
 
 Labels: each record's `scp_codes` that are diagnostic statements (`diagnostic == 1` in
 `scp_statements.csv`) map to their `diagnostic_class`; a record can have several
@@ -258,22 +267,22 @@ superclasses. Records with no diagnostic superclass are excluded and counted bel
 PTB-XL's own `strat_fold` column: folds 1-8 train, fold 9 validation (checkpoint,
 loss, calibration, thresholds and tiers), fold 10 test (the figures below; not used
 for any choice). PTB-XL's folds are patient-level; training checks that no patient
-is in two splits (patients shared between splits: {training['patient_overlap']}).
+is in two splits (patients shared between splits: {training["patient_overlap"]}).
 
 ## Preprocessing
 `inference.preprocess.DEFAULT_SPEC`, the same pipeline serving applies
-(`manifest.json` `preprocessing`): {training['preprocessing']}.
-Input: leads {', '.join(training['leads'])}, 100 Hz, 1000 samples, per-lead z-score.
+(`manifest.json` `preprocessing`): {training["preprocessing"]}.
+Input: leads {", ".join(training["leads"])}, 100 Hz, 1000 samples, per-lead z-score.
 
 ## Architecture
-{arch['description']}; {params}.
+{arch["description"]}; {params}.
 
 ## Training
 {settings_rows}
 
-Fold-9 macro-AUROC of the shipped model (before calibration): {val['best_macro_auroc']:.3f}
-({val['n_records']} records); first member's best epoch {val['best_epoch']} of {val['epochs_run']} run.
-Wall time of the whole run (training, export, evaluation): {training['wall_s']:.0f} s.
+Fold-9 macro-AUROC of the shipped model (before calibration): {val["best_macro_auroc"]:.3f}
+({val["n_records"]} records); first member's best epoch {val["best_epoch"]} of {val["epochs_run"]} run.
+Wall time of the whole run (training, export, evaluation): {training["wall_s"]:.0f} s.
 
 {_comparison_section(training)}{_loss_section(training)}{_ensemble_section(training)}{_calibration_section(metrics, training, external)}{_thresholds_section(training)}{_tiers_section(training)}## Evaluation on fold 10 (test)
 Measured by `training.evaluate` on the exported ONNX file through `inference.models`
@@ -284,12 +293,12 @@ Measured by `training.evaluate` on the exported ONNX file through `inference.mod
 ```
 
 {_external_section(external)}## Export
-{export['method']}; ONNX/torch parity max |diff| {parity_text} (tolerance 1e-4); file size
-{export['onnx_bytes']:,} bytes; sha256 `{m['sha256']}`.
+{export["method"]}; ONNX/torch parity max |diff| {parity_text} (tolerance 1e-4); file size
+{export["onnx_bytes"]:,} bytes; sha256 `{m["sha256"]}`.
 
 ## Limitations
-- Small data: {splits['train']['n_records']} training and {splits['validation']['n_records']} validation
-  records, {metrics['n']} test records. Confidence intervals are wide, classes with
+- Small data: {splits["train"]["n_records"]} training and {splits["validation"]["n_records"]} validation
+  records, {metrics["n"]} test records. Confidence intervals are wide, classes with
   few positives (see the counts) are estimated poorly, and the loss, calibration,
   thresholds and tiers chosen on a validation fold this small are unstable.
 {_class_warnings(metrics, training)}- The training configuration (architecture, width, augmentation strength, learning rate,

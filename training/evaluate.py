@@ -33,15 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
 
 from ecgbridge.inference.models import ModelRegistry, load_manifest, prepare_input
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
-
 from ecgbridge.training.calibration import ece, sigmoid
 from ecgbridge.training.datasets.challenge import is_challenge_dir, load_challenge, ptbxl_overlap
 from ecgbridge.training.datasets.ptbxl import load_ptbxl
@@ -261,8 +261,10 @@ def metrics_for(
             tiers = [manifest.tier(code, float(p)) for p in probs[:, k]]
             pos = y[:, k].astype(bool)
             entry["tiers"] = {
-                t: {"positives": int(sum(1 for tt, pp in zip(tiers, pos) if tt == t and pp)),
-                    "negatives": int(sum(1 for tt, pp in zip(tiers, pos) if tt == t and not pp))}
+                t: {
+                    "positives": int(sum(1 for tt, pp in zip(tiers, pos) if tt == t and pp)),
+                    "negatives": int(sum(1 for tt, pp in zip(tiers, pos) if tt == t and not pp)),
+                }
                 for t in ("low", "moderate", "high")
             }
         classes[code] = entry
@@ -363,8 +365,9 @@ def evaluate_external(
         part = kept.select(source)
         outputs = predict_outputs(loaded, part.x)
         y = np.stack([part.y[:, part.classes.index(code)] for code in codes], axis=1)
-        body = metrics_for(loaded.manifest, y, outputs, part.patient_ids, n_bootstrap=n_bootstrap, seed=seed,
-                           bootstrap_unit="record")
+        body = metrics_for(
+            loaded.manifest, y, outputs, part.patient_ids, n_bootstrap=n_bootstrap, seed=seed, bootstrap_unit="record"
+        )
         n_excl = len(part.excluded)
         note = ""
         if source == "PTB-XL":
@@ -412,7 +415,11 @@ def format_report(metrics: dict[str, Any]) -> str:
         f"model {m['name']} {m['version']} (sha256 {str(m['sha256'])[:12]}) on {description}",
         f"macro-AUROC {_f(metrics['macro_auroc'])} (95% CI {_ci(metrics['macro_auroc_ci'])}; "
         f"{b['unit']}-level bootstrap, {b['valid']}/{b['n']} valid resamples, seed {b['seed']})"
-        + (f"; over {', '.join(macro_classes)} only: no positives or no negatives for {', '.join(left_out)}" if left_out else ""),
+        + (
+            f"; over {', '.join(macro_classes)} only: no positives or no negatives for {', '.join(left_out)}"
+            if left_out
+            else ""
+        ),
         "",
         f"{'class':<6} {'pos':>4} {'neg':>4}  {'AUROC':>5}  {'95% CI':<11}  {'thr':>5}  "
         f"{'sens':>5} {'(TP/P)':>8}  {'spec':>5} {'(TN/N)':>8}  {'PPV':>5}  {'F1':>5}",
@@ -426,14 +433,21 @@ def format_report(metrics: dict[str, Any]) -> str:
             f"{_f(c['specificity']):>5} {spec_counts:>8}  {_f(c['ppv']):>5}  {_f(c['f1']):>5}"
         )
     if any("tiers" in c for c in metrics["classes"].values()):
-        lines += ["", "risk tiers (positives / negatives in each tier)",
-                  f"{'class':<6} {'low':>9} {'moderate':>9} {'high':>9}"]
+        lines += [
+            "",
+            "risk tiers (positives / negatives in each tier)",
+            f"{'class':<6} {'low':>9} {'moderate':>9} {'high':>9}",
+        ]
         for code, c in metrics["classes"].items():
             if "tiers" in c:
                 t = c["tiers"]
-                lines.append(f"{code:<6} " + " ".join(f"{t[k]['positives']:>4}/{t[k]['negatives']:<4}" for k in ("low", "moderate", "high")))
+                lines.append(
+                    f"{code:<6} "
+                    + " ".join(f"{t[k]['positives']:>4}/{t[k]['negatives']:<4}" for k in ("low", "moderate", "high"))
+                )
     cal = metrics.get("calibration")
     if cal:
+
         def ece_line(tag: str, e: dict[str, Any]) -> str:
             per = " ".join(f"{code} {_f(v)}" for code, v in zip(metrics["classes"], e["per_class"]))
             return f"ECE {tag:<6} mean {_f(e['mean'])}  pooled {_f(e['pooled'])}  ({per})"
@@ -452,10 +466,12 @@ def _format_external(metrics: dict[str, Any]) -> str:
         f"({d['n_excluded_no_superclass']} without one excluded)",
     ]
     if d.get("unmapped_codes"):
-        head.append("codes with no superclass (not NORM-compatible): "
-                    + ", ".join(f"{k} x{v}" for k, v in d["unmapped_codes"].items()))
+        head.append(
+            "codes with no superclass (not NORM-compatible): "
+            + ", ".join(f"{k} x{v}" for k, v in d["unmapped_codes"].items())
+        )
     parts = ["\n".join(head)]
-    for source, sm in metrics["sources"].items():
+    for _source, sm in metrics["sources"].items():
         parts.append(format_report({"model": metrics["model"], **sm}))
     return "\n\n".join(parts)
 
@@ -475,13 +491,27 @@ def to_jsonable(value: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ecgbridge evaluate diagnosis", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", dest="model_dir", type=Path, required=True,
-                        help="directory with manifest.json and model.onnx (e.g. inference/shipped/diagnosis-baseline)")
-    parser.add_argument("--data", dest="data_dir", type=Path, required=True,
-                        help="PTB-XL root (holds ptbxl_database.csv) or a PhysioNet-challenge directory (.hea with #Dx)")
+    parser.add_argument(
+        "--model",
+        dest="model_dir",
+        type=Path,
+        required=True,
+        help="directory with manifest.json and model.onnx (e.g. inference/shipped/diagnosis-baseline)",
+    )
+    parser.add_argument(
+        "--data",
+        dest="data_dir",
+        type=Path,
+        required=True,
+        help="PTB-XL root (holds ptbxl_database.csv) or a PhysioNet-challenge directory (.hea with #Dx)",
+    )
     parser.add_argument("--fold", type=int, default=10, help="PTB-XL fold (PTB-XL layout only)")
-    parser.add_argument("--train-data", type=Path, default=None,
-                        help="PTB-XL directory the model was trained on: challenge HR records found in it are dropped")
+    parser.add_argument(
+        "--train-data",
+        type=Path,
+        default=None,
+        help="PTB-XL directory the model was trained on: challenge HR records found in it are dropped",
+    )
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampling-rate", type=int, choices=(100, 500), default=100)

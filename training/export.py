@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -88,6 +88,8 @@ class ServingGraph(nn.Module):
     """Members (GAP + linear head) -> (probabilities, cams, logits); see the module docstring."""
 
     output_names = ("probabilities", "cams", "logits")
+    temperature: torch.Tensor  # buffers (registered in __init__)
+    offset: torch.Tensor
 
     def __init__(
         self,
@@ -100,8 +102,12 @@ class ServingGraph(nn.Module):
         if not members or not all(_has_cam_head(m) for m in members):
             raise TypeError("ServingGraph needs models with a `features` module and a linear `classifier`")
         self.members = nn.ModuleList(members)
-        n_classes = members[0].classifier.out_features
-        t = torch.ones(n_classes) if temperature is None else torch.as_tensor(np.asarray(temperature), dtype=torch.float32)
+        n_classes = cast(nn.Linear, members[0].classifier).out_features  # _has_cam_head checked it is one
+        t = (
+            torch.ones(n_classes)
+            if temperature is None
+            else torch.as_tensor(np.asarray(temperature), dtype=torch.float32)
+        )
         o = torch.zeros(n_classes) if offset is None else torch.as_tensor(np.asarray(offset), dtype=torch.float32)
         self.register_buffer("temperature", t.reshape(n_classes).clone())
         self.register_buffer("offset", o.reshape(n_classes).clone())
@@ -109,10 +115,11 @@ class ServingGraph(nn.Module):
     def forward(self, ecg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cams, logits = [], []
         for member in self.members:
-            features = member.features(ecg)  # (N, C, T')
-            cam = torch.matmul(member.classifier.weight, features)  # (K, C) @ (N, C, T') -> (N, K, T')
+            classifier = cast(nn.Linear, member.classifier)  # members have a CAM head (checked in __init__)
+            features = cast(nn.Module, member.features)(ecg)  # (N, C, T')
+            cam = torch.matmul(classifier.weight, features)  # (K, C) @ (N, C, T') -> (N, K, T')
             cams.append(cam)
-            logits.append(cam.mean(dim=-1) + member.classifier.bias)
+            logits.append(cam.mean(dim=-1) + classifier.bias)
         if len(cams) == 1:
             cam, logit = cams[0], logits[0]
         else:
@@ -144,8 +151,6 @@ def _torch_outputs(wrapped: nn.Module, batch: np.ndarray) -> dict[str, np.ndarra
 
 def _as_probability_model(model: nn.Module) -> nn.Module:
     return as_serving_graph(model)
-
-
 
 
 def export_onnx(
@@ -181,7 +186,7 @@ def export_onnx(
             verbose=False,
         )
         return f"torch.onnx.export(dynamo=True, dynamic_shapes=batch, opset={opset})"
-    except Exception as exc:  # noqa: BLE001 - fall back, but say so
+    except Exception as exc:
         log.warning("dynamo ONNX export failed (%s); falling back to dynamo=False", exc)
         torch.onnx.export(
             wrapped,
@@ -206,7 +211,7 @@ def _ecg_like(n: int, n_leads: int, n_samples: int, seed: int) -> np.ndarray:
     for _ in range(n):
         rr = rng.uniform(0.6, 1.2)
         phase = (t + rng.uniform(0, rr)) % rr
-        beat = np.exp(-((phase - 0.2) / 0.015) ** 2) + 0.3 * np.exp(-((phase - 0.45) / 0.05) ** 2)
+        beat = np.exp(-(((phase - 0.2) / 0.015) ** 2)) + 0.3 * np.exp(-(((phase - 0.45) / 0.05) ** 2))
         gains = rng.normal(0, 1, size=(n_leads, 1))
         x = gains * beat[None] + 0.05 * rng.normal(size=(n_leads, n_samples))
         out.append(pipeline.apply(x, fs)[0])
@@ -304,9 +309,8 @@ def build_manifest(
         input=ModelInput(name="ecg", leads=list(STANDARD_LEADS), fs_hz=fs_hz, n_samples=n_samples),
         preprocessing=[dict(step) for step in (preprocessing or DEFAULT_SPEC)],
         outputs=dict(outputs or {"probabilities": "probabilities"}),
-        classes=model_classes or [
-            ModelClass(code=c, display=SUPERCLASS_DISPLAY[c], snomed=SUPERCLASS_SNOMED[c][0]) for c in classes
-        ],
+        classes=model_classes
+        or [ModelClass(code=c, display=SUPERCLASS_DISPLAY[c], snomed=SUPERCLASS_SNOMED[c][0]) for c in classes],
         thresholds={c: round(float(thresholds[c]), 6) for c in classes},
         tiers=tiers,
         calibration=calibration,
@@ -314,7 +318,7 @@ def build_manifest(
         card="MODEL_CARD.md",
         description=description,
         trained_on=trained_on,
-        created=datetime.now(timezone.utc).date().isoformat(),
+        created=datetime.now(UTC).date().isoformat(),
     )
 
 

@@ -31,7 +31,6 @@ import numpy as np
 
 from ecgbridge.inference.lvef import LVEF_DIR, LvefModel
 from ecgbridge.inference.lvef_features import LVEF_TIERS
-
 from ecgbridge.training.datasets.lvef import LvefTable, build_table, cache_path_for, load_features, read_manifest
 from ecgbridge.training.evaluate import _patient_groups, auroc, bootstrap_auroc, patient_resamples
 
@@ -82,8 +81,9 @@ def _rounded(ci: Sequence[float] | None) -> list[float] | None:
     return None if ci is None else [round(float(v), 4) for v in ci]
 
 
-def tier_metrics(y_true: np.ndarray, probs: np.ndarray, patient_ids: np.ndarray, *,
-                 n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+def tier_metrics(
+    y_true: np.ndarray, probs: np.ndarray, patient_ids: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Per-tier AUROC (+ CI, counts), macro-AUROC (+ CI), quadratic kappa (+ CI), accuracy, confusion."""
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(probs, dtype=np.float64)
@@ -94,16 +94,23 @@ def tier_metrics(y_true: np.ndarray, probs: np.ndarray, patient_ids: np.ndarray,
     macro = float(np.mean([v for v, d in zip(per, defined) if d])) if any(defined) else float("nan")
     n_rounds = n_bootstrap if len(y) else 0
     boot = bootstrap_auroc(onehot, p, patient_ids, n_bootstrap=n_rounds, seed=seed, macro_classes=defined)
-    boot_kappa = [kap for idx in patient_resamples(patient_ids, n_rounds, seed)
-                  if not np.isnan(kap := quadratic_weighted_kappa(y[idx], pred[idx]))]
+    boot_kappa = [
+        kap
+        for idx in patient_resamples(patient_ids, n_rounds, seed)
+        if not np.isnan(kap := quadratic_weighted_kappa(y[idx], pred[idx]))
+    ]
     groups = _patient_groups(np.asarray(patient_ids))
     cm = confusion_matrix(y, pred)
     return {
         "n": int(len(y)),
         "n_patients": int(len(groups)),
         "tiers": [
-            {"code": CODES[k], "count": int(onehot[:, k].sum()),
-             "auroc": None if np.isnan(per[k]) else round(float(per[k]), 4), "ci": _rounded(boot["class_ci"][k])}
+            {
+                "code": CODES[k],
+                "count": int(onehot[:, k].sum()),
+                "auroc": None if np.isnan(per[k]) else round(float(per[k]), 4),
+                "ci": _rounded(boot["class_ci"][k]),
+            }
             for k in range(_K)
         ],
         "macro_auroc": None if np.isnan(macro) else round(macro, 4),
@@ -130,17 +137,27 @@ def evaluate_table(model: LvefModel, table: LvefTable, *, n_bootstrap: int = 100
     p_full, p_ecg, served = served_probabilities(model, table)
     ehr = table.has_ehr
     out = {
-        "ecg+ehr": tier_metrics(table.tier[ehr], p_full[ehr], table.patient_ids[ehr], n_bootstrap=n_bootstrap, seed=seed),
-        "ecg-only (EHR rows)": tier_metrics(table.tier[ehr], p_ecg[ehr], table.patient_ids[ehr],
-                                            n_bootstrap=n_bootstrap, seed=seed),
+        "ecg+ehr": tier_metrics(
+            table.tier[ehr], p_full[ehr], table.patient_ids[ehr], n_bootstrap=n_bootstrap, seed=seed
+        ),
+        "ecg-only (EHR rows)": tier_metrics(
+            table.tier[ehr], p_ecg[ehr], table.patient_ids[ehr], n_bootstrap=n_bootstrap, seed=seed
+        ),
         "ecg-only": tier_metrics(table.tier, p_ecg, table.patient_ids, n_bootstrap=n_bootstrap, seed=seed),
         "served": tier_metrics(table.tier, served, table.patient_ids, n_bootstrap=n_bootstrap, seed=seed),
     }
     return out
 
 
-def evaluate_model(model_dir: Path, manifest_csv: Path, *, split: str = "test", n_bootstrap: int = 1000,
-                   seed: int = 0, table: LvefTable | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model_dir: Path,
+    manifest_csv: Path,
+    *,
+    split: str = "test",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    table: LvefTable | None = None,
+) -> dict[str, Any]:
     """Metrics of the model directory on one split ("all" for every row) of a manifest."""
     model = LvefModel.load(model_dir)
     if table is None:
@@ -149,9 +166,13 @@ def evaluate_model(model_dir: Path, manifest_csv: Path, *, split: str = "test", 
         table = build_table(records, feats)
     sub = table if split == "all" else table.subset(table.split == split)
     return {
-        "model": {"name": model.manifest.name, "version": model.manifest.version,
-                  "synthetic": model.manifest.synthetic, "notice": model.manifest.notice,
-                  "directory": str(model.directory)},
+        "model": {
+            "name": model.manifest.name,
+            "version": model.manifest.version,
+            "synthetic": model.manifest.synthetic,
+            "notice": model.manifest.notice,
+            "directory": str(model.directory),
+        },
         "manifest": str(manifest_csv),
         "split": split,
         "rows": len(sub),
@@ -170,15 +191,27 @@ def _ci(ci: list[float] | None) -> str:
 
 def format_metrics(name: str, m: dict[str, Any]) -> str:
     """One evaluation as Markdown (the model card embeds exactly this)."""
-    lines = [f"**{name}**: {m['n']} ECGs, {m['n_patients']} patients", "",
-             "| tier | count | AUROC (one-vs-rest) | 95 % CI |", "|---|---|---|---|"]
+    lines = [
+        f"**{name}**: {m['n']} ECGs, {m['n_patients']} patients",
+        "",
+        "| tier | count | AUROC (one-vs-rest) | 95 % CI |",
+        "|---|---|---|---|",
+    ]
     for t in m["tiers"]:
         lines.append(f"| {t['code']} | {t['count']} | {_f(t['auroc'])} | {_ci(t['ci'])} |")
-    lines.append(f"| macro ({', '.join(m['macro_tiers'])}) | {m['n']} | {_f(m['macro_auroc'])} | {_ci(m['macro_ci'])} |")
-    lines += ["", f"Quadratic weighted kappa {_f(m['kappa_quadratic'])} (95 % CI {_ci(m['kappa_ci'])}); "
-              f"accuracy {_f(m['accuracy'])}; bootstrap {m['n_bootstrap']} patient resamples.", "",
-              "Confusion matrix (rows: true tier, columns: predicted tier):", "",
-              "| true \\ predicted | " + " | ".join(CODES) + " |", "|---" * (_K + 1) + "|"]
+    lines.append(
+        f"| macro ({', '.join(m['macro_tiers'])}) | {m['n']} | {_f(m['macro_auroc'])} | {_ci(m['macro_ci'])} |"
+    )
+    lines += [
+        "",
+        f"Quadratic weighted kappa {_f(m['kappa_quadratic'])} (95 % CI {_ci(m['kappa_ci'])}); "
+        f"accuracy {_f(m['accuracy'])}; bootstrap {m['n_bootstrap']} patient resamples.",
+        "",
+        "Confusion matrix (rows: true tier, columns: predicted tier):",
+        "",
+        "| true \\ predicted | " + " | ".join(CODES) + " |",
+        "|---" * (_K + 1) + "|",
+    ]
     for code, row in zip(CODES, m["confusion"]):
         lines.append(f"| {code} | " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines)
@@ -186,15 +219,19 @@ def format_metrics(name: str, m: dict[str, Any]) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     mdl = report["model"]
-    head = [f"LVEF model {mdl['name']} {mdl['version']} on {report['manifest']} (split {report['split']}: "
-            f"{report['rows']} rows, {report['rows_with_ehr']} with EHR context)"]
+    head = [
+        f"LVEF model {mdl['name']} {mdl['version']} on {report['manifest']} (split {report['split']}: "
+        f"{report['rows']} rows, {report['rows_with_ehr']} with EHR context)"
+    ]
     if mdl.get("synthetic"):
         head.append(f"NOTE: {mdl['notice']}")
     return "\n".join(head) + "\n\n" + "\n\n".join(format_metrics(k, v) for k, v in report["evaluations"].items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ecgbridge evaluate lvef", description="Evaluate an exported LVEF model on a CSV manifest.")
+    ap = argparse.ArgumentParser(
+        prog="ecgbridge evaluate lvef", description="Evaluate an exported LVEF model on a CSV manifest."
+    )
     ap.add_argument("--model", type=Path, default=LVEF_DIR, help="model directory (default: the shipped one)")
     ap.add_argument("--manifest", type=Path, required=True, help="LVEF CSV manifest (training.datasets.lvef format)")
     ap.add_argument("--split", default="test", choices=["train", "val", "test", "all"])

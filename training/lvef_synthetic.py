@@ -120,19 +120,27 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from ecgbridge.inference.lvef_features import LVEF_TIERS, lvef_feature_row, tier_index
-
 from ecgbridge.training.datasets.lvef import EHR_COLUMNS, LvefRecord, Measurer, cache_path_for, load_features
 
-__all__ = ["SourceRecord", "ptbxl_sources", "unlabelled_sources", "challenge_sources", "folder_sources",
-           "data_dir_sources", "generate_cohort", "main"]
+__all__ = [
+    "SourceRecord",
+    "ptbxl_sources",
+    "unlabelled_sources",
+    "challenge_sources",
+    "folder_sources",
+    "data_dir_sources",
+    "generate_cohort",
+    "main",
+]
 
-_MI_FALLBACK = frozenset({"IMI", "ASMI", "AMI", "ALMI", "ILMI", "LMI", "PMI", "IPLMI", "IPMI", "INJAS", "INJAL",
-                          "INJIN", "INJLA", "INJIL"})
+_MI_FALLBACK = frozenset(
+    {"IMI", "ASMI", "AMI", "ALMI", "ILMI", "LMI", "PMI", "IPLMI", "IPMI", "INJAS", "INJAL", "INJIN", "INJLA", "INJIL"}
+)
 _ANTERIOR = frozenset({"ASMI", "AMI", "ALMI", "LMI", "INJAS", "INJAL"})
 
 
@@ -180,12 +188,20 @@ def ptbxl_sources(ptbxl_dir: Path) -> list[SourceRecord]:
             age = 90.0
         sex = {0: "male", 1: "female"}.get(int(row.sex)) if _num(row.sex) is not None else None
         pid = _num(row.patient_id)
-        out.append(SourceRecord(
-            path=hea, patient_id=f"ptbxl-{int(pid) if pid is not None else 'ecg' + str(row.ecg_id)}",
-            source="ptbxl", age=age, sex=sex, weight=_num(row.weight), height=_num(row.height),
-            scp=frozenset(ast.literal_eval(str(row.scp_codes))), mi_codes=mi_codes,
-            fold=int(row.strat_fold) if _num(row.strat_fold) is not None else None,
-        ))
+        out.append(
+            SourceRecord(
+                path=hea,
+                patient_id=f"ptbxl-{int(pid) if pid is not None else 'ecg' + str(row.ecg_id)}",
+                source="ptbxl",
+                age=age,
+                sex=sex,
+                weight=_num(row.weight),
+                height=_num(row.height),
+                scp=frozenset(ast.literal_eval(str(row.scp_codes))),
+                mi_codes=mi_codes,
+                fold=int(row.strat_fold) if _num(row.strat_fold) is not None else None,
+            )
+        )
     return out
 
 
@@ -259,15 +275,15 @@ def _patient_rng(seed: int, patient_id: str) -> np.random.Generator:
 def _creatinine_from_egfr(egfr: float, age: float, female: bool) -> float:
     """Serum creatinine (mg/dL) for which CKD-EPI 2021 (race-free) gives ``egfr``."""
     kappa, alpha, f = (0.7, -0.241, 1.012) if female else (0.9, -0.302, 1.0)
-    ratio = egfr / (142.0 * 0.9938 ** age * f)  # = min(s, 1)^alpha * max(s, 1)^-1.2, s = scr / kappa
+    ratio = egfr / (142.0 * 0.9938**age * f)  # = min(s, 1)^alpha * max(s, 1)^-1.2, s = scr / kappa
     s = ratio ** (1.0 / alpha) if ratio >= 1.0 else ratio ** (-1.0 / 1.2)
-    return kappa * s
+    return cast(float, kappa * s)  # float ** float is Any in typeshed (a negative base gives complex)
 
 
 def _egfr_ckd_epi(scr: float, age: float, female: bool) -> float:
     kappa, alpha, f = (0.7, -0.241, 1.012) if female else (0.9, -0.302, 1.0)
     s = scr / kappa
-    return 142.0 * min(s, 1.0) ** alpha * max(s, 1.0) ** -1.2 * 0.9938 ** age * f
+    return cast(float, 142.0 * min(s, 1.0) ** alpha * max(s, 1.0) ** -1.2 * 0.9938**age * f)  # as above
 
 
 def _fmt(x: float | None, digits: int) -> str:
@@ -276,13 +292,14 @@ def _fmt(x: float | None, digits: int) -> str:
     return f"{x:.{digits}f}"
 
 
-def simulate_patient(src: SourceRecord, ecg_row: dict[str, float], *, seed: int, patient_id: str,
-                     no_ehr_rate: float = 0.20) -> tuple[float, dict[str, str], dict[str, Any]]:
+def simulate_patient(
+    src: SourceRecord, ecg_row: dict[str, float], *, seed: int, patient_id: str, no_ehr_rate: float = 0.20
+) -> tuple[float, dict[str, str], dict[str, Any]]:
     """(LVEF %, EHR cells for the manifest, latent causes) for one patient (see the module docstring)."""
     rng = _patient_rng(seed, patient_id)
     u = rng.random
-    scp = src.scp
-    labelled = scp is not None
+    labelled = src.scp is not None
+    scp = src.scp or frozenset()  # read only when labelled
     p = {c: ecg_row.get(f"p_{c}", float("nan")) for c in ("MI", "CD", "HYP")}
 
     def meas(name: str) -> float | None:
@@ -309,18 +326,38 @@ def simulate_patient(src: SourceRecord, ecg_row: dict[str, float], *, seed: int,
     htn = bool(u() < float(np.clip(0.25 + 0.01 * (age - 50), 0.1, 0.75)))
     cmp_ = bool(u() < 0.10)
 
-    ef = (58.0 - 10.0 * mi - 4.0 * anterior - 1.2 * qleads - 9.0 * lbbb - 4.0 * wide - 4.0 * af - 5.0 * tachy
-          - 4.0 * lowv - 0.10 * max(0.0, age - 55) - 2.5 * (not female) - 3.0 * ckd - 1.5 * dm - 24.0 * cmp_
-          + rng.normal(0.0, 8.0))
+    ef = (
+        58.0
+        - 10.0 * mi
+        - 4.0 * anterior
+        - 1.2 * qleads
+        - 9.0 * lbbb
+        - 4.0 * wide
+        - 4.0 * af
+        - 5.0 * tachy
+        - 4.0 * lowv
+        - 0.10 * max(0.0, age - 55)
+        - 2.5 * (not female)
+        - 3.0 * ckd
+        - 1.5 * dm
+        - 24.0 * cmp_
+        + rng.normal(0.0, 8.0)
+    )
     ef = float(np.clip(ef, 10.0, 80.0))
     dys = max(0.0, 55.0 - ef)
 
     # EHR values (drawn whether or not they are kept, so missingness does not shift other draws)
-    ntp = float(np.clip(10 ** (1.85 + 0.045 * dys + 0.012 * max(0.0, age - 50) + 0.35 * ckd + 0.25 * af
-                               + rng.normal(0, 0.35)), 5, 35000))
+    ntp = float(
+        np.clip(
+            10 ** (1.85 + 0.045 * dys + 0.012 * max(0.0, age - 50) + 0.35 * ckd + 0.25 * af + rng.normal(0, 0.35)),
+            5,
+            35000,
+        )
+    )
     bnp = float(np.clip(ntp / 10 ** (0.75 + rng.normal(0, 0.15)), 2, 5000))
-    trop = float(np.clip(10 ** (0.75 + 0.012 * dys + 0.35 * mi + 0.25 * ckd + 0.006 * (age - 60)
-                                + rng.normal(0, 0.3)), 1, 5000))
+    trop = float(
+        np.clip(10 ** (0.75 + 0.012 * dys + 0.35 * mi + 0.25 * ckd + 0.006 * (age - 60) + rng.normal(0, 0.3)), 1, 5000)
+    )
     egfr = 95.0 - 0.7 * max(0.0, age - 40)
     if ckd:
         egfr *= rng.uniform(0.35, 0.75)
@@ -355,9 +392,22 @@ def simulate_patient(src: SourceRecord, ecg_row: dict[str, float], *, seed: int,
     has_ehr = u() >= no_ehr_rate
     keep = {k: u() for k in ("demo", "ntp", "bnp", "trop", "panel", "egfr", "hb", "bp", "hr", "w", "h", "cond", "med")}
     cond_blank = {c: u() for c in coded}
-    latent = {"mi": mi, "anterior_mi": anterior, "lbbb": lbbb, "wide_qrs": wide, "af": af, "tachycardia": tachy,
-              "low_voltage": lowv, "ckd": ckd, "diabetes": dm, "hypertension": htn, "cardiomyopathy": cmp_,
-              "age": age, "sex": sex, "has_ehr": has_ehr}
+    latent = {
+        "mi": mi,
+        "anterior_mi": anterior,
+        "lbbb": lbbb,
+        "wide_qrs": wide,
+        "af": af,
+        "tachycardia": tachy,
+        "low_voltage": lowv,
+        "ckd": ckd,
+        "diabetes": dm,
+        "hypertension": htn,
+        "cardiomyopathy": cmp_,
+        "age": age,
+        "sex": sex,
+        "has_ehr": has_ehr,
+    }
     if not has_ehr:
         return round(ef, 1), cells, latent
     if keep["demo"] < 0.98:
@@ -422,8 +472,19 @@ def generate_cohort(
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     base = out_csv.resolve().parent
     keyed = [(Path(os.path.relpath(s.path.resolve(), base)).as_posix(), s) for s in sources]
-    pseudo = [LvefRecord(line=i + 2, ecg_key=k, ecg_path=s.path, lvef_percent=60.0, tier=0, patient_id=s.patient_id,
-                         split="", ehr=None) for i, (k, s) in enumerate(keyed)]
+    pseudo = [
+        LvefRecord(
+            line=i + 2,
+            ecg_key=k,
+            ecg_path=s.path,
+            lvef_percent=60.0,
+            tier=0,
+            patient_id=s.patient_id,
+            split="",
+            ehr=None,
+        )
+        for i, (k, s) in enumerate(keyed)
+    ]
     key = None
     if measurer is None:
         from ecgbridge.training.datasets.lvef import _default_measurer
@@ -451,12 +512,22 @@ def generate_cohort(
                 n_ehr += int(latent["has_ehr"])
                 latent_counts.update(k2 for k2, v in latent.items() if v is True)
                 rows += 1
-    return {"rows": rows, "tiers": dict(tiers), "sources": dict(by_source), "with_ehr": n_ehr, "seed": seed,
-            "replicas": replicas, "latent": dict(latent_counts), "csv": str(out_csv)}
+    return {
+        "rows": rows,
+        "tiers": dict(tiers),
+        "sources": dict(by_source),
+        "with_ehr": n_ehr,
+        "seed": seed,
+        "replicas": replicas,
+        "latent": dict(latent_counts),
+        "csv": str(out_csv),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ecgbridge.training.lvef_synthetic", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m ecgbridge.training.lvef_synthetic", description=__doc__.split("\n\n")[0]
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="shared data dir (ptbxl-subset, ptbxl-unlabelled, challenge/cinc2021)")
     src.add_argument("--records", type=Path, help="a folder of WFDB records (e.g. tests/fixtures/wfdb)")
@@ -468,10 +539,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = data_dir_sources(args.data) if args.data else folder_sources(args.records)
     if args.limit:
         sources = sources[: args.limit]
-    summary = generate_cohort(sources, args.out, seed=args.seed, replicas=args.replicas,
-                              progress=lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"wrote {summary['rows']} rows to {args.out}: tiers {summary['tiers']}, with EHR {summary['with_ehr']}, "
-          f"sources {summary['sources']}")
+    summary = generate_cohort(
+        sources,
+        args.out,
+        seed=args.seed,
+        replicas=args.replicas,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(
+        f"wrote {summary['rows']} rows to {args.out}: tiers {summary['tiers']}, with EHR {summary['with_ehr']}, "
+        f"sources {summary['sources']}"
+    )
     return 0
 
 

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
-
 from ecgbridge.training.augment import Augmenter
 from ecgbridge.training.datasets.ptbxl import read_signal
+from ecgbridge.training.models.resnet_se import ResNetSE1d
 
 __all__ = ["load_unlabelled", "nt_xent", "pretrain_encoder"]
 
@@ -59,7 +60,7 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tenso
 
 
 def pretrain_encoder(
-    model: nn.Module,
+    model: ResNetSE1d,
     x: np.ndarray,
     *,
     epochs: int,
@@ -78,7 +79,7 @@ def pretrain_encoder(
     device = device or torch.device("cpu")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    width = int(getattr(model, "n_features"))
+    width = int(model.n_features)
     head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, 64)).to(device)
     model = model.to(device)
     params = list(model.features.parameters()) + list(head.parameters())
@@ -106,7 +107,7 @@ def pretrain_encoder(
             b = head(model.embed(view(x[idx])))
             loss = nt_xent(a, b, temperature)
             optimiser.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             optimiser.step()
             if step < steps:
                 scheduler.step()
@@ -120,5 +121,13 @@ def pretrain_encoder(
             f"(chance {math.log(2 * batch_size - 1):.2f}; {int(elapsed)}s elapsed, ~{int(elapsed / epoch * (epochs - epoch))}s left)"
         )
     model.eval()
-    return {"history": history, "records": int(len(x)), "epochs": epochs, "batch_size": batch_size,
-            "temperature": temperature, "crop_s": crop_s, "lr": lr, "wall_s": round(time.monotonic() - started, 1)}
+    return {
+        "history": history,
+        "records": int(len(x)),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "temperature": temperature,
+        "crop_s": crop_s,
+        "lr": lr,
+        "wall_s": round(time.monotonic() - started, 1),
+    }

@@ -20,16 +20,23 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from ecgbridge.inference.models import load_manifest
 from ecgbridge.inference.preprocess import DEFAULT_SPEC
-
-from ecgbridge.training.calibration import apply_calibration, choose_tiers, ece, fit_calibration, min_sensitivity_threshold, sigmoid
+from ecgbridge.training.calibration import (
+    apply_calibration,
+    choose_tiers,
+    ece,
+    fit_calibration,
+    min_sensitivity_threshold,
+    sigmoid,
+)
 from ecgbridge.training.datasets.ptbxl import SUPERCLASSES, TEST_FOLDS, TRAIN_FOLDS, VAL_FOLDS, load_ptbxl
 from ecgbridge.training.evaluate import evaluate_diagnosis, evaluate_external, format_report, macro_auroc
 from ecgbridge.training.export import ServingGraph, export_model
@@ -53,24 +60,31 @@ def _initializers(onnx_path: Path) -> dict[str, np.ndarray]:
 def cnn_from_onnx(onnx_path: Path, dropout: float = 0.3) -> Cnn1d:
     """A ``Cnn1d`` (eval mode) carrying the weights of an exported one with folded BatchNorms."""
     weights = _initializers(onnx_path)
-    conv = sorted((k for k in weights if re.fullmatch(r".*features\.(\d+)\.0\.weight", k)),
-                  key=lambda k: int(re.search(r"features\.(\d+)\.0\.weight", k).group(1)))  # type: ignore[union-attr]
+    conv = sorted(
+        (k for k in weights if re.fullmatch(r".*features\.(\d+)\.0\.weight", k)),
+        key=lambda k: int(re.findall(r"features\.(\d+)\.0\.weight", k)[0]),
+    )
     head_w = next(v for k, v in weights.items() if k.endswith("classifier.weight"))
     head_b = next(v for k, v in weights.items() if k.endswith("classifier.bias"))
-    model = Cnn1d(n_leads=weights[conv[0]].shape[1], n_classes=head_w.shape[0], width=head_w.shape[1] // 4,
-                  dropout=dropout)
+    model = Cnn1d(
+        n_leads=weights[conv[0]].shape[1], n_classes=head_w.shape[0], width=head_w.shape[1] // 4, dropout=dropout
+    )
     if len(conv) != len(model.features):
         raise ValueError(f"{onnx_path}: {len(conv)} convolutions, Cnn1d has {len(model.features)} blocks")
     with torch.no_grad():
         for block, key in zip(model.features, conv):
-            conv_layer, bn = block[0], block[1]
+            layers = cast(torch.nn.Sequential, block)  # a Cnn1d block: Conv1d, BatchNorm1d, ReLU[, MaxPool1d]
+            conv_layer, bn = cast(torch.nn.Conv1d, layers[0]), cast(torch.nn.BatchNorm1d, layers[1])
             w, b = weights[key], weights.get(key + "_bias")
             if tuple(conv_layer.weight.shape) != w.shape or b is None:
-                raise ValueError(f"{onnx_path}: {key} {w.shape} does not fit {tuple(conv_layer.weight.shape)} "
-                                 "(or its folded bias is missing)")
+                raise ValueError(
+                    f"{onnx_path}: {key} {w.shape} does not fit {tuple(conv_layer.weight.shape)} "
+                    "(or its folded bias is missing)"
+                )
             conv_layer.weight.copy_(torch.from_numpy(w))
             bn.weight.fill_(1.0)
             bn.bias.copy_(torch.from_numpy(b))
+            assert bn.running_mean is not None and bn.running_var is not None  # tracked: BatchNorm1d's default
             bn.running_mean.zero_()
             bn.running_var.fill_(1.0 - bn.eps)  # (x - 0) / sqrt(var + eps) = x
         model.classifier.weight.copy_(torch.from_numpy(head_w))
@@ -83,7 +97,9 @@ def _old_probabilities(model_dir: Path, x: np.ndarray) -> np.ndarray:
 
     manifest = load_manifest(model_dir)
     session = ort.InferenceSession(str(model_dir / manifest.file), providers=["CPUExecutionProvider"])
-    return session.run([manifest.outputs["probabilities"]], {manifest.input.name: x.astype(np.float32)})[0]
+    return cast(
+        np.ndarray, session.run([manifest.outputs["probabilities"]], {manifest.input.name: x.astype(np.float32)})[0]
+    )
 
 
 def reexport(
@@ -120,36 +136,65 @@ def reexport(
             thresholds[code] = round(float(apply_calibration(z_old, calib["temperature"], calib["offset"])[0, k]), 6)
         else:
             thresholds[code] = round(
-                min_sensitivity_threshold(val.y[:, k], p_val[:, k], min_sensitivity)["threshold"], 6)
+                min_sensitivity_threshold(val.y[:, k], p_val[:, k], min_sensitivity)["threshold"], 6
+            )
         t = choose_tiers(val.y[:, k], p_val[:, k], catch=tier_catch, specificity=tier_specificity)
         tiers[code] = {"moderate": t["moderate"], "high": t["high"]}
         tier_detail[code] = t
     graph = ServingGraph([model], temperature=calib["temperature"], offset=calib["offset"]).eval()
     exported = export_model(
-        graph, out_dir, classes=SUPERCLASSES, thresholds=thresholds, real=val.x[:8], name=old.name,
-        version=version, task="diagnosis",
-        description=(f"{old.name} {old.version}'s network re-exported with class activation maps, fold-9 calibration "
-                     "and risk tiers; research use only, NOT FOR CLINICAL USE."),
-        trained_on=old.trained_on, preprocessing=DEFAULT_SPEC, tiers=tiers,
+        graph,
+        out_dir,
+        classes=SUPERCLASSES,
+        thresholds=thresholds,
+        real=val.x[:8],
+        name=old.name,
+        version=version,
+        task="diagnosis",
+        description=(
+            f"{old.name} {old.version}'s network re-exported with class activation maps, fold-9 calibration "
+            "and risk tiers; research use only, NOT FOR CLINICAL USE."
+        ),
+        trained_on=old.trained_on,
+        preprocessing=DEFAULT_SPEC,
+        tiers=tiers,
         calibration={
-            "method": calib["method"], "variant": calib["variant"],
+            "method": calib["method"],
+            "variant": calib["variant"],
             "fitted_on": f"PTB-XL strat_fold 9 ({len(val)} records)",
             "temperature": {c: round(float(v), 6) for c, v in zip(SUPERCLASSES, calib["temperature"])},
             "offset": {c: round(float(v), 6) for c, v in zip(SUPERCLASSES, calib["offset"])},
-            "in_graph": True, "uncalibrated_output": "logits",
+            "in_graph": True,
+            "uncalibrated_output": "logits",
         },
-        architecture={"module": "training.models.Cnn1d", "arch": "cnn", "width": model.classifier.in_features // 4,
-                      "dropout": float(model.dropout.p),
-                      "members": 1, "parameters": int(sum(p.numel() for p in model.parameters())),
-                      "cam_stride_samples": 16, "rebuilt_from": f"{old.name} {old.version} (sha256 {old.sha256})"},
+        architecture={
+            "module": "training.models.Cnn1d",
+            "arch": "cnn",
+            "width": model.classifier.in_features // 4,
+            "dropout": float(model.dropout.p),
+            "members": 1,
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "cam_stride_samples": 16,
+            "rebuilt_from": f"{old.name} {old.version} (sha256 {old.sha256})",
+        },
     )
     test_metrics = evaluate_diagnosis(out_dir, data_dir, fold=TEST_FOLDS[0], n_bootstrap=n_bootstrap, seed=seed)
-    external_metrics = (evaluate_external(out_dir, external, train_data=data_dir, n_bootstrap=n_bootstrap, seed=seed)
-                        if external is not None else None)
+    external_metrics = (
+        evaluate_external(out_dir, external, train_data=data_dir, n_bootstrap=n_bootstrap, seed=seed)
+        if external is not None
+        else None
+    )
     return {
-        "old": old, "rebuilt_gap": rebuilt_gap, "threshold_rule": threshold_rule, "calibration": calib, "thresholds": thresholds, "tiers": tier_detail,
+        "old": old,
+        "rebuilt_gap": rebuilt_gap,
+        "threshold_rule": threshold_rule,
+        "calibration": calib,
+        "thresholds": thresholds,
+        "tiers": tier_detail,
         "ece_val": {"before": ece(val.y, sigmoid(z_val)), "after": ece(val.y, p_val)},
-        "fold9_macro_auroc": macro_auroc(val.y, z_val), "n_val": len(val), "exported": exported,
+        "fold9_macro_auroc": macro_auroc(val.y, z_val),
+        "n_val": len(val),
+        "exported": exported,
         "test_report": format_report(test_metrics),
         "external_report": format_report(external_metrics) if external_metrics is not None else None,
     }
@@ -178,27 +223,34 @@ def render_card(summary: dict[str, Any], old_card: str, command: str) -> str:
         "",
         "| class | T | offset |",
         "|---|---|---|",
-        *(f"| {c} | {float(t):.3f} | {float(o):.3f} |"
-          for c, t, o in zip(SUPERCLASSES, calib["temperature"], calib["offset"])),
+        *(
+            f"| {c} | {float(t):.3f} | {float(o):.3f} |"
+            for c, t, o in zip(SUPERCLASSES, calib["temperature"], calib["offset"])
+        ),
         "",
         f"Fold-9 ECE (mean over classes) {summary['ece_val']['before']['mean']:.3f} before, "
         f"{summary['ece_val']['after']['mean']:.3f} after (fitted there; fold 10 below).",
         "",
         "## Decision thresholds and risk tiers",
-        (f"Thresholds: {old.name} {old.version}'s own (max F1 on fold 9), carried through the calibration, so every "
-         "present / absent decision is unchanged. (The min-sensitivity rule of `training.train`, tried first, caught "
-         "8/10 HYP on fold 10 instead of 0/10 but lowered CD's threshold so far that a normal ECG with 35 % "
-         "baseline wander, which the quality gate accepts, was called CD: tests/unit/test_quality.py.) "
-         if summary["threshold_rule"] == "keep" else
-         "Thresholds: per class, on fold-9 calibrated probabilities, the best-F1 threshold among those catching "
-         ">= 80 % of fold-9 positives. ")
+        (
+            f"Thresholds: {old.name} {old.version}'s own (max F1 on fold 9), carried through the calibration, so every "
+            "present / absent decision is unchanged. (The min-sensitivity rule of `training.train`, tried first, caught "
+            "8/10 HYP on fold 10 instead of 0/10 but lowered CD's threshold so far that a normal ECG with 35 % "
+            "baseline wander, which the quality gate accepts, was called CD: tests/unit/test_quality.py.) "
+            if summary["threshold_rule"] == "keep"
+            else "Thresholds: per class, on fold-9 calibrated probabilities, the best-F1 threshold among those catching "
+            ">= 80 % of fold-9 positives. "
+        )
         + "Tiers: moderate = the highest cut-off at which Moderate + High catch >= 95 % of fold-9 positives; high = "
         "the lowest at which <= 5 % of fold-9 negatives reach High.",
         "",
         "| class | threshold | moderate | high | fold-9 positives |",
         "|---|---|---|---|---|",
-        *(f"| {c} | {summary['thresholds'][c]:.4f} | {summary['tiers'][c]['moderate']:.4f} | "
-          f"{summary['tiers'][c]['high']:.4f} | {summary['tiers'][c].get('positives', '')} |" for c in SUPERCLASSES),
+        *(
+            f"| {c} | {summary['thresholds'][c]:.4f} | {summary['tiers'][c]['moderate']:.4f} | "
+            f"{summary['tiers'][c]['high']:.4f} | {summary['tiers'][c].get('positives', '')} |"
+            for c in SUPERCLASSES
+        ),
         "",
         "## Evaluation (fold 10 and external sources; measured after every choice, through the serving path)",
         "```",
@@ -229,14 +281,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="new model directory")
     parser.add_argument("--version", required=True)
     parser.add_argument("--external", type=Path, default=None)
-    parser.add_argument("--thresholds", choices=("keep", "min-sensitivity"), default="keep",
-                        help="keep the old decisions (default) or choose new ones on fold 9")
+    parser.add_argument(
+        "--thresholds",
+        choices=("keep", "min-sensitivity"),
+        default="keep",
+        help="keep the old decisions (default) or choose new ones on fold 9",
+    )
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     command = "python -m ecgbridge.training.reexport " + " ".join(sys.argv[1:] if argv is None else list(argv))
-    summary = reexport(args.model, args.data, args.out, version=args.version, external=args.external,
-                       threshold_rule=args.thresholds, n_bootstrap=args.n_bootstrap)
+    summary = reexport(
+        args.model,
+        args.data,
+        args.out,
+        version=args.version,
+        external=args.external,
+        threshold_rule=args.thresholds,
+        n_bootstrap=args.n_bootstrap,
+    )
     old_card = (args.model / "MODEL_CARD.md").read_text()
     (args.out / "MODEL_CARD.md").write_text(render_card(summary, old_card, command))
     print(summary["test_report"])

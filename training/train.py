@@ -43,8 +43,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,9 +53,14 @@ from torch import nn
 
 from ecgbridge.inference.preprocess import DEFAULT_SPEC
 from ecgbridge.mapping.ecg import STANDARD_LEADS
-
 from ecgbridge.training.augment import AugmentConfig, Augmenter
-from ecgbridge.training.calibration import apply_calibration, choose_tiers, ece, fit_calibration, min_sensitivity_threshold
+from ecgbridge.training.calibration import (
+    apply_calibration,
+    choose_tiers,
+    ece,
+    fit_calibration,
+    min_sensitivity_threshold,
+)
 from ecgbridge.training.cards import write_model_card
 from ecgbridge.training.datasets.ptbxl import (
     SUPERCLASSES,
@@ -66,7 +72,14 @@ from ecgbridge.training.datasets.ptbxl import (
     load_metadata,
     load_ptbxl,
 )
-from ecgbridge.training.evaluate import auroc, bootstrap_auroc, evaluate_diagnosis, evaluate_external, format_report, to_jsonable
+from ecgbridge.training.evaluate import (
+    auroc,
+    bootstrap_auroc,
+    evaluate_diagnosis,
+    evaluate_external,
+    format_report,
+    to_jsonable,
+)
 from ecgbridge.training.export import ServingGraph, export_model
 from ecgbridge.training.models.cnn1d import Cnn1d
 from ecgbridge.training.models.resnet_se import ResNetSE1d
@@ -108,6 +121,8 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class FocalLoss(nn.Module):
     """Binary focal loss on logits: ``w * (1 - p_t)^gamma * BCE``, ``w = pos_weight`` on positives, 1 on negatives."""
 
+    pos_weight: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(self, gamma: float = 2.0, pos_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.gamma = gamma
@@ -127,10 +142,10 @@ def class_pos_weight(y: np.ndarray, cap: float = 10.0) -> np.ndarray:
     """Per-class positive weight sqrt(negatives / positives), clipped to [1, cap]."""
     pos = y.sum(axis=0)
     neg = len(y) - pos
-    return np.clip(np.sqrt(neg / np.maximum(pos, 1.0)), 1.0, cap).astype(np.float32)
+    return cast(np.ndarray, np.clip(np.sqrt(neg / np.maximum(pos, 1.0)), 1.0, cap).astype(np.float32))
 
 
-def build_model(arch: str, *, width: int, dropout: float, n_classes: int = len(SUPERCLASSES)) -> nn.Module:
+def build_model(arch: str, *, width: int, dropout: float, n_classes: int = len(SUPERCLASSES)) -> ResNetSE1d | Cnn1d:
     if arch == "resnet_se":
         return ResNetSE1d(n_leads=len(STANDARD_LEADS), n_classes=n_classes, width=width, dropout=dropout)
     if arch == "cnn":
@@ -156,13 +171,15 @@ def _describe_arch(arch: str, width: int, dropout: float) -> str:
 @torch.no_grad()
 def _logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
     model.eval()
-    out = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).cpu().numpy() for i in range(0, len(x), batch_size)]
+    out = [
+        model(torch.from_numpy(x[i : i + batch_size]).to(device)).cpu().numpy() for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(SUPERCLASSES)))
 
 
 def _predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Sigmoid probabilities on CPU (kept for callers of the baseline's helper)."""
-    return 1.0 / (1.0 + np.exp(-_logits(model, x, torch.device("cpu"), batch_size)))
+    return cast(np.ndarray, 1.0 / (1.0 + np.exp(-_logits(model, x, torch.device("cpu"), batch_size))))
 
 
 def _macro_auroc_defined(y: np.ndarray, p: np.ndarray) -> float:
@@ -253,7 +270,7 @@ def fit_member(
             step += 1
             decay = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for (name, e), (_, m) in zip(ema.state_dict().items(), model.state_dict().items()):
+                for (_name, e), (_, m) in zip(ema.state_dict().items(), model.state_dict().items()):
                     if e.dtype.is_floating_point:
                         e.mul_(decay).add_(m.detach(), alpha=1 - decay)
                     else:
@@ -262,8 +279,12 @@ def fit_member(
             seen += len(idx)
         z_val = _logits(ema, val.x, device)
         val_auc = _macro_auroc_defined(val.y, z_val)
-        val_loss = float(nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(z_val), torch.from_numpy(val.y).double()))
-        history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_bce": val_loss, "val_macro_auroc": val_auc})
+        val_loss = float(
+            nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(z_val), torch.from_numpy(val.y).double())
+        )
+        history.append(
+            {"epoch": epoch, "train_loss": total / max(seen, 1), "val_bce": val_loss, "val_macro_auroc": val_auc}
+        )
         improved = not math.isnan(val_auc) and val_auc > best_auc
         if improved:
             best_auc, best_epoch = val_auc, epoch
@@ -371,7 +392,9 @@ def train_diagnosis(
         raise ValueError("model_dir must differ from out_dir: the checkpoint must not land in the model directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(seed, threads)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
 
     def say(msg: str) -> None:
         if log:
@@ -394,10 +417,20 @@ def train_diagnosis(
     if noise_max is not None:  # heavy-noise training: the seed's "noisy normal above a true MI" failure
         aug_config = dataclasses.replace(aug_config, noise_max=noise_max)
     augmenter = Augmenter(aug_config, DEFAULT_SPEC) if augment_online else None
-    common = dict(
-        arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, width=width,
-        dropout=dropout, patience=patience, ema_decay=ema_decay, pos_weight=pos_weight, augmenter=augmenter,
-        device=dev, log=say,
+    common: dict[str, Any] = dict(
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        width=width,
+        dropout=dropout,
+        patience=patience,
+        ema_decay=ema_decay,
+        pos_weight=pos_weight,
+        augmenter=augmenter,
+        device=dev,
+        log=say,
     )
 
     # (1b) optional self-supervised pretraining of the encoder
@@ -409,11 +442,21 @@ def train_diagnosis(
 
         x_unlabelled = load_unlabelled(Path(pretrain), limit=limit)
         x_ssl = np.concatenate([x_unlabelled, train.x])
-        say(f"pretraining on {len(x_unlabelled)} unlabelled records + {len(train)} training-fold signals (labels unused)")
+        say(
+            f"pretraining on {len(x_unlabelled)} unlabelled records + {len(train)} training-fold signals (labels unused)"
+        )
         torch.manual_seed(seed)
         encoder = build_model(arch, width=width, dropout=dropout)
-        pretrain_info = pretrain_encoder(encoder, x_ssl, epochs=pretrain_epochs, augmenter=Augmenter(aug_config, DEFAULT_SPEC),
-                                         seed=seed, device=dev, log=say)
+        assert isinstance(encoder, ResNetSE1d)  # arch is resnet_se (checked above)
+        pretrain_info = pretrain_encoder(
+            encoder,
+            x_ssl,
+            epochs=pretrain_epochs,
+            augmenter=Augmenter(aug_config, DEFAULT_SPEC),
+            seed=seed,
+            device=dev,
+            log=say,
+        )
         pretrain_info["unlabelled_records"] = int(len(x_unlabelled))
         pretrain_info["training_records"] = int(len(train))
         common["init_features"] = {k: v.detach().cpu().clone() for k, v in encoder.features.state_dict().items()}
@@ -422,9 +465,13 @@ def train_diagnosis(
     losses = ["focal", "bce"] if loss == "auto" else [loss]
     candidates: dict[str, dict[str, Any]] = {}
     for loss_name in losses:
-        candidates[loss_name] = fit_member(train, val, loss=loss_name, seed=seed, tag=f"{loss_name} seed {seed}", **common)
-        say(f"{loss_name}: best epoch {candidates[loss_name]['best_epoch']}, fold-9 macro-AUROC "
-            f"{candidates[loss_name]['val_macro_auroc']:.4f} ({_fmt_s(candidates[loss_name]['wall_s'])})")
+        candidates[loss_name] = fit_member(
+            train, val, loss=loss_name, seed=seed, tag=f"{loss_name} seed {seed}", **common
+        )
+        say(
+            f"{loss_name}: best epoch {candidates[loss_name]['best_epoch']}, fold-9 macro-AUROC "
+            f"{candidates[loss_name]['val_macro_auroc']:.4f} ({_fmt_s(candidates[loss_name]['wall_s'])})"
+        )
     chosen = max(losses, key=lambda k: (candidates[k]["val_macro_auroc"], k == "focal"))
     if len(losses) > 1:
         say(f"loss chosen on fold 9: {chosen}")
@@ -432,13 +479,17 @@ def train_diagnosis(
     # (3) more seeds of the chosen loss
     members = [candidates[chosen]]
     for extra in range(1, seeds):
-        members.append(fit_member(train, val, loss=chosen, seed=seed + extra, tag=f"{chosen} seed {seed + extra}", **common))
+        members.append(
+            fit_member(train, val, loss=chosen, seed=seed + extra, tag=f"{chosen} seed {seed + extra}", **common)
+        )
         say(f"seed {seed + extra}: fold-9 macro-AUROC {members[-1]['val_macro_auroc']:.4f}")
     z_val = np.mean([m["val_logits"] for m in members], axis=0)
     ensemble_val_auc = _macro_auroc_defined(val.y, z_val)
     if seeds > 1:
-        say(f"ensemble of {seeds}: fold-9 macro-AUROC {ensemble_val_auc:.4f} "
-            "(members " + ", ".join(f"{m['val_macro_auroc']:.4f}" for m in members) + ")")
+        say(
+            f"ensemble of {seeds}: fold-9 macro-AUROC {ensemble_val_auc:.4f} "
+            "(members " + ", ".join(f"{m['val_macro_auroc']:.4f}" for m in members) + ")"
+        )
 
     # (4) calibration, thresholds, tiers on fold 9
     calib = fit_calibration(val.y, z_val, pos_weight, seed=seed)
@@ -452,8 +503,10 @@ def train_diagnosis(
         t = choose_tiers(val.y[:, k], p_val[:, k], catch=tier_catch, specificity=tier_specificity)
         tiers[code] = {"moderate": t["moderate"], "high": t["high"]}
         tier_detail[code] = t
-    say(f"calibration: {calib['variant']}, T {np.round(calib['temperature'], 3).tolist()}, "
-        f"fold-9 ECE {ece_val['before']['mean']:.3f} -> {ece_val['after']['mean']:.3f}")
+    say(
+        f"calibration: {calib['variant']}, T {np.round(calib['temperature'], 3).tolist()}, "
+        f"fold-9 ECE {ece_val['before']['mean']:.3f} -> {ece_val['after']['mean']:.3f}"
+    )
     say(f"thresholds {thresholds}")
     say(f"tiers {tiers}")
 
@@ -505,20 +558,32 @@ def train_diagnosis(
         preprocessing=DEFAULT_SPEC,
         tiers=tiers,
         calibration=calibration_meta,
-        architecture={"module": "training.models.ResNetSE1d" if arch == "resnet_se" else "training.models.Cnn1d",
-                      "arch": arch, "width": width, "dropout": dropout, "members": len(members),
-                      "parameters": n_params * len(members), "cam_stride_samples": 16},
+        architecture={
+            "module": "training.models.ResNetSE1d" if arch == "resnet_se" else "training.models.Cnn1d",
+            "arch": arch,
+            "width": width,
+            "dropout": dropout,
+            "members": len(members),
+            "parameters": n_params * len(members),
+            "cam_stride_samples": 16,
+        },
     )
-    say(f"exported {exported['onnx_path']} via {exported['export_method']}, parity "
-        + ", ".join(f"{k} {v:.2e}" for k, v in exported["parity"].items()))
+    say(
+        f"exported {exported['onnx_path']} via {exported['export_method']}, parity "
+        + ", ".join(f"{k} {v:.2e}" for k, v in exported["parity"].items())
+    )
 
-    metrics = evaluate_diagnosis(model_dir, data_dir, fold=TEST_FOLDS[0], n_bootstrap=n_bootstrap, seed=seed, sampling_rate=sampling_rate)
+    metrics = evaluate_diagnosis(
+        model_dir, data_dir, fold=TEST_FOLDS[0], n_bootstrap=n_bootstrap, seed=seed, sampling_rate=sampling_rate
+    )
     report = format_report(metrics)
     say(report)
     external_metrics = None
     external_report = None
     if external is not None:
-        external_metrics = evaluate_external(model_dir, Path(external), train_data=data_dir, n_bootstrap=n_bootstrap, seed=seed)
+        external_metrics = evaluate_external(
+            model_dir, Path(external), train_data=data_dir, n_bootstrap=n_bootstrap, seed=seed
+        )
         external_report = format_report(external_metrics)
         say(external_report)
 
@@ -527,21 +592,28 @@ def train_diagnosis(
     loss_table = []
     for loss_name, cand in candidates.items():
         z_test = _logits(cand["model"], test.x, torch.device("cpu"))
-        loss_table.append({
-            "loss": loss_name,
-            "seed": cand["seed"],
-            "best_epoch": cand["best_epoch"],
-            "fold9_macro_auroc": cand["val_macro_auroc"],
-            "fold9_per_class": {c: auroc(val.y[:, k], cand["val_logits"][:, k]) for k, c in enumerate(SUPERCLASSES)},
-            "fold10": _auroc_with_ci(test.y, z_test, test.patient_ids, n_bootstrap, seed),
-            "chosen": loss_name == chosen,
-        })
+        loss_table.append(
+            {
+                "loss": loss_name,
+                "seed": cand["seed"],
+                "best_epoch": cand["best_epoch"],
+                "fold9_macro_auroc": cand["val_macro_auroc"],
+                "fold9_per_class": {
+                    c: auroc(val.y[:, k], cand["val_logits"][:, k]) for k, c in enumerate(SUPERCLASSES)
+                },
+                "fold10": _auroc_with_ci(test.y, z_test, test.patient_ids, n_bootstrap, seed),
+                "chosen": loss_name == chosen,
+            }
+        )
     if seeds > 1:
         z_test_members = [_logits(m["model"], test.x, torch.device("cpu")) for m in members]
         ensemble_table = {
             "members": [
-                {"seed": m["seed"], "fold9_macro_auroc": m["val_macro_auroc"],
-                 "fold10_macro_auroc": _macro_auroc_defined(test.y, z)}
+                {
+                    "seed": m["seed"],
+                    "fold9_macro_auroc": m["val_macro_auroc"],
+                    "fold10_macro_auroc": _macro_auroc_defined(test.y, z),
+                }
                 for m, z in zip(members, z_test_members)
             ],
             "ensemble_fold9_macro_auroc": ensemble_val_auc,
@@ -550,28 +622,48 @@ def train_diagnosis(
     else:
         ensemble_table = None
 
-    comparison = None
+    comparison: dict[str, Any] | None = None
     if compare_with is not None:
         comparison = {"model_dir": str(compare_with), "rows": []}
         for label, directory in (("this model", model_dir), ("previous", Path(compare_with))):
             row: dict[str, Any] = {"label": label}
             for fold in (VAL_FOLDS[0], TEST_FOLDS[0]):
-                fm = metrics if (label == "this model" and fold == TEST_FOLDS[0]) else evaluate_diagnosis(
-                    directory, data_dir, fold=fold, n_bootstrap=n_bootstrap, seed=seed, sampling_rate=sampling_rate)
-                row[f"fold{fold}"] = {"macro_auroc": fm["macro_auroc"], "macro_auroc_ci": fm["macro_auroc_ci"],
-                                      "ece": fm["calibration"]["after"]["mean"]}
+                fm = (
+                    metrics
+                    if (label == "this model" and fold == TEST_FOLDS[0])
+                    else evaluate_diagnosis(
+                        directory, data_dir, fold=fold, n_bootstrap=n_bootstrap, seed=seed, sampling_rate=sampling_rate
+                    )
+                )
+                row[f"fold{fold}"] = {
+                    "macro_auroc": fm["macro_auroc"],
+                    "macro_auroc_ci": fm["macro_auroc_ci"],
+                    "ece": fm["calibration"]["after"]["mean"],
+                }
                 row["model"] = f"{fm['model']['name']} {fm['model']['version']}"
             if external is not None:
-                em = external_metrics if label == "this model" else evaluate_external(
-                    directory, Path(external), train_data=data_dir, n_bootstrap=n_bootstrap, seed=seed)
+                em = (
+                    external_metrics
+                    if label == "this model"
+                    else evaluate_external(
+                        directory, Path(external), train_data=data_dir, n_bootstrap=n_bootstrap, seed=seed
+                    )
+                )
+                assert em is not None  # external_metrics was computed above, external being given
                 row["external"] = {src: sm["macro_auroc"] for src, sm in em["sources"].items()}
             comparison["rows"].append(row)
-        say("comparison: " + "; ".join(
-            f"{r['model']} fold 9 {r['fold9']['macro_auroc']:.3f} fold 10 {r['fold10']['macro_auroc']:.3f}" for r in comparison["rows"]))
+        say(
+            "comparison: "
+            + "; ".join(
+                f"{r['model']} fold 9 {r['fold9']['macro_auroc']:.3f} fold 10 {r['fold10']['macro_auroc']:.3f}"
+                for r in comparison["rows"]
+            )
+        )
 
     wall_s = round(time.monotonic() - started, 1)
     settings = {
-        "command": command or (
+        "command": command
+        or (
             f"train_diagnosis(arch={arch!r}, loss={loss!r}, seeds={seeds}, epochs={epochs}, seed={seed}, "
             f"batch_size={batch_size}, lr={lr}, weight_decay={weight_decay}, width={width}, dropout={dropout}, "
             f"augment_strength={augment_strength}, "
@@ -579,7 +671,11 @@ def train_diagnosis(
         ),
         "loss": (
             f"{'focal (gamma 2)' if chosen == 'focal' else 'binary cross-entropy'} on logits, chosen "
-            + ("on fold-9 macro-AUROC against " + ("BCE" if chosen == "focal" else "focal (gamma 2)") if loss == "auto" else "by --loss")
+            + (
+                "on fold-9 macro-AUROC against " + ("BCE" if chosen == "focal" else "focal (gamma 2)")
+                if loss == "auto"
+                else "by --loss"
+            )
         ),
         "class weighting": "positive term weighted per class by sqrt(negatives / positives) on folds 1-8, clipped to [1, 10]: "
         + ", ".join(f"{c} {w:.2f}" for c, w in zip(SUPERCLASSES, pos_weight)),
@@ -589,13 +685,16 @@ def train_diagnosis(
         "batch size": batch_size,
         "augmentation": aug_config.describe() if augment_online else "none",
         "ensemble": f"{seeds} seeds ({', '.join(str(m['seed']) for m in members)}), logits and CAMs averaged in the graph"
-        if seeds > 1 else "single model",
+        if seeds > 1
+        else "single model",
         "self-supervised pretraining": (
             f"SimCLR-style contrastive pretraining of the encoder (NT-Xent, temperature {pretrain_info['temperature']}, "
             f"two views = artefact augmentation + random {pretrain_info['crop_s']:.0f} s crop) on "
             f"{pretrain_info['unlabelled_records']} `ptbxl-unlabelled` records + the {pretrain_info['training_records']} "
             f"training-fold signals, {pretrain_info['epochs']} epochs, batch {pretrain_info['batch_size']}, "
-            f"{pretrain_info['wall_s']:.0f} s; fine-tuned from it" if pretrain_info else "none"
+            f"{pretrain_info['wall_s']:.0f} s; fine-tuned from it"
+            if pretrain_info
+            else "none"
         ),
         "seed": seed,
         "torch": torch.__version__,
@@ -651,8 +750,14 @@ def train_diagnosis(
             "values": thresholds,
             "detail": threshold_detail,
         },
-        "calibration": {**calibration_meta, "cv_nll": calib["cv_nll"], "cv": calib["cv"], "fold9_ece": ece_val,
-                        "nll_before": calib["nll_before"], "nll_after": calib["nll_after"]},
+        "calibration": {
+            **calibration_meta,
+            "cv_nll": calib["cv_nll"],
+            "cv": calib["cv"],
+            "fold9_ece": ece_val,
+            "nll_before": calib["nll_before"],
+            "nll_after": calib["nll_after"],
+        },
         "tiers": {
             "rule": f"moderate: the highest cut-off at which Moderate + High still catch >= {tier_catch:.0%} of fold-9 "
             f"positives; high: the lowest cut-off at which <= {1 - tier_specificity:.0%} of fold-9 negatives reach High "
@@ -693,17 +798,35 @@ def train_diagnosis(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ecgbridge train diagnosis", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", "--data-dir", dest="data_dir", type=Path, required=True, help="PTB-XL root (holds ptbxl_database.csv)")
-    parser.add_argument("--out", "--out-dir", dest="out_dir", type=Path, required=True, help="checkpoint, history and result.json")
-    parser.add_argument("--model-dir", type=Path, default=None, help="where model.onnx/manifest/card go (default OUT/diagnosis)")
-    parser.add_argument("--external", type=Path, default=None, help="PhysioNet-challenge directory for external evaluation")
-    parser.add_argument("--compare-with", type=Path, default=None,
-                        help="a previous model directory to measure on folds 9 and 10 (and --external) for the card")
-    parser.add_argument("--pretrain", type=Path, default=None,
-                        help="unlabelled PTB-XL-layout directory (RECORDS) for self-supervised encoder pretraining")
+    parser.add_argument(
+        "--data", "--data-dir", dest="data_dir", type=Path, required=True, help="PTB-XL root (holds ptbxl_database.csv)"
+    )
+    parser.add_argument(
+        "--out", "--out-dir", dest="out_dir", type=Path, required=True, help="checkpoint, history and result.json"
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="where model.onnx/manifest/card go (default OUT/diagnosis)"
+    )
+    parser.add_argument(
+        "--external", type=Path, default=None, help="PhysioNet-challenge directory for external evaluation"
+    )
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        help="a previous model directory to measure on folds 9 and 10 (and --external) for the card",
+    )
+    parser.add_argument(
+        "--pretrain",
+        type=Path,
+        default=None,
+        help="unlabelled PTB-XL-layout directory (RECORDS) for self-supervised encoder pretraining",
+    )
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--arch", choices=ARCHS, default="resnet_se")
-    parser.add_argument("--loss", choices=LOSSES, default="auto", help="auto: train focal and BCE, keep the better on fold 9")
+    parser.add_argument(
+        "--loss", choices=LOSSES, default="auto", help="auto: train focal and BCE, keep the better on fold 9"
+    )
     parser.add_argument("--seeds", type=int, default=1, help="ensemble size (members averaged inside the ONNX graph)")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -716,13 +839,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, default=15)
     parser.add_argument("--ema-decay", type=float, default=0.98)
     parser.add_argument("--no-augment", action="store_true", help="train without online artefact augmentation")
-    parser.add_argument("--augment-strength", type=float, default=1.0,
-                        help="multiply every artefact probability and amplitude by this (1 = training.augment defaults)")
-    parser.add_argument("--noise-max", type=float, default=None,
-                        help="largest Gaussian-noise sigma of the augmentation, in z-scored signal units (default 0.2 x strength)")
-    parser.add_argument("--min-sensitivity", type=float, default=0.8, help="decision thresholds: minimum fold-9 sensitivity")
-    parser.add_argument("--tier-catch", type=float, default=0.95, help="Moderate + High must catch this share of fold-9 positives")
-    parser.add_argument("--tier-specificity", type=float, default=0.95, help="High admits at most 1 - this of fold-9 negatives")
+    parser.add_argument(
+        "--augment-strength",
+        type=float,
+        default=1.0,
+        help="multiply every artefact probability and amplitude by this (1 = training.augment defaults)",
+    )
+    parser.add_argument(
+        "--noise-max",
+        type=float,
+        default=None,
+        help="largest Gaussian-noise sigma of the augmentation, in z-scored signal units (default 0.2 x strength)",
+    )
+    parser.add_argument(
+        "--min-sensitivity", type=float, default=0.8, help="decision thresholds: minimum fold-9 sensitivity"
+    )
+    parser.add_argument(
+        "--tier-catch", type=float, default=0.95, help="Moderate + High must catch this share of fold-9 positives"
+    )
+    parser.add_argument(
+        "--tier-specificity", type=float, default=0.95, help="High admits at most 1 - this of fold-9 negatives"
+    )
     parser.add_argument("--version", default="0.2.0")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")

@@ -39,9 +39,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -50,9 +51,15 @@ from ecgbridge.inference.models import Manifest, ModelClass
 from ecgbridge.inference.preprocess import DEFAULT_SPEC
 from ecgbridge.inference.triage import DECODING_RULE, TRIAGE_OUTPUT_DISPLAY, TRIAGE_OUTPUTS_3, TRIAGE_OUTPUTS_4
 from ecgbridge.mapping.codes import SCP_SEVERITY, SEVERITY3, SEVERITY4, SEVERITY_SNOMED
-
 from ecgbridge.training.augment import AugmentConfig, Augmenter
-from ecgbridge.training.datasets.ptbxl import SUPERCLASSES, TEST_FOLDS, TRAIN_FOLDS, VAL_FOLDS, PtbxlData, check_patient_disjoint
+from ecgbridge.training.datasets.ptbxl import (
+    SUPERCLASSES,
+    TEST_FOLDS,
+    TRAIN_FOLDS,
+    VAL_FOLDS,
+    PtbxlData,
+    check_patient_disjoint,
+)
 from ecgbridge.training.evaluate import to_jsonable
 from ecgbridge.training.export import (
     ServingGraph,
@@ -97,8 +104,9 @@ def scheme_labels(data: PtbxlData, level4: np.ndarray, scheme: str, classes: Seq
     if scheme == "superclass":
         return np.stack([data.y[:, SUPERCLASSES.index(c)] for c in classes], axis=1).astype(np.float32)
     if scheme == "fine":
-        return np.array([[1.0 if c in codes else 0.0 for c in classes] for codes in data.scp_codes],
-                        dtype=np.float32).reshape(len(data), len(classes))
+        return np.array(
+            [[1.0 if c in codes else 0.0 for c in classes] for codes in data.scp_codes], dtype=np.float32
+        ).reshape(len(data), len(classes))
     if scheme in _TIERED:
         lows = {"abnormal": 1, "major": 2, "urgent": 3}
         return np.stack([(level4 >= lows[c]).astype(np.float32) for c in classes], axis=1)
@@ -107,13 +115,20 @@ def scheme_labels(data: PtbxlData, level4: np.ndarray, scheme: str, classes: Seq
 
 def _with_labels(data: PtbxlData, y: np.ndarray, classes: Sequence[str], keep: np.ndarray | None = None) -> PtbxlData:
     idx = np.arange(len(data)) if keep is None else np.flatnonzero(keep)
-    return replace(data, x=data.x[idx], y=y[idx], ecg_ids=data.ecg_ids[idx], patient_ids=data.patient_ids[idx],
-                   folds=data.folds[idx], classes=tuple(classes),
-                   scp_codes=tuple(data.scp_codes[i] for i in idx))
+    return replace(
+        data,
+        x=data.x[idx],
+        y=y[idx],
+        ecg_ids=data.ecg_ids[idx],
+        patient_ids=data.patient_ids[idx],
+        folds=data.folds[idx],
+        classes=tuple(classes),
+        scp_codes=tuple(data.scp_codes[i] for i in idx),
+    )
 
 
 def _probs(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-_logits(model, x, torch.device("cpu"))))
+    return cast(np.ndarray, 1.0 / (1.0 + np.exp(-_logits(model, x, torch.device("cpu")))))
 
 
 def _level_counts(level4: np.ndarray) -> dict[str, int]:
@@ -121,14 +136,28 @@ def _level_counts(level4: np.ndarray) -> dict[str, int]:
 
 
 def _triage_manifest(
-    *, scheme: str, thresholds: dict[str, float], sha256: str, name: str, version: str, description: str,
-    trained_on: str, architecture: dict[str, Any],
+    *,
+    scheme: str,
+    thresholds: dict[str, float],
+    sha256: str,
+    name: str,
+    version: str,
+    description: str,
+    trained_on: str,
+    architecture: dict[str, Any],
 ) -> Manifest:
     codes = _TIERED[scheme]
     snomed = {"abnormal": SEVERITY_SNOMED["abnormal_nonurgent"][0]}
     return build_manifest(
-        classes=tuple(codes), thresholds=thresholds, sha256=sha256, name=name, version=version, task="triage",
-        description=description, trained_on=trained_on, architecture=architecture,
+        classes=tuple(codes),
+        thresholds=thresholds,
+        sha256=sha256,
+        name=name,
+        version=version,
+        task="triage",
+        description=description,
+        trained_on=trained_on,
+        architecture=architecture,
         outputs={"probabilities": "probabilities", "cams": "cams", "logits": "logits"},
         model_classes=[ModelClass(code=c, display=TRIAGE_OUTPUT_DISPLAY[c], snomed=snomed.get(c)) for c in codes],
     )
@@ -193,13 +222,17 @@ def train_triage(
     val, lv_val, out_val = load_tier_ptbxl(data_dir, VAL_FOLDS, limit=limit)
     test, lv_test, out_test = load_tier_ptbxl(data_dir, TEST_FOLDS, limit=limit)
     check_patient_disjoint(train, val, test)
-    say(f"tiers: train {_level_counts(lv_train)}, fold 9 {_level_counts(lv_val)}, fold 10 {_level_counts(lv_test)}; "
-        f"without a tier: {out_train}/{out_val}/{out_test}")
+    say(
+        f"tiers: train {_level_counts(lv_train)}, fold 9 {_level_counts(lv_val)}, fold 10 {_level_counts(lv_test)}; "
+        f"without a tier: {out_train}/{out_val}/{out_test}"
+    )
     ext = None
     if external is not None:
         ext = load_tier_challenge(Path(external), train_data=data_dir)
-        say("external: " + ", ".join(f"{s} {len(p['level4'])} ({_level_counts(p['level4'])})"
-                                     for s, p in ext["sources"].items()))
+        say(
+            "external: "
+            + ", ".join(f"{s} {len(p['level4'])} ({_level_counts(p['level4'])})" for s, p in ext["sources"].items())
+        )
 
     aug_config = AugmentConfig(fs=FS_HZ).scaled(augment_strength)
     augmenter = Augmenter(aug_config, DEFAULT_SPEC) if augment_online else None
@@ -223,15 +256,36 @@ def train_triage(
         pos_weight = class_pos_weight(tr.y)
         say(f"[{scheme}] {len(classes)} outputs, {len(tr)} training / {len(va)} fold-9 records")
         member = fit_member(
-            tr, va, arch=arch, loss="bce", seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-            weight_decay=weight_decay, width=width, dropout=dropout, patience=patience, ema_decay=ema_decay,
-            pos_weight=pos_weight, augmenter=augmenter, device=dev, log=say, tag=scheme,
+            tr,
+            va,
+            arch=arch,
+            loss="bce",
+            seed=seed,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            width=width,
+            dropout=dropout,
+            patience=patience,
+            ema_decay=ema_decay,
+            pos_weight=pos_weight,
+            augmenter=augmenter,
+            device=dev,
+            log=say,
+            tag=scheme,
         )
         model = member["model"]
         w = weights_sc if scheme == "superclass" else None
         s_val = tier_scores(_probs(model, val.x), classes, scheme, weights=w)
-        chosen = choose_thresholds(lv_val, s_val, min_sensitivity=min_sensitivity, urgent_sensitivity=urgent_sensitivity,
-                                   min_positives=min_val_positives, few_positives_specificity=few_positives_specificity)
+        chosen = choose_thresholds(
+            lv_val,
+            s_val,
+            min_sensitivity=min_sensitivity,
+            urgent_sensitivity=urgent_sensitivity,
+            min_positives=min_val_positives,
+            few_positives_specificity=few_positives_specificity,
+        )
         thr = {t: c["threshold"] for t, c in chosen.items()}
         s_test = tier_scores(_probs(model, test.x), classes, scheme, weights=w)
         m_test = tier_metrics(lv_test, s_test, thr, test.patient_ids, n_bootstrap=n_bootstrap, seed=seed)
@@ -240,13 +294,28 @@ def train_triage(
         if ext is not None:
             for source, part in ext["sources"].items():
                 s_ext = tier_scores(_probs(model, part["x"]), classes, scheme, weights=w) if len(part["x"]) else {}
-                m_ext = tier_metrics(part["level4"], s_ext, thr, np.arange(len(part["level4"])),
-                                     n_bootstrap=n_bootstrap, seed=seed, unit="record")
+                m_ext = tier_metrics(
+                    part["level4"],
+                    s_ext,
+                    thr,
+                    np.arange(len(part["level4"])),
+                    n_bootstrap=n_bootstrap,
+                    seed=seed,
+                    unit="record",
+                )
                 rows.append({"model": label, "scheme": scheme, "data": f"{source} (external)", "metrics": m_ext})
-        schemes[scheme] = {"classes": list(classes), "member": member, "thresholds": thr, "threshold_detail": chosen,
-                           "n_train": len(tr), "n_val": len(va)}
-        say(f"[{scheme}] best epoch {member['best_epoch']}, fold-9 macro-AUROC {member['val_macro_auroc']:.4f}, "
-            f"{_fmt_s(member['wall_s'])}; fold-9 thresholds {({k: round(v, 4) for k, v in thr.items()})}")
+        schemes[scheme] = {
+            "classes": list(classes),
+            "member": member,
+            "thresholds": thr,
+            "threshold_detail": chosen,
+            "n_train": len(tr),
+            "n_val": len(va),
+        }
+        say(
+            f"[{scheme}] best epoch {member['best_epoch']}, fold-9 macro-AUROC {member['val_macro_auroc']:.4f}, "
+            f"{_fmt_s(member['wall_s'])}; fold-9 thresholds { ({k: round(v, 4) for k, v in thr.items()}) }"
+        )
     table = format_tier_table(rows)
     say(table)
 
@@ -254,22 +323,55 @@ def train_triage(
         "data_dir": str(data_dir),
         "comparison": [{k: v for k, v in r.items()} for r in rows],
         "comparison_table": table,
-        "schemes": {s: {k: v for k, v in d.items() if k != "member"} | {
-            "best_epoch": d["member"]["best_epoch"], "epochs_run": d["member"]["epochs_run"],
-            "val_macro_auroc": d["member"]["val_macro_auroc"], "wall_s": d["member"]["wall_s"],
-            "history": d["member"]["history"]} for s, d in schemes.items()},
+        "schemes": {
+            s: {k: v for k, v in d.items() if k != "member"}
+            | {
+                "best_epoch": d["member"]["best_epoch"],
+                "epochs_run": d["member"]["epochs_run"],
+                "val_macro_auroc": d["member"]["val_macro_auroc"],
+                "wall_s": d["member"]["wall_s"],
+                "history": d["member"]["history"],
+            }
+            for s, d in schemes.items()
+        },
         "superclass_weights": weights_sc,
         "fine_classes": list(fine),
-        "counts": {"train": _level_counts(lv_train), "fold9": _level_counts(lv_val), "fold10": _level_counts(lv_test),
-                   "no_tier": {"train": out_train, "fold9": out_val, "fold10": out_test}},
-        "external": None if ext is None else {
-            "sources": {s: {"n": len(p["level4"]), "levels": _level_counts(p["level4"]), "n_no_tier": p["n_no_tier"],
-                            "n_dropped_in_training": p["n_dropped_in_training"]} for s, p in ext["sources"].items()},
-            "no_tier": ext["no_tier"], "unknown_codes": ext["unknown_codes"],
-            "dropped_in_training": ext["dropped_in_training"]},
+        "counts": {
+            "train": _level_counts(lv_train),
+            "fold9": _level_counts(lv_val),
+            "fold10": _level_counts(lv_test),
+            "no_tier": {"train": out_train, "fold9": out_val, "fold10": out_test},
+        },
+        "external": None
+        if ext is None
+        else {
+            "sources": {
+                s: {
+                    "n": len(p["level4"]),
+                    "levels": _level_counts(p["level4"]),
+                    "n_no_tier": p["n_no_tier"],
+                    "n_dropped_in_training": p["n_dropped_in_training"],
+                }
+                for s, p in ext["sources"].items()
+            },
+            "no_tier": ext["no_tier"],
+            "unknown_codes": ext["unknown_codes"],
+            "dropped_in_training": ext["dropped_in_training"],
+        },
     }
-    torch.save({s: {"arch": arch, "width": width, "dropout": dropout, "classes": d["classes"],
-                    "state_dict": d["member"]["model"].state_dict()} for s, d in schemes.items()}, out_dir / "models.pt")
+    torch.save(
+        {
+            s: {
+                "arch": arch,
+                "width": width,
+                "dropout": dropout,
+                "classes": d["classes"],
+                "state_dict": d["member"]["model"].state_dict(),
+            }
+            for s, d in schemes.items()
+        },
+        out_dir / "models.pt",
+    )
 
     if ship is not None:
         shipped = schemes[ship]
@@ -281,37 +383,71 @@ def train_triage(
         parity = parity_by_output(graph, onnx_path, real=val.x[:8])
         n_params = int(sum(p.numel() for p in shipped["member"]["model"].parameters()))
         manifest = _triage_manifest(
-            scheme=ship, thresholds=shipped["thresholds"], sha256=sha256_file(onnx_path), name=name, version=version,
-            description=(f"1D {'ResNet-SE' if arch == 'resnet_se' else 'CNN'} severity triage ({ship}: cumulative "
-                         f"ordinal outputs {', '.join(_TIERED[ship])}); tier = {DECODING_RULE}; research use only, "
-                         "NOT FOR CLINICAL USE."),
-            trained_on=(f"PTB-XL ({data_dir.name}): strat_fold 1-8 train ({len(train)} records), fold 9 validation "
-                        f"({len(val)} records); tiers from mapping.codes.SCP_SEVERITY; Wagner et al. 2020, CC BY 4.0"),
-            architecture={"module": "training.models.ResNetSE1d" if arch == "resnet_se" else "training.models.Cnn1d",
-                          "arch": arch, "width": width, "dropout": dropout, "members": 1, "parameters": n_params,
-                          "cam_stride_samples": 16},
+            scheme=ship,
+            thresholds=shipped["thresholds"],
+            sha256=sha256_file(onnx_path),
+            name=name,
+            version=version,
+            description=(
+                f"1D {'ResNet-SE' if arch == 'resnet_se' else 'CNN'} severity triage ({ship}: cumulative "
+                f"ordinal outputs {', '.join(_TIERED[ship])}); tier = {DECODING_RULE}; research use only, "
+                "NOT FOR CLINICAL USE."
+            ),
+            trained_on=(
+                f"PTB-XL ({data_dir.name}): strat_fold 1-8 train ({len(train)} records), fold 9 validation "
+                f"({len(val)} records); tiers from mapping.codes.SCP_SEVERITY; Wagner et al. 2020, CC BY 4.0"
+            ),
+            architecture={
+                "module": "training.models.ResNetSE1d" if arch == "resnet_se" else "training.models.Cnn1d",
+                "arch": arch,
+                "width": width,
+                "dropout": dropout,
+                "members": 1,
+                "parameters": n_params,
+                "cam_stride_samples": 16,
+            },
         )
         write_manifest(manifest, model_dir)
         serving = [evaluate_triage(model_dir, data_dir, fold=TEST_FOLDS[0], n_bootstrap=n_bootstrap, seed=seed)]
         if external is not None:
-            serving.append(evaluate_triage(model_dir, Path(external), train_data=data_dir, n_bootstrap=n_bootstrap,
-                                           seed=seed))
+            serving.append(
+                evaluate_triage(model_dir, Path(external), train_data=data_dir, n_bootstrap=n_bootstrap, seed=seed)
+            )
         serving_table = format_tier_table([r for e in serving for r in e["rows"]])
         say("serving path (ONNX via the registry):\n" + serving_table)
         wall_s = round(time.monotonic() - started, 1)
         settings = {
-            "command": command or f"train_triage(labels={labels}, ship={ship!r}, arch={arch!r}, width={width}, "
-            f"epochs={epochs}, seed={seed}, threads={threads}" + (f", limit={limit}" if limit else "") + ")",
-            "arch": arch, "width": width, "dropout": dropout, "epochs": epochs, "patience": patience,
-            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema_decay": ema_decay,
+            "command": command
+            or f"train_triage(labels={labels}, ship={ship!r}, arch={arch!r}, width={width}, "
+            f"epochs={epochs}, seed={seed}, threads={threads}"
+            + (f", limit={limit}" if limit else "")
+            + ")",
+            "arch": arch,
+            "width": width,
+            "dropout": dropout,
+            "epochs": epochs,
+            "patience": patience,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "ema_decay": ema_decay,
             "loss": "binary cross-entropy, positive term weighted sqrt(neg/pos) per output clipped to [1, 10]",
             "augmentation": aug_config.describe() if augment_online else "none",
-            "min_positives (fine)": min_positives, "min_sensitivity": min_sensitivity,
-            "urgent_sensitivity": urgent_sensitivity, "min_val_positives": min_val_positives,
-            "few_positives_specificity": few_positives_specificity, "seed": seed, "threads": threads, "torch": torch.__version__,
+            "min_positives (fine)": min_positives,
+            "min_sensitivity": min_sensitivity,
+            "urgent_sensitivity": urgent_sensitivity,
+            "min_val_positives": min_val_positives,
+            "few_positives_specificity": few_positives_specificity,
+            "seed": seed,
+            "threads": threads,
+            "torch": torch.__version__,
         }
-        result["export"] = {"method": method, "parity": parity, "onnx_bytes": onnx_path.stat().st_size,
-                            "parameters": n_params}
+        result["export"] = {
+            "method": method,
+            "parity": parity,
+            "onnx_bytes": onnx_path.stat().st_size,
+            "parameters": n_params,
+        }
         result["serving"] = serving
         result["serving_table"] = serving_table
         result["settings"] = settings
@@ -352,20 +488,28 @@ def render_card(result: dict[str, Any], manifest: Manifest, ship: str, arch: str
     missed = "".join(
         f"- At its fold-9 threshold the shipped model flagged {u['tp']} of the {u['tp'] + u['fn']} urgent ECGs of "
         f"{r['data']} (urgent AUROC {u['auroc']:.3f}): the urgent threshold is the weak part.\n"
-        for e in result["serving"] for r in e["rows"]
-        if (u := r["metrics"]["tasks"].get("urgent")) and "tp" in u and u["tp"] + u["fn"] > 0 and u["tp"] < u["tp"] + u["fn"]
+        for e in result["serving"]
+        for r in e["rows"]
+        if (u := r["metrics"]["tasks"].get("urgent"))
+        and "tp" in u
+        and u["tp"] + u["fn"] > 0
+        and u["tp"] < u["tp"] + u["fn"]
     )
-    thr = "".join(f"| {k} | {v:.4f} | {shipped['threshold_detail'][k]['rule']} | "
-                  f"{shipped['threshold_detail'][k]['positives']} |\n" for k, v in manifest.thresholds.items())
-    return f"""# {manifest.name} {manifest.version} (ECG severity triage) - NOT FOR CLINICAL USE
+    thr = "".join(
+        f"| {k} | {v:.4f} | {shipped['threshold_detail'][k]['rule']} | "
+        f"{shipped['threshold_detail'][k]['positives']} |\n"
+        for k, v in manifest.thresholds.items()
+    )
+    return (
+        f"""# {manifest.name} {manifest.version} (ECG severity triage) - NOT FOR CLINICAL USE
 
 Research software. Not a medical device, not cleared for any clinical use; every result it
 produces is labelled "not for clinical use" with its model name and version.
 
 ## What it does
-Sorts a 12-lead ECG into a severity tier: 3-tier `{' / '.join(SEVERITY3)}` and, because
-this model has three cumulative outputs, the 4-tier `{' / '.join(SEVERITY4)}`.
-Outputs (sigmoid, cumulative ordinal): {', '.join(f'`{x.code}` ({x.display})' for x in manifest.classes)}.
+Sorts a 12-lead ECG into a severity tier: 3-tier `{" / ".join(SEVERITY3)}` and, because
+this model has three cumulative outputs, the 4-tier `{" / ".join(SEVERITY4)}`.
+Outputs (sigmoid, cumulative ordinal): {", ".join(f"`{x.code}` ({x.display})" for x in manifest.classes)}.
 Decoding (`inference.triage`, in `ModelOutput.extra["severity"]` / `["severity4"]`): {DECODING_RULE}.
 Thresholds (manifest, chosen on PTB-XL fold 9):
 
@@ -382,32 +526,35 @@ any stated likelihood (PTB-XL's own aggregation). External SNOMED CT codes:
 |---|---|---|
 {_tier_rows()}
 ## Data
-- PTB-XL `{Path(result['data_dir']).name}` folds 1-8 train, 9 selection/thresholds, 10 test (patient-level).
-- Tier counts: train {c['train']}; fold 9 {c['fold9']}; fold 10 {c['fold10']}; records without any statement: {c['no_tier']}.
+- PTB-XL `{Path(result["data_dir"]).name}` folds 1-8 train, 9 selection/thresholds, 10 test (patient-level).
+- Tier counts: train {c["train"]}; fold 9 {c["fold9"]}; fold 10 {c["fold10"]}; records without any statement: {c["no_tier"]}.
 {ext_lines}
 ## Label granularity comparison (as printed by `ecgbridge train triage`)
-Same architecture ({arch}, width {s['width']}), seed, optimiser, augmentation and early stopping for
+Same architecture ({arch}, width {s["width"]}), seed, optimiser, augmentation and early stopping for
 every row; only the labels differ. Tier scores from non-tiered models: fine = max probability over
 statements of that tier or worse; superclass = max over superclasses of p x (training-fold share of
 that superclass's records in the tier or worse). Thresholds chosen on fold 9 and applied unchanged: a task
-with >= {s.get('min_val_positives', 'N/A')} fold-9 positives takes the best F1 among thresholds with fold-9
-sensitivity >= {s['min_sensitivity']} (urgent: >= {s['urgent_sensitivity']}); a task with fewer takes the
-fold-9 negatives' quantile for specificity >= {s.get('few_positives_specificity', 'N/A')}.
-AUROC 95% CI: percentile bootstrap, {result['comparison'][0]['metrics']['bootstrap']['n']} replicates,
+with >= {s.get("min_val_positives", "N/A")} fold-9 positives takes the best F1 among thresholds with fold-9
+sensitivity >= {s["min_sensitivity"]} (urgent: >= {s["urgent_sensitivity"]}); a task with fewer takes the
+fold-9 negatives' quantile for specificity >= {s.get("few_positives_specificity", "N/A")}.
+AUROC 95% CI: percentile bootstrap, {result["comparison"][0]["metrics"]["bootstrap"]["n"]} replicates,
 patients (PTB-XL) or records (external).
 
-{result['comparison_table']}
+{result["comparison_table"]}
 ## The shipped model through the serving path (ONNX, registry, manifest preprocessing)
-{result['serving_table']}
+{result["serving_table"]}
 ## Training
-- {', '.join(f'{k}: {v}' for k, v in s.items())}
-- Fine-grained outputs ({len(result['fine_classes'])}): {', '.join(result['fine_classes'])}
-- Per scheme: """ + "; ".join(
-        f"{k} best epoch {v['best_epoch']} of {v['epochs_run']}, fold-9 macro-AUROC {v['val_macro_auroc']:.3f}, "
-        f"{v['wall_s']:.0f} s" for k, v in result["schemes"].items()
-    ) + f"""
-- Export: {result['export']['method']}; parity max |torch - ONNX| {', '.join(f'{k} {v:.1e}' for k, v in result['export']['parity'].items())}; {result['export']['onnx_bytes']} bytes, {result['export']['parameters']} parameters.
-- Total wall time {result['wall_s']:.0f} s.
+- {", ".join(f"{k}: {v}" for k, v in s.items())}
+- Fine-grained outputs ({len(result["fine_classes"])}): {", ".join(result["fine_classes"])}
+- Per scheme: """
+        + "; ".join(
+            f"{k} best epoch {v['best_epoch']} of {v['epochs_run']}, fold-9 macro-AUROC {v['val_macro_auroc']:.3f}, "
+            f"{v['wall_s']:.0f} s"
+            for k, v in result["schemes"].items()
+        )
+        + f"""
+- Export: {result["export"]["method"]}; parity max |torch - ONNX| {", ".join(f"{k} {v:.1e}" for k, v in result["export"]["parity"].items())}; {result["export"]["onnx_bytes"]} bytes, {result["export"]["parameters"]} parameters.
+- Total wall time {result["wall_s"]:.0f} s.
 
 ## Limitations
 {missed}- Tiny data: the PTB-XL subset and the external sets hold few urgent ECGs (counts above); urgent
@@ -417,16 +564,26 @@ patients (PTB-XL) or records (external).
 - PTB-XL MI statements are infarct patterns of undetermined age (major), not acute MI.
 - Signals are z-scored per lead by preprocessing: amplitude-only criteria are invisible to the model.
 """
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ecgbridge train triage", description=__doc__.split("\n")[0])
     parser.add_argument("--data", "--data-dir", dest="data_dir", type=Path, required=True)
     parser.add_argument("--out", "--out-dir", dest="out_dir", type=Path, required=True)
-    parser.add_argument("--labels", nargs="+", choices=LABEL_SCHEMES, default=list(LABEL_SCHEMES),
-                        help="label granularities to train and compare on the tier task")
-    parser.add_argument("--ship", choices=("severity3", "severity4", "none"), default="severity4",
-                        help="which tiered model to export to --model-dir (none: compare only)")
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        choices=LABEL_SCHEMES,
+        default=list(LABEL_SCHEMES),
+        help="label granularities to train and compare on the tier task",
+    )
+    parser.add_argument(
+        "--ship",
+        choices=("severity3", "severity4", "none"),
+        default="severity4",
+        help="which tiered model to export to --model-dir (none: compare only)",
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="default OUT/triage")
     parser.add_argument("--external", type=Path, default=None, help="PhysioNet-challenge directory")
     parser.add_argument("--arch", choices=ARCHS, default="resnet_se")
@@ -440,13 +597,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ema-decay", type=float, default=0.98)
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--augment-strength", type=float, default=1.0)
-    parser.add_argument("--min-positives", type=int, default=2, help="fine labels: statements with >= N training records")
-    parser.add_argument("--min-sensitivity", type=float, default=0.8, help="fold-9 sensitivity target (abnormal, major)")
+    parser.add_argument(
+        "--min-positives", type=int, default=2, help="fine labels: statements with >= N training records"
+    )
+    parser.add_argument(
+        "--min-sensitivity", type=float, default=0.8, help="fold-9 sensitivity target (abnormal, major)"
+    )
     parser.add_argument("--urgent-sensitivity", type=float, default=0.9, help="fold-9 sensitivity target (urgent)")
-    parser.add_argument("--min-val-positives", type=int, default=N_MIN_POSITIVES,
-                        help="a task with fewer fold-9 positives gets its threshold from the fold-9 negatives")
-    parser.add_argument("--few-positives-specificity", type=float, default=0.9,
-                        help="fold-9 specificity target of that rule")
+    parser.add_argument(
+        "--min-val-positives",
+        type=int,
+        default=N_MIN_POSITIVES,
+        help="a task with fewer fold-9 positives gets its threshold from the fold-9 negatives",
+    )
+    parser.add_argument(
+        "--few-positives-specificity", type=float, default=0.9, help="fold-9 specificity target of that rule"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--version", default="0.1.0")
@@ -455,14 +621,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = "ecgbridge train triage " + " ".join(sys.argv[3:] if argv is None else list(argv))
     train_triage(
-        args.data_dir, args.out_dir, labels=args.labels, ship=None if args.ship == "none" else args.ship,
-        model_dir=args.model_dir, external=args.external, arch=args.arch, width=args.width, dropout=args.dropout,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        patience=args.patience, ema_decay=args.ema_decay, augment_online=not args.no_augment,
-        augment_strength=args.augment_strength, min_positives=args.min_positives,
-        min_sensitivity=args.min_sensitivity, urgent_sensitivity=args.urgent_sensitivity,
-        min_val_positives=args.min_val_positives, few_positives_specificity=args.few_positives_specificity, seed=args.seed,
-        threads=args.threads, version=args.version, n_bootstrap=args.n_bootstrap, limit=args.limit, command=command,
+        args.data_dir,
+        args.out_dir,
+        labels=args.labels,
+        ship=None if args.ship == "none" else args.ship,
+        model_dir=args.model_dir,
+        external=args.external,
+        arch=args.arch,
+        width=args.width,
+        dropout=args.dropout,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        patience=args.patience,
+        ema_decay=args.ema_decay,
+        augment_online=not args.no_augment,
+        augment_strength=args.augment_strength,
+        min_positives=args.min_positives,
+        min_sensitivity=args.min_sensitivity,
+        urgent_sensitivity=args.urgent_sensitivity,
+        min_val_positives=args.min_val_positives,
+        few_positives_specificity=args.few_positives_specificity,
+        seed=args.seed,
+        threads=args.threads,
+        version=args.version,
+        n_bootstrap=args.n_bootstrap,
+        limit=args.limit,
+        command=command,
     )
     return 0
 

@@ -57,18 +57,26 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ecgbridge.inference.triage import decode_levels
 from ecgbridge.mapping.codes import SCP_SEVERITY, SEVERITY3, SEVERITY4_TO_3, severity4_of_scp, severity4_of_snomed
-
 from ecgbridge.training.calibration import min_sensitivity_threshold
 from ecgbridge.training.datasets.challenge import is_challenge_dir, load_challenge, ptbxl_overlap
 from ecgbridge.training.datasets.ptbxl import VAL_FOLDS, PtbxlData, load_ptbxl
-from ecgbridge.training.evaluate import _load, _serve_transform, auroc, bootstrap_auroc, predict_outputs, threshold_metrics, to_jsonable
+from ecgbridge.training.evaluate import (
+    _load,
+    _serve_transform,
+    auroc,
+    bootstrap_auroc,
+    predict_outputs,
+    threshold_metrics,
+    to_jsonable,
+)
 
 __all__ = [
     "TASKS",
@@ -128,8 +136,9 @@ def load_tier_ptbxl(
     data_dir: Path, folds: Sequence[int], *, transform: Any = None, sampling_rate: int = 100, limit: int | None = None
 ) -> tuple[PtbxlData, np.ndarray, int]:
     """Records of ``folds`` that have a tier -> (data, 4-tier levels, number left out)."""
-    data = load_ptbxl(data_dir, tuple(folds), sampling_rate=sampling_rate, transform=transform, limit=limit,
-                      require_superclass=False)
+    data = load_ptbxl(
+        data_dir, tuple(folds), sampling_rate=sampling_rate, transform=transform, limit=limit, require_superclass=False
+    )
     levels = ptbxl_levels(data.scp_codes)
     keep = levels >= 0
     return _subset(data, keep), levels[keep], int((~keep).sum())
@@ -144,14 +153,19 @@ def load_tier_challenge(data_dir: Path, *, transform: Any = None, train_data: Pa
     no_tier = [n for n, lv in zip(data.names, levels) if lv < 0]
     sources: dict[str, dict[str, Any]] = {}
     for source in sorted(set(data.sources)):
-        idx = [i for i, (s, n, lv) in enumerate(zip(data.sources, data.names, levels))
-               if s == source and lv >= 0 and n not in in_training]
+        idx = [
+            i
+            for i, (s, n, lv) in enumerate(zip(data.sources, data.names, levels))
+            if s == source and lv >= 0 and n not in in_training
+        ]
         sources[source] = {
             "x": data.x[idx],
             "level4": levels[idx],
             "names": [data.names[i] for i in idx],
             "n_no_tier": sum(1 for s, lv in zip(data.sources, levels) if s == source and lv < 0),
-            "n_dropped_in_training": sum(1 for s, n in zip(data.sources, data.names) if s == source and n in in_training),
+            "n_dropped_in_training": sum(
+                1 for s, n in zip(data.sources, data.names) if s == source and n in in_training
+            ),
         }
     unknown: dict[str, int] = {}
     for dx in data.dx:
@@ -230,7 +244,7 @@ def specificity_threshold(
     return {
         "threshold": threshold,
         "rule": f"fewer than {min_positives} fold-9 positives: fold-9 negatives' quantile for specificity "
-                f">= {specificity:g}",
+        f">= {specificity:g}",
         "positives": n_pos,
         "negatives": int(neg.size),
         "val_specificity": 1.0 - fp / neg.size,
@@ -269,8 +283,9 @@ def choose_thresholds(
             target = urgent_sensitivity if task == "urgent" else min_sensitivity
             out[task] = min_sensitivity_threshold(labels[task], s, target)
         else:
-            out[task] = specificity_threshold(labels[task], s, few_positives_specificity[task],
-                                              min_positives=min_positives)
+            out[task] = specificity_threshold(
+                labels[task], s, few_positives_specificity[task], min_positives=min_positives
+            )
     return out
 
 
@@ -292,26 +307,31 @@ def tier_metrics(
     level4 = np.asarray(level4)
     labels = task_labels(level4)
     tasks = [t for t in TASKS if scores.get(t) is not None]
-    result: dict[str, Any] = {"n": int(len(level4)), "bootstrap": {"n": n_bootstrap, "unit": unit, "seed": seed},
-                              "positives": {t: int(labels[t].sum()) for t in TASKS}, "tasks": {}}
+    given = {t: v for t, v in scores.items() if v is not None}
+    result: dict[str, Any] = {
+        "n": int(len(level4)),
+        "bootstrap": {"n": n_bootstrap, "unit": unit, "seed": seed},
+        "positives": {t: int(labels[t].sum()) for t in TASKS},
+        "tasks": {},
+    }
     if tasks and len(level4):
         y = np.stack([labels[t] for t in tasks], axis=1)
-        s = np.stack([scores[t] for t in tasks], axis=1)
+        s = np.stack([given[t] for t in tasks], axis=1)
         boot = bootstrap_auroc(y, s, groups, n_bootstrap=n_bootstrap, seed=seed)
     for j, task in enumerate(tasks):
         entry: dict[str, Any] = {
             "positives": int(labels[task].sum()),
             "negatives": int(len(level4) - labels[task].sum()),
-            "auroc": auroc(labels[task], scores[task]) if len(level4) else float("nan"),
+            "auroc": auroc(labels[task], given[task]) if len(level4) else float("nan"),
             "auroc_ci": boot["class_ci"][j] if len(level4) else None,
         }
         if task in thresholds:
             entry["threshold"] = float(thresholds[task])
-            entry.update(threshold_metrics(labels[task], scores[task], thresholds[task]))
+            entry.update(threshold_metrics(labels[task], given[task], thresholds[task]))
         result["tasks"][task] = entry
     # 3-tier decision: abnormal and urgent outputs, "worst flag wins"
     if all(t in thresholds and scores.get(t) is not None for t in ("abnormal", "urgent")) and len(level4):
-        p = np.stack([scores["abnormal"], scores["urgent"]], axis=1)
+        p = np.stack([given["abnormal"], given["urgent"]], axis=1)
         pred3 = decode_levels(p, [thresholds["abnormal"], thresholds["urgent"]])
         true3 = np.array([SEVERITY4_TO_3[int(v)] for v in level4])
         confusion = [[int(np.sum((true3 == a) & (pred3 == b))) for b in range(3)] for a in range(3)]
@@ -354,8 +374,11 @@ def format_tier_table(rows: list[dict[str, Any]]) -> str:
         urg = t.get("urgent", {})
         pos = m.get("positives", {})
         counts = f"{pos.get('abnormal', 'n/a')} / {pos.get('urgent', 'n/a')}"
-        sens = (f"{_f(urg.get('sensitivity'), 2)} ({urg.get('tp')}/{urg.get('tp', 0) + urg.get('fn', 0)})"
-                if "sensitivity" in urg else "n/a")
+        sens = (
+            f"{_f(urg.get('sensitivity'), 2)} ({urg.get('tp')}/{urg.get('tp', 0) + urg.get('fn', 0)})"
+            if "sensitivity" in urg
+            else "n/a"
+        )
         tier3 = m.get("tier3") or {}
         lines.append(
             f"| {r['model']} | {r['data']} | {m['n']} | {counts} | {cell('abnormal')} | {cell('major')} | "
@@ -389,8 +412,15 @@ def evaluate_triage(
         for source, part in ext["sources"].items():
             probs = predict_outputs(loaded, part["x"])["probabilities"] if len(part["x"]) else np.zeros((0, len(codes)))
             scores = tier_scores(probs, codes, scheme)
-            m = tier_metrics(part["level4"], scores, thresholds, np.arange(len(part["level4"])),
-                             n_bootstrap=n_bootstrap, seed=seed, unit="record")
+            m = tier_metrics(
+                part["level4"],
+                scores,
+                thresholds,
+                np.arange(len(part["level4"])),
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+                unit="record",
+            )
             m["n_no_tier"] = part["n_no_tier"]
             m["n_dropped_in_training"] = part["n_dropped_in_training"]
             rows.append({"model": name, "data": f"{source} (external)", "metrics": m})
@@ -405,8 +435,13 @@ def evaluate_triage(
         rows.append({"model": name, "data": f"PTB-XL fold {fold}", "metrics": m})
         info = {"data_dir": str(data_dir), "fold": fold}
     return {
-        "model": {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256,
-                  "directory": str(model_dir), "scheme": scheme},
+        "model": {
+            "name": manifest.name,
+            "version": manifest.version,
+            "sha256": manifest.sha256,
+            "directory": str(model_dir),
+            "scheme": scheme,
+        },
         "thresholds": thresholds,
         "rows": rows,
         "data": info,
@@ -439,11 +474,18 @@ def rethreshold(
     manifest = loaded.manifest
     codes = [c.code for c in manifest.classes]
     scheme = "severity4" if "major" in codes else "severity3"
-    data, level4, n_out = load_tier_ptbxl(Path(data_dir), VAL_FOLDS, transform=_serve_transform(loaded),
-                                          sampling_rate=sampling_rate)
+    data, level4, n_out = load_tier_ptbxl(
+        Path(data_dir), VAL_FOLDS, transform=_serve_transform(loaded), sampling_rate=sampling_rate
+    )
     scores = tier_scores(predict_outputs(loaded, data.x)["probabilities"], codes, scheme)
-    chosen = choose_thresholds(level4, scores, min_sensitivity=min_sensitivity, urgent_sensitivity=urgent_sensitivity,
-                               min_positives=min_positives, few_positives_specificity=few_positives_specificity)
+    chosen = choose_thresholds(
+        level4,
+        scores,
+        min_sensitivity=min_sensitivity,
+        urgent_sensitivity=urgent_sensitivity,
+        min_positives=min_positives,
+        few_positives_specificity=few_positives_specificity,
+    )
     old = {c: manifest.threshold(c) for c in codes}
     new = {c: round(float(chosen[c]["threshold"]), 6) for c in codes}
     path = model_dir / "manifest.json"
@@ -452,9 +494,17 @@ def rethreshold(
         raw["thresholds"] = new
         Manifest.model_validate(raw)
         path.write_text(json.dumps(raw, indent=2) + "\n")
-    return {"manifest": str(path), "folds": list(VAL_FOLDS), "n": int(len(level4)), "n_no_tier": n_out,
-            "positives": {t: int(v.sum()) for t, v in task_labels(level4).items()},
-            "old": old, "new": new, "detail": chosen, "written": write}
+    return {
+        "manifest": str(path),
+        "folds": list(VAL_FOLDS),
+        "n": int(len(level4)),
+        "n_no_tier": n_out,
+        "positives": {t: int(v.sum()) for t, v in task_labels(level4).items()},
+        "old": old,
+        "new": new,
+        "detail": chosen,
+        "written": write,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -467,29 +517,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampling-rate", type=int, choices=(100, 500), default=100)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    parser.add_argument("--rethreshold", action="store_true",
-                        help="instead of evaluating: choose the thresholds on PTB-XL fold 9 of --data (the rule of "
-                             "choose_thresholds) and write them into the model's manifest; nothing else changes")
+    parser.add_argument(
+        "--rethreshold",
+        action="store_true",
+        help="instead of evaluating: choose the thresholds on PTB-XL fold 9 of --data (the rule of "
+        "choose_thresholds) and write them into the model's manifest; nothing else changes",
+    )
     parser.add_argument("--dry-run", action="store_true", help="with --rethreshold: print, do not write")
     parser.add_argument("--min-sensitivity", type=float, default=0.8, help="--rethreshold: abnormal/major target")
     parser.add_argument("--urgent-sensitivity", type=float, default=0.9, help="--rethreshold: urgent target")
-    parser.add_argument("--min-val-positives", type=int, default=N_MIN_POSITIVES,
-                        help="--rethreshold: fewer fold-9 positives -> threshold from the negatives")
-    parser.add_argument("--few-positives-specificity", type=float, default=None,
-                        help="--rethreshold: specificity target of that rule (default per task: "
-                             f"{FEW_POSITIVES_SPECIFICITY})")
+    parser.add_argument(
+        "--min-val-positives",
+        type=int,
+        default=N_MIN_POSITIVES,
+        help="--rethreshold: fewer fold-9 positives -> threshold from the negatives",
+    )
+    parser.add_argument(
+        "--few-positives-specificity",
+        type=float,
+        default=None,
+        help=f"--rethreshold: specificity target of that rule (default per task: {FEW_POSITIVES_SPECIFICITY})",
+    )
     args = parser.parse_args(argv)
     if args.rethreshold:
         if is_challenge_dir(Path(args.data)):
             parser.error("--rethreshold needs the PTB-XL directory (thresholds come from fold 9 only)")
-        out = rethreshold(args.model, args.data, min_sensitivity=args.min_sensitivity,
-                          urgent_sensitivity=args.urgent_sensitivity, min_positives=args.min_val_positives,
-                          few_positives_specificity=args.few_positives_specificity, sampling_rate=args.sampling_rate,
-                          write=not args.dry_run)
+        out = rethreshold(
+            args.model,
+            args.data,
+            min_sensitivity=args.min_sensitivity,
+            urgent_sensitivity=args.urgent_sensitivity,
+            min_positives=args.min_val_positives,
+            few_positives_specificity=args.few_positives_specificity,
+            sampling_rate=args.sampling_rate,
+            write=not args.dry_run,
+        )
         print(json.dumps(to_jsonable(out), indent=2))
         return 0
-    result = evaluate_triage(args.model, args.data, fold=args.fold, train_data=args.train_data,
-                             n_bootstrap=args.n_bootstrap, seed=args.seed, sampling_rate=args.sampling_rate)
+    result = evaluate_triage(
+        args.model,
+        args.data,
+        fold=args.fold,
+        train_data=args.train_data,
+        n_bootstrap=args.n_bootstrap,
+        seed=args.seed,
+        sampling_rate=args.sampling_rate,
+    )
     print(json.dumps(to_jsonable(result), indent=2) if args.json else result["report"], end="")
     return 0
 

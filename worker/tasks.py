@@ -1,84 +1,110 @@
-"""Thin Celery tasks: take ids, call ``inference.jobs``, decide retry or dead-letter."""
+"""Thin Celery tasks: take ids, call the jobs, decide retry or dead-letter.
+
+Per-process resources (store connection pool, model registry, EHR clients, senders)
+live on a base Task class, as Celery's task guide shows: built on first use in each
+worker process (after the fork, so no connection is shared between processes) and
+reused by every task that process runs.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from celery import Celery, Task
 from celery.signals import worker_process_init
 
-from ecgbridge.errors import TransientDeliveryError
+from ecgbridge.core.queue import ANALYSE_TASK, DELIVER_TASK, Dispatcher, make_celery
 from ecgbridge.core.settings import Settings
-from ecgbridge.core.queue import Dispatcher
+from ecgbridge.core.states import MessageState
+from ecgbridge.errors import TransientDeliveryError
+from ecgbridge.worker import delivery, jobs
 
-from ecgbridge.worker import jobs
-from ecgbridge.inference.lvef import LvefModel
-from ecgbridge.inference.pipeline import LVEF_MODEL
-from ecgbridge.worker.celery_app import ANALYSE_TASK, DELIVER_TASK
-
-__all__ = ["register", "context"]
+__all__ = ["WorkerTask", "register", "worker_app"]
 
 log = logging.getLogger("ecgbridge.worker")
 
-_settings: Settings | None = None
-_context: jobs.WorkerContext | None = None
-_app: Celery | None = None
+
+class WorkerTask(Task):  # type: ignore[misc]  # celery ships no type hints
+    """Base class of ecgbridge's tasks: one :class:`~ecgbridge.worker.jobs.WorkerContext` per process."""
+
+    abstract = True
+    settings: Settings | None = None
+    _context: jobs.WorkerContext | None = None
+
+    @property
+    def context(self) -> jobs.WorkerContext:
+        ctx = WorkerTask._context
+        if ctx is None or ctx.pid != os.getpid():
+            assert WorkerTask.settings is not None, "worker.tasks.register() was not called"
+            ctx = jobs.WorkerContext.create(WorkerTask.settings, Dispatcher(self.app))
+            WorkerTask._context = ctx
+        return ctx
 
 
-def context() -> jobs.WorkerContext:
-    """The per-process context; rebuilt after fork so no DB connection is shared."""
-    global _context
-    if _context is None or _context.pid != os.getpid():
-        assert _settings is not None and _app is not None, "tasks.register() was not called"
-        _context = jobs.WorkerContext.create(_settings, Dispatcher(_app))
-    return _context
-
-
-def _warm_models(**_: object) -> None:
-    ctx = context()
+def _warm_models(sender: Any = None, **_: object) -> None:
+    """Load every configured model when a worker process starts, not on its first ECG."""
+    task = _analyse_task
+    if task is None:
+        return
+    ctx = task.context
     for entry in ctx.settings.models:
         try:
-            if entry.name == LVEF_MODEL:
-                LvefModel.load(ctx.registry.configured_path(LVEF_MODEL))
-            else:
-                ctx.registry.get(entry.name)
+            ctx.registry.get(entry.name)
         except Exception as exc:  # reported again, with the message, when a task needs it
             log.error("model %s could not be loaded: %s", entry.name, exc)
 
 
+_analyse_task: WorkerTask | None = None
+
+
 def register(app: Celery, settings: Settings) -> None:
-    global _settings, _app
-    _settings, _app = settings, app
+    """Register the analyse and deliver tasks on ``app`` for this configuration."""
+    global _analyse_task
+    WorkerTask.settings = settings
+    WorkerTask._context = None
     worker_process_init.connect(_warm_models, weak=False)
 
-    @app.task(name=ANALYSE_TASK, bind=True, max_retries=5)
-    def analyse(self: Task, message_id: str) -> None:
-        ctx = context()
+    @app.task(name=ANALYSE_TASK, bind=True, base=WorkerTask, max_retries=5)  # type: ignore[untyped-decorator]
+    def analyse(self: WorkerTask, message_id: str) -> None:
+        ctx = self.context
         try:
             destinations = jobs.analyse_message(ctx, message_id)
         except Exception as exc:  # store or broker trouble: retry, then record
             if self.request.retries >= (self.max_retries or 0):
                 ctx.store.add_event(message_id, "analysis_error", f"{type(exc).__name__}: {exc}")
-                ctx.store.set_state(message_id, "failed", error=f"analysis error: {type(exc).__name__}: {exc}")
+                ctx.store.set_state(
+                    message_id, MessageState.FAILED, error=f"analysis error: {type(exc).__name__}: {exc}"
+                )
                 raise
-            raise self.retry(exc=exc, countdown=2 ** self.request.retries)
+            raise self.retry(exc=exc, countdown=2**self.request.retries) from exc
+        assert ctx.dispatcher is not None  # the task's context always has one
         for dest in destinations:
             ctx.dispatcher.deliver(message_id, dest)
 
-    @app.task(name=DELIVER_TASK, bind=True, max_retries=None)
-    def deliver(self: Task, message_id: str, destination: str) -> None:
-        ctx = context()
+    @app.task(name=DELIVER_TASK, bind=True, base=WorkerTask, max_retries=None)  # type: ignore[untyped-decorator]
+    def deliver(self: WorkerTask, message_id: str, destination: str) -> None:
+        ctx = self.context
         try:
-            jobs.deliver_message(ctx, message_id, destination)
+            delivery.deliver_message(ctx, message_id, destination)
         except TransientDeliveryError as exc:
             row = ctx.store.delivery(message_id, destination)
             attempts = row.attempts if row else 1
             if attempts >= ctx.settings.delivery.max_attempts:
-                jobs.dead_letter(ctx, message_id, destination, str(exc))
+                delivery.dead_letter(ctx, message_id, destination, str(exc))
                 return
-            countdown = max(jobs.backoff_s(ctx.settings, attempts), getattr(exc, "retry_after_s", 0) or 0)
+            countdown = max(delivery.backoff_s(ctx.settings, attempts), getattr(exc, "retry_after_s", 0) or 0)
             # Celery logs the retry's exception text; a receiver's error text may quote patient
             # data, so the log gets only the kind of failure (the full text is in the store).
             safe = TransientDeliveryError(f"{destination}: {type(exc).__name__}, attempt {attempts}")
-            raise self.retry(exc=safe, countdown=countdown)
+            raise self.retry(exc=safe, countdown=countdown) from None
+
+    _analyse_task = analyse
+
+
+def worker_app(settings: Settings) -> Celery:
+    """The Celery app with ecgbridge's tasks registered: what a worker process runs."""
+    app = make_celery(settings)
+    register(app, settings)
+    return app

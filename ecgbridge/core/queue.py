@@ -1,4 +1,12 @@
-"""Enqueue work by task name and message id; never an ECG payload through the broker."""
+"""The work queue: task names, the Celery app's settings, and enqueueing by message id.
+
+Only ids travel through the broker, never an ECG. Tasks are acknowledged late (after
+they finish) and a worker takes one task at a time, so a worker killed mid-task
+leaves its task to be redelivered; the jobs are idempotent, so redelivery never
+duplicates a report. The gateway uses this module to enqueue; the worker room
+registers the task bodies on the same app (:mod:`ecgbridge.worker.tasks`). Importing
+it loads no model runtime.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +14,44 @@ import logging
 
 from celery import Celery
 
+from ecgbridge.core.settings import Settings
 from ecgbridge.errors import StorageError
-from ecgbridge.worker.celery_app import ANALYSE_TASK, DELIVER_TASK, QUEUE
 
-__all__ = ["Dispatcher"]
+__all__ = ["ANALYSE_TASK", "DELIVER_TASK", "QUEUE", "Dispatcher", "make_celery"]
 
 log = logging.getLogger("ecgbridge.dispatch")
 
+#: Celery task names: stable across releases, so tasks queued before an upgrade still run.
+ANALYSE_TASK = "ecgbridge.analyse"
+DELIVER_TASK = "ecgbridge.deliver"
+QUEUE = "ecgbridge"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app with ecgbridge's delivery guarantees (acks late, one task at a time)."""
+    app = Celery("ecgbridge", broker=settings.broker_url, set_as_current=True)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=QUEUE,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.broker.visibility_timeout_s},
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        enable_utc=True,
+    )
+    return app
+
 
 class Dispatcher:
+    """Enqueues analyse and deliver tasks by name; a broker that does not take one is a StorageError."""
+
     def __init__(self, app: Celery) -> None:
         self.app = app
 
@@ -26,8 +63,14 @@ class Dispatcher:
 
     def _send(self, name: str, args: list[str], countdown: float | None = None) -> None:
         try:
-            self.app.send_task(name, args=args, queue=QUEUE, countdown=countdown, retry=True,
-                               retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+            self.app.send_task(
+                name,
+                args=args,
+                queue=QUEUE,
+                countdown=countdown,
+                retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+            )
         except Exception as exc:  # kombu raises many types; all mean "broker unreachable"
             log.warning("enqueue %s for message %s failed: %s", name, args[0], type(exc).__name__)
             raise StorageError(f"the broker did not take the task ({type(exc).__name__})") from exc

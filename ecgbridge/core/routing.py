@@ -26,6 +26,17 @@ class MessageFacts:
     message_type: str | None = None  # MSH-9 as TYPE^EVENT
     obx_codes: tuple[str, ...] = ()  # OBX-3.1 of every OBX
 
+    def describe(self) -> str:
+        """What routing looked at, for the ``unrouted`` event IT staff read."""
+        if self.source == "dicom":
+            return f"source dicom, calling AE {self.calling_ae_title}, SOP class {self.sop_class_uid}"
+        if self.source == "hl7":
+            return (
+                f"source hl7, sending application {self.sending_application}, facility "
+                f"{self.sending_facility}, {self.message_type}, OBX codes {', '.join(self.obx_codes[:12]) or '-'}"
+            )
+        return f"source {self.source}"
+
 
 def _matches(route: Route, facts: MessageFacts) -> bool:
     m = route.match

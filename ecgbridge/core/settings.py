@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ecgbridge.errors import ConfigError
 
@@ -126,7 +135,7 @@ class InboxListener(_Strict):
     patterns: list[str] = Field(default_factory=lambda: ["*.dcm", "*.xml", "*.DCM", "*.XML"])
 
     @model_validator(mode="after")
-    def _path(self) -> "InboxListener":
+    def _path(self) -> InboxListener:
         if self.enabled and self.path is None:
             raise ValueError("an enabled inbox needs path: the folder to watch")
         return self
@@ -171,7 +180,7 @@ class FhirAuth(_Strict):
     token_env: str | None = None
 
     @model_validator(mode="after")
-    def _token(self) -> "FhirAuth":
+    def _token(self) -> FhirAuth:
         if self.type == "bearer" and not self.token_env:
             raise ValueError("auth type 'bearer' needs token_env: the environment variable holding the token")
         return self
@@ -185,8 +194,20 @@ class FhirAuth(_Strict):
         return value
 
 
-class FhirDestination(_Strict):
+class DestinationConfig(_Strict):
+    """What every destination has: a unique name and a ``type`` that picks its sender.
+
+    Each destination type subclasses this with ``type: Literal["<type>"] = "<type>"`` and
+    its own fields, and is registered (:func:`register_destination_type`, which
+    :func:`ecgbridge.outbound.sender.register_sender` calls), so the loader validates
+    ``destinations[]`` entries by their ``type`` with file:line errors like any setting.
+    """
+
     name: str
+    type: str
+
+
+class FhirDestination(DestinationConfig):
     type: Literal["fhir"] = "fhir"
     base_url: str
     auth: FhirAuth = Field(default_factory=FhirAuth)
@@ -203,11 +224,10 @@ class FhirDestination(_Strict):
         return _http_url(v)
 
 
-class Hl7Destination(_Strict):
+class Hl7Destination(DestinationConfig):
     """An HL7 v2 receiver (the EHR's interface engine) that takes ORU^R01 over MLLP."""
 
-    name: str
-    type: Literal["hl7"]
+    type: Literal["hl7"] = "hl7"
     host: str
     port: int = Field(ge=1, le=65535)
     #: Seconds to wait for the ACK before the attempt counts as failed (and is retried).
@@ -222,9 +242,7 @@ class Hl7Destination(_Strict):
 
 
 #: SMART Backend Services scopes that cover every query the EHR context fetch makes.
-DEFAULT_SMART_SCOPE = (
-    "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationStatement.rs"
-)
+DEFAULT_SMART_SCOPE = "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationStatement.rs"
 
 _AUTH_FIELDS: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -260,10 +278,11 @@ class EhrAuth(_Strict):
         return None if v is None else _http_url(v, "token_url")
 
     @model_validator(mode="after")
-    def _fields(self) -> "EhrAuth":
+    def _fields(self) -> EhrAuth:
         allowed = _AUTH_FIELDS[self.type]
-        stray = [f for fields in _AUTH_FIELDS.values() for f in fields
-                 if f not in allowed and getattr(self, f) is not None]
+        stray = [
+            f for fields in _AUTH_FIELDS.values() for f in fields if f not in allowed and getattr(self, f) is not None
+        ]
         if stray:
             raise ValueError(f"auth type {self.type!r} does not use {', '.join(sorted(set(stray)))}")
         if self.type == "bearer" and not self.token_env:
@@ -308,26 +327,39 @@ class EhrSource(_Strict):
         return _http_url(v)
 
     @model_validator(mode="after")
-    def _timeouts(self) -> "EhrSource":
+    def _timeouts(self) -> EhrSource:
         if self.total_timeout_s < self.timeout_s:
             raise ValueError("total_timeout_s must be at least timeout_s")
         return self
 
 
-_UNION_TAGS = ("fhir", "hl7")
+#: Destination ``type`` -> its configuration class; the built-in types, then any registered.
+_DESTINATION_TYPES: dict[str, type[DestinationConfig]] = {"fhir": FhirDestination, "hl7": Hl7Destination}
 
 
-def _destination_type(value: Any) -> str:
+def register_destination_type(type_name: str, config_class: type[DestinationConfig]) -> None:
+    """Let ``destinations[]`` entries with ``type: <type_name>`` validate as ``config_class``."""
+    _DESTINATION_TYPES[type_name] = config_class
+
+
+def destination_types() -> list[str]:
+    return sorted(_DESTINATION_TYPES)
+
+
+def _destination_by_type(value: Any) -> Any:
     """``type`` picks the destination model; it may be left out for FHIR (the first kind)."""
-    if isinstance(value, dict):
-        return str(value.get("type", "fhir"))
-    return str(getattr(value, "type", "fhir"))
+    if not isinstance(value, dict):
+        return value
+    type_name = str(value.get("type", "fhir"))
+    config_class = _DESTINATION_TYPES.get(type_name)
+    if config_class is None:
+        raise ValueError(
+            f"type {type_name!r} is not a destination type (expected one of: {', '.join(destination_types())})"
+        )
+    return config_class.model_validate(value)
 
 
-Destination = Annotated[
-    Annotated[FhirDestination, Tag("fhir")] | Annotated[Hl7Destination, Tag("hl7")],
-    Discriminator(_destination_type),
-]
+Destination = Annotated[SerializeAsAny[DestinationConfig], BeforeValidator(_destination_by_type)]
 
 
 class Delivery(_Strict):
@@ -337,11 +369,15 @@ class Delivery(_Strict):
     backoff_max_s: float = Field(300.0, gt=0)
 
 
+SourceName = Literal["dicom", "hl7", "file"]
+_ALL_SOURCES: tuple[SourceName, ...] = ("dicom", "hl7", "file")
+
+
 class RouteMatch(_Strict):
     """Every listed criterion must hold; an empty list means "any"."""
 
     #: Message sources this route takes: dicom (C-STORE), hl7 (MLLP), file (inbox / local import).
-    sources: list[Literal["dicom", "hl7", "file"]] = Field(default_factory=lambda: ["dicom", "hl7", "file"])
+    sources: list[SourceName] = Field(default_factory=lambda: list(_ALL_SOURCES))
     #: Calling AE titles (DICOM).
     calling_ae_titles: list[str] = Field(default_factory=list)
     #: SOP Class UIDs (DICOM).
@@ -386,7 +422,7 @@ class Settings(_Strict):
     source_file: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
-    def _references(self) -> "Settings":
+    def _references(self) -> Settings:
         problems = []
         model_names = {m.name for m in self.models}
         dest_names = [d.name for d in self.destinations]
@@ -401,12 +437,18 @@ class Settings(_Strict):
         for i, route in enumerate(self.routes):
             for m in route.models:
                 if m not in model_names:
-                    problems.append(f"routes[{i}].models: {m!r} is not a model listed under models ({sorted(model_names)})")
+                    problems.append(
+                        f"routes[{i}].models: {m!r} is not a model listed under models ({sorted(model_names)})"
+                    )
             for d in route.destinations:
                 if d not in dest_names:
-                    problems.append(f"routes[{i}].destinations: {d!r} is not a destination listed under destinations ({dest_names})")
+                    problems.append(
+                        f"routes[{i}].destinations: {d!r} is not a destination listed under destinations ({dest_names})"
+                    )
             if route.ehr_context is not None and route.ehr_context not in ehr_names:
-                problems.append(f"routes[{i}].ehr_context: {route.ehr_context!r} is not an EHR source listed under ehr ({ehr_names})")
+                problems.append(
+                    f"routes[{i}].ehr_context: {route.ehr_context!r} is not an EHR source listed under ehr ({ehr_names})"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -428,7 +470,7 @@ class Settings(_Strict):
     def broker_url(self) -> str:
         return self.broker.url or f"redis+socket://{self.broker_socket}"
 
-    def destination(self, name: str) -> FhirDestination | Hl7Destination:
+    def destination(self, name: str) -> DestinationConfig:
         for d in self.destinations:
             if d.name == name:
                 return d
@@ -520,21 +562,21 @@ def load_settings(path: str | Path | None = None) -> Settings:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: the top level must be a mapping of settings", [f"{file}:1: expected keys such as listeners, routes"])
+        raise ConfigError(
+            f"{file}: the top level must be a mapping of settings",
+            [f"{file}:1: expected keys such as listeners, routes"],
+        )
     lines = _line_index(node) if node is not None else {}
     try:
         settings = Settings.model_validate(_apply_env(raw))
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"]
-                        if not (isinstance(p, str) and (p.startswith("function-") or p in _UNION_TAGS)))
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             line = _nearest_line(lines, loc)
             where = f"{file}:{line}" if line else str(file)
             field = _format_loc(loc)
             msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "union_tag_invalid":
-                msg = f"type {err['ctx'].get('tag')!r} is not a destination type (expected one of: {', '.join(_UNION_TAGS)})"
             if err["type"] == "extra_forbidden":
                 msg = "unknown setting (check the spelling against config/ecgbridge.example.yaml)"
             if not loc and err["type"] == "value_error":

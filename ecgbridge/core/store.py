@@ -5,18 +5,13 @@ and ``record_message`` has committed the row. The same schema runs on SQLite
 (embedded default, WAL mode, synchronous=FULL) and PostgreSQL (scale).
 The tables hold no patient names or identifiers: those stay inside the blob.
 
-States of a message::
-
-    received -> queued -> analysed -> delivered
-        |          |          '-----> failed      (a destination failed for good)
-        |          '----------------> failed      (analysis failed: bad ECG, model error)
-        '-> unrouted                               (no route matched: kept, not analysed)
-    rejected                                       (refused at the gateway: bytes kept)
-    processed                                      (not an ECG: an order or ADT message, applied)
+The states a message and a delivery move through are the enums in
+:mod:`ecgbridge.core.states`; the columns hold their string values.
 """
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import json
@@ -24,13 +19,13 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import (
-    or_,
     JSON,
     DateTime,
     ForeignKey,
@@ -40,11 +35,13 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    or_,
     select,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from ecgbridge.core.states import DeliveryState, MessageState, Work, WorkKind
 from ecgbridge.errors import StorageError
 
 __all__ = [
@@ -59,12 +56,12 @@ __all__ = [
     "BlobStore",
 ]
 
-MESSAGE_STATES = ("received", "queued", "analysed", "delivered", "failed", "unrouted", "rejected", "processed")
-DELIVERY_STATES = ("pending", "delivered", "failed", "dead")
+MESSAGE_STATES = tuple(MessageState)
+DELIVERY_STATES = tuple(DeliveryState)
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -130,7 +127,7 @@ class DeliveryRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     remote_ref: Mapped[str | None] = mapped_column(String(256))
@@ -184,8 +181,7 @@ class BlobStore:
         except OSError as exc:
             out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise StorageError(
-                ("out of disk space" if out_of_space else "cannot write the message to disk")
-                + f" ({exc.strerror})"
+                ("out of disk space" if out_of_space else "cannot write the message to disk") + f" ({exc.strerror})"
             ) from exc
         return sha, len(data)
 
@@ -256,7 +252,7 @@ class MessageStore:
         source: str,
         blob_sha256: str,
         blob_size: int,
-        state: str = "received",
+        state: str = MessageState.RECEIVED,
         remote: str | None = None,
         sop_class_uid: str | None = None,
         sop_instance_uid: str | None = None,
@@ -276,7 +272,7 @@ class MessageStore:
             sop_instance_uid=sop_instance_uid,
             blob_sha256=blob_sha256,
             blob_size=blob_size,
-            state=state,
+            state=MessageState(state).value,
             route=route,
             error=error,
             flags=list(flags or []),
@@ -294,6 +290,7 @@ class MessageStore:
     def set_state(self, message_id: str, state: str, *, error: str | None = None, route: str | None = None) -> None:
         if state not in MESSAGE_STATES:
             raise ValueError(f"unknown message state {state!r}")
+        state = MessageState(state).value
         with self.session() as s, s.begin():
             row = s.get(MessageRow, message_id)
             if row is None:
@@ -314,14 +311,14 @@ class MessageStore:
         with self.session() as s:
             return s.get(MessageRow, message_id)
 
-    def list(self, *, limit: int = 100, state: str | None = None) -> list[MessageRow]:
+    def list(self, *, limit: int = 100, state: str | None = None) -> builtins.list[MessageRow]:
         with self.session() as s:
             q = select(MessageRow).order_by(MessageRow.received_at.desc()).limit(limit)
             if state:
                 q = q.where(MessageRow.state == state)
             return list(s.scalars(q))
 
-    def find_by_blob(self, sha256: str, source: str, *, remote: str | None = None) -> list[MessageRow]:
+    def find_by_blob(self, sha256: str, source: str, *, remote: str | None = None) -> builtins.list[MessageRow]:
         """Messages with exactly these bytes from this source (oldest first): resend detection."""
         with self.session() as s:
             q = select(MessageRow).where(MessageRow.blob_sha256 == sha256, MessageRow.source == source)
@@ -339,7 +336,7 @@ class MessageStore:
         with self.session() as s, s.begin():
             s.add(EventRow(message_id=message_id, kind=kind, detail=detail, level=level))
 
-    def events(self, message_id: str | None = None, *, limit: int = 100) -> list[EventRow]:
+    def events(self, message_id: str | None = None, *, limit: int = 100) -> builtins.list[EventRow]:
         with self.session() as s:
             q = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
             if message_id is not None:
@@ -363,7 +360,7 @@ class MessageStore:
             return s.get(ResultRow, message_id)
 
     # ----- deliveries -------------------------------------------------------
-    def ensure_deliveries(self, message_id: str, destinations: list[str]) -> None:
+    def ensure_deliveries(self, message_id: str, destinations: builtins.list[str]) -> None:
         for dest in destinations:
             try:
                 with self.session() as s, s.begin():
@@ -381,9 +378,11 @@ class MessageStore:
                 select(DeliveryRow).where(DeliveryRow.message_id == message_id, DeliveryRow.destination == destination)
             )
 
-    def deliveries(self, message_id: str) -> list[DeliveryRow]:
+    def deliveries(self, message_id: str) -> builtins.list[DeliveryRow]:
         with self.session() as s:
-            return list(s.scalars(select(DeliveryRow).where(DeliveryRow.message_id == message_id).order_by(DeliveryRow.id)))
+            return list(
+                s.scalars(select(DeliveryRow).where(DeliveryRow.message_id == message_id).order_by(DeliveryRow.id))
+            )
 
     def update_delivery(
         self,
@@ -397,6 +396,7 @@ class MessageStore:
     ) -> DeliveryRow:
         if state not in DELIVERY_STATES:
             raise ValueError(f"unknown delivery state {state!r}")
+        state = DeliveryState(state).value
         with self.session() as s, s.begin():
             row = s.scalar(
                 select(DeliveryRow).where(DeliveryRow.message_id == message_id, DeliveryRow.destination == destination)
@@ -451,15 +451,17 @@ class MessageStore:
     def find_order(self, placer_order_number: str | None, filler_order_number: str | None) -> OrderRow | None:
         """The order matching either number (placer first); None when neither is known."""
         with self.session() as s:
-            for column, value in ((OrderRow.placer_order_number, placer_order_number),
-                                  (OrderRow.filler_order_number, filler_order_number)):
+            for column, value in (
+                (OrderRow.placer_order_number, placer_order_number),
+                (OrderRow.filler_order_number, filler_order_number),
+            ):
                 if value:
                     row = s.scalar(select(OrderRow).where(column == value).order_by(OrderRow.id.desc()).limit(1))
                     if row is not None:
                         return row
         return None
 
-    def messages_for_order(self, order: OrderRow) -> list[MessageRow]:
+    def messages_for_order(self, order: OrderRow) -> builtins.list[MessageRow]:
         """ECG messages that carry this order's numbers (e.g. ones that arrived before the order)."""
         with self.session() as s:
             conds = []
@@ -476,19 +478,22 @@ class MessageStore:
         return self.find_order(row.placer_order_number, row.filler_order_number)
 
     # ----- recovery -----------------------------------------------------------
-    def unfinished(self) -> Iterator[tuple[str, str]]:
-        """(message id, what to redo) for work a crash may have lost: 'analyse' or 'deliver:<dest>'."""
+    def unfinished(self) -> Iterator[Work]:
+        """Work a crash may have lost: analyses of routed messages not yet analysed, pending deliveries."""
         with self.session() as s:
-            for row in s.scalars(select(MessageRow).where(MessageRow.state.in_(("received", "queued")))):
+            waiting = (MessageState.RECEIVED.value, MessageState.QUEUED.value)
+            for row in s.scalars(select(MessageRow).where(MessageRow.state.in_(waiting))):
                 if row.route is not None:
-                    yield row.id, "analyse"
+                    yield Work(row.id, WorkKind.ANALYSE)
             q = (
                 select(DeliveryRow.message_id, DeliveryRow.destination)
                 .join(MessageRow, MessageRow.id == DeliveryRow.message_id)
-                .where(DeliveryRow.state == "pending", MessageRow.state == "analysed")
+                .where(
+                    DeliveryRow.state == DeliveryState.PENDING.value, MessageRow.state == MessageState.ANALYSED.value
+                )
             )
             for message_id, dest in s.execute(q):
-                yield message_id, f"deliver:{dest}"
+                yield Work(message_id, WorkKind.DELIVER, dest)
 
     def view(self, message_id: str) -> MessageView | None:
         row = self.get(message_id) or self.find_by_prefix(message_id)

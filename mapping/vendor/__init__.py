@@ -24,7 +24,6 @@ from xml.etree.ElementTree import Element
 
 from ecgbridge.errors import UnsupportedInputError
 from ecgbridge.mapping.ecg import Ecg
-
 from ecgbridge.mapping.vendor._xml import parse, split_tag
 
 __all__ = ["FORMATS", "read_xml", "detect_format", "looks_like_xml"]
@@ -44,7 +43,7 @@ def looks_like_xml(data: bytes) -> bool:
     head = data[:64]
     for bom in _BOMS:
         if head.startswith(bom):
-            head = head[len(bom):]
+            head = head[len(bom) :]
             break
     if head[:2] in (b"<\x00", b"\x00<"):
         return True

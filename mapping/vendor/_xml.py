@@ -36,9 +36,20 @@ __all__ = [
 
 #: Voltage unit spellings the formats use (UCUM, MUSE words) -> factor to mV.
 VOLT_UNITS_TO_MV: dict[str, float] = {
-    "nv": 1e-6, "uv": 1e-3, "\u00b5v": 1e-3, "\u03bcv": 1e-3, "mv": 1.0, "v": 1e3,
-    "nanovolts": 1e-6, "microvolts": 1e-3, "millivolts": 1.0, "volts": 1e3,
-    "nanovolt": 1e-6, "microvolt": 1e-3, "millivolt": 1.0, "volt": 1e3,
+    "nv": 1e-6,
+    "uv": 1e-3,
+    "\u00b5v": 1e-3,
+    "\u03bcv": 1e-3,
+    "mv": 1.0,
+    "v": 1e3,
+    "nanovolts": 1e-6,
+    "microvolts": 1e-3,
+    "millivolts": 1.0,
+    "volts": 1e3,
+    "nanovolt": 1e-6,
+    "microvolt": 1e-3,
+    "millivolt": 1.0,
+    "volt": 1e3,
 }
 
 
@@ -47,11 +58,11 @@ def parse(data: bytes) -> Element:
     if not data or not data.strip():
         raise DecodeError("empty input: 0 bytes of XML")
     try:
-        return SafeET.fromstring(data)
+        root: Element = SafeET.fromstring(data)
+        return root
     except DefusedXmlException as exc:
         raise DecodeError(
-            f"XML refused: it declares entities or external references ({type(exc).__name__}); "
-            "ECG XML needs neither"
+            f"XML refused: it declares entities or external references ({type(exc).__name__}); ECG XML needs neither"
         ) from exc
     except ParseError as exc:
         # expat's message is "<what>: line L, column C": positions only, no content.
@@ -154,8 +165,13 @@ def hl7_ts(value: str | None) -> datetime | None:
     year, month, day, hour, minute, second, frac, offset = match.groups()
     try:
         when = datetime(
-            int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0),
-            int(second or 0), int(round(float(frac) * 1e6)) if frac else 0,
+            int(year),
+            int(month or 1),
+            int(day or 1),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            int(round(float(frac) * 1e6)) if frac else 0,
         )
     except ValueError:
         return None

@@ -30,7 +30,6 @@ import numpy as np
 from ecgbridge.errors import WaveformError
 from ecgbridge.mapping.dicom_waveform import standardise_leads
 from ecgbridge.mapping.ecg import Ecg, Patient, Study
-
 from ecgbridge.mapping.vendor._signal import trim_calibration
 from ecgbridge.mapping.vendor._xml import child, children, hl7_ts, text, to_float, uid_from_id, volts_to_mv
 
@@ -41,8 +40,18 @@ _XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 _TIME_CODES = ("TIME_ABSOLUTE", "TIME_RELATIVE")
 _BEAT_WORDS = ("BEAT", "MEDIAN", "TEMPLATE", "AVERAGE")
 _LEAD_SUFFIX = {
-    "I": "I", "II": "II", "III": "III", "AVR": "aVR", "AVL": "aVL", "AVF": "aVF",
-    "V1": "V1", "V2": "V2", "V3": "V3", "V4": "V4", "V5": "V5", "V6": "V6",
+    "I": "I",
+    "II": "II",
+    "III": "III",
+    "AVR": "aVR",
+    "AVL": "aVL",
+    "AVF": "aVF",
+    "V1": "V1",
+    "V2": "V2",
+    "V3": "V3",
+    "V4": "V4",
+    "V5": "V5",
+    "V6": "V6",
 }
 _TIME_UNITS_TO_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 #: Spread between leads (mV) still counted as "the same value" in a calibration trailer:
@@ -55,7 +64,7 @@ def lead_for_code(code: str | None) -> str | None:
     """'MDC_ECG_LEAD_AVR' -> 'aVR'; None for other codes (V7, Frank X/Y/Z, ...)."""
     if not code or not code.upper().startswith("MDC_ECG_LEAD_"):
         return None
-    return _LEAD_SUFFIX.get(code[len("MDC_ECG_LEAD_"):].upper())
+    return _LEAD_SUFFIX.get(code[len("MDC_ECG_LEAD_") :].upper())
 
 
 class AecgLeads:
@@ -274,4 +283,3 @@ def _study(root: Element) -> Study:
         if device:
             break
     return Study(sop_instance_uid=uid, acquired_at=when, device=device)
-

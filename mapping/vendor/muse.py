@@ -34,7 +34,6 @@ import numpy as np
 from ecgbridge.errors import DecodeError, WaveformError
 from ecgbridge.mapping.dicom_waveform import standardise_leads
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
-
 from ecgbridge.mapping.vendor._xml import child, children, iso_date, text, to_float, volts_to_mv
 
 __all__ = ["ROOT", "to_ecg", "read_leads"]
@@ -67,7 +66,7 @@ def read_leads(root: Element) -> tuple[dict[str, np.ndarray], float, list[str], 
     waveform = _rhythm_waveform(root)
     base = to_float(text(waveform, "SampleBase"), "MUSE rhythm SampleBase")
     exponent = to_float(text(waveform, "SampleExponent") or "0", "MUSE rhythm SampleExponent")
-    fs = base * 10.0 ** exponent
+    fs = base * 10.0**exponent
     if fs <= 0:
         raise WaveformError(f"MUSE rhythm sampling rate must be > 0 (got {fs:g})")
     by_lead: dict[str, np.ndarray] = {}

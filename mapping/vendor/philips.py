@@ -38,7 +38,6 @@ from sierraecg.xli import xli_decode_deltas
 from ecgbridge.errors import DecodeError, UnsupportedInputError, WaveformError
 from ecgbridge.mapping.dicom_waveform import standardise_leads
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
-
 from ecgbridge.mapping.vendor._signal import trim_calibration
 from ecgbridge.mapping.vendor._xml import child, text, to_float, uid_from_id
 
@@ -57,8 +56,7 @@ def to_ecg(root: Element) -> Ecg:
     """The rhythm strip of a Philips ``restingecgdata`` document as an Ecg in mV."""
     version = _check_version(root)
     counts, fs, resolution_uv, offset, dropped, flags = read_counts(root)
-    by_lead = {lead: (values.astype(np.float64) - offset) * resolution_uv * 1e-3
-               for lead, values in counts.items()}
+    by_lead = {lead: (values.astype(np.float64) - offset) * resolution_uv * 1e-3 for lead, values in counts.items()}
     signals, leads, lead_flags = standardise_leads(by_lead, dropped)
     patient, patient_flags = _patient(root)
     return Ecg(
@@ -138,7 +136,7 @@ def read_counts(root: Element) -> tuple[dict[str, np.ndarray], float, float, flo
         counts[lead] = np.asarray(samples[:n_samples], dtype=np.int64)
     # XLI files carry 16 channels for 12 labels; the spare ones hold only the
     # calibration pulse. One with more than that is a channel we cannot name.
-    spare = [c for c in chunks[len(labels):] if np.count_nonzero(c) > fs * 1.0]
+    spare = [c for c in chunks[len(labels) :] if np.count_nonzero(c) > fs * 1.0]
     if spare:
         dropped.append(f"{len(spare)} unlabelled channel(s)")
 
@@ -166,7 +164,7 @@ def xli_decode(payload: bytes, n_samples: int) -> list[np.ndarray]:
         number = len(leads) + 1
         if len(leads) >= _MAX_LEADS:
             raise DecodeError(f"XLI data holds more than {_MAX_LEADS} leads")
-        header = payload[offset:offset + 8]
+        header = payload[offset : offset + 8]
         if len(header) < 8:
             raise DecodeError(f"XLI data is truncated: lead {number} header is {len(header)} of 8 bytes")
         size = int.from_bytes(header[0:4], "little", signed=True)
@@ -174,10 +172,9 @@ def xli_decode(payload: bytes, n_samples: int) -> list[np.ndarray]:
         offset += 8
         if size <= 0 or offset + size > len(payload):
             raise DecodeError(
-                f"XLI data is corrupt or truncated: lead {number} declares {size} bytes, "
-                f"{len(payload) - offset} remain"
+                f"XLI data is corrupt or truncated: lead {number} declares {size} bytes, {len(payload) - offset} remain"
             )
-        chunk = payload[offset:offset + size]
+        chunk = payload[offset : offset + size]
         offset += size
         decoder = LzwDecoder(chunk, bits=10)
         buffer: list[int] = []
@@ -185,9 +182,7 @@ def xli_decode(payload: bytes, n_samples: int) -> list[np.ndarray]:
             while (byte := decoder.read()) != -1:
                 buffer.append(byte & 0xFF)
                 if len(buffer) > limit:
-                    raise DecodeError(
-                        f"XLI data is corrupt: lead {number} decodes to more than {n_samples} samples"
-                    )
+                    raise DecodeError(f"XLI data is corrupt: lead {number} decodes to more than {n_samples} samples")
             if len(buffer) % 2:
                 buffer.append(0)
             if len(buffer) < 4:
@@ -196,8 +191,9 @@ def xli_decode(payload: bytes, n_samples: int) -> list[np.ndarray]:
         except DecodeError:
             raise
         except (IndexError, KeyError, ValueError, OverflowError) as exc:
-            raise DecodeError(f"XLI data is corrupt: lead {number} could not be decompressed "
-                              f"({type(exc).__name__})") from exc
+            raise DecodeError(
+                f"XLI data is corrupt: lead {number} could not be decompressed ({type(exc).__name__})"
+            ) from exc
     return leads
 
 

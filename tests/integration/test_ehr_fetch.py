@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ecgbridge.core.settings import EhrSource
-from ecgbridge.outbound.ehr_fetch import EhrFetcher, fetch_context
 from ecgbridge.mapping.ecg import Patient
 from ecgbridge.mapping.ehr_context import EHR_CONDITION_NAMES, EHR_MEDICATION_NAMES, EhrContext
+from ecgbridge.outbound.ehr_fetch import EhrFetcher, fetch_context
 from tests.support import ehr_bundles as seed
 from tests.support.fhir_server import FhirServer, node_available
 from tests.support.http_peers import FaultProxy, SlowPeer, SmartTokenEndpoint, closed_port_url
@@ -49,6 +49,7 @@ def heart_failure(fhir_server: FhirServer) -> seed.Seeded:
 
 # ----- seeded patients ------------------------------------------------------------
 
+
 def test_heart_failure_patient(fhir_server: FhirServer, heart_failure: seed.Seeded) -> None:
     ctx = fetch(source(fhir_server.base_url), heart_failure.identifier)
     assert ctx.status == "complete", ctx.problems
@@ -66,12 +67,33 @@ def test_heart_failure_patient(fhir_server: FhirServer, heart_failure: seed.Seed
     assert v["heart_rate"] == 88
     assert v["weight"] == pytest.approx(187 * 0.45359237) and ctx.values["weight"].unit == "kg"
     assert v["height"] == 178
-    assert set(ctx.values) == {"nt_probnp", "troponin", "creatinine", "potassium", "sodium", "hemoglobin",
-                               "systolic_bp", "diastolic_bp", "heart_rate", "weight", "height"}
-    assert ctx.conditions == {"heart_failure": True, "myocardial_infarction": True, "atrial_fibrillation": True,
-                              "hypertension": True, "diabetes": False, "chronic_kidney_disease": False}
-    assert ctx.medications == {"loop_diuretic": True, "beta_blocker": True, "ace_inhibitor_or_arb": False,
-                               "mineralocorticoid_antagonist": False}
+    assert set(ctx.values) == {
+        "nt_probnp",
+        "troponin",
+        "creatinine",
+        "potassium",
+        "sodium",
+        "hemoglobin",
+        "systolic_bp",
+        "diastolic_bp",
+        "heart_rate",
+        "weight",
+        "height",
+    }
+    assert ctx.conditions == {
+        "heart_failure": True,
+        "myocardial_infarction": True,
+        "atrial_fibrillation": True,
+        "hypertension": True,
+        "diabetes": False,
+        "chronic_kidney_disease": False,
+    }
+    assert ctx.medications == {
+        "loop_diuretic": True,
+        "beta_blocker": True,
+        "ace_inhibitor_or_arb": False,
+        "mineralocorticoid_antagonist": False,
+    }
     assert EhrContext.from_dict(ctx.to_dict()) == ctx
 
 
@@ -105,8 +127,9 @@ def many(fhir_server: FhirServer) -> seed.Seeded:
     return seeded
 
 
-def test_two_thousand_observations_are_paged(fhir_server: FhirServer, many: seed.Seeded,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_two_thousand_observations_are_paged(
+    fhir_server: FhirServer, many: seed.Seeded, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("INFO", logger="ecgbridge.ehr")
     started = time.monotonic()
     # 500 per page: still four pages, at a quarter of the in-memory server's per-page sorting cost
@@ -122,8 +145,10 @@ def test_two_thousand_observations_are_paged(fhir_server: FhirServer, many: seed
 
 
 def test_page_cap_is_reported(fhir_server: FhirServer, many: seed.Seeded) -> None:
-    ctx = fetch(source(fhir_server.base_url, max_observation_pages=1, total_timeout_s=120, timeout_s=60, page_size=500),
-                many.identifier)
+    ctx = fetch(
+        source(fhir_server.base_url, max_observation_pages=1, total_timeout_s=120, timeout_s=60, page_size=500),
+        many.identifier,
+    )
     assert ctx.status == "complete"
     assert ctx.values["heart_rate"].value == seed.MANY_LATEST_HEART_RATE  # newest first: still right
     assert "creatinine" not in ctx.values
@@ -131,6 +156,7 @@ def test_page_cap_is_reported(fhir_server: FhirServer, many: seed.Seeded) -> Non
 
 
 # ----- no patient -----------------------------------------------------------------
+
 
 def test_unknown_patient_and_missing_identifier(fhir_server: FhirServer) -> None:
     ctx = fetch(source(fhir_server.base_url), "no-such-patient")
@@ -146,6 +172,7 @@ def test_two_patients_with_one_identifier_is_ambiguous(fhir_server: FhirServer) 
 
 
 # ----- EHR trouble ----------------------------------------------------------------
+
 
 def test_unreachable_server_is_unavailable_fast() -> None:
     started = time.monotonic()
@@ -168,7 +195,9 @@ def test_slow_server_is_unavailable_within_total_timeout() -> None:
 
 def test_401_without_or_with_a_wrong_token(secured: FhirServer, monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = fetch(source(secured.base_url), "p1")
-    assert ctx.status == "unavailable" and ctx.problems == ("Patient search failed: HTTP 401 (credentials refused), OperationOutcome login",)
+    assert ctx.status == "unavailable" and ctx.problems == (
+        "Patient search failed: HTTP 401 (credentials refused), OperationOutcome login",
+    )
     monkeypatch.setenv("EHR_TOKEN", "wrong")
     ctx = fetch(source(secured.base_url, auth={"type": "bearer", "token_env": "EHR_TOKEN"}), "p1")
     assert ctx.status == "unavailable" and "HTTP 401" in ctx.problems[0]
@@ -184,10 +213,14 @@ def test_right_bearer_token(secured: FhirServer, monkeypatch: pytest.MonkeyPatch
     assert ctx.status == "complete" and ctx.values["nt_probnp"].value == 1850
 
 
-NOT_FOUND = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found",
-                                                            "diagnostics": "MedicationStatement is not supported"}]}
-PROCESSING = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
-                                                             "diagnostics": "Condition index is rebuilding"}]}
+NOT_FOUND = {
+    "resourceType": "OperationOutcome",
+    "issue": [{"severity": "error", "code": "not-found", "diagnostics": "MedicationStatement is not supported"}],
+}
+PROCESSING = {
+    "resourceType": "OperationOutcome",
+    "issue": [{"severity": "error", "code": "processing", "diagnostics": "Condition index is rebuilding"}],
+}
 
 
 def test_one_query_failing_gives_partial(fhir_server: FhirServer, heart_failure: seed.Seeded) -> None:
@@ -197,11 +230,14 @@ def test_one_query_failing_gives_partial(fhir_server: FhirServer, heart_failure:
     assert ctx.status == "partial"
     assert ctx.values["nt_probnp"].value == 1850 and ctx.age_years is not None
     assert ctx.conditions == {} and ctx.medications == {}  # not known, rather than "none"
-    assert ctx.problems == ("Condition search failed: HTTP 400, OperationOutcome processing",
-                            "MedicationStatement search failed: HTTP 404 (not found), OperationOutcome not-found")
+    assert ctx.problems == (
+        "Condition search failed: HTTP 400, OperationOutcome processing",
+        "MedicationStatement search failed: HTTP 404 (not found), OperationOutcome not-found",
+    )
 
 
 # ----- SMART Backend Services -----------------------------------------------------
+
 
 def _rsa_key(tmp_path: Path) -> tuple[Path, bytes]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -214,16 +250,21 @@ def _ec_key(tmp_path: Path) -> tuple[Path, bytes]:
 
 
 def _write(path: Path, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> tuple[Path, bytes]:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return path, public
 
 
 def _smart(base_url: str, key_file: Path, token_url: str | None, **kw: object) -> EhrSource:
-    auth = {"type": "smart-backend", "client_id": "ecgbridge-test", "private_key_file": str(key_file),
-            "key_id": "key-1", **({"token_url": token_url} if token_url else {})}
+    auth = {
+        "type": "smart-backend",
+        "client_id": "ecgbridge-test",
+        "private_key_file": str(key_file),
+        "key_id": "key-1",
+        **({"token_url": token_url} if token_url else {}),
+    }
     return source(base_url, auth=auth, **kw)
 
 
@@ -232,11 +273,13 @@ def secured_patient(secured: FhirServer) -> seed.Seeded:
     return seed.seed_heart_failure(secured.base_url, headers=secured.headers)
 
 
-def test_smart_backend_rs384_end_to_end_and_token_reuse(secured: FhirServer, secured_patient: seed.Seeded,
-                                                        tmp_path: Path) -> None:
+def test_smart_backend_rs384_end_to_end_and_token_reuse(
+    secured: FhirServer, secured_patient: seed.Seeded, tmp_path: Path
+) -> None:
     key_file, public = _rsa_key(tmp_path)
-    with SmartTokenEndpoint(public_key_pem=public, client_id="ecgbridge-test", key_id="key-1",
-                            tokens=[TOKEN]) as endpoint:
+    with SmartTokenEndpoint(
+        public_key_pem=public, client_id="ecgbridge-test", key_id="key-1", tokens=[TOKEN]
+    ) as endpoint:
         src = _smart(secured.base_url, key_file, endpoint.token_url)
         with EhrFetcher() as fetcher:
             first = fetcher.fetch(src, Patient(id=secured_patient.identifier), ECG)
@@ -246,28 +289,34 @@ def test_smart_backend_rs384_end_to_end_and_token_reuse(secured: FhirServer, sec
     assert endpoint.issued == 1  # cached across fetches
     claims = endpoint.claims[0]
     assert claims["iss"] == claims["sub"] == "ecgbridge-test" and claims["exp"] - claims["iat"] <= 300
-    assert endpoint.scopes[0] == ("system/Patient.rs system/Observation.rs system/Condition.rs "
-                                  "system/MedicationStatement.rs")
+    assert endpoint.scopes[0] == (
+        "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationStatement.rs"
+    )
 
 
-def test_smart_backend_es384_with_discovery(secured: FhirServer, secured_patient: seed.Seeded,
-                                            tmp_path: Path) -> None:
+def test_smart_backend_es384_with_discovery(secured: FhirServer, secured_patient: seed.Seeded, tmp_path: Path) -> None:
     key_file, public = _ec_key(tmp_path)
-    with SmartTokenEndpoint(public_key_pem=public, client_id="ecgbridge-test", key_id="key-1",
-                            tokens=[TOKEN]) as endpoint:
-        config = {"token_endpoint": endpoint.token_url, "grant_types_supported": ["client_credentials"],
-                  "token_endpoint_auth_methods_supported": ["private_key_jwt"]}
+    with SmartTokenEndpoint(
+        public_key_pem=public, client_id="ecgbridge-test", key_id="key-1", tokens=[TOKEN]
+    ) as endpoint:
+        config = {
+            "token_endpoint": endpoint.token_url,
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        }
         with FaultProxy(secured.origin, smart_configuration=config) as proxy:
             ctx = fetch(_smart(proxy.base_url, key_file, None), secured_patient.identifier)
     assert ctx.status == "complete", ctx.problems
     assert endpoint.issued == 1 and ctx.values["weight"].value == pytest.approx(84.82, abs=0.01)
 
 
-def test_smart_token_refused_by_fhir_is_fetched_again_once(secured: FhirServer, secured_patient: seed.Seeded,
-                                                           tmp_path: Path) -> None:
+def test_smart_token_refused_by_fhir_is_fetched_again_once(
+    secured: FhirServer, secured_patient: seed.Seeded, tmp_path: Path
+) -> None:
     key_file, public = _rsa_key(tmp_path)
-    with SmartTokenEndpoint(public_key_pem=public, client_id="ecgbridge-test", key_id="key-1",
-                            tokens=["revoked-token", TOKEN]) as endpoint:
+    with SmartTokenEndpoint(
+        public_key_pem=public, client_id="ecgbridge-test", key_id="key-1", tokens=["revoked-token", TOKEN]
+    ) as endpoint:
         ctx = fetch(_smart(secured.base_url, key_file, endpoint.token_url), secured_patient.identifier)
     assert ctx.status == "complete", ctx.problems
     assert endpoint.issued == 2
@@ -276,8 +325,9 @@ def test_smart_token_refused_by_fhir_is_fetched_again_once(secured: FhirServer, 
 def test_smart_wrong_key_is_unavailable_naming_the_token_error(secured: FhirServer, tmp_path: Path) -> None:
     key_file, _ = _rsa_key(tmp_path)
     _, other_public = _write(tmp_path / "other.pem", rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    with SmartTokenEndpoint(public_key_pem=other_public, client_id="ecgbridge-test", key_id="key-1",
-                            tokens=[TOKEN]) as endpoint:
+    with SmartTokenEndpoint(
+        public_key_pem=other_public, client_id="ecgbridge-test", key_id="key-1", tokens=[TOKEN]
+    ) as endpoint:
         ctx = fetch(_smart(secured.base_url, key_file, endpoint.token_url), "p1")
     assert ctx.status == "unavailable"
     assert ctx.problems[0].startswith("Patient search not sent: SMART token endpoint -> 401: invalid_client:")

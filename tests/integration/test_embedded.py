@@ -17,15 +17,23 @@ pytestmark = pytest.mark.integration
 
 
 def _list(config) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "ecgbridge", "messages", "list", "--json", "--config", str(config)],
-                         cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ecgbridge", "messages", "list", "--json", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
 def test_run_on_embedded_defaults_analyses_and_survives_restart(tmp_path, waveform_ecg_path):
     port, mllp_port = free_port(), free_port()
     # Only the port differs from the defaults (a free one, so tests can run in parallel).
-    config = write_config(tmp_path / "ecgbridge.yaml", {"listeners": {"dicom": {"port": port}, "mllp": {"port": mllp_port}}, "workers": {"processes": 0}})
+    config = write_config(
+        tmp_path / "ecgbridge.yaml",
+        {"listeners": {"dicom": {"port": port}, "mllp": {"port": mllp_port}}, "workers": {"processes": 0}},
+    )
     run = EcgbridgeProcess(["run", "--config", str(config)], tmp_path / "run1.log").start()
     try:
         run.wait_for_log("ecgbridge running", 60)
@@ -35,17 +43,31 @@ def test_run_on_embedded_defaults_analyses_and_survives_restart(tmp_path, wavefo
     assert [m["state"] for m in _list(config)] == ["queued"]
     assert (tmp_path / "ecgbridge-data" / "ecgbridge.db").exists()
 
-    config = write_config(tmp_path / "ecgbridge.yaml", {"listeners": {"dicom": {"port": port}, "mllp": {"port": mllp_port}}})
+    config = write_config(
+        tmp_path / "ecgbridge.yaml", {"listeners": {"dicom": {"port": port}, "mllp": {"port": mllp_port}}}
+    )
     run = EcgbridgeProcess(["run", "--config", str(config)], tmp_path / "run2.log").start()
     try:
         run.wait_for_log("ecgbridge running", 60)
-        items = wait_for(lambda: [m for m in _list(config) if m["state"] == "analysed"], 90, 0.5, "the message analysed after restart")
+        items = wait_for(
+            lambda: [m for m in _list(config) if m["state"] == "analysed"],
+            90,
+            0.5,
+            "the message analysed after restart",
+        )
         assert len(items) == 1
         assert set(items[0]["findings"]) == {"NORM", "MI", "STTC", "CD", "HYP"}
         if shutil.which("storescu"):
-            out = subprocess.run(["storescu", "127.0.0.1", str(port), str(waveform_ecg_path)], capture_output=True, text=True, timeout=60)
+            out = subprocess.run(
+                ["storescu", "127.0.0.1", str(port), str(waveform_ecg_path)], capture_output=True, text=True, timeout=60
+            )
             assert out.returncode == 0, out.stderr
-            wait_for(lambda: len([m for m in _list(config) if m["state"] == "analysed"]) == 2, 60, 0.5, "the storescu message analysed")
+            wait_for(
+                lambda: len([m for m in _list(config) if m["state"] == "analysed"]) == 2,
+                60,
+                0.5,
+                "the storescu message analysed",
+            )
     finally:
         run.stop()
     assert "Traceback" not in run.log_text()

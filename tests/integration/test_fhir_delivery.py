@@ -7,15 +7,16 @@ server that implements them; the unit tests fake the transport.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from ecgbridge.outbound.fhir_client import BearerAuth, FhirClient, deliver_report
 from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
 from ecgbridge.mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient, Study
 from ecgbridge.mapping.fhir_report import ReportBundle, build_report
+from ecgbridge.outbound.fhir_client import BearerAuth, FhirClient
+from ecgbridge.outbound.fhir_sender import deliver_report
 from tests.support.fhir_server import FhirServer, node_available
 
 UID = "1.2.826.0.1.3680043.8.498.99887766554433221100"
@@ -41,8 +42,9 @@ def fhir_client(server: Any) -> FhirClient:
 def entries(found: Any) -> list[dict[str, Any]]:
     """The matched resources, whether the helper returns a Bundle or a list."""
     if isinstance(found, dict):
-        return [e["resource"] for e in found.get("entry") or []
-                if (e.get("search") or {}).get("mode", "match") == "match"]
+        return [
+            e["resource"] for e in found.get("entry") or [] if (e.get("search") or {}).get("mode", "match") == "match"
+        ]
     return [r.get("resource", r) for r in found]
 
 
@@ -52,14 +54,15 @@ def make_bundle(uid: str = UID, message_id: str = "msg-int-1") -> ReportBundle:
         Finding(code, SUPERCLASS_DISPLAY[code], p, 0.5, p >= 0.5, snomed=SUPERCLASS_SNOMED[code][0])
         for code, p in probs.items()
     )
-    result = AnalysisResult(message_id, (ModelOutput(MODEL, VERSION, "diagnosis", findings),),
-                            ecg_flags=("derived_leads:III,aVR,aVL,aVF",))
+    result = AnalysisResult(
+        message_id, (ModelOutput(MODEL, VERSION, "diagnosis", findings),), ecg_flags=("derived_leads:III,aVR,aVL,aVF",)
+    )
     return build_report(
         result,
         patient=Patient(id="MRN-INT-1", id_issuer="HOSP"),
-        study=Study(sop_instance_uid=uid, acquired_at=datetime(2024, 5, 2, 8, 30, tzinfo=timezone.utc)),
+        study=Study(sop_instance_uid=uid, acquired_at=datetime(2024, 5, 2, 8, 30, tzinfo=UTC)),
         message_id=message_id,
-        issued=datetime(2024, 5, 2, 8, 31, tzinfo=timezone.utc),
+        issued=datetime(2024, 5, 2, 8, 31, tzinfo=UTC),
     )
 
 
@@ -89,8 +92,9 @@ def test_deliver_twice_creates_once(server: Any) -> None:
     result_refs = [r["reference"] for r in report["result"]]
     assert len(result_refs) == 5
     for code in probs_codes():
-        obs = entries(server.search(
-            "Observation", identifier=f"urn:ecgbridge:result|urn:oid:{UID}/{MODEL}/{VERSION}/{code}"))
+        obs = entries(
+            server.search("Observation", identifier=f"urn:ecgbridge:result|urn:oid:{UID}/{MODEL}/{VERSION}/{code}")
+        )
         assert len(obs) == 1, code
         assert f"Observation/{obs[0]['id']}" in result_refs
         assert obs[0]["device"]["reference"].startswith("Device/")

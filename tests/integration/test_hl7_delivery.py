@@ -29,12 +29,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.core.settings import Hl7Destination
-from ecgbridge.outbound.mllp_client import send_oru
-from ecgbridge.worker.jobs import control_id
+from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE
 from ecgbridge.mapping.hl7_oru import LOCAL_CODING_SYSTEM, validate_er7
+from ecgbridge.outbound.hl7_sender import control_id
+from ecgbridge.outbound.mllp_client import send_oru
 from tests.support.hl7_receiver import Hl7Receiver
 from tests.support.processes import REPO, RedisServer, redis_binary, wait_for
 from tests.support.stack import Stack, send_dicom
@@ -51,8 +51,13 @@ AR_TEXT = "Patient MRN-7784512 is not registered at this facility"
 
 
 def _destination(receiver: Hl7Receiver, **kw: Any) -> Hl7Destination:
-    return Hl7Destination(name="ehr", type="hl7", host="127.0.0.1", port=receiver.port,
-                          **{"ack_timeout_s": 2.0, "connect_timeout_s": 2.0, **kw})
+    return Hl7Destination(
+        name="ehr",
+        type="hl7",
+        host="127.0.0.1",
+        port=receiver.port,
+        **{"ack_timeout_s": 2.0, "connect_timeout_s": 2.0, **kw},
+    )
 
 
 # --------------------------------------------------------------------------- client only
@@ -148,21 +153,35 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, waveform_ecg_path: Path
     receivers = {key: Hl7Receiver(**spec).start() for key, spec in SCENARIOS.items()}
     redis_server = RedisServer().start()
     destinations = [
-        {"name": f"ehr-{key}", "type": "hl7", "host": "127.0.0.1", "port": r.port,
-         "ack_timeout_s": 1.5 if key == "silent" else 20, "connect_timeout_s": 5,
-         "receiving_application": "TESTEHR", "receiving_facility": "TEST"}
+        {
+            "name": f"ehr-{key}",
+            "type": "hl7",
+            "host": "127.0.0.1",
+            "port": r.port,
+            "ack_timeout_s": 1.5 if key == "silent" else 20,
+            "connect_timeout_s": 5,
+            "receiving_application": "TESTEHR",
+            "receiving_facility": "TEST",
+        }
         for key, r in receivers.items()
     ]
     routes = [
-        {"name": f"route-{key}", "match": {"calling_ae_titles": [_ae(key)]}, "models": ["diagnosis"],
-         "destinations": [f"ehr-{key}"]}
+        {
+            "name": f"route-{key}",
+            "match": {"calling_ae_titles": [_ae(key)]},
+            "models": ["diagnosis"],
+            "destinations": [f"ehr-{key}"],
+        }
         for key in receivers
     ]
     stack = Stack(
         tmp=tmp_path_factory.mktemp("hl7-stack"),
         broker_url=redis_server.url,
-        extra={"destinations": destinations, "routes": routes,
-               "delivery": {"max_attempts": MAX_ATTEMPTS, "backoff_initial_s": 0.5, "backoff_max_s": 1}},
+        extra={
+            "destinations": destinations,
+            "routes": routes,
+            "delivery": {"max_attempts": MAX_ATTEMPTS, "backoff_initial_s": 0.5, "backoff_max_s": 1},
+        },
     )
     try:
         stack.start_worker()
@@ -178,7 +197,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, waveform_ecg_path: Path
 def _cli(stack: Stack, *args: str) -> Any:
     out = subprocess.run(
         [sys.executable, "-m", "ecgbridge", "messages", *args, "--json", "--config", str(stack.config)],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     return json.loads(out.stdout)
 
@@ -212,7 +235,8 @@ def test_aa_delivers_exactly_one_valid_oru(deployment: Deployment) -> None:
     probabilities = [s for s in _obx(message, "NM") if _parts(s, 3)[2] == LOCAL_CODING_SYSTEM]
     assert len(probabilities) == 5
     assert {_parts(s, 3)[0]: float(str(s(5))) for s in probabilities} == pytest.approx(
-        {f["code"]: round(f["probability"], 4) for f in findings}, abs=1e-4)
+        {f["code"]: round(f["probability"], 4) for f in findings}, abs=1e-4
+    )
     impressions = [s for s in _obx(message, "CWE") if _parts(s, 3)[0] == "8601-7"]
     assert {_parts(s, 5)[0] for s in impressions} == {f["snomed"] for f in findings if f["present"]}
     tiers = [s for s in _obx(message, "CWE") if _parts(s, 3)[0].endswith("-tier")]
@@ -230,18 +254,24 @@ def test_aa_delivers_exactly_one_valid_oru(deployment: Deployment) -> None:
 def test_result_carries_the_order_it_was_recorded_for(deployment: Deployment) -> None:
     from ecgbridge.mapping.dicom_waveform import to_ecg
 
-    attrs = {"PlacerOrderNumberImagingServiceRequest": "PLC-1001",
-             "FillerOrderNumberImagingServiceRequest": "FIL-2002"}
+    attrs = {"PlacerOrderNumberImagingServiceRequest": "PLC-1001", "FillerOrderNumberImagingServiceRequest": "FIL-2002"}
     probe = dcmread(deployment.ecg_path)
     for keyword, value in attrs.items():
         setattr(probe, keyword, value)
     if to_ecg(probe).study.placer_order_number != "PLC-1001":
         pytest.skip("mapping.dicom_waveform does not read the DICOM order numbers; linkage is unit-tested")
     deployment.stack.store().upsert_order(
-        placer_order_number="PLC-1001", filler_order_number="FIL-2002", order_control="NW",
-        details={"placer_order_number": "PLC-1001", "filler_order_number": "FIL-2002",
-                 "ordering_provider": "1234^Smith^John", "universal_service_id": "93000^EKG 12 lead^CPT",
-                 "visit_number": "V-77^^^MAIN", "patient_class": "E"},
+        placer_order_number="PLC-1001",
+        filler_order_number="FIL-2002",
+        order_control="NW",
+        details={
+            "placer_order_number": "PLC-1001",
+            "filler_order_number": "FIL-2002",
+            "ordering_provider": "1234^Smith^John",
+            "universal_service_id": "93000^EKG 12 lead^CPT",
+            "visit_number": "V-77^^^MAIN",
+            "patient_class": "E",
+        },
     )
     sop = deployment.send("order", **attrs)
     deployment.wait(sop, "delivered")

@@ -26,17 +26,34 @@ def test_orm_then_oru_over_mllp_gives_one_linked_oru_to_the_ehr(make_stack, tmp_
         stack = make_stack(
             mllp_options={"enabled": True},
             extra={
-                "destinations": [{"name": "ehr-hl7", "type": "hl7", "host": "127.0.0.1", "port": ehr.port,
-                                  "ack_timeout_s": 10, "receiving_application": "EHR"}],
-                "routes": [{"name": "hl7-carts", "match": {"sources": ["hl7"], "message_types": ["ORU^R01"]},
-                            "models": ["diagnosis"], "destinations": ["ehr-hl7"]}],
+                "destinations": [
+                    {
+                        "name": "ehr-hl7",
+                        "type": "hl7",
+                        "host": "127.0.0.1",
+                        "port": ehr.port,
+                        "ack_timeout_s": 10,
+                        "receiving_application": "EHR",
+                    }
+                ],
+                "routes": [
+                    {
+                        "name": "hl7-carts",
+                        "match": {"sources": ["hl7"], "message_types": ["ORU^R01"]},
+                        "models": ["diagnosis"],
+                        "destinations": ["ehr-hl7"],
+                    }
+                ],
             },
         )
         stack.start_worker()
         stack.start_gateway()
         placer = f"PL{_uid()}"
-        acks = mllp_send(stack.mllp_port, [orm(f"O{placer}", placer, f"F{placer}").encode(),
-                                           oru(f"R{placer}", placer).encode()], tmp_path)
+        acks = mllp_send(
+            stack.mllp_port,
+            [orm(f"O{placer}", placer, f"F{placer}").encode(), oru(f"R{placer}", placer).encode()],
+            tmp_path,
+        )
         assert [msa(a)[0] for a in acks] == ["AA", "AA"]
         wait_row(stack, placer, ("delivered",))
         wait_for(lambda: len(ehr.received) >= 1, 30, 0.2, "the ORU at the EHR")

@@ -83,7 +83,10 @@ def test_inbox_files_taken_once_moved_and_survive_a_restart(make_stack, tmp_path
     assert rejected.id in note and "DecodeError: not well-formed XML" in note
     # Left alone: dot-file, partial file, symbolic link (and its target outside the folder).
     assert {p.name for p in inbox.iterdir() if p.is_file() or p.is_symlink()} == {
-        ".hidden.xml", "exporting.xml.part", "link.xml"}
+        ".hidden.xml",
+        "exporting.xml.part",
+        "link.xml",
+    }
     assert outside.read_bytes() == aecg
 
     # ---- restart: a crash left a recorded file unmoved; a new file arrived meanwhile.
@@ -104,7 +107,7 @@ def test_inbox_files_taken_once_moved_and_survive_a_restart(make_stack, tmp_path
     slow = inbox / "slow.xml"
     with slow.open("wb") as fh:
         for i in range(4):
-            fh.write(aecg[i * len(aecg) // 4:(i + 1) * len(aecg) // 4])
+            fh.write(aecg[i * len(aecg) // 4 : (i + 1) * len(aecg) // 4])
             fh.flush()
             time.sleep(0.5)  # < settle_s: the watcher must keep waiting
             assert "slow.xml" not in _by_remote(stack), "taken while still being written"

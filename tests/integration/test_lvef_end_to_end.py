@@ -19,9 +19,28 @@ from tests.support.stack import send_dicom
 pytestmark = pytest.mark.integration
 
 LVEF_LOINC = "10230-1"
-EHR_DISPLAYS = ("NT-proBNP", "troponin", "creatinine", "potassium", "sodium", "haemoglobin", "hemoglobin",
-                "blood pressure", "weight", "height", "age", "sex", "heart failure", "myocardial infarction",
-                "atrial fibrillation", "hypertension", "diuretic", "beta blocker", "bmi", "egfr")
+EHR_DISPLAYS = (
+    "NT-proBNP",
+    "troponin",
+    "creatinine",
+    "potassium",
+    "sodium",
+    "haemoglobin",
+    "hemoglobin",
+    "blood pressure",
+    "weight",
+    "height",
+    "age",
+    "sex",
+    "heart failure",
+    "myocardial infarction",
+    "atrial fibrillation",
+    "hypertension",
+    "diuretic",
+    "beta blocker",
+    "bmi",
+    "egfr",
+)
 
 
 def _config(base_url: str, ehr_url: str) -> dict:
@@ -29,8 +48,9 @@ def _config(base_url: str, ehr_url: str) -> dict:
         "models": [{"name": "diagnosis"}, {"name": "lvef"}],
         "ehr": [{"name": "epic", "base_url": ehr_url, "timeout_s": 5, "total_timeout_s": 20}],
         "destinations": [{"name": "ehr", "base_url": base_url, "timeout_s": 10}],
-        "routes": [{"name": "all-ecg", "models": ["diagnosis", "lvef"], "destinations": ["ehr"],
-                    "ehr_context": "epic"}],
+        "routes": [
+            {"name": "all-ecg", "models": ["diagnosis", "lvef"], "destinations": ["ehr"], "ehr_context": "epic"}
+        ],
     }
 
 
@@ -52,8 +72,9 @@ def _lvef_observation(fhir_server, sop_uid: str) -> tuple[dict, dict]:
     return report, lvef[0]
 
 
-def test_seeded_patient_gets_an_lvef_tier_explained_by_ehr_variables(make_stack, fhir_server, waveform_ecg_path,
-                                                                     database_url):
+def test_seeded_patient_gets_an_lvef_tier_explained_by_ehr_variables(
+    make_stack, fhir_server, waveform_ecg_path, database_url
+):
     patient = seed.seed_heart_failure(fhir_server.base_url)
     stack = make_stack(extra=_config(fhir_server.base_url, fhir_server.base_url), database_url=database_url)
     stack.start_worker()

@@ -22,8 +22,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -48,26 +49,32 @@ def _uid() -> str:
 
 def oru(control: str, placer: str | None, *, name: str | None = None, charset: str = "UNICODE UTF-8") -> str:
     """An ORU^R01 with the 12-lead waveform of a real PTB-XL record (``charset`` "": no MSH-18)."""
-    hw = pytest.importorskip("ecgbridge.mapping.hl7_waveform", reason="mapping.hl7_waveform is not there yet")
     from dataclasses import replace
 
     from ecgbridge.mapping.ecg import Patient
     from ecgbridge.mapping.wfdb_record import read_wfdb
+    from tests.support.hl7_waveform_writer import build_oru_waveform
 
     ecg = replace(read_wfdb(WFDB), patient=Patient(id=PATIENT_ID, name=name))
-    message = hw.build_oru_waveform(ecg, control_id=control, placer_order_number=placer,
-                                    encoding=charset or "UNICODE UTF-8")
+    message = build_oru_waveform(
+        ecg, control_id=control, placer_order_number=placer, encoding=charset or "UNICODE UTF-8"
+    )
     return message if charset else with_charset(message, "")
 
 
 def orm(control: str, placer: str, filler: str) -> str:
-    return "\r".join([
-        f"MSH|^~\\&|HIS|HOSP|ECGBRIDGE|CARDIO|20260301101500+0100||ORM^O01^ORM_O01|{control}|P|2.5.1",
-        f"PID|1||{PATIENT_ID}^^^HOSP^MR||Doe^Janet||19600101|F",
-        "PV1|1|O|CARD^101^1||||||||||||||||VN7788^^^HOSP^VN",
-        f"ORC|NW|{placer}^HIS|{filler}^ECG||SC||||20260301100000|||1234^Smith^John",
-        f"OBR|1|{placer}^HIS|{filler}^ECG|93000^EKG 12 lead^CPT",
-    ]) + "\r"
+    return (
+        "\r".join(
+            [
+                f"MSH|^~\\&|HIS|HOSP|ECGBRIDGE|CARDIO|20260301101500+0100||ORM^O01^ORM_O01|{control}|P|2.5.1",
+                f"PID|1||{PATIENT_ID}^^^HOSP^MR||Doe^Janet||19600101|F",
+                "PV1|1|O|CARD^101^1||||||||||||||||VN7788^^^HOSP^VN",
+                f"ORC|NW|{placer}^HIS|{filler}^ECG||SC||||20260301100000|||1234^Smith^John",
+                f"OBR|1|{placer}^HIS|{filler}^ECG|93000^EKG 12 lead^CPT",
+            ]
+        )
+        + "\r"
+    )
 
 
 def break_one_channel(message: str) -> tuple[str, int]:
@@ -94,8 +101,9 @@ def mllp_send(port: int, messages: list[bytes], tmp: Path) -> list[str]:
         pytest.skip("python-hl7's mllp_send is not installed (pip install hl7)")
     path = tmp / f"send-{_uid()}.hl7"
     path.write_bytes(b"".join(framed(m) for m in messages))
-    out = subprocess.run([str(MLLP_SEND), "--file", str(path), "-p", str(port), "127.0.0.1"],
-                         capture_output=True, timeout=120)
+    out = subprocess.run(
+        [str(MLLP_SEND), "--file", str(path), "-p", str(port), "127.0.0.1"], capture_output=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr.decode(errors="replace")
     acks = [a.strip(b"\x0b\n") for a in out.stdout.split(b"\x1c\r") if a.strip(b"\x0b\n")]
     assert len(acks) == len(messages), out.stdout
@@ -135,8 +143,24 @@ def closed_within(sock: socket.socket, timeout_s: float) -> float:
 
 
 def messages_json(stack: Stack) -> list[dict[str, Any]]:
-    out = subprocess.run([sys.executable, "-m", "ecgbridge", "messages", "list", "--json", "--limit", "1000",
-                          "--config", str(stack.config)], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ecgbridge",
+            "messages",
+            "list",
+            "--json",
+            "--limit",
+            "1000",
+            "--config",
+            str(stack.config),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -144,8 +168,9 @@ def rows_for(stack: Stack, placer: str) -> list[Any]:
     return [r for r in stack.store().list(limit=1000) if r.placer_order_number == placer]
 
 
-def wait_row(stack: Stack, placer: str, states: tuple[str, ...], message_type: str = "ORU^R01",
-             timeout_s: float = 90.0) -> Any:
+def wait_row(
+    stack: Stack, placer: str, states: tuple[str, ...], message_type: str = "ORU^R01", timeout_s: float = 90.0
+) -> Any:
     def found() -> Any:
         rows = [r for r in rows_for(stack, placer) if r.message_type == message_type]
         return rows[0] if rows and rows[0].state in states else None
@@ -169,8 +194,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if redis_binary() is None:
         pytest.skip("no redis-server binary (apt-get install redis-server)")
     redis = RedisServer().start()
-    s = Stack(tmp=tmp_path_factory.mktemp("mllp"), broker_url=redis.url,
-              mllp_options={"enabled": True, "frame_timeout_s": FRAME_TIMEOUT_S, "idle_timeout_s": IDLE_TIMEOUT_S})
+    s = Stack(
+        tmp=tmp_path_factory.mktemp("mllp"),
+        broker_url=redis.url,
+        mllp_options={"enabled": True, "frame_timeout_s": FRAME_TIMEOUT_S, "idle_timeout_s": IDLE_TIMEOUT_S},
+    )
     try:
         _start(s)
         yield s
@@ -194,12 +222,16 @@ def test_mllp_send_oru_with_a_real_12_lead_gets_aa_and_is_analysed(stack: Stack,
 
 def test_order_before_and_after_its_result_are_linked(stack: Stack, tmp_path: Path) -> None:
     first, later = f"PL{_uid()}", f"PL{_uid()}"
-    acks = mllp_send(stack.mllp_port, [
-        orm(f"O{first}", first, f"F{first}").encode(),   # order, then its ECG
-        oru(f"R{first}", first).encode(),
-        oru(f"R{later}", later).encode(),                # ECG, then its order
-        orm(f"O{later}", later, f"F{later}").encode(),
-    ], tmp_path)
+    acks = mllp_send(
+        stack.mllp_port,
+        [
+            orm(f"O{first}", first, f"F{first}").encode(),  # order, then its ECG
+            oru(f"R{first}", first).encode(),
+            oru(f"R{later}", later).encode(),  # ECG, then its order
+            orm(f"O{later}", later, f"F{later}").encode(),
+        ],
+        tmp_path,
+    )
     assert [msa(a)[0] for a in acks] == ["AA"] * 4
     store = stack.store()
     for placer in (first, later):
@@ -217,12 +249,16 @@ def test_bad_messages_get_ar_or_ae_with_err_and_the_connection_still_serves(stac
     uid = _uid()
     bad_waveform, obx_number = break_one_channel(oru(f"W{uid}", f"PLW{uid}"))
     good = f"PLG{uid}"
-    acks = mllp_send(stack.mllp_port, [
-        f"MSH|^~|CART|WARD|ECGBRIDGE||20260301||ORU^R01^ORU_R01|M{uid}|P|2.5.1\rPID|1".encode(),
-        f"MSH|^~\\&|CART|WARD|ECGBRIDGE||20260301||QRY^A19^QRY_A19|U{uid}|P|2.5.1\rQRD|x".encode(),
-        bad_waveform.encode(),
-        oru(f"G{uid}", good).encode(),
-    ], tmp_path)
+    acks = mllp_send(
+        stack.mllp_port,
+        [
+            f"MSH|^~|CART|WARD|ECGBRIDGE||20260301||ORU^R01^ORU_R01|M{uid}|P|2.5.1\rPID|1".encode(),
+            f"MSH|^~\\&|CART|WARD|ECGBRIDGE||20260301||QRY^A19^QRY_A19|U{uid}|P|2.5.1\rQRD|x".encode(),
+            bad_waveform.encode(),
+            oru(f"G{uid}", good).encode(),
+        ],
+        tmp_path,
+    )
     malformed, unsupported, waveform, fine = (ack_fields(a) for a in acks)
     assert msa(acks[0]) == ("AR", f"M{uid}") and malformed["ERR"][2] == "MSH^1^2"
     assert malformed["ERR"][3].startswith("102^")
@@ -238,8 +274,14 @@ def test_bad_messages_get_ar_or_ae_with_err_and_the_connection_still_serves(stac
 
 def test_20_mb_message_gets_ar_and_the_same_connection_then_gets_aa(stack: Stack) -> None:
     uid = _uid()
-    big = (f"MSH|^~\\&|CART|WARD|ECGBRIDGE||20260301||ORU^R01^ORU_R01|BIG{uid}|P|2.5.1\r"
-           "OBX|1|ED|PDF^Report^L||^application^pdf^Base64^").encode() + b"QUJD" * (5 * 1024 * 1024) + b"\r"
+    big = (
+        (
+            f"MSH|^~\\&|CART|WARD|ECGBRIDGE||20260301||ORU^R01^ORU_R01|BIG{uid}|P|2.5.1\r"
+            "OBX|1|ED|PDF^Report^L||^application^pdf^Base64^"
+        ).encode()
+        + b"QUJD" * (5 * 1024 * 1024)
+        + b"\r"
+    )
     assert len(big) > 20_000_000
     normal = f"MSH|^~\\&|HIS|HOSP|ECGBRIDGE||20260301||ADT^A08^ADT_A01|N{uid}|P|2.5.1\rEVN|A08\r".encode()
     with socket.create_connection(("127.0.0.1", stack.mllp_port), timeout=60) as sock:
@@ -254,10 +296,18 @@ def test_20_mb_message_gets_ar_and_the_same_connection_then_gets_aa(stack: Stack
 
 def test_garbage_between_frames_is_skipped(stack: Stack) -> None:
     uid = _uid()
-    adt = [f"MSH|^~\\&|HIS|HOSP|ECGBRIDGE||20260301||ADT^A08^ADT_A01|G{uid}{i}|P|2.5.1\rEVN|A08\r".encode()
-           for i in range(3)]
-    wire = (b"\r\n\x00garbage before" + framed(adt[0]) + b"\xff\xfe noise \x1c\r" + framed(adt[1])
-            + b"\x0bstarted, then restarted" + framed(adt[2]))
+    adt = [
+        f"MSH|^~\\&|HIS|HOSP|ECGBRIDGE||20260301||ADT^A08^ADT_A01|G{uid}{i}|P|2.5.1\rEVN|A08\r".encode()
+        for i in range(3)
+    ]
+    wire = (
+        b"\r\n\x00garbage before"
+        + framed(adt[0])
+        + b"\xff\xfe noise \x1c\r"
+        + framed(adt[1])
+        + b"\x0bstarted, then restarted"
+        + framed(adt[2])
+    )
     with socket.create_connection(("127.0.0.1", stack.mllp_port), timeout=60) as sock:
         sock.sendall(wire)
         acks = [recv_frame(sock).decode() for _ in range(3)]
@@ -299,8 +349,9 @@ def test_a_sender_of_one_byte_a_second_does_not_block_another(stack: Stack, tmp_
     time.sleep(1.5)
     uid = _uid()
     started = time.monotonic()
-    acks = mllp_send(stack.mllp_port, [orm(f"Q{uid}{i}", f"PLQ{uid}{i}", f"FQ{uid}{i}").encode() for i in range(3)],
-                     tmp_path)
+    acks = mllp_send(
+        stack.mllp_port, [orm(f"Q{uid}{i}", f"PLQ{uid}{i}", f"FQ{uid}{i}").encode() for i in range(3)], tmp_path
+    )
     elapsed = time.monotonic() - started
     assert [msa(a)[0] for a in acks] == ["AA"] * 3
     assert thread.is_alive() and len(sent) < len(payload), "the slow sender finished: the test proves nothing"
@@ -318,8 +369,11 @@ def test_idle_connection_is_closed(stack: Stack) -> None:
 
 
 # ----- character sets -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("charset, codec", [("UNICODE UTF-8", "utf-8"), ("8859/1", "latin-1"), ("", "latin-1")],
-                         ids=["utf-8", "8859-1", "8859-1-undeclared"])
+@pytest.mark.parametrize(
+    "charset, codec",
+    [("UNICODE UTF-8", "utf-8"), ("8859/1", "latin-1"), ("", "latin-1")],
+    ids=["utf-8", "8859-1", "8859-1-undeclared"],
+)
 def test_non_ascii_patient_names(stack: Stack, tmp_path: Path, charset: str, codec: str) -> None:
     from ecgbridge.mapping.readers import read_ecg_bytes
 
@@ -391,11 +445,10 @@ def _ignore_connection_errors(fn: Any) -> None:
 
 # ----- listener limits, in process ----------------------------------------------------------------------------------
 def _in_process_server(tmp_path: Path, **mllp: Any) -> Any:
+    from ecgbridge.core.queue import Dispatcher, make_celery
     from ecgbridge.core.settings import Settings, default_settings
-    from ecgbridge.core.queue import Dispatcher
-    from ecgbridge.gateway.mllp import MllpGateway
     from ecgbridge.core.store import MessageStore
-    from ecgbridge.worker.celery_app import make_celery
+    from ecgbridge.gateway.mllp import MllpGateway
     from tests.support.processes import free_port
 
     data = default_settings().model_dump(exclude={"source_file"})

@@ -33,7 +33,10 @@ def _reports(fhir, sop_uid: str) -> list[dict]:
 def _messages_json(stack) -> list[dict]:
     out = subprocess.run(
         [sys.executable, "-m", "ecgbridge", "messages", "list", "--json", "--config", str(stack.config)],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -81,9 +84,12 @@ def test_fhir_server_down_then_back_delivers_once(make_stack, fhir_server, wavef
         ds.SOPInstanceUID = generate_uid()
         assert send_dicom(stack.port, [ds]) == [0x0000]
         store = stack.store()
-        wait_for(lambda: any(d.attempts >= 2 and d.state == "pending"
-                             for m in store.list() for d in store.deliveries(m.id)),
-                 60, 0.3, "two failed delivery attempts")
+        wait_for(
+            lambda: any(d.attempts >= 2 and d.state == "pending" for m in store.list() for d in store.deliveries(m.id)),
+            60,
+            0.3,
+            "two failed delivery attempts",
+        )
     finally:
         fhir_server.start()
     stack.wait_state("delivered", timeout_s=60)

@@ -10,14 +10,18 @@ from pydicom.data import get_testdata_file
 
 pytestmark = [pytest.mark.interop, pytest.mark.integration]
 
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK is not installed (apt-get install dcmtk)")
+needs_dcmtk = pytest.mark.skipif(
+    shutil.which("storescu") is None, reason="DCMTK is not installed (apt-get install dcmtk)"
+)
 
 
 @needs_dcmtk
 def test_echoscu_gets_success(make_stack):
     stack = make_stack()
     stack.start_gateway()
-    out = subprocess.run(["echoscu", "-aec", "ECGBRIDGE", "127.0.0.1", str(stack.port)], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["echoscu", "-aec", "ECGBRIDGE", "127.0.0.1", str(stack.port)], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -26,8 +30,22 @@ def test_storescu_ecg_is_analysed(make_stack, waveform_ecg_path):
     stack = make_stack()
     stack.start_worker()
     stack.start_gateway()
-    out = subprocess.run(["storescu", "-v", "-aet", "MORTARA1", "-aec", "ECGBRIDGE", "127.0.0.1", str(stack.port),
-                          str(waveform_ecg_path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            "storescu",
+            "-v",
+            "-aet",
+            "MORTARA1",
+            "-aec",
+            "ECGBRIDGE",
+            "127.0.0.1",
+            str(stack.port),
+            str(waveform_ecg_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "Received Store Response (Success)" in out.stderr + out.stdout
     (row,) = stack.wait_state("analysed")
@@ -41,8 +59,12 @@ def test_storescu_of_a_ct_image_is_refused(make_stack):
     stack = make_stack()
     stack.start_gateway()
     ct = get_testdata_file("CT_small.dcm")
-    out = subprocess.run(["storescu", "-aec", "ECGBRIDGE", "127.0.0.1", str(stack.port), ct],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["storescu", "-aec", "ECGBRIDGE", "127.0.0.1", str(stack.port), ct], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode != 0
-    assert "no presentation context" in (out.stderr + out.stdout).lower() or "rejected" in (out.stderr + out.stdout).lower()
+    assert (
+        "no presentation context" in (out.stderr + out.stdout).lower()
+        or "rejected" in (out.stderr + out.stdout).lower()
+    )
     assert stack.store().list() == []

@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 
-ECG_TIME = datetime(2025, 3, 10, 9, 30, tzinfo=timezone.utc)
+ECG_TIME = datetime(2025, 3, 10, 9, 30, tzinfo=UTC)
 ID_SYSTEM = "urn:ecgbridge:patient-id"
 
 LOINC = "http://loinc.org"
@@ -44,19 +44,40 @@ def _when(days: float = 0, hours: float = 0) -> str:
 
 
 def _patient(identifier: str, **fields: Any) -> dict[str, Any]:
-    return {"resourceType": "Patient", "identifier": [{"system": ID_SYSTEM, "value": identifier}],
-            "name": [{"family": "Synthetic", "given": ["Test"]}], **fields}
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": ID_SYSTEM, "value": identifier}],
+        "name": [{"family": "Synthetic", "given": ["Test"]}],
+        **fields,
+    }
 
 
-def observation(subject: str, loinc: str, value: float | None, unit: str, when: str, *,
-                status: str = "final", ucum: bool = True, display: str | None = None,
-                components: list[tuple[str, float, str]] | None = None) -> dict[str, Any]:
+def observation(
+    subject: str,
+    loinc: str,
+    value: float | None,
+    unit: str,
+    when: str,
+    *,
+    status: str = "final",
+    ucum: bool = True,
+    display: str | None = None,
+    components: list[tuple[str, float, str]] | None = None,
+) -> dict[str, Any]:
     """A lab or vital-sign Observation (valueQuantity, or components for a panel)."""
     obs: dict[str, Any] = {
         "resourceType": "Observation",
         "status": status,
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                  "code": "vital-signs" if components or loinc in VITALS else "laboratory"}]}],
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "vital-signs" if components or loinc in VITALS else "laboratory",
+                    }
+                ]
+            }
+        ],
         "code": {"coding": [{"system": LOINC, "code": loinc, **({"display": display} if display else {})}]},
         "subject": {"reference": subject},
         "effectiveDateTime": when,
@@ -65,21 +86,34 @@ def observation(subject: str, loinc: str, value: float | None, unit: str, when: 
     if value is not None:
         obs["valueQuantity"] = quantity(value, unit)
     if components:
-        obs["component"] = [{"code": {"coding": [{"system": LOINC, "code": c}]}, "valueQuantity": quantity(v, u)}
-                            for c, v, u in components]
+        obs["component"] = [
+            {"code": {"coding": [{"system": LOINC, "code": c}]}, "valueQuantity": quantity(v, u)}
+            for c, v, u in components
+        ]
     return obs
 
 
 VITALS = {"8480-6", "8462-4", "8867-4", "29463-7", "3141-9", "8302-2", "39156-5", "85354-9"}
 
 
-def condition(subject: str, codings: list[tuple[str, str, str]], *, clinical: str | None = "active",
-              verification: str = "confirmed", onset: str | None = None) -> dict[str, Any]:
+def condition(
+    subject: str,
+    codings: list[tuple[str, str, str]],
+    *,
+    clinical: str | None = "active",
+    verification: str = "confirmed",
+    onset: str | None = None,
+) -> dict[str, Any]:
     cond: dict[str, Any] = {
         "resourceType": "Condition",
         "verificationStatus": {"coding": [{"system": _VERIFICATION, "code": verification}]},
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
-                                  "code": "problem-list-item"}]}],
+        "category": [
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "problem-list-item"}
+                ]
+            }
+        ],
         "code": {"coding": [{"system": s, "code": c, "display": d} for s, c, d in codings]},
         "subject": {"reference": subject},
     }
@@ -90,28 +124,43 @@ def condition(subject: str, codings: list[tuple[str, str, str]], *, clinical: st
     return cond
 
 
-def medication(subject: str, concept: dict[str, Any], *, status: str = "active",
-               start: str | None = None, end: str | None = None) -> dict[str, Any]:
-    stmt: dict[str, Any] = {"resourceType": "MedicationStatement", "status": status,
-                            "medicationCodeableConcept": concept, "subject": {"reference": subject}}
+def medication(
+    subject: str, concept: dict[str, Any], *, status: str = "active", start: str | None = None, end: str | None = None
+) -> dict[str, Any]:
+    stmt: dict[str, Any] = {
+        "resourceType": "MedicationStatement",
+        "status": status,
+        "medicationCodeableConcept": concept,
+        "subject": {"reference": subject},
+    }
     if start or end:
         stmt["effectivePeriod"] = {k: v for k, v in (("start", start), ("end", end)) if v}
     return stmt
 
 
-def transaction(base_url: str, patient: dict[str, Any], others: list[dict[str, Any]],
-                headers: dict[str, str] | None = None) -> tuple[str, float]:
+def transaction(
+    base_url: str, patient: dict[str, Any], others: list[dict[str, Any]], headers: dict[str, str] | None = None
+) -> tuple[str, float]:
     """POST Patient + resources as one transaction; returns (patient id, seconds)."""
     placeholder = f"urn:uuid:{uuid.uuid4()}"
     entries = [{"fullUrl": placeholder, "resource": patient, "request": {"method": "POST", "url": "Patient"}}]
     for resource in others:
         body = dict(resource, subject={"reference": placeholder})
-        entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": body,
-                        "request": {"method": "POST", "url": resource["resourceType"]}})
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": body,
+                "request": {"method": "POST", "url": resource["resourceType"]},
+            }
+        )
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     started = time.monotonic()
-    resp = httpx.post(base_url.rstrip("/") + "/", json=bundle, timeout=120,
-                      headers={"Content-Type": "application/fhir+json", **(headers or {})})
+    resp = httpx.post(
+        base_url.rstrip("/") + "/",
+        json=bundle,
+        timeout=120,
+        headers={"Content-Type": "application/fhir+json", **(headers or {})},
+    )
     seconds = time.monotonic() - started
     resp.raise_for_status()
     first = resp.json()["entry"][0]["response"]["location"]  # "Patient/<id>"
@@ -138,8 +187,9 @@ def seed_heart_failure(base_url: str, headers: dict[str, str] | None = None) -> 
         observation(S, "2951-2", 136, "mmol/L", _when(days=-2)),
         observation(S, "2951-2", 128, "mmol/L", _when(days=1)),  # after the ECG: not used
         observation(S, "718-7", 128, "g/L", _when(days=-2)),  # -> 12.8 g/dL
-        observation(S, "85354-9", None, "", _when(hours=-1),
-                    components=[("8480-6", 118, "mm[Hg]"), ("8462-4", 72, "mm[Hg]")]),
+        observation(
+            S, "85354-9", None, "", _when(hours=-1), components=[("8480-6", 118, "mm[Hg]"), ("8462-4", 72, "mm[Hg]")]
+        ),
         observation(S, "8867-4", 88, "/min", _when(hours=-1)),
         observation(S, "29463-7", 187, "[lb_av]", _when(days=-30)),  # -> 84.82 kg
         observation(S, "8302-2", 178, "cm", _when(days=-300)),
@@ -148,10 +198,22 @@ def seed_heart_failure(base_url: str, headers: dict[str, str] | None = None) -> 
         condition(S, [(ICD10CM, "I48.0", "Paroxysmal atrial fibrillation")], onset="2023-01-15"),
         condition(S, [(SNOMED, "59621000", "Essential hypertension")]),
         condition(S, [(SNOMED, "44054006", "Diabetes mellitus type 2")], verification="refuted"),
-        medication(S, {"coding": [{"system": RXNORM, "code": "4603", "display": "furosemide"}],
-                       "text": "Furosemide 40 mg tablet"}, start="2021-04-20"),
-        medication(S, {"coding": [{"system": ATC, "code": "C07AG02", "display": "carvedilol"}],
-                       "text": "Carvedilol 12.5 mg tablet"}, start="2021-05-01"),
+        medication(
+            S,
+            {
+                "coding": [{"system": RXNORM, "code": "4603", "display": "furosemide"}],
+                "text": "Furosemide 40 mg tablet",
+            },
+            start="2021-04-20",
+        ),
+        medication(
+            S,
+            {
+                "coding": [{"system": ATC, "code": "C07AG02", "display": "carvedilol"}],
+                "text": "Carvedilol 12.5 mg tablet",
+            },
+            start="2021-05-01",
+        ),
         medication(S, {"text": "Spironolactone 25 mg tablet"}, status="stopped", start="2022-01-01", end="2022-06-01"),
     ]
     pid, seconds = transaction(base_url, _patient(ident, gender="male", birthDate="1950-06-15"), others, headers)
@@ -174,10 +236,14 @@ MANY_CREATININE = 1.1
 def seed_many(base_url: str, count: int = 2000, headers: dict[str, str] | None = None) -> Seeded:
     """(c) ``count`` observations: hourly heart rates (newest first wins) and a few old creatinines."""
     ident = _new_id()
-    others = [observation(S, "8867-4", MANY_LATEST_HEART_RATE if i == 1 else 60 + (i % 40), "/min", _when(hours=-i))
-              for i in range(1, count - 3)]
-    others += [observation(S, "2160-0", MANY_CREATININE if d == 100 else 2.0, "mg/dL", _when(days=-d))
-               for d in (100, 101, 102, 103)]
+    others = [
+        observation(S, "8867-4", MANY_LATEST_HEART_RATE if i == 1 else 60 + (i % 40), "/min", _when(hours=-i))
+        for i in range(1, count - 3)
+    ]
+    others += [
+        observation(S, "2160-0", MANY_CREATININE if d == 100 else 2.0, "mg/dL", _when(days=-d))
+        for d in (100, 101, 102, 103)
+    ]
     pid, seconds = transaction(base_url, _patient(ident, gender="male", birthDate="1970-01-01"), others, headers)
     return Seeded(ident, pid, seconds)
 
@@ -185,8 +251,7 @@ def seed_many(base_url: str, count: int = 2000, headers: dict[str, str] | None =
 def seed_odd_unit(base_url: str, headers: dict[str, str] | None = None) -> Seeded:
     """(d) Hemoglobin in a unit nothing converts (%), next to a normal sodium."""
     ident = _new_id()
-    others = [observation(S, "718-7", 45, "%", _when(days=-3)),
-              observation(S, "2951-2", 140, "mmol/L", _when(days=-3))]
+    others = [observation(S, "718-7", 45, "%", _when(days=-3)), observation(S, "2951-2", 140, "mmol/L", _when(days=-3))]
     pid, seconds = transaction(base_url, _patient(ident, gender="female", birthDate="1980-02-29"), others, headers)
     return Seeded(ident, pid, seconds)
 

@@ -56,9 +56,7 @@ def node_available() -> str | None:
     if node is None:
         return "node is not on PATH (the FHIR R4 test peer needs Node >= 20.19)"
     try:
-        out = subprocess.run(
-            [node, "--version"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
+        out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError) as exc:
         return f"cannot run {node} --version: {exc}"
     match = re.match(r"v(\d+)\.(\d+)", out)

@@ -85,7 +85,7 @@ class Hl7Receiver:
         raise AssertionError(f"test EHR got {len(self.received)} message(s) in {timeout_s:.0f} s, expected {count}")
 
     # ----- lifecycle --------------------------------------------------------------
-    def start(self) -> "Hl7Receiver":
+    def start(self) -> Hl7Receiver:
         self._thread = threading.Thread(target=self._run, name=f"hl7-receiver-{self.mode}", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -103,11 +103,12 @@ class Hl7Receiver:
         thread.join(10)
         self._thread = None
 
-    def __enter__(self) -> "Hl7Receiver":
+    def __enter__(self) -> Hl7Receiver:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # ----- internals --------------------------------------------------------------

@@ -74,7 +74,7 @@ class HttpPeer:
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Reply:
         raise NotImplementedError
 
-    def start(self) -> "HttpPeer":
+    def start(self) -> HttpPeer:
         self._thread = threading.Thread(target=self._server.serve_forever, name=type(self).__name__, daemon=True)
         self._thread.start()
         return self
@@ -83,7 +83,7 @@ class HttpPeer:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "HttpPeer":
+    def __enter__(self) -> HttpPeer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -114,9 +114,14 @@ class FaultProxy(HttpPeer):
     the proxy's, so the server's next links come back through the proxy.
     """
 
-    def __init__(self, upstream_origin: str, *, base_path: str = "/fhir/R4",
-                 faults: Mapping[str, tuple[int, dict[str, Any]]] | None = None,
-                 smart_configuration: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        upstream_origin: str,
+        *,
+        base_path: str = "/fhir/R4",
+        faults: Mapping[str, tuple[int, dict[str, Any]]] | None = None,
+        smart_configuration: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.upstream = upstream_origin.rstrip("/")
         self.base_path = base_path
@@ -129,14 +134,16 @@ class FaultProxy(HttpPeer):
         return f"{self.origin}{self.base_path}"
 
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Reply:
-        route = urlsplit(path).path[len(self.base_path):].strip("/")
+        route = urlsplit(path).path[len(self.base_path) :].strip("/")
         if route == ".well-known/smart-configuration" and self.smart_configuration is not None:
             return json_reply(200, self.smart_configuration, "application/json")
         resource_type = route.split("/")[0]
         if resource_type in self.faults:
             status, outcome = self.faults[resource_type]
             return json_reply(status, outcome)
-        forward = {k: v for k, v in headers.items() if k.lower() in ("accept", "authorization", "content-type", "prefer")}
+        forward = {
+            k: v for k, v in headers.items() if k.lower() in ("accept", "authorization", "content-type", "prefer")
+        }
         forward["Host"] = f"127.0.0.1:{self.port}"
         resp = self._http.request(method, self.upstream + path, headers=forward, content=body or None)
         out = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "location", "www-authenticate")}
@@ -156,8 +163,9 @@ class SmartTokenEndpoint(HttpPeer):
     401 ``invalid_client`` with the reason in ``error_description``.
     """
 
-    def __init__(self, *, public_key_pem: bytes, client_id: str, key_id: str, tokens: list[str],
-                 expires_in: int = 300) -> None:
+    def __init__(
+        self, *, public_key_pem: bytes, client_id: str, key_id: str, tokens: list[str], expires_in: int = 300
+    ) -> None:
         super().__init__()
         self.public_key_pem = public_key_pem
         self.client_id = client_id
@@ -174,8 +182,9 @@ class SmartTokenEndpoint(HttpPeer):
         return f"{self.origin}/auth/token"
 
     def _refuse(self, why: str, error: str = "invalid_client") -> Reply:
-        return json_reply(401 if error == "invalid_client" else 400,
-                          {"error": error, "error_description": why}, "application/json")
+        return json_reply(
+            401 if error == "invalid_client" else 400, {"error": error, "error_description": why}, "application/json"
+        )
 
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Reply:
         import jwt
@@ -192,9 +201,14 @@ class SmartTokenEndpoint(HttpPeer):
             header = jwt.get_unverified_header(assertion)
             if header.get("kid") != self.key_id:
                 return self._refuse(f"unknown kid {header.get('kid')!r}")
-            claims = jwt.decode(assertion, self.public_key_pem, algorithms=["RS384", "ES384"],
-                                audience=self.token_url, issuer=self.client_id,
-                                options={"require": ["exp", "iss", "sub", "aud", "jti"]})
+            claims = jwt.decode(
+                assertion,
+                self.public_key_pem,
+                algorithms=["RS384", "ES384"],
+                audience=self.token_url,
+                issuer=self.client_id,
+                options={"require": ["exp", "iss", "sub", "aud", "jti"]},
+            )
         except jwt.PyJWTError as exc:
             return self._refuse(f"client assertion rejected: {exc}")
         if claims["sub"] != self.client_id:
@@ -208,8 +222,16 @@ class SmartTokenEndpoint(HttpPeer):
         self.scopes.append(form.get("scope", ""))
         token = self.tokens[min(self.issued, len(self.tokens) - 1)]
         self.issued += 1
-        return json_reply(200, {"access_token": token, "token_type": "bearer", "expires_in": self.expires_in,
-                                "scope": form.get("scope", "")}, "application/json")
+        return json_reply(
+            200,
+            {
+                "access_token": token,
+                "token_type": "bearer",
+                "expires_in": self.expires_in,
+                "scope": form.get("scope", ""),
+            },
+            "application/json",
+        )
 
 
 def closed_port_url() -> str:

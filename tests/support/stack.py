@@ -15,7 +15,9 @@ from .processes import EcgbridgeProcess, free_port, wait_for, write_config
 __all__ = ["Stack", "send_dicom"]
 
 
-def send_dicom(port: int, datasets: list[Dataset], *, ae_title: str = "TESTSCU", called: str = "ECGBRIDGE") -> list[int]:
+def send_dicom(
+    port: int, datasets: list[Dataset], *, ae_title: str = "TESTSCU", called: str = "ECGBRIDGE"
+) -> list[int]:
     """C-STORE each dataset over one association with pynetdicom; returns the statuses."""
     ae = AE(ae_title=ae_title)
     for uid in {str(ds.SOPClassUID) for ds in datasets}:
@@ -65,8 +67,14 @@ class Stack:
             cfg["storage"] = {"database_url": self.database_url}
         route: dict[str, Any] = {"name": "all-ecg", "models": ["diagnosis"], "destinations": []}
         if self.fhir_base_url:
-            cfg["destinations"] = [{"name": "ehr", "base_url": self.fhir_base_url, "timeout_s": 5,
-                                    **({"auth": self.fhir_auth} if self.fhir_auth else {})}]
+            cfg["destinations"] = [
+                {
+                    "name": "ehr",
+                    "base_url": self.fhir_base_url,
+                    "timeout_s": 5,
+                    **({"auth": self.fhir_auth} if self.fhir_auth else {}),
+                }
+            ]
             route["destinations"] = ["ehr"]
         cfg["routes"] = [route]
         for key, value in self.extra.items():
@@ -101,9 +109,8 @@ class Stack:
 
     # ----- looking at the store, the way `ecgbridge messages` does -------------------
     def store(self):  # type: ignore[no-untyped-def]
-        from ecgbridge.core.store import MessageStore
-
         from ecgbridge.core.settings import load_settings
+        from ecgbridge.core.store import MessageStore
 
         s = load_settings(self.config)
         return MessageStore(s.database_url, s.data_dir)

@@ -10,9 +10,18 @@ from ecgbridge.cli import main
 
 
 def test_every_command_has_help(capsys):
-    for argv in (["--help"], ["run", "--help"], ["gateway", "--help"], ["worker", "--help"], ["analyse", "--help"],
-                 ["messages", "list", "--help"], ["messages", "show", "--help"], ["config", "check", "--help"],
-                 ["train", "--help"], ["evaluate", "--help"]):
+    for argv in (
+        ["--help"],
+        ["run", "--help"],
+        ["gateway", "--help"],
+        ["worker", "--help"],
+        ["analyse", "--help"],
+        ["messages", "list", "--help"],
+        ["messages", "show", "--help"],
+        ["config", "check", "--help"],
+        ["train", "--help"],
+        ["evaluate", "--help"],
+    ):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 0, argv

@@ -7,7 +7,7 @@ in memory to build each failure the reader must catch, plus the committed fixtur
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +57,9 @@ def _raw(group: Dataset) -> np.ndarray:
     return np.frombuffer(group.WaveformData, dtype="<i2").reshape(n, c).copy()
 
 
-def _set_columns(group: Dataset, columns: list[int], extra: np.ndarray | None = None,
-                 extra_channel: Dataset | None = None) -> None:
+def _set_columns(
+    group: Dataset, columns: list[int], extra: np.ndarray | None = None, extra_channel: Dataset | None = None
+) -> None:
     """Keep (and reorder to) ``columns`` of a group; optionally append one channel."""
     raw = _raw(group)[:, columns]
     channels = [group.ChannelDefinitionSequence[i] for i in columns]
@@ -369,7 +370,7 @@ def test_file_cut_mid_sequence_is_a_decode_error(mortara_bytes: bytes) -> None:
 def test_bare_dataset_needs_force(mortara_bytes: bytes) -> None:
     """A data set without preamble and file meta (as some senders store it)."""
     group_length = int.from_bytes(mortara_bytes[140:144], "little")  # (0002,0000) UL value
-    bare = mortara_bytes[144 + group_length:]
+    bare = mortara_bytes[144 + group_length :]
     assert bare[:2] == b"\x08\x00"  # starts at group 0008
     with pytest.raises(DecodeError, match="DICM"):
         read_bytes(bare)
@@ -391,7 +392,9 @@ def test_empty_patient_id_is_flagged(mortara: Dataset) -> None:
     assert "no_patient_id" in to_ecg(mortara).flags
 
 
-@pytest.mark.parametrize(("code", "sex"), [("M", "male"), ("F", "female"), ("O", "other"), ("", "unknown"), (None, "unknown")])
+@pytest.mark.parametrize(
+    ("code", "sex"), [("M", "male"), ("F", "female"), ("O", "other"), ("", "unknown"), (None, "unknown")]
+)
 def test_patient_sex_mapping(mortara: Dataset, code: str | None, sex: str) -> None:
     if code is None:
         del mortara.PatientSex
@@ -429,8 +432,13 @@ def _fixture(name: str) -> Dataset:
 
 
 @pytest.mark.parametrize(
-    "name", ["ptbxl_00024_norm_12lead.dcm", "ptbxl_00622_mi_12lead.dcm", "ptbxl_00730_cd_12lead.dcm",
-             "cinc2021_E07506_12lead.dcm"],
+    "name",
+    [
+        "ptbxl_00024_norm_12lead.dcm",
+        "ptbxl_00622_mi_12lead.dcm",
+        "ptbxl_00730_cd_12lead.dcm",
+        "cinc2021_E07506_12lead.dcm",
+    ],
 )
 def test_fixture_12lead_files_read(name: str) -> None:
     ecg = to_ecg(_fixture(name))
@@ -453,4 +461,4 @@ def test_fixture_variants_behave_as_documented() -> None:
     with pytest.raises(DecodeError):
         _fixture("cinc2021_E07506_cut.dcm")
     aware = to_ecg(_fixture("cinc2021_E07506_12lead.dcm")).study.acquired_at
-    assert aware == datetime(2021, 1, 1, 9, 30, tzinfo=timezone.utc)
+    assert aware == datetime(2021, 1, 1, 9, 30, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""Tests for mapping.dicom_writer (why: fixtures, benchmarks and export rely on its output
+"""Tests for tests.support.dicom_writer (why: fixtures and benchmarks rely on its output
 being standard-shaped and on writer -> bytes -> reader reproducing the signal)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from ecgbridge.mapping.codes import SCPECG_LEAD_CODES, SOP_12_LEAD_ECG, SOP_GENERAL_ECG
 from ecgbridge.mapping.dicom_waveform import median_beat, read_bytes, to_ecg
-from ecgbridge.mapping.dicom_writer import crude_median_beat, dataset_to_bytes, ecg_to_dataset
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
+from tests.support.dicom_writer import crude_median_beat, dataset_to_bytes, ecg_to_dataset
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,9 @@ def test_round_trip_reproduces_signals_within_one_lsb(mortara_ecg: Ecg) -> None:
     assert back.flags == ()
 
 
-@pytest.mark.parametrize(("units", "sensitivity", "lsb_mv"), [("mV", 0.005, 0.005), ("uV", 2.5, 0.0025), ("V", 1e-5, 0.01)])
+@pytest.mark.parametrize(
+    ("units", "sensitivity", "lsb_mv"), [("mV", 0.005, 0.005), ("uV", 2.5, 0.0025), ("V", 1e-5, 0.01)]
+)
 def test_round_trip_in_other_units(mortara_ecg: Ecg, units: str, sensitivity: float, lsb_mv: float) -> None:
     ds = ecg_to_dataset(mortara_ecg, units=units, sensitivity=sensitivity)
     channel = ds.WaveformSequence[0].ChannelDefinitionSequence[0]
@@ -52,8 +54,16 @@ def test_structure_of_the_written_object(mortara_ecg: Ecg) -> None:
     assert ds.file_meta.MediaStorageSOPClassUID == SOP_12_LEAD_ECG == ds.SOPClassUID
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert ds.Modality == "ECG"
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "ContentDate", "ContentTime",
-                    "AcquisitionDateTime", "PatientID", "PatientSex", "InstanceNumber"):
+    for keyword in (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "ContentDate",
+        "ContentTime",
+        "AcquisitionDateTime",
+        "PatientID",
+        "PatientSex",
+        "InstanceNumber",
+    ):
         assert keyword in ds, keyword
     assert len(ds.WaveformSequence) == 1
     group = ds.WaveformSequence[0]
@@ -87,7 +97,7 @@ def test_values_beyond_int16_are_clipped_and_logged(caplog: pytest.LogCaptureFix
     signals = np.zeros((2, 400), dtype=np.float32)
     signals[0, 10], signals[1, 20] = 40.0, -50.0  # mV: beyond +-32.767 mV at 1 uV/LSB
     ecg = Ecg(signals=signals, leads=("I", "II"), fs=400.0)
-    with caplog.at_level(logging.WARNING, logger="ecgbridge.mapping.dicom_writer"):
+    with caplog.at_level(logging.WARNING, logger="tests.support.dicom_writer"):
         ds = ecg_to_dataset(ecg)
     raw = np.frombuffer(ds.WaveformSequence[0].WaveformData, dtype="<i2").reshape(400, 2)
     assert raw[10, 0] == 32767 and raw[20, 1] == -32768
@@ -143,9 +153,11 @@ def test_uids_generated_when_absent_and_kept_when_given(mortara_ecg: Ecg) -> Non
 
 def test_patient_and_study_overrides(mortara_ecg: Ecg) -> None:
     patient = Patient(id="X1", id_issuer="HOSP", name="Test^Person", birth_date="1950-02-03", sex="male")
-    study = Study(accession_number="ACC9",
-                  acquired_at=datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone(timedelta(hours=2))),
-                  device="ACME Cart 3")
+    study = Study(
+        accession_number="ACC9",
+        acquired_at=datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone(timedelta(hours=2))),
+        device="ACME Cart 3",
+    )
     ds = ecg_to_dataset(mortara_ecg, patient=patient, study=study, sop_class_uid=SOP_GENERAL_ECG)
     assert ds.TimezoneOffsetFromUTC == "+0200"
     back = _round_trip(ds)

@@ -44,10 +44,10 @@ def load(name: str) -> Ecg:
 
 
 def result_with(probs: dict[str, float], thresholds: float = 0.5, model: str = "cam-test") -> AnalysisResult:
-    findings = tuple(Finding(c, c, probs.get(c, 0.01), thresholds, probs.get(c, 0.01) >= thresholds)
-                     for c in CLASSES)
-    return AnalysisResult("m-1", (ModelOutput(model, "0.0.1", "diagnosis", findings),),
-                          quality_flags=("baseline_wander:V4",))
+    findings = tuple(Finding(c, c, probs.get(c, 0.01), thresholds, probs.get(c, 0.01) >= thresholds) for c in CLASSES)
+    return AnalysisResult(
+        "m-1", (ModelOutput(model, "0.0.1", "diagnosis", findings),), quality_flags=("baseline_wander:V4",)
+    )
 
 
 def one_hot_cams(hot: dict[str, int], steps: int = 50) -> CamSet:
@@ -100,10 +100,13 @@ def write_cam_model(directory: Path, seed: int = 0, name: str = "cam-test") -> P
         helper.make_node("Sigmoid", ["logits"], ["probabilities"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_cam",
+        nodes,
+        "tiny_cam",
         [helper.make_tensor_value_info("ecg", TensorProto.FLOAT, ["N", 12, 1000])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 5]),
-         helper.make_tensor_value_info("cams", TensorProto.FLOAT, ["N", 5, 125])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 5]),
+            helper.make_tensor_value_info("cams", TensorProto.FLOAT, ["N", 5, 125]),
+        ],
         [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -112,7 +115,10 @@ def write_cam_model(directory: Path, seed: int = 0, name: str = "cam-test") -> P
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(directory / "model.onnx"))
     manifest = {
-        "name": name, "version": "0.0.1", "task": "diagnosis", "file": "model.onnx",
+        "name": name,
+        "version": "0.0.1",
+        "task": "diagnosis",
+        "file": "model.onnx",
         "preprocessing": DEFAULT_SPEC,
         "outputs": {"probabilities": "probabilities", "cams": "cams"},
         "classes": [{"code": c, "display": c} for c in CLASSES],
@@ -177,7 +183,9 @@ def test_png_and_pdf_for_a_real_fixture(cam_model) -> None:
     pdf = render_pdf(ecg, result, cams, measurements={"heart_rate": 102, "qtc_interval": 448.0})
     assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
     assert pdf_pages(pdf) == 1
-    assert render_pdf(ecg, result, cams, measurements={"heart_rate": 102, "qtc_interval": 448.0}) == pdf  # deterministic
+    assert (
+        render_pdf(ecg, result, cams, measurements={"heart_rate": 102, "qtc_interval": 448.0}) == pdf
+    )  # deterministic
 
 
 def test_page_names_patient_id_and_time_but_not_the_name() -> None:
@@ -192,7 +200,9 @@ def test_page_names_patient_id_and_time_but_not_the_name() -> None:
     assert "baseline_wander:V4" in text and "V4 (wander)" in text  # flag listed and marked on its panel
     assert "HR 71 /min" in text and "QRS 96 ms" in text
     # without measurements given, the page shows what the outputs carry (the pipeline's measurements output)
-    out = ModelOutput("ecgbridge-measurements", "0.1.0", "measurements", (), extra={"measurements": {"qtc_interval": 451.1}})
+    out = ModelOutput(
+        "ecgbridge-measurements", "0.1.0", "measurements", (), extra={"measurements": {"qtc_interval": 451.1}}
+    )
     with_measured = replace(result_with({"MI": 0.8}), outputs=(*result_with({"MI": 0.8}).outputs, out))
     text = page_text(render_figure(ecg, with_measured))
     assert "QTc 451 ms" in text and "ecgbridge-measurements" not in text.split("\n")[1]
@@ -275,8 +285,10 @@ def test_decisions_the_quality_gate_changed_are_marked() -> None:
 
     ecg = load("wfdb/00024_lr.hea")
     result = result_with({"NORM": 0.9, "MI": 0.7})
-    out = replace(result.outputs[0], findings=tuple(replace(f, tier="high") if f.code == "MI" else f
-                                                     for f in result.outputs[0].findings))
+    out = replace(
+        result.outputs[0],
+        findings=tuple(replace(f, tier="high") if f.code == "MI" else f for f in result.outputs[0].findings),
+    )
     capped = cap_for_quality(out, QualityReport("poor", ("hf_noise:I,II,III", "poor_quality"), {}, ("hf_noise",)))
     text = page_text(render_figure(ecg, replace(result, outputs=(capped,), quality_flags=("poor_quality",))))
     assert "- NORM (NORM): p=0.90 (threshold 0.50) [gate: was present]" in text
@@ -341,15 +353,19 @@ def test_shipped_model_parameter_randomisation(shipped_with_cams, tmp_path) -> N
 
 #: Measured failures of one exact model (by ONNX sha256): strict xfails that lapse when the model changes.
 KNOWN_FAILURES = {
-    ("test_shipped_model_mi_map_weighs_qrs_st_over_baseline",
-     "953d229b07bd5c1baa6c30f38ddfc1429d4c7443c007946ffc29d48cd7dc153a"): (
+    (
+        "test_shipped_model_mi_map_weighs_qrs_st_over_baseline",
+        "953d229b07bd5c1baa6c30f38ddfc1429d4c7443c007946ffc29d48cd7dc153a",
+    ): (
         "diagnosis 0.1.1 (the 0.1.0 network re-exported with CAMs; measured 2026-12-01): on ptbxl_00622 (MI) the MI "
         "map averages -0.604 over QRS+ST (71 % of the time at 102 bpm) vs -0.434 elsewhere, although the model calls "
         "MI (p above its threshold); its heatmap marks time, not where the MI evidence lies. The parameter-"
         "randomisation check passes."
     ),
-    ("test_shipped_model_mi_map_weighs_qrs_st_over_baseline",
-     "3f329e64cd84cea795665e1be9f575bbfbdc526247c72d80e49fe0792c07a1a1"): (
+    (
+        "test_shipped_model_mi_map_weighs_qrs_st_over_baseline",
+        "3f329e64cd84cea795665e1be9f575bbfbdc526247c72d80e49fe0792c07a1a1",
+    ): (
         "diagnosis 0.2.0 (measured 2026-12-01): on ptbxl_00622 (MI) the MI map (62 steps) averages -1.125 over "
         "QRS+ST (71 % of the time at 102 bpm) vs -0.741 elsewhere; the model does not call this ECG MI "
         "(p=0.132 < threshold 0.258, tier low). The 2026-12-01 training candidate /tmp/runs/r4 passed."
@@ -432,20 +448,22 @@ def test_a_render_failure_does_not_fail_the_analysis(tmp_path, monkeypatch) -> N
 
 def test_deliveries_get_the_bytes_from_the_store(tmp_path) -> None:
     from ecgbridge.core.settings import Hl7Destination
-    from ecgbridge.worker.jobs import attach_explanations, attachment_bytes
     from ecgbridge.mapping.fhir_report import build_report
     from ecgbridge.mapping.hl7_oru import build_oru_r01
+    from ecgbridge.worker.jobs import attach_explanations, attachment_bytes
 
     ctx = _context(tmp_path)
     ecg = load("dicom/ptbxl_00024_norm_12lead.dcm")
     result = attach_explanations(ctx, "m-9", ecg, result_with({"NORM": 0.9}, model="diagnosis"))
     data = attachment_bytes(ctx.store, result)
-    report = build_report(result, patient=ecg.patient, study=ecg.study, message_id="m-9",
-                          attachments_data=data).report.resource
+    report = build_report(
+        result, patient=ecg.patient, study=ecg.study, message_id="m-9", attachments_data=data
+    ).report.resource
     assert [f["contentType"] for f in report["presentedForm"]] == ["application/pdf", "image/png"]
     dest = Hl7Destination(name="ehr", type="hl7", host="127.0.0.1", port=2575)
-    er7 = build_oru_r01(result, ecg=ecg, order=None, destination=dest, message_id="m-9", control_id="C1",
-                        attachments_data=data)
+    er7 = build_oru_r01(
+        result, ecg=ecg, order=None, destination=dest, message_id="m-9", control_id="C1", attachments_data=data
+    )
     assert "|ED|REPORT-PDF^" in er7
     ctx.store.blobs.path(result.attachments[0].blob_sha256).unlink()  # the blob store lost the PDF
     assert set(attachment_bytes(ctx.store, result)) == {result.attachments[1].blob_sha256}

@@ -22,11 +22,12 @@ import pydicom
 import pytest
 
 from ecgbridge.inference import features
-from ecgbridge.inference.features import HL7_KEYS, Measurements, cart_measurements, measure
+from ecgbridge.inference.features import HL7_KEYS, Measurements, measure
 from ecgbridge.mapping.dicom_waveform import median_beat, to_ecg
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
 from ecgbridge.mapping.hl7_oru import MEASUREMENT_UNITS
 from tests.conftest import FIXTURES
+from tests.support.cart_measurements import cart_measurements
 
 # --------------------------------------------------------------------------- synthetic ECG
 
@@ -56,8 +57,12 @@ def _limb(frontal: float, amp: np.ndarray) -> dict[str, np.ndarray]:
     lead_i = amp * math.cos(th)
     lead_ii = amp * math.cos(th - math.radians(60))
     return {
-        "I": lead_i, "II": lead_ii, "III": lead_ii - lead_i,
-        "aVR": -(lead_i + lead_ii) / 2, "aVL": lead_i - lead_ii / 2, "aVF": lead_ii - lead_i / 2,
+        "I": lead_i,
+        "II": lead_ii,
+        "III": lead_ii - lead_i,
+        "aVR": -(lead_i + lead_ii) / 2,
+        "aVL": lead_i - lead_ii / 2,
+        "aVF": lead_ii - lead_i / 2,
     }
 
 
@@ -240,9 +245,22 @@ def test_zscore_input_keeps_intervals_drops_amplitudes() -> None:
     m = measure(ecg)
     assert "amplitudes_unavailable:zscore" in m.flags
     assert m.pr_interval is not None and m.qt_interval is not None and m.heart_rate is not None
-    for name in ("p_axis", "qrs_axis", "t_axis", "r_amplitude", "s_amplitude", "qrs_area", "sokolow_lyon", "cornell",
-                 "q_waves", "st_deviation", "t_inversion", "fragmented_qrs", "low_voltage_limb",
-                 "low_voltage_precordial"):
+    for name in (
+        "p_axis",
+        "qrs_axis",
+        "t_axis",
+        "r_amplitude",
+        "s_amplitude",
+        "qrs_area",
+        "sokolow_lyon",
+        "cornell",
+        "q_waves",
+        "st_deviation",
+        "t_inversion",
+        "fragmented_qrs",
+        "low_voltage_limb",
+        "low_voltage_precordial",
+    ):
         assert getattr(m, name) is None, name
     assert set(m.as_dict()) == {"heart_rate", "pr_interval", "qrs_duration", "qt_interval", "qtc_interval"}
 
@@ -279,8 +297,14 @@ def test_cart_measurements_read_from_the_dicom(mortara) -> None:  # type: ignore
     ds, _ = mortara
     cart = cart_measurements(ds)
     assert cart == {
-        "rr_interval": 982.0, "pr_interval": 161.0, "qrs_duration": 75.0, "qt_interval": 368.0,
-        "qtc_interval": 370.0, "p_axis": 74.0, "qrs_axis": 52.0, "t_axis": 57.0,
+        "rr_interval": 982.0,
+        "pr_interval": 161.0,
+        "qrs_duration": 75.0,
+        "qt_interval": 368.0,
+        "qtc_interval": 370.0,
+        "p_axis": 74.0,
+        "qrs_axis": 52.0,
+        "t_axis": 57.0,
         "heart_rate": pytest.approx(61.1, abs=0.01),
     }  # PP interval 0 = "not measured": left out
 
@@ -288,8 +312,14 @@ def test_cart_measurements_read_from_the_dicom(mortara) -> None:  # type: ignore
 #: Tolerances against the Mortara cart, set from what we measured (docs/measurements.md):
 #: our differences were HR +0.0, PR -5, QRS -4, QT +11, QTc +12, axes P +3 / QRS -4 / T +1.
 CART_TOLERANCE = {
-    "heart_rate": 2.0, "pr_interval": 15.0, "qrs_duration": 10.0, "qt_interval": 20.0,
-    "qtc_interval": 20.0, "p_axis": 10.0, "qrs_axis": 10.0, "t_axis": 10.0,
+    "heart_rate": 2.0,
+    "pr_interval": 15.0,
+    "qrs_duration": 10.0,
+    "qt_interval": 20.0,
+    "qtc_interval": 20.0,
+    "p_axis": 10.0,
+    "qrs_axis": 10.0,
+    "t_axis": 10.0,
 }
 
 
@@ -309,7 +339,7 @@ def test_amplitudes_agree_with_the_carts_median_beat(mortara) -> None:  # type: 
     assert cart is not None
     on, off = 460, 535  # the cart's QRS onset / offset in that group (annotation group 2)
     for i, lead in enumerate(cart.leads):
-        x = cart.signals[i, on: off + 1].astype(float) - float(cart.signals[i, on - 10: on + 1].mean())
+        x = cart.signals[i, on : off + 1].astype(float) - float(cart.signals[i, on - 10 : on + 1].mean())
         assert m.r_amplitude[lead] == pytest.approx(max(0.0, x.max()), abs=0.08), lead
     assert m.sokolow_lyon == pytest.approx(3.1, abs=0.15)
 
@@ -358,7 +388,11 @@ def test_pipeline_adds_the_measurements_output(mortara) -> None:  # type: ignore
     result = analyse_ecg(to_ecg(ds), _NoModels(), [], message_id="msg-1")  # type: ignore[arg-type]
     (out,) = result.outputs
     assert (out.model, out.version, out.task, out.findings) == (
-        "ecgbridge-measurements", features.FEATURES_VERSION, "measurements", ())
+        "ecgbridge-measurements",
+        features.FEATURES_VERSION,
+        "measurements",
+        (),
+    )
     assert out.extra["measurements"] == m.as_dict()
     assert out.extra["features"]["qtc_fridericia"] == pytest.approx(m.qtc_fridericia, abs=1e-3)
     assert "measurements_failed" not in result.quality_flags
@@ -389,8 +423,13 @@ def test_hl7_oru_sends_one_nm_obx_per_measurement(mortara) -> None:  # type: ign
     ecg = to_ecg(ds)
     result = AnalysisResult(message_id="msg-1", outputs=(measurement_output(ecg),))
     er7 = build_oru_r01(
-        result, ecg=ecg, order=None, destination=Hl7Destination(name="ehr", type="hl7", host="127.0.0.1", port=2575),
-        message_id="msg-1", control_id="C0001", now=datetime(2024, 3, 1, tzinfo=UTC),
+        result,
+        ecg=ecg,
+        order=None,
+        destination=Hl7Destination(name="ehr", type="hl7", host="127.0.0.1", port=2575),
+        message_id="msg-1",
+        control_id="C0001",
+        now=datetime(2024, 3, 1, tzinfo=UTC),
     )
     obx = [s.split("|") for s in er7.split("\r") if s.startswith("OBX|")]
     nm = {o[3].split("^")[0]: o for o in obx if o[2] == "NM"}

@@ -5,18 +5,20 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 
 from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
-from ecgbridge.outbound.fhir_client import BearerAuth, FhirClient, deliver_report
 from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
 from ecgbridge.mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient, Study
 from ecgbridge.mapping.fhir_report import build_report
+from ecgbridge.outbound.fhir_client import BearerAuth, FhirClient
+from ecgbridge.outbound.fhir_sender import deliver_report
 
 BASE = "https://ehr.example/fhir/R4"
 OBS = {"resourceType": "Observation", "status": "preliminary", "code": {"text": "x"}}
@@ -27,8 +29,10 @@ def client(handler: Callable[[httpx.Request], httpx.Response], **kw: Any) -> Fhi
 
 
 def oo(diagnostics: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "invalid", "diagnostics": diagnostics}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "invalid", "diagnostics": diagnostics}],
+    }
 
 
 def test_201_with_location_and_headers() -> None:
@@ -56,7 +60,9 @@ def test_201_id_from_body() -> None:
 
 
 def test_200_means_exists() -> None:
-    ref, created = client(lambda r: httpx.Response(200, json={**OBS, "id": "old"})).conditional_create(OBS, "identifier=a%7Cb")
+    ref, created = client(lambda r: httpx.Response(200, json={**OBS, "id": "old"})).conditional_create(
+        OBS, "identifier=a%7Cb"
+    )
     assert (ref, created) == ("Observation/old", False)
 
 
@@ -65,15 +71,18 @@ def test_200_without_id_falls_back_to_search() -> None:
         if req.method == "POST":
             return httpx.Response(200)
         assert dict(parse_qsl(req.url.query.decode())) == {"identifier": "a|b"}
-        return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset",
-                                          "entry": [{"resource": {**OBS, "id": "found"}}]})
+        return httpx.Response(
+            200, json={"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": {**OBS, "id": "found"}}]}
+        )
 
     assert client(handler).conditional_create(OBS, "identifier=a%7Cb") == ("Observation/found", False)
 
 
 def test_412_multiple_matches_is_permanent() -> None:
     with pytest.raises(PermanentDeliveryError) as info:
-        client(lambda r: httpx.Response(412, json=oo("Multiple resources found"))).conditional_create(OBS, "identifier=a%7Cb")
+        client(lambda r: httpx.Response(412, json=oo("Multiple resources found"))).conditional_create(
+            OBS, "identifier=a%7Cb"
+        )
     assert info.value.status == 412  # type: ignore[attr-defined]
     assert not info.value.retry
 
@@ -129,9 +138,12 @@ def test_real_closed_port_is_transient() -> None:
 
 def test_find_one() -> None:
     def bundle(*ids: str) -> dict[str, Any]:
-        return {"resourceType": "Bundle", "type": "searchset",
-                "entry": [{"resource": {**OBS, "id": i}, "search": {"mode": "match"}} for i in ids]
-                + [{"resource": {"resourceType": "Patient", "id": "p"}, "search": {"mode": "include"}}]}
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [{"resource": {**OBS, "id": i}, "search": {"mode": "match"}} for i in ids]
+            + [{"resource": {"resourceType": "Patient", "id": "p"}, "search": {"mode": "include"}}],
+        }
 
     answers = iter([bundle(), bundle("1"), bundle("1", "2")])
     c = client(lambda r: httpx.Response(200, json=next(answers)))
@@ -193,8 +205,9 @@ class FakeServer:
         rtype = req.url.path.rsplit("/", 1)[-1]
         if req.method == "GET":
             found = self._matches(rtype, parse_qsl(req.url.query.decode()))
-            return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset",
-                                              "entry": [{"resource": r} for r in found]})
+            return httpx.Response(
+                200, json={"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r} for r in found]}
+            )
         body = json.loads(req.content)
         cond = req.headers.get("If-None-Exist")
         if cond:
@@ -214,8 +227,13 @@ def make_bundle() -> Any:
         for c, p in zip(("NORM", "MI", "STTC", "CD", "HYP"), (0.1, 0.9, 0.6, 0.2, 0.05))
     )
     result = AnalysisResult("m-1", (ModelOutput("net", "1.0", "diagnosis", findings),))
-    return build_report(result, patient=Patient(id="P1"), study=Study(sop_instance_uid="1.2.3"),
-                        message_id="m-1", issued=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    return build_report(
+        result,
+        patient=Patient(id="P1"),
+        study=Study(sop_instance_uid="1.2.3"),
+        message_id="m-1",
+        issued=datetime(2024, 1, 1, tzinfo=UTC),
+    )
 
 
 def test_deliver_report_is_idempotent() -> None:
@@ -241,13 +259,19 @@ def test_deliver_report_is_idempotent() -> None:
 
 # ----- paging search and SMART Backend Services (transport faked only) -------------
 
+
 def _page(ids: list[str], next_url: str | None) -> dict[str, Any]:
     links = [{"relation": "self", "url": f"{BASE}/Observation"}]
     if next_url:
         links.append({"relation": "next", "url": next_url})
-    return {"resourceType": "Bundle", "type": "searchset", "total": 5, "link": links,
-            "entry": [{"resource": {**OBS, "id": i}, "search": {"mode": "match"}} for i in ids]
-            + [{"resource": {"resourceType": "OperationOutcome"}, "search": {"mode": "outcome"}}]}
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": 5,
+        "link": links,
+        "entry": [{"resource": {**OBS, "id": i}, "search": {"mode": "match"}} for i in ids]
+        + [{"resource": {"resourceType": "OperationOutcome"}, "search": {"mode": "outcome"}}],
+    }
 
 
 def _pager(pages: dict[str, dict[str, Any]], seen: list[str]) -> Callable[[httpx.Request], httpx.Response]:
@@ -255,12 +279,15 @@ def _pager(pages: dict[str, dict[str, Any]], seen: list[str]) -> Callable[[httpx
         seen.append(str(req.url))
         offset = dict(parse_qsl(req.url.query.decode())).get("_offset", "0")
         return httpx.Response(200, json=pages[offset])
+
     return handler
 
 
-PAGES = {"0": _page(["1", "2"], f"{BASE}/Observation?_count=2&_offset=2"),
-         "2": _page(["3", "4"], f"{BASE}/Observation?_count=2&_offset=4"),
-         "4": _page(["5"], None)}
+PAGES = {
+    "0": _page(["1", "2"], f"{BASE}/Observation?_count=2&_offset=2"),
+    "2": _page(["3", "4"], f"{BASE}/Observation?_count=2&_offset=4"),
+    "4": _page(["5"], None),
+}
 
 
 def test_search_all_follows_next_links() -> None:
@@ -289,8 +316,13 @@ def test_search_all_refuses_a_next_link_to_another_server() -> None:
 def test_search_page_retries_transient_errors_within_the_deadline() -> None:
     import time
 
-    answers = iter([httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"}),
-                    httpx.Response(200, json=_page(["1"], None))])
+    answers = iter(
+        [
+            httpx.Response(503),
+            httpx.Response(429, headers={"Retry-After": "0"}),
+            httpx.Response(200, json=_page(["1"], None)),
+        ]
+    )
     c = client(lambda r: next(answers))
     assert c.search_page("Observation", retries=2)["entry"][0]["resource"]["id"] == "1"
     with pytest.raises(TransientDeliveryError):
@@ -305,8 +337,9 @@ def _rsa_pem() -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return private, public
 
@@ -314,7 +347,7 @@ def _rsa_pem() -> tuple[bytes, bytes]:
 def test_smart_backend_auth_assertion_cache_and_401_refresh() -> None:
     import jwt
 
-    from ecgbridge.outbound.fhir_client import SmartBackendAuth
+    from ecgbridge.outbound.fhir_auth import SmartBackendAuth
 
     private, public = _rsa_pem()
     token_url = "https://auth.example/token"
@@ -335,8 +368,14 @@ def test_smart_backend_auth_assertion_cache_and_401_refresh() -> None:
         return httpx.Response(200, json=_page([], None))
 
     transport = httpx.MockTransport(handler)
-    auth = SmartBackendAuth(client_id="c", private_key_pem=private, key_id="k1", scope="system/Patient.rs",
-                            token_url=token_url, transport=transport)
+    auth = SmartBackendAuth(
+        client_id="c",
+        private_key_pem=private,
+        key_id="k1",
+        scope="system/Patient.rs",
+        token_url=token_url,
+        transport=transport,
+    )
     c = FhirClient(BASE, auth=auth, transport=transport)
     for _ in range(3):
         c.search("Patient")
@@ -350,18 +389,21 @@ def test_smart_backend_auth_token_errors_and_key_types() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from ecgbridge.outbound.fhir_client import SmartBackendAuth
+    from ecgbridge.outbound.fhir_auth import SmartBackendAuth
 
     private, _ = _rsa_pem()
-    refuse = httpx.MockTransport(lambda r: httpx.Response(400, json={"error": "invalid_scope",
-                                                                     "error_description": "no such scope"}))
-    auth = SmartBackendAuth(client_id="c", private_key_pem=private, key_id="k", scope="s",
-                            token_url="https://a/token", transport=refuse)
+    refuse = httpx.MockTransport(
+        lambda r: httpx.Response(400, json={"error": "invalid_scope", "error_description": "no such scope"})
+    )
+    auth = SmartBackendAuth(
+        client_id="c", private_key_pem=private, key_id="k", scope="s", token_url="https://a/token", transport=refuse
+    )
     with pytest.raises(PermanentDeliveryError) as info:
         FhirClient(BASE, auth=auth, transport=refuse).search("Patient")
     assert str(info.value) == "SMART token endpoint -> 400: invalid_scope: no such scope"
     p256 = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     with pytest.raises(ValueError, match="P-384"):
         SmartBackendAuth(client_id="c", private_key_pem=p256, key_id="k", scope="s", token_url="https://a/t")
 
@@ -374,8 +416,10 @@ def test_transaction_answers_that_do_not_match_the_request_are_permanent_errors(
     def short(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         sent.append(body)
-        entries = [{"response": {"status": "201 Created", "location": f"{e['request']['url']}/1/_history/1"}}
-                   for e in body["entry"]][:-1]
+        entries = [
+            {"response": {"status": "201 Created", "location": f"{e['request']['url']}/1/_history/1"}}
+            for e in body["entry"]
+        ][:-1]
         return httpx.Response(200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
 
     with pytest.raises(PermanentDeliveryError, match=f"transaction-response with {planned} entries"):

@@ -19,14 +19,24 @@ from ecgbridge.mapping.fhir_report import identifier_query
 SUBJECT = {"type": "Patient", "identifier": {"system": "urn:ecgbridge:patient-id", "value": "MRN-0042"}}
 BASE = "urn:oid:1.2.826.0.1.3680043.8.498.1/ecgbridge-measurements/0.1.0"
 MEASURED = {
-    "heart_rate": 61.1, "pr_interval": 156.0, "qrs_duration": 71.0, "qt_interval": 379.0,
-    "qtc_interval": 382.3, "p_axis": 76.9, "qrs_axis": 48.0, "t_axis": 57.9,
+    "heart_rate": 61.1,
+    "pr_interval": 156.0,
+    "qrs_duration": 71.0,
+    "qt_interval": 379.0,
+    "qtc_interval": 382.3,
+    "p_axis": 76.9,
+    "qrs_axis": 48.0,
+    "t_axis": 57.9,
 }
 
 
 def build(measurements: dict, **kw) -> list[dict]:  # type: ignore[type-arg]
-    args: dict = {"subject": SUBJECT, "effective": "2013-01-25T10:59:19+01:00", "device_ref": "urn:uuid:1234",  # type: ignore[type-arg]
-                  "identifier_base": BASE}
+    args: dict = {
+        "subject": SUBJECT,
+        "effective": "2013-01-25T10:59:19+01:00",
+        "device_ref": "urn:uuid:1234",  # type: ignore[type-arg]
+        "identifier_base": BASE,
+    }
     args.update(kw)
     return measurement_observations(measurements, **args)  # type: ignore[arg-type]
 
@@ -38,8 +48,14 @@ def by_code(observations: list[dict]) -> dict[str, dict]:  # type: ignore[type-a
 def test_one_observation_per_measurement_with_loinc_and_ucum() -> None:
     obs = by_code(build(MEASURED))
     expected = {
-        "8867-4": (61.1, "/min"), "8625-6": (156.0, "ms"), "8633-0": (71.0, "ms"), "8634-8": (379.0, "ms"),
-        "8636-3": (382.3, "ms"), "8626-4": (76.9, "deg"), "8632-2": (48.0, "deg"), "8638-9": (57.9, "deg"),
+        "8867-4": (61.1, "/min"),
+        "8625-6": (156.0, "ms"),
+        "8633-0": (71.0, "ms"),
+        "8634-8": (379.0, "ms"),
+        "8636-3": (382.3, "ms"),
+        "8626-4": (76.9, "deg"),
+        "8632-2": (48.0, "deg"),
+        "8638-9": (57.9, "deg"),
     }
     assert set(obs) == set(expected)
     for code, (value, unit) in expected.items():
@@ -87,8 +103,17 @@ def test_fridericia_rr_and_bazett_alias() -> None:
 
 
 def test_unusable_values_and_unknown_keys_are_left_out() -> None:
-    obs = build({"heart_rate": None, "pr_interval": math.nan, "qrs_duration": True, "qt_interval": "380",
-                 "sokolow_lyon": 3.1, "lvef": 35.0, "t_axis": -12})
+    obs = build(
+        {
+            "heart_rate": None,
+            "pr_interval": math.nan,
+            "qrs_duration": True,
+            "qt_interval": "380",
+            "sokolow_lyon": 3.1,
+            "lvef": 35.0,
+            "t_axis": -12,
+        }
+    )
     assert [o["code"]["coding"][0]["code"] for o in obs] == ["8638-9"]
     assert obs[0]["valueQuantity"]["value"] == -12.0
     assert build({}) == []
@@ -114,8 +139,12 @@ def test_from_the_pipeline_output(waveform_ecg_path) -> None:  # type: ignore[no
     from ecgbridge.mapping.dicom_waveform import to_ecg
 
     out = measurement_output(to_ecg(pydicom.dcmread(waveform_ecg_path)))
-    merged = {**out.extra["measurements"], "qtc_fridericia": out.extra["features"]["qtc_fridericia"],
-              "rr_interval": out.extra["features"]["rr_interval"]}
+    merged = {
+        **out.extra["measurements"],
+        "qtc_fridericia": out.extra["features"]["qtc_fridericia"],
+        "rr_interval": out.extra["features"]["rr_interval"],
+    }
     obs = by_code(build(merged))
-    assert {"8867-4", "8625-6", "8633-0", "8634-8", "8636-3", "76634-5", "8637-1", "8626-4", "8632-2",
-            "8638-9"} == set(obs)
+    assert {"8867-4", "8625-6", "8633-0", "8634-8", "8636-3", "76634-5", "8637-1", "8626-4", "8632-2", "8638-9"} == set(
+        obs
+    )

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -17,7 +17,7 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.provenance import Provenance
 
-from ecgbridge.errors import PermanentDeliveryError
+from ecgbridge.errors import MappingError
 from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
 from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study
 from ecgbridge.mapping.fhir_report import (
@@ -29,7 +29,7 @@ from ecgbridge.mapping.fhir_report import (
 )
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "fhir_report_basic.json"
-ISSUED = datetime(2024, 3, 1, 10, 20, 0, tzinfo=timezone.utc)
+ISSUED = datetime(2024, 3, 1, 10, 20, 0, tzinfo=UTC)
 UID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
 MODELS = {
     "Device": Device,
@@ -40,11 +40,16 @@ MODELS = {
 
 
 def make_result(**kw: Any) -> AnalysisResult:
-    probs = [("NORM", 0.0812, 0.5), ("MI", 0.8731, 0.42), ("STTC", 0.61, 0.4),
-             ("CD", 0.12, 0.35), ("HYP", 0.05, 0.3)]
+    probs = [("NORM", 0.0812, 0.5), ("MI", 0.8731, 0.42), ("STTC", 0.61, 0.4), ("CD", 0.12, 0.35), ("HYP", 0.05, 0.3)]
     findings = tuple(
-        Finding(code=c, display=SUPERCLASS_DISPLAY[c], probability=p, threshold=t,
-                present=p >= t, snomed=SUPERCLASS_SNOMED[c][0])
+        Finding(
+            code=c,
+            display=SUPERCLASS_DISPLAY[c],
+            probability=p,
+            threshold=t,
+            present=p >= t,
+            snomed=SUPERCLASS_SNOMED[c][0],
+        )
         for c, p, t in probs
     )
     defaults: dict[str, Any] = dict(
@@ -111,7 +116,10 @@ def test_report_contents() -> None:
     rep = b.report.resource
     assert rep["status"] == "preliminary"
     assert rep["category"][0]["coding"][0] == {
-        "system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "EC", "display": "Electrocardiac"}
+        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+        "code": "EC",
+        "display": "Electrocardiac",
+    }
     assert rep["code"]["coding"][0]["code"] == "34534-8"
     assert rep["identifier"] == [{"system": "urn:dicom:uid", "value": f"urn:oid:{UID}"}]
     assert rep["effectiveDateTime"] == "2024-03-01T11:15:00+01:00"
@@ -138,8 +146,10 @@ def test_observations() -> None:
         assert obs["device"]["reference"] == b.device.placeholder
         assert 0.0 <= obs["valueQuantity"]["value"] <= 1.0
         assert obs["valueQuantity"]["code"] == "1"
-    interp = {o.resource["code"]["coding"][1]["code"]: o.resource["interpretation"][0]["coding"][0]["code"]
-              for o in b.observations}
+    interp = {
+        o.resource["code"]["coding"][1]["code"]: o.resource["interpretation"][0]["coding"][0]["code"]
+        for o in b.observations
+    }
     assert interp == {"NORM": "NEG", "MI": "POS", "STTC": "POS", "CD": "NEG", "HYP": "NEG"}
 
 
@@ -147,10 +157,10 @@ def test_if_none_exist_strings() -> None:
     b = build()
     assert b.report.if_none_exist == f"identifier=urn%3Adicom%3Auid%7Curn%3Aoid%3A{UID}"
     assert dict(parse_qsl(b.report.if_none_exist)) == {"identifier": f"urn:dicom:uid|urn:oid:{UID}"}
-    assert dict(parse_qsl(b.device.if_none_exist or "")) == {
-        "identifier": "urn:ecgbridge:model|ptbxl-superclass@1.2.0"}
+    assert dict(parse_qsl(b.device.if_none_exist or "")) == {"identifier": "urn:ecgbridge:model|ptbxl-superclass@1.2.0"}
     assert dict(parse_qsl(b.observations[1].if_none_exist or "")) == {
-        "identifier": f"urn:ecgbridge:result|urn:oid:{UID}/ptbxl-superclass/1.2.0/MI"}
+        "identifier": f"urn:ecgbridge:result|urn:oid:{UID}/ptbxl-superclass/1.2.0/MI"
+    }
     assert b.provenance_query("DiagnosticReport/7") == "target=DiagnosticReport%2F7"
     # FHIR search separators in a value are escaped, then URL-encoded.
     assert dict(parse_qsl(identifier_query("s", "a,b|c"))) == {"identifier": "s|a\\,b\\|c"}
@@ -231,8 +241,7 @@ def test_two_models_two_devices() -> None:
     f = Finding("URGENT", "Urgent ECG", 0.7, 0.5, True, tier="moderately reduced")
     outputs = make_result().outputs + (ModelOutput("lvef-net", "0.3.1", "triage", (f,)),)
     b = build(result=make_result(outputs=outputs))
-    assert [d.resource["identifier"][0]["value"] for d in b.devices] == [
-        "ptbxl-superclass@1.2.0", "lvef-net@0.3.1"]
+    assert [d.resource["identifier"][0]["value"] for d in b.devices] == ["ptbxl-superclass@1.2.0", "lvef-net@0.3.1"]
     assert b.observations[-1].resource["device"]["reference"] == b.devices[1].placeholder
     assert len(b.provenance_for("DiagnosticReport/1")["agent"]) == 2
     assert "tier moderately reduced" in b.report.resource["conclusion"]
@@ -240,14 +249,14 @@ def test_two_models_two_devices() -> None:
 
 def test_bad_probability_is_permanent() -> None:
     f = Finding("MI", "MI", 1.7, 0.5, True)
-    with pytest.raises(PermanentDeliveryError):
+    with pytest.raises(MappingError):
         build(result=make_result(outputs=(ModelOutput("m", "1", "diagnosis", (f,)),)))
 
 
 def test_invalid_fhir_is_permanent() -> None:
     # A blank model name makes an invalid FHIR code (meta.tag) that R4B rejects.
     f = Finding("MI", "MI", 0.7, 0.5, True)
-    with pytest.raises(PermanentDeliveryError) as info:
+    with pytest.raises(MappingError) as info:
         build(result=make_result(outputs=(ModelOutput(" ", "1", "diagnosis", (f,)),)))
     assert "validation" in str(info.value)
 
@@ -261,29 +270,67 @@ def test_resolve_references() -> None:
 
 
 def test_operation_outcome_text() -> None:
-    oo = {"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": "invalid", "diagnostics": "Missing status",
-         "details": {"text": "Observation.status is required"}, "expression": ["Observation.status"]},
-        {"severity": "warning", "code": "informational"}]}
+    oo = {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "invalid",
+                "diagnostics": "Missing status",
+                "details": {"text": "Observation.status is required"},
+                "expression": ["Observation.status"],
+            },
+            {"severity": "warning", "code": "informational"},
+        ],
+    }
     text = operation_outcome_text(oo)
-    assert text == ("error/invalid: Missing status Observation.status is required at Observation.status; "
-                    "warning/informational")
+    assert text == (
+        "error/invalid: Missing status Observation.status is required at Observation.status; warning/informational"
+    )
     assert operation_outcome_text(None) == ""
     assert operation_outcome_text({"resourceType": "Patient"}) == ""
-    assert len(operation_outcome_text({"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "diagnostics": "x" * 2000}]})) == 500
+    assert (
+        len(
+            operation_outcome_text(
+                {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "diagnostics": "x" * 2000}]}
+            )
+        )
+        == 500
+    )
 
 
 def _lvef_output(variant: str = "ecg+ehr") -> ModelOutput:
-    tiers = [("LVEF_GT50", "LVEF > 50 % (normal)", 0.1), ("LVEF_40_50", "LVEF 40-50 % (mildly reduced)", 0.15),
-             ("LVEF_30_40", "LVEF 30-40 % (moderately reduced)", 0.6), ("LVEF_LT30", "LVEF < 30 % (severely reduced)", 0.15)]
+    tiers = [
+        ("LVEF_GT50", "LVEF > 50 % (normal)", 0.1),
+        ("LVEF_40_50", "LVEF 40-50 % (mildly reduced)", 0.15),
+        ("LVEF_30_40", "LVEF 30-40 % (moderately reduced)", 0.6),
+        ("LVEF_LT30", "LVEF < 30 % (severely reduced)", 0.15),
+    ]
     findings = tuple(Finding(c, d, p, 0.0, c == "LVEF_30_40") for c, d, p in tiers)
     extra = {
-        "tier": "LVEF_30_40", "variant": variant, "ehr_status": "complete", "missing_context": ["bnp: not in the EHR"],
-        "probabilities": {c: p for c, _, p in tiers}, "notice": "Trained on synthetic LVEF labels.",
+        "tier": "LVEF_30_40",
+        "variant": variant,
+        "ehr_status": "complete",
+        "missing_context": ["bnp: not in the EHR"],
+        "probabilities": {c: p for c, _, p in tiers},
+        "notice": "Trained on synthetic LVEF labels.",
         "attributions": [
-            {"feature": "nt_probnp", "display": "NT-proBNP", "kind": "ehr", "value": 2400.0, "unit": "pg/mL", "contribution": 0.9},
-            {"feature": "qrs_duration", "display": "QRS duration", "kind": "ecg", "value": 152.0, "unit": "ms", "contribution": 0.4},
+            {
+                "feature": "nt_probnp",
+                "display": "NT-proBNP",
+                "kind": "ehr",
+                "value": 2400.0,
+                "unit": "pg/mL",
+                "contribution": 0.9,
+            },
+            {
+                "feature": "qrs_duration",
+                "display": "QRS duration",
+                "kind": "ecg",
+                "value": 152.0,
+                "unit": "ms",
+                "contribution": 0.4,
+            },
             {"feature": "age", "display": "Age", "kind": "ehr", "value": 44.0, "unit": "a", "contribution": -0.2},
         ],
     }
@@ -299,7 +346,11 @@ def test_lvef_tier_is_one_loinc_10230_1_observation_with_explanation() -> None:
     assert obs["valueCodeableConcept"]["coding"][0]["code"] == "LVEF_30_40"
     assert obs["interpretation"][0]["coding"][0]["code"] == "L"
     assert {c["code"]["coding"][0]["code"]: c["valueQuantity"]["value"] for c in obs["component"]} == {
-        "LVEF_GT50": 0.1, "LVEF_40_50": 0.15, "LVEF_30_40": 0.6, "LVEF_LT30": 0.15}
+        "LVEF_GT50": 0.1,
+        "LVEF_40_50": 0.15,
+        "LVEF_30_40": 0.6,
+        "LVEF_LT30": 0.15,
+    }
     note = obs["note"][0]["text"]
     assert "NT-proBNP 2400 pg/mL (EHR)" in note and "QRS duration 152 ms (ECG)" in note
     assert "Age 44" in note.split("Pointing away from it:")[1]
@@ -307,16 +358,25 @@ def test_lvef_tier_is_one_loinc_10230_1_observation_with_explanation() -> None:
     assert obs["meta"]["security"][0]["code"] == "AIAST"
     assert "Estimated LVEF tier: LVEF 30-40 %" in b.report.resource["conclusion"]
     # re-building gives the same identifier (idempotent delivery)
-    again = [o for o in build(result=make_result(outputs=outputs)).observations
-             if o.resource["code"]["coding"][0]["code"] == "10230-1"][0]
+    again = [
+        o
+        for o in build(result=make_result(outputs=outputs)).observations
+        if o.resource["code"]["coding"][0]["code"] == "10230-1"
+    ][0]
     assert again.if_none_exist == [o for o in b.observations if o.resource is obs][0].if_none_exist
 
 
 def test_measurements_become_loinc_observations_in_the_report() -> None:
-    measured = ModelOutput("ecgbridge-measurements", "0.1.0", "measurements", (), {
-        "measurements": {"heart_rate": 71.0, "qrs_duration": 96.0, "qtc_interval": 420.0},
-        "features": {"qtc_fridericia": 410.0, "qtc_bazett": 420.0},
-    })
+    measured = ModelOutput(
+        "ecgbridge-measurements",
+        "0.1.0",
+        "measurements",
+        (),
+        {
+            "measurements": {"heart_rate": 71.0, "qrs_duration": 96.0, "qtc_interval": 420.0},
+            "features": {"qtc_fridericia": 410.0, "qtc_bazett": 420.0},
+        },
+    )
     b = build(result=make_result(outputs=make_result().outputs + (measured,)))
     codes = [o.resource["code"]["coding"][0]["code"] for o in b.observations]
     assert {"8867-4", "8633-0", "8636-3", "76634-5"} <= set(codes)
@@ -328,26 +388,41 @@ def test_measurements_become_loinc_observations_in_the_report() -> None:
 
 def test_a_triage_output_names_its_severity_tier_in_the_conclusion() -> None:
     f = Finding("urgent", "Urgent ECG", 0.81, 0.5, True)
-    triage = ModelOutput("triage", "0.1.0", "triage", (f,), {"severity": "urgent", "severity_display": "Urgent ECG (AI triage)"})
+    triage = ModelOutput(
+        "triage", "0.1.0", "triage", (f,), {"severity": "urgent", "severity_display": "Urgent ECG (AI triage)"}
+    )
     b = build(result=make_result(outputs=make_result().outputs + (triage,)))
     assert "Severity tier: Urgent ECG (AI triage)." in b.report.resource["conclusion"]
 
 
 def test_a_triage_tier_is_one_coded_ekg_impression_for_worklists() -> None:
-    findings = (Finding("abnormal", "Abnormal ECG", 0.9, 0.38, True, snomed="102594003"),
-                Finding("major", "Major abnormality or urgent", 0.7, 0.33, True),
-                Finding("urgent", "Urgent ECG", 0.4, 0.13, True))
-    triage = ModelOutput("triage", "0.1.0", "triage", findings, {
-        "severity": "urgent", "severity_display": "Urgent", "severity4": "urgent", "severity_rule": "worst flag wins"})
+    findings = (
+        Finding("abnormal", "Abnormal ECG", 0.9, 0.38, True, snomed="102594003"),
+        Finding("major", "Major abnormality or urgent", 0.7, 0.33, True),
+        Finding("urgent", "Urgent ECG", 0.4, 0.13, True),
+    )
+    triage = ModelOutput(
+        "triage",
+        "0.1.0",
+        "triage",
+        findings,
+        {"severity": "urgent", "severity_display": "Urgent", "severity4": "urgent", "severity_rule": "worst flag wins"},
+    )
     b = build(result=make_result(outputs=make_result().outputs + (triage,)))
     impressions = [o.resource for o in b.observations if o.resource["code"]["coding"][0]["code"] == "8601-7"]
     assert len(impressions) == 1
     obs = impressions[0]
     codings = obs["valueCodeableConcept"]["coding"]
-    assert codings[0] == {"system": "http://snomed.info/sct", "code": "102594003", "display": "Electrocardiogram abnormal"}
+    assert codings[0] == {
+        "system": "http://snomed.info/sct",
+        "code": "102594003",
+        "display": "Electrocardiogram abnormal",
+    }
     assert codings[1]["system"] == "urn:ecgbridge:severity" and codings[1]["code"] == "urgent"
     assert codings[2]["code"] == "4tier-urgent"
     assert obs["interpretation"][0]["coding"][0]["code"] == "AA"
-    assert len([o for o in b.observations if o.resource["device"]["display"] == "triage 0.1.0"]) == 4  # tier + 3 probabilities
+    assert (
+        len([o for o in b.observations if o.resource["device"]["display"] == "triage 0.1.0"]) == 4
+    )  # tier + 3 probabilities
     report_codes = [c["coding"][0]["code"] for c in b.report.resource["conclusionCode"]]
     assert report_codes.count("102594003") == 1  # the tier, not the "abnormal" output again

@@ -8,8 +8,9 @@ a message is enqueued (and the real Dispatcher on a dead port for "broker down")
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import hl7
 import pytest
@@ -17,19 +18,14 @@ import redis
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
+from ecgbridge.core.queue import QUEUE, Dispatcher, make_celery
 from ecgbridge.core.settings import Route, RouteMatch, Settings, default_settings
-from ecgbridge.core.queue import Dispatcher
-from ecgbridge.gateway.hl7_inbound import (
-    Hl7Error,
-    InboundContext,
-    build_ack,
-    decode_message,
-    handle_message,
-    handle_oversize,
-    read_header,
-)
+from ecgbridge.core.states import Work, WorkKind
 from ecgbridge.core.store import MessageStore
-from ecgbridge.worker.celery_app import QUEUE, make_celery
+from ecgbridge.errors import Hl7Error
+from ecgbridge.gateway.hl7_inbound import InboundContext, handle_message, handle_oversize
+from ecgbridge.mapping.hl7_common import read_header
+from ecgbridge.mapping.hl7_wire import build_ack, decode_message
 from tests.support.hl7_messages import with_charset
 from tests.support.processes import free_port
 
@@ -38,9 +34,19 @@ WFDB = REPO / "tests" / "fixtures" / "wfdb" / "00024_lr.hea"
 PEER = "10.1.2.3:40001"
 
 ORDER_DETAIL_KEYS = {
-    "placer_order_number", "filler_order_number", "placer_group_number", "order_control", "order_status",
-    "ordering_provider", "universal_service_id", "visit_number", "patient_class", "patient_identifier",
-    "requested_at", "sending_application", "sending_facility",
+    "placer_order_number",
+    "filler_order_number",
+    "placer_group_number",
+    "order_control",
+    "order_status",
+    "ordering_provider",
+    "universal_service_id",
+    "visit_number",
+    "patient_class",
+    "patient_identifier",
+    "requested_at",
+    "sending_application",
+    "sending_facility",
 }
 
 
@@ -49,16 +55,50 @@ def er7(*segments: str) -> str:
     return "\r".join(segments) + "\r"
 
 
-def msh(msg_type: str = "ORM^O01^ORM_O01", control: str = "CTRL0001", version: str = "2.5.1", *,
-        charset: str = "", accept: str = "", app_ack: str = "", sep: str = "|", enc: str = "^~\\&",
-        sending: str = "HIS^1.2.840.1^ISO", facility: str = "HOSP") -> str:
-    f = [sending, facility, "ECGBRIDGE", "CARDIO", "20260301101500+0100", "", msg_type, control, "P",
-         version, "", "", accept, app_ack, "", charset]
+def msh(
+    msg_type: str = "ORM^O01^ORM_O01",
+    control: str = "CTRL0001",
+    version: str = "2.5.1",
+    *,
+    charset: str = "",
+    accept: str = "",
+    app_ack: str = "",
+    sep: str = "|",
+    enc: str = "^~\\&",
+    sending: str = "HIS^1.2.840.1^ISO",
+    facility: str = "HOSP",
+) -> str:
+    f = [
+        sending,
+        facility,
+        "ECGBRIDGE",
+        "CARDIO",
+        "20260301101500+0100",
+        "",
+        msg_type,
+        control,
+        "P",
+        version,
+        "",
+        "",
+        accept,
+        app_ack,
+        "",
+        charset,
+    ]
     return "MSH" + sep + enc + sep + sep.join(f).rstrip(sep)
 
 
-def orm(placer: str = "PL1001", filler: str = "FI2002", *, control: str = "ORM0001", name: str = "Müller^Zoë",
-        charset: str = "", msg_type: str = "ORM^O01^ORM_O01", provider: str = "1234^Smith^John") -> str:
+def orm(
+    placer: str = "PL1001",
+    filler: str = "FI2002",
+    *,
+    control: str = "ORM0001",
+    name: str = "Müller^Zoë",
+    charset: str = "",
+    msg_type: str = "ORM^O01^ORM_O01",
+    provider: str = "1234^Smith^John",
+) -> str:
     return er7(
         msh(msg_type, control, charset=charset),
         f"PID|1||MRN55501^^^HOSP^MR~X99^^^OTHER||{name}||19600101|F",
@@ -110,19 +150,31 @@ def live_ctx(store: MessageStore, redis_server: Any) -> Iterator[InboundContext]
     yield InboundContext(settings, store, Dispatcher(make_celery(settings)))
 
 
-def waveform_message(control: str = "ORU0001", *, placer: str | None = "PL1001", filler: str | None = None,
-                     name: str | None = None, charset: str = "UNICODE UTF-8", version: str = "2.5.1") -> str:
+def waveform_message(
+    control: str = "ORU0001",
+    *,
+    placer: str | None = "PL1001",
+    filler: str | None = None,
+    name: str | None = None,
+    charset: str = "UNICODE UTF-8",
+    version: str = "2.5.1",
+) -> str:
     """An ORU^R01 with the 12-lead waveform of a real PTB-XL record (``charset`` "": no MSH-18)."""
-    hw = pytest.importorskip("ecgbridge.mapping.hl7_waveform", reason="mapping.hl7_waveform is not there yet")
     from dataclasses import replace
 
     from ecgbridge.mapping.ecg import Patient
     from ecgbridge.mapping.wfdb_record import read_wfdb
+    from tests.support.hl7_waveform_writer import build_oru_waveform
 
     ecg = replace(read_wfdb(WFDB), patient=Patient(id="MRN55501", name=name))
-    message = hw.build_oru_waveform(ecg, control_id=control, placer_order_number=placer,
-                                    filler_order_number=filler, version=version,
-                                    encoding=charset or "UNICODE UTF-8")
+    message = build_oru_waveform(
+        ecg,
+        control_id=control,
+        placer_order_number=placer,
+        filler_order_number=filler,
+        version=version,
+        encoding=charset or "UNICODE UTF-8",
+    )
     return message if charset else with_charset(message, "")
 
 
@@ -182,21 +234,36 @@ def test_error_text_round_trips_through_an_independent_parser(dead_ctx: InboundC
 
 
 # ----- malformed MSH and unsupported types -----------------------------------------------------------
-@pytest.mark.parametrize("raw, code, location", [
-    (b"PID|1||MRN1\rOBX|1|NM|x", "100", "MSH^1"),
-    (b"\x00\x01binary garbage", "100", "MSH^1"),
-    (msh(enc="^~").encode(), "102", "MSH^1^2"),
-    (msh(enc="^^\\&").encode(), "102", "MSH^1^2"),
-    (msh(msg_type="").encode(), "101", "MSH^1^9"),
-    (msh(control="").encode(), "101", "MSH^1^10"),
-    (msh(version="").encode(), "101", "MSH^1^12"),
-    (msh(version="3.0").encode(), "203", "MSH^1^12"),
-    (msh(charset="EBCDIC").encode(), "103", "MSH^1^18"),
-    (msh(charset="ASCII").encode() + "\rPID|1||X||Müller".encode("latin-1"), "102", "MSH^1^18"),
-], ids=["no-msh", "binary", "short-msh2", "duplicate-msh2", "no-msh9", "no-msh10", "no-msh12", "version",
-        "charset", "not-ascii"])
-def test_malformed_msh_is_rejected_with_err_and_kept(dead_ctx: InboundContext, raw: bytes, code: str,
-                                                     location: str) -> None:
+@pytest.mark.parametrize(
+    "raw, code, location",
+    [
+        (b"PID|1||MRN1\rOBX|1|NM|x", "100", "MSH^1"),
+        (b"\x00\x01binary garbage", "100", "MSH^1"),
+        (msh(enc="^~").encode(), "102", "MSH^1^2"),
+        (msh(enc="^^\\&").encode(), "102", "MSH^1^2"),
+        (msh(msg_type="").encode(), "101", "MSH^1^9"),
+        (msh(control="").encode(), "101", "MSH^1^10"),
+        (msh(version="").encode(), "101", "MSH^1^12"),
+        (msh(version="3.0").encode(), "203", "MSH^1^12"),
+        (msh(charset="EBCDIC").encode(), "103", "MSH^1^18"),
+        (msh(charset="ASCII").encode() + "\rPID|1||X||Müller".encode("latin-1"), "102", "MSH^1^18"),
+    ],
+    ids=[
+        "no-msh",
+        "binary",
+        "short-msh2",
+        "duplicate-msh2",
+        "no-msh9",
+        "no-msh10",
+        "no-msh12",
+        "version",
+        "charset",
+        "not-ascii",
+    ],
+)
+def test_malformed_msh_is_rejected_with_err_and_kept(
+    dead_ctx: InboundContext, raw: bytes, code: str, location: str
+) -> None:
     ack = handle_message(raw, PEER, dead_ctx)
     m = fields(ack, "latin-1")
     assert str(seg(m, "MSA")[1]) == "AR"
@@ -213,14 +280,18 @@ def test_msa2_echoes_the_control_id_even_when_rejecting(dead_ctx: InboundContext
     assert str(seg(m, "MSA")[2]) == "KEEP-ME"
 
 
-@pytest.mark.parametrize("msg_type, code, location", [
-    ("QRY^A19^QRY_A19", "200", "MSH^1^9^1^1"),
-    ("ACK^R01^ACK", "200", "MSH^1^9^1^1"),
-    ("ORU^R30^ORU_R30", "201", "MSH^1^9^1^2"),
-    ("ADT^A03^ADT_A03", "201", "MSH^1^9^1^2"),
-])
-def test_unsupported_type_or_event_is_rejected(dead_ctx: InboundContext, msg_type: str, code: str,
-                                               location: str) -> None:
+@pytest.mark.parametrize(
+    "msg_type, code, location",
+    [
+        ("QRY^A19^QRY_A19", "200", "MSH^1^9^1^1"),
+        ("ACK^R01^ACK", "200", "MSH^1^9^1^1"),
+        ("ORU^R30^ORU_R30", "201", "MSH^1^9^1^2"),
+        ("ADT^A03^ADT_A03", "201", "MSH^1^9^1^2"),
+    ],
+)
+def test_unsupported_type_or_event_is_rejected(
+    dead_ctx: InboundContext, msg_type: str, code: str, location: str
+) -> None:
     m = fields(handle_message(er7(msh(msg_type, "T1"), "EVN|x").encode(), PEER, dead_ctx))
     assert str(seg(m, "MSA")[1]) == "AR"
     assert str(seg(m, "ERR")[2]) == location and str(seg(m, "ERR")[3]).startswith(code + "^")
@@ -237,15 +308,19 @@ def test_adt_is_recorded_and_acknowledged(dead_ctx: InboundContext) -> None:
 
 
 # ----- acknowledgment modes -----------------------------------------------------------------------
-@pytest.mark.parametrize("accept, app_ack, good, bad", [
-    ("AL", "NE", "CA", "CR"),
-    ("NE", "AL", None, None),
-    ("ER", "AL", None, "CR"),
-    ("SU", "NE", "CA", None),
-    ("", "AL", "CA", "CR"),  # enhanced (MSH-16 valued), MSH-15 empty: always
-])
-def test_enhanced_mode_sends_the_accept_ack_msh15_asks_for(dead_ctx: InboundContext, accept: str, app_ack: str,
-                                                           good: str | None, bad: str | None) -> None:
+@pytest.mark.parametrize(
+    "accept, app_ack, good, bad",
+    [
+        ("AL", "NE", "CA", "CR"),
+        ("NE", "AL", None, None),
+        ("ER", "AL", None, "CR"),
+        ("SU", "NE", "CA", None),
+        ("", "AL", "CA", "CR"),  # enhanced (MSH-16 valued), MSH-15 empty: always
+    ],
+)
+def test_enhanced_mode_sends_the_accept_ack_msh15_asks_for(
+    dead_ctx: InboundContext, accept: str, app_ack: str, good: str | None, bad: str | None
+) -> None:
     ok = er7(msh("ADT^A04^ADT_A01", "E1", accept=accept, app_ack=app_ack), "EVN|A04")
     ko = er7(msh("QRY^A19^QRY_A19", "E2", accept=accept, app_ack=app_ack), "QRD|x")
     for message, expected in ((ok, good), (ko, bad)):
@@ -270,12 +345,15 @@ def test_original_mode_acks_carry_no_msh15_or_msh16(dead_ctx: InboundContext) ->
 NAME = "Müller^Zoë"
 
 
-@pytest.mark.parametrize("charset, codec, flags", [
-    ("UNICODE UTF-8", "utf-8", []),
-    ("8859/1", "latin-1", []),
-    ("", "utf-8", []),
-    ("", "latin-1", ["charset_assumed:8859/1"]),
-])
+@pytest.mark.parametrize(
+    "charset, codec, flags",
+    [
+        ("UNICODE UTF-8", "utf-8", []),
+        ("8859/1", "latin-1", []),
+        ("", "utf-8", []),
+        ("", "latin-1", ["charset_assumed:8859/1"]),
+    ],
+)
 def test_decoding_honours_msh18_and_falls_back_to_latin1(charset: str, codec: str, flags: list[str]) -> None:
     raw = orm(charset=charset).encode(codec)
     text, used, found = decode_message(raw, read_header(raw.decode("latin-1")))
@@ -291,8 +369,9 @@ def test_declared_utf8_that_is_not_utf8_is_rejected(dead_ctx: InboundContext) ->
 
 @pytest.mark.parametrize("charset, codec", [("UNICODE UTF-8", "utf-8"), ("8859/1", "latin-1")])
 def test_order_names_and_ack_keep_the_senders_charset(dead_ctx: InboundContext, charset: str, codec: str) -> None:
-    message = orm(charset=charset, provider="1234^Müller^Zoë").replace("|HOSP|ECGBRIDGE|CARDIO|",
-                                                                         "|KLINIKUM MÜNCHEN|ECGBRIDGE|CARDIO|")
+    message = orm(charset=charset, provider="1234^Müller^Zoë").replace(
+        "|HOSP|ECGBRIDGE|CARDIO|", "|KLINIKUM MÜNCHEN|ECGBRIDGE|CARDIO|"
+    )
     ack = handle_message(message.encode(codec), PEER, dead_ctx)
     m = fields(ack, codec)
     assert str(seg(m, "MSA")[1]) == "AA" and str(seg(m, "MSH")[18]) == charset
@@ -348,8 +427,9 @@ def test_order_without_numbers_is_rejected(dead_ctx: InboundContext) -> None:
 
 def test_a_later_order_message_updates_the_order(dead_ctx: InboundContext) -> None:
     handle_message(orm().encode(), PEER, dead_ctx)
-    handle_message(orm(control="ORM0002").replace("ORC|NW|", "ORC|XO|").replace("|SC|", "|IP|").encode(),
-                   PEER, dead_ctx)
+    handle_message(
+        orm(control="ORM0002").replace("ORC|NW|", "ORC|XO|").replace("|SC|", "|IP|").encode(), PEER, dead_ctx
+    )
     order = dead_ctx.store.find_order("PL1001", None)
     assert order is not None and order.order_control == "XO" and order.status == "IP"
 
@@ -436,8 +516,12 @@ def test_route_matches_on_hl7_fields(store: MessageStore, redis_server: Any) -> 
     obx3 = [s.split("|")[3].split("^")[0] for s in message.split("\r") if s.startswith("OBX")]
     routes = [
         Route(name="other-facility", match=RouteMatch(sources=["hl7"], sending_facilities=["ELSEWHERE"])),
-        Route(name="hl7-ecg", match=RouteMatch(sources=["hl7"], message_types=["ORU^R01"],
-                                                sending_applications=["CART"], obx_codes=[obx3[-1]])),
+        Route(
+            name="hl7-ecg",
+            match=RouteMatch(
+                sources=["hl7"], message_types=["ORU^R01"], sending_applications=["CART"], obx_codes=[obx3[-1]]
+            ),
+        ),
     ]
     settings = _settings(redis_server.url, routes)
     ctx = InboundContext(settings, store, Dispatcher(make_celery(settings)))
@@ -451,7 +535,7 @@ def test_broker_down_after_the_durable_write_still_acknowledges(dead_ctx: Inboun
     (row,) = dead_ctx.store.list()
     assert row.state == "received" and row.route == "all-ecg"  # the recovery sweep enqueues it later
     assert any(e.kind == "enqueue_failed" for e in dead_ctx.store.events(row.id))
-    assert list(dead_ctx.store.unfinished()) == [(row.id, "analyse")]
+    assert list(dead_ctx.store.unfinished()) == [Work(row.id, WorkKind.ANALYSE)]
 
 
 def _break_one_channel(message: str) -> tuple[str, int]:
@@ -469,8 +553,9 @@ def _break_one_channel(message: str) -> tuple[str, int]:
     return "\r".join(segments), set_id
 
 
-def test_waveform_whose_channels_and_data_disagree_gets_ae_naming_the_obx(live_ctx: InboundContext,
-                                                                         redis_server: Any) -> None:
+def test_waveform_whose_channels_and_data_disagree_gets_ae_naming_the_obx(
+    live_ctx: InboundContext, redis_server: Any
+) -> None:
     message, obx_number = _break_one_channel(waveform_message("ORU-49"))
     m = fields(handle_message(message.encode(), PEER, live_ctx))
     assert str(seg(m, "MSA")[1]) == "AE" and str(seg(m, "MSA")[2]) == "ORU-49"

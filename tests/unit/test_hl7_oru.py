@@ -12,7 +12,7 @@ import base64
 import hashlib
 import os
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,25 @@ import hl7
 import numpy as np
 import pytest
 
-from ecgbridge.errors import PermanentDeliveryError
 from ecgbridge.core.settings import Hl7Destination
-from ecgbridge.outbound.mllp_client import parse_ack
+from ecgbridge.errors import MappingError
 from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
-from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Attachment, Ecg, Finding, ModelOutput, Patient, Study
+from ecgbridge.mapping.ecg import (
+    NOT_FOR_CLINICAL_USE,
+    AnalysisResult,
+    Attachment,
+    Ecg,
+    Finding,
+    ModelOutput,
+    Patient,
+    Study,
+)
 from ecgbridge.mapping.hl7_common import unescape
 from ecgbridge.mapping.hl7_oru import LOCAL_CODING_SYSTEM, build_oru_r01, validate_er7
+from ecgbridge.outbound.mllp_client import parse_ack
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
-NOW = datetime(2024, 3, 1, 10, 20, 0, tzinfo=timezone.utc)
+NOW = datetime(2024, 3, 1, 10, 20, 0, tzinfo=UTC)
 ACQUIRED = datetime(2024, 3, 1, 11, 15, 0, tzinfo=timezone(timedelta(hours=1)))
 CONTROL = "3F2A9C41D07B5E6A8C11"
 PDF_BYTES = b"%PDF-1.4\n% ecgbridge test report\n%%EOF\n"
@@ -41,9 +50,15 @@ def pdf_attachment(data: bytes = PDF_BYTES) -> tuple[Attachment, dict[str, bytes
     sha = hashlib.sha256(data).hexdigest()
     return Attachment("application/pdf", "ECG analysis report", sha, len(data)), {sha: data}
 
+
 DEST = Hl7Destination(
-    name="ehr", type="hl7", host="127.0.0.1", port=2575,
-    sending_facility="CARDIOLOGY", receiving_application="EPIC", receiving_facility="MAIN^1.2.3.4^ISO",
+    name="ehr",
+    type="hl7",
+    host="127.0.0.1",
+    port=2575,
+    sending_facility="CARDIOLOGY",
+    receiving_application="EPIC",
+    receiving_facility="MAIN^1.2.3.4^ISO",
 )
 ORDER: dict[str, Any] = {
     "placer_order_number": "PLC-7781",
@@ -63,11 +78,17 @@ ORDER: dict[str, Any] = {
 
 
 def findings(**tiers: str) -> tuple[Finding, ...]:
-    probs = [("NORM", 0.0812, 0.5), ("MI", 0.8731, 0.42), ("STTC", 0.61, 0.4),
-             ("CD", 0.12, 0.35), ("HYP", 0.05, 0.3)]
+    probs = [("NORM", 0.0812, 0.5), ("MI", 0.8731, 0.42), ("STTC", 0.61, 0.4), ("CD", 0.12, 0.35), ("HYP", 0.05, 0.3)]
     return tuple(
-        Finding(code=c, display=SUPERCLASS_DISPLAY[c], probability=p, threshold=t,
-                present=p >= t, snomed=SUPERCLASS_SNOMED[c][0], tier=tiers.get(c))
+        Finding(
+            code=c,
+            display=SUPERCLASS_DISPLAY[c],
+            probability=p,
+            threshold=t,
+            present=p >= t,
+            snomed=SUPERCLASS_SNOMED[c][0],
+            tier=tiers.get(c),
+        )
         for c, p, t in probs
     )
 
@@ -85,17 +106,25 @@ def make_result(**kw: Any) -> AnalysisResult:
 
 def make_ecg(patient: Patient | None = None, study: Study | None = None) -> Ecg:
     return Ecg(
-        signals=np.zeros((2, 10), dtype=np.float32), leads=("I", "II"), fs=500.0,
-        patient=patient or Patient(id="MRN-0042", id_issuer="HOSPITAL-A", name="Doe^Jane", birth_date="1961-07-14",
-                                   sex="female"),
-        study=study or Study(sop_instance_uid="1.2.826.0.1.3680043.8.498.1", acquired_at=ACQUIRED,
-                             placer_order_number="ECG-PLC", filler_order_number="ECG-FIL"),
+        signals=np.zeros((2, 10), dtype=np.float32),
+        leads=("I", "II"),
+        fs=500.0,
+        patient=patient
+        or Patient(id="MRN-0042", id_issuer="HOSPITAL-A", name="Doe^Jane", birth_date="1961-07-14", sex="female"),
+        study=study
+        or Study(
+            sop_instance_uid="1.2.826.0.1.3680043.8.498.1",
+            acquired_at=ACQUIRED,
+            placer_order_number="ECG-PLC",
+            filler_order_number="ECG-FIL",
+        ),
     )
 
 
 def build(**kw: Any) -> str:
-    args: dict[str, Any] = dict(ecg=make_ecg(), order=ORDER, destination=DEST, message_id="msg-000123",
-                                control_id=CONTROL, now=NOW)
+    args: dict[str, Any] = dict(
+        ecg=make_ecg(), order=ORDER, destination=DEST, message_id="msg-000123", control_id=CONTROL, now=NOW
+    )
     result = kw.pop("result", None) or make_result()
     args.update(kw)
     return build_oru_r01(result, **args)
@@ -131,9 +160,19 @@ def test_golden_basic() -> None:
 
 def test_golden_full_with_measurements_tiers_and_pdf() -> None:
     lvef = ModelOutput(
-        "lvef-ecg", "0.3.1", "screening",
-        (Finding(code="LOW_EF", display="Reduced ejection fraction", probability=0.71, threshold=0.5,
-                 present=True, tier="moderately_reduced"),),
+        "lvef-ecg",
+        "0.3.1",
+        "screening",
+        (
+            Finding(
+                code="LOW_EF",
+                display="Reduced ejection fraction",
+                probability=0.71,
+                threshold=0.5,
+                present=True,
+                tier="moderately_reduced",
+            ),
+        ),
         extra={"measurements": {"qtc_interval": 452.4, "heart_rate": 71, "qrs_axis": -30, "pr_interval": 168.0}},
     )
     attachment, data = pdf_attachment()
@@ -207,11 +246,29 @@ def test_obx_layout() -> None:
 
 def test_measurements_tiers_and_pdf() -> None:
     output = ModelOutput(
-        "lvef-ecg", "0.3.1", "screening",
-        (Finding(code="LOW_EF", display="Reduced ejection fraction", probability=0.71, threshold=0.5,
-                 present=True, tier="moderately_reduced"),),
-        extra={"measurements": {"heart_rate": 71.04, "qt_interval": 398, "t_axis": 45.0, "lvef": 34.5,
-                                "st_slope": 1.0, "p_axis": float("nan")}},
+        "lvef-ecg",
+        "0.3.1",
+        "screening",
+        (
+            Finding(
+                code="LOW_EF",
+                display="Reduced ejection fraction",
+                probability=0.71,
+                threshold=0.5,
+                present=True,
+                tier="moderately_reduced",
+            ),
+        ),
+        extra={
+            "measurements": {
+                "heart_rate": 71.04,
+                "qt_interval": 398,
+                "t_axis": 45.0,
+                "lvef": 34.5,
+                "st_slope": 1.0,
+                "p_axis": float("nan"),
+            }
+        },
     )
     attachment, data = pdf_attachment()
     result = make_result(outputs=(output,), attachments=(attachment,))
@@ -231,8 +288,9 @@ def test_measurements_tiers_and_pdf() -> None:
     assert "measurement_unmapped:st_slope" in notes and "measurement_unusable:p_axis" in notes
     validate_er7(er7)
 
-    no_pdf = build(result=result, attachments_data=data,
-                   destination=DEST.model_copy(update={"include_report_pdf": False}))
+    no_pdf = build(
+        result=result, attachments_data=data, destination=DEST.model_copy(update={"include_report_pdf": False})
+    )
     assert not obx_by_type(no_pdf, "ED") and "report_pdf_unavailable" not in no_pdf
     missing = build(result=result)  # the caller could not read the blob
     assert not obx_by_type(missing, "ED") and "report_pdf_unavailable" in missing
@@ -257,8 +315,11 @@ def test_large_pdf_passes_validation() -> None:
 def test_independent_reader_unescapes_special_characters() -> None:
     """python-hl7 reads back what hl7apy encoded: separators in text survive as text."""
     nasty = "A|B^C~D&E\\F\\G"
-    ecg = make_ecg(patient=Patient(id="MRN|7", id_issuer="ISS&UER", name="O'Brien & Sons^Zoë\\^^Dr",
-                                   birth_date="1970-01-02", sex="male"))
+    ecg = make_ecg(
+        patient=Patient(
+            id="MRN|7", id_issuer="ISS&UER", name="O'Brien & Sons^Zoë\\^^Dr", birth_date="1970-01-02", sex="male"
+        )
+    )
     result = make_result(quality_flags=(nasty, "line\rbreak"))
     er7 = build(result=result, ecg=ecg, order=None)
     validate_er7(er7)
@@ -365,12 +426,12 @@ def test_flags_and_summary_in_the_report_notes() -> None:
 def test_bad_probability_is_permanent() -> None:
     bad = replace(findings()[0], probability=1.7)
     output = replace(make_result().outputs[0], findings=(bad,))
-    with pytest.raises(PermanentDeliveryError, match="probability 1.7"):
+    with pytest.raises(MappingError, match="probability 1.7"):
         build(result=make_result(outputs=(output,)))
 
 
 def test_no_outputs_is_permanent() -> None:
-    with pytest.raises(PermanentDeliveryError, match="no model outputs"):
+    with pytest.raises(MappingError, match="no model outputs"):
         build(result=make_result(outputs=()))
 
 
@@ -384,7 +445,7 @@ def test_no_outputs_is_permanent() -> None:
     ],
 )
 def test_validation_failures_are_permanent(mutate: Any, why: str) -> None:
-    with pytest.raises(PermanentDeliveryError, match="failed HL7 v2.5.1 validation"):
+    with pytest.raises(MappingError, match="failed HL7 v2.5.1 validation"):
         validate_er7(mutate(build()))
 
 
@@ -402,7 +463,9 @@ def test_parse_ack_v251_with_err() -> None:
 
 
 def test_parse_ack_v23_style_and_newlines() -> None:
-    ack = parse_ack(b"MSH|^~\\&|EHR||||||ACK|A2|P|2.3\nMSA|AE|CTRL2|Database busy\nERR|PID^1^3^101&Required field missing\n")
+    ack = parse_ack(
+        b"MSH|^~\\&|EHR||||||ACK|A2|P|2.3\nMSA|AE|CTRL2|Database busy\nERR|PID^1^3^101&Required field missing\n"
+    )
     assert (ack.code, ack.acked_control_id) == ("AE", "CTRL2")
     assert ack.error_text() == "Required field missing (error 101) at PID^1^3"
     assert parse_ack(b"MSH|^~\\&|E||||||ACK|A3|P|2.5\rMSA|AE|C3|Database busy").error_text() == "Database busy"
@@ -423,7 +486,7 @@ def test_lvef_tier_goes_out_as_loinc_10230_1_with_its_explanation() -> None:
     assert lvef[0][8] == "L"
     lines = er7.split("\r")
     at = next(i for i, line in enumerate(lines) if line.startswith("OBX|") and "|10230-1^" in line)
-    notes = [line.split("|")[3] for line in lines[at + 1:] if line.startswith("NTE|")][:6]
+    notes = [line.split("|")[3] for line in lines[at + 1 :] if line.startswith("NTE|")][:6]
     assert "NOT FOR CLINICAL USE" in notes[0]
     assert any("NT-proBNP 2400 pg/mL (EHR)" in n for n in notes)
     # no "EKG impression" OBX for an LVEF tier; its four tier probabilities are NM OBX
@@ -433,12 +496,22 @@ def test_lvef_tier_goes_out_as_loinc_10230_1_with_its_explanation() -> None:
 
 
 def test_a_triage_tier_is_one_impression_obx_flagged_aa_when_urgent() -> None:
-    triage = ModelOutput("triage", "0.1.0", "triage", (
-        Finding("abnormal", "Abnormal ECG", 0.9, 0.38, True, snomed="102594003"),
-        Finding("urgent", "Urgent ECG", 0.4, 0.13, True)), {"severity": "urgent"})
+    triage = ModelOutput(
+        "triage",
+        "0.1.0",
+        "triage",
+        (
+            Finding("abnormal", "Abnormal ECG", 0.9, 0.38, True, snomed="102594003"),
+            Finding("urgent", "Urgent ECG", 0.4, 0.13, True),
+        ),
+        {"severity": "urgent"},
+    )
     er7 = build(result=make_result(outputs=make_result().outputs + (triage,)))
     tier = [s for s in obx_by_type(er7, "CWE") if s[3].startswith("8601-7^") and "urgent^" in s[5]]
     assert len(tier) == 1
-    assert tier[0][5] == "102594003^Electrocardiogram abnormal^SCT^urgent^Urgent: possible emergency, review now (AI triage)^ECGBRIDGE"
+    assert (
+        tier[0][5]
+        == "102594003^Electrocardiogram abnormal^SCT^urgent^Urgent: possible emergency, review now (AI triage)^ECGBRIDGE"
+    )
     assert tier[0][8] == "AA"
     assert not [s for s in obx_by_type(er7, "CWE") if s[5].startswith("urgent^")]  # no per-output impression

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -36,15 +36,10 @@ from ecgbridge.mapping.hl7_common import (
     strip_mllp,
     unescape,
 )
-from ecgbridge.mapping.hl7_waveform import (
-    MAX_OBX5_CHARS,
-    build_oru_ed,
-    build_oru_waveform,
-    lead_for_channel_name,
-    parse_oru_waveform,
-)
+from ecgbridge.mapping.hl7_waveform import lead_for_channel_name, parse_oru_waveform
 from ecgbridge.mapping.readers import read_ecg_bytes
 from ecgbridge.mapping.wfdb_record import read_wfdb
+from tests.support.hl7_waveform_writer import MAX_OBX5_CHARS, build_oru_ed, build_oru_waveform
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SENT = datetime(2026, 11, 20, 9, 30, tzinfo=timezone(timedelta(hours=1)))
@@ -85,8 +80,9 @@ HEAD = (
     "OBR|1|PL1|FI1|34534-8^12 lead EKG panel^LN|||20240101115900+0100",
 )
 #: Three channels I, II, V1 at 500 Hz, 1 uV per unit, full CD each.
-CD3 = "~".join(f"{n}&{lead}^^1&uV&microvolt&UCUM^1&0&0^500^-32768&32767"
-               for n, lead in ((1, "I"), (2, "II"), (3, "V1")))
+CD3 = "~".join(
+    f"{n}&{lead}^^1&uV&microvolt&UCUM^1&0&0^500^-32768&32767" for n, lead in ((1, "I"), (2, "II"), (3, "V1"))
+)
 
 
 def _msg(*lines: str, head: tuple[str, ...] = HEAD) -> str:
@@ -175,8 +171,7 @@ def test_eight_lead_cart_derives_limb_leads(e07506: Ecg) -> None:
 
 
 def test_missing_leads_are_flagged() -> None:
-    ecg = Ecg(signals=np.array(ROWS3, dtype=np.float32) / 1000, leads=("I", "II", "V1"), fs=500.0,
-              patient=PATIENT)
+    ecg = Ecg(signals=np.array(ROWS3, dtype=np.float32) / 1000, leads=("I", "II", "V1"), fs=500.0, patient=PATIENT)
     parsed = parse_oru_waveform(_build(ecg))
     assert "missing_leads:V2,V3,V4,V5,V6" in parsed.flags
     assert "derived_leads:III,aVR,aVL,aVF" in parsed.flags
@@ -233,9 +228,13 @@ def test_missing_units_are_assumed_microvolt_and_flagged() -> None:
 
 
 def test_non_voltage_units_are_refused() -> None:
-    error = _raises(WaveformError, _msg(_obx(4, "CD", "1&I^^1&mm[Hg]&millimetre of mercury^^500~2&II"),
-                                        _obx(5, "NA", "1~2")),
-                    "OBX 4 (segment 4)", "mm[Hg]", "not a voltage unit")
+    error = _raises(
+        WaveformError,
+        _msg(_obx(4, "CD", "1&I^^1&mm[Hg]&millimetre of mercury^^500~2&II"), _obx(5, "NA", "1~2")),
+        "OBX 4 (segment 4)",
+        "mm[Hg]",
+        "not a voltage unit",
+    )
     assert error_location(error) == ErrorLocation("OBX", 1, 5, 1)
 
 
@@ -255,10 +254,13 @@ def test_lead_names_codes_and_electrode_pairs() -> None:
 
 
 def test_timestamps_continuation_and_gap() -> None:
-    ok = _msg(_obx(1, "CD", CD3), _obx(2, "TS", "20240101115900.000+0100", code="TIM"),
-              _obx(3, "NA", _na([r[:2] for r in ROWS3])),
-              _obx(4, "TS", "20240101115900.004+0100", code="TIM"),  # 2 samples at 500 Hz later
-              _obx(5, "NA", _na([r[2:] for r in ROWS3])))
+    ok = _msg(
+        _obx(1, "CD", CD3),
+        _obx(2, "TS", "20240101115900.000+0100", code="TIM"),
+        _obx(3, "NA", _na([r[:2] for r in ROWS3])),
+        _obx(4, "TS", "20240101115900.004+0100", code="TIM"),  # 2 samples at 500 Hz later
+        _obx(5, "NA", _na([r[2:] for r in ROWS3])),
+    )
     parsed = parse_oru_waveform(ok)
     np.testing.assert_allclose(parsed.lead("I"), np.array(ROWS3[0]) / 1000, atol=1e-7)
     assert parsed.study.acquired_at == datetime(2024, 1, 1, 11, 59, tzinfo=timezone(timedelta(hours=1)))
@@ -274,8 +276,10 @@ def test_observation_time_from_obr_when_there_is_no_ts() -> None:
 
 def test_channels_split_over_sub_id_groups() -> None:
     message = _msg(
-        _obx(1, "CD", "1&I^^1&uV^^500~2&II", sub="1"), _obx(2, "CD", "1&V1^^1&uV^^500", sub="2"),
-        _obx(3, "NA", _na(ROWS3[:2]), sub="1"), _obx(4, "NA", _na(ROWS3[2:]), sub="2"),
+        _obx(1, "CD", "1&I^^1&uV^^500~2&II", sub="1"),
+        _obx(2, "CD", "1&V1^^1&uV^^500", sub="2"),
+        _obx(3, "NA", _na(ROWS3[:2]), sub="1"),
+        _obx(4, "NA", _na(ROWS3[2:]), sub="2"),
     )
     parsed = parse_oru_waveform(message)
     np.testing.assert_allclose(parsed.lead("V1"), np.array(ROWS3[2]) / 1000, atol=1e-7)
@@ -285,23 +289,40 @@ def test_channels_split_over_sub_id_groups() -> None:
 
 
 def test_cd_and_na_disagree_names_the_obx() -> None:
-    error = _raises(WaveformError, _msg(_obx(1, "CD", CD3), _obx(2, "TS", "20240101"), _obx(3, "NA", _na(ROWS3[:2]))),
-                    "OBX 3 (segment 6)", "lists 3 channels", "NA data has 2 channel blocks")
+    error = _raises(
+        WaveformError,
+        _msg(_obx(1, "CD", CD3), _obx(2, "TS", "20240101"), _obx(3, "NA", _na(ROWS3[:2]))),
+        "OBX 3 (segment 6)",
+        "lists 3 channels",
+        "NA data has 2 channel blocks",
+    )
     assert error_location(error) == ErrorLocation("OBX", 3, 5)
     assert error.hl7_ack_code == "AE"
 
 
 def test_interleaved_single_block_na_gets_a_hint() -> None:
     flat = "^".join(str(v) for col in zip(*ROWS3) for v in col)
-    _raises(WaveformError, _msg(_obx(1, "CD", CD3), _obx(2, "NA", flat)),
-            "OBX 2 (segment 5)", "1 channel blocks", "channel-block", "are MA")
+    _raises(
+        WaveformError,
+        _msg(_obx(1, "CD", CD3), _obx(2, "NA", flat)),
+        "OBX 2 (segment 5)",
+        "1 channel blocks",
+        "channel-block",
+        "are MA",
+    )
 
 
 def test_ma_time_sample_with_wrong_channel_count() -> None:
     data = _ma(ROWS3).split("~")
     data[2] = "1^2"
-    error = _raises(WaveformError, _msg(_obx(1, "CD", CD3), _obx(7, "MA", "~".join(data))),
-                    "OBX 7 (segment 5)", "lists 3 channels", "time sample 3", "has 2 values")
+    error = _raises(
+        WaveformError,
+        _msg(_obx(1, "CD", CD3), _obx(7, "MA", "~".join(data))),
+        "OBX 7 (segment 5)",
+        "lists 3 channels",
+        "time sample 3",
+        "has 2 values",
+    )
     assert error_location(error) == ErrorLocation("OBX", 2, 5, 3)
 
 
@@ -312,33 +333,55 @@ def test_na_blocks_of_different_lengths() -> None:
 
 
 def test_waveform_without_channel_definition() -> None:
-    error = _raises(WaveformError, _msg(_obx(1, "TS", "20240101"), _obx(2, "NA", _na(ROWS3))),
-                    "OBX 2 (segment 5)", "no channel definition")
+    error = _raises(
+        WaveformError,
+        _msg(_obx(1, "TS", "20240101"), _obx(2, "NA", _na(ROWS3))),
+        "OBX 2 (segment 5)",
+        "no channel definition",
+    )
     assert error_location(error) == ErrorLocation("OBX", 2, 2)
 
 
 def test_waveform_sub_id_without_channel_definition() -> None:
-    _raises(WaveformError, _msg(_obx(1, "CD", CD3, sub="1"), _obx(2, "NA", _na(ROWS3), sub="1"),
-                                _obx(3, "NA", _na(ROWS3), sub="2")),
-            "OBX 3 (segment 6)", "sub-ID 2", "no channel definition")
+    _raises(
+        WaveformError,
+        _msg(_obx(1, "CD", CD3, sub="1"), _obx(2, "NA", _na(ROWS3), sub="1"), _obx(3, "NA", _na(ROWS3), sub="2")),
+        "OBX 3 (segment 6)",
+        "sub-ID 2",
+        "no channel definition",
+    )
 
 
 def test_channel_definition_without_data() -> None:
-    _raises(WaveformError, _msg(_obx(1, "CD", CD3, sub="1"), _obx(2, "CD", "1&V2^^1&uV^^500", sub="2"),
-                                _obx(3, "NA", _na(ROWS3), sub="1")),
-            "OBX 2 (segment 5)", "sub-ID 2 has no waveform data")
+    _raises(
+        WaveformError,
+        _msg(
+            _obx(1, "CD", CD3, sub="1"), _obx(2, "CD", "1&V2^^1&uV^^500", sub="2"), _obx(3, "NA", _na(ROWS3), sub="1")
+        ),
+        "OBX 2 (segment 5)",
+        "sub-ID 2 has no waveform data",
+    )
 
 
 def test_unequal_sampling_rates() -> None:
     cd = CD3.replace("~3&V1^^1&uV&microvolt&UCUM^1&0&0^500", "~3&V1^^1&uV&microvolt&UCUM^1&0&0^250")
-    error = _raises(WaveformError, _msg(_obx(1, "CD", cd), _obx(2, "NA", _na(ROWS3))),
-                    "OBX 1 (segment 4)", "channel 3 (V1)", "250 Hz differs from 500 Hz")
+    error = _raises(
+        WaveformError,
+        _msg(_obx(1, "CD", cd), _obx(2, "NA", _na(ROWS3))),
+        "OBX 1 (segment 4)",
+        "channel 3 (V1)",
+        "250 Hz differs from 500 Hz",
+    )
     assert error_location(error) == ErrorLocation("OBX", 1, 5, 3)
 
 
 def test_missing_sampling_rate() -> None:
-    _raises(WaveformError, _msg(_obx(1, "CD", "1&I^^1&uV~2&II"), _obx(2, "NA", "1~2")),
-            "OBX 1 (segment 4)", "no sampling frequency")
+    _raises(
+        WaveformError,
+        _msg(_obx(1, "CD", "1&I^^1&uV~2&II"), _obx(2, "NA", "1~2")),
+        "OBX 1 (segment 4)",
+        "no sampling frequency",
+    )
 
 
 @pytest.mark.parametrize("bad,shown", [("12x", "'12x'"), ("", "empty"), ("nan", "'nan'"), ("1\\T\\2", "'1\\\\T\\\\2'")])
@@ -346,14 +389,22 @@ def test_non_numeric_sample(bad: str, shown: str) -> None:
     rows = [[str(v) for v in r] for r in ROWS3]
     rows[1][2] = bad
     data = "~".join("^".join(r) for r in rows)
-    _raises(WaveformError, _msg(_obx(1, "CD", CD3), _obx(2, "NA", data)),
-            "OBX 2 (segment 5)", "sample 3 of channel 2", f"is not a number ({shown})")
+    _raises(
+        WaveformError,
+        _msg(_obx(1, "CD", CD3), _obx(2, "NA", data)),
+        "OBX 2 (segment 5)",
+        "sample 3 of channel 2",
+        f"is not a number ({shown})",
+    )
 
 
 def test_sample_outside_declared_range() -> None:
     cd = CD3.replace("-32768&32767", "-100&100", 1)
-    _raises(WaveformError, _msg(_obx(1, "CD", cd), _obx(2, "NA", _na(ROWS3))),
-            "lead I: sample 2 = 200 is outside the declared range -100..100")
+    _raises(
+        WaveformError,
+        _msg(_obx(1, "CD", cd), _obx(2, "NA", _na(ROWS3))),
+        "lead I: sample 2 = 200 is outside the declared range -100..100",
+    )
 
 
 def test_duplicate_lead() -> None:
@@ -363,15 +414,22 @@ def test_duplicate_lead() -> None:
 
 def test_two_waveforms_in_one_message() -> None:
     second = ("OBR|2|PL2|FI2|34534-8^12 lead EKG panel^LN", _obx(3, "CD", CD3), _obx(4, "NA", _na(ROWS3)))
-    _raises(UnsupportedInputError, _msg(_obx(1, "CD", CD3), _obx(2, "NA", _na(ROWS3)), *second),
-            "2 waveforms", "one ECG per ORU^R01")
+    _raises(
+        UnsupportedInputError,
+        _msg(_obx(1, "CD", CD3), _obx(2, "NA", _na(ROWS3)), *second),
+        "2 waveforms",
+        "one ECG per ORU^R01",
+    )
 
 
 def test_no_waveform_at_all() -> None:
-    message = _msg("OBX|1|NM|8867-4^Heart rate^LN||72|/min^^UCUM|||||F",
-                   "OBX|2|ED|PDF^Report^99X||^Application^PDF^Base64^" + base64.b64encode(b"%PDF-1.4 x").decode() + "||||||F")
-    error = _raises(UnsupportedInputError, message, "ORU^R01 carries no waveform",
-                    "CD+NA/MA", "ED", "found OBX value types ED, NM")
+    message = _msg(
+        "OBX|1|NM|8867-4^Heart rate^LN||72|/min^^UCUM|||||F",
+        "OBX|2|ED|PDF^Report^99X||^Application^PDF^Base64^" + base64.b64encode(b"%PDF-1.4 x").decode() + "||||||F",
+    )
+    error = _raises(
+        UnsupportedInputError, message, "ORU^R01 carries no waveform", "CD+NA/MA", "ED", "found OBX value types ED, NM"
+    )
     assert error.hl7_ack_code == "AR"
     _raises(UnsupportedInputError, _msg(), "found no OBX segment")
 
@@ -400,8 +458,9 @@ def test_not_hl7_and_bad_charset() -> None:
 def test_ed_with_base64_dicom_uses_the_hl7_identity() -> None:
     dicom = (FIXTURES / "dicom" / "ptbxl_00024_norm_12lead.dcm").read_bytes()
     reference = to_ecg(read_bytes(dicom))
-    text = build_oru_ed(dicom, "DICOM", control_id="ED-1", patient=PATIENT, acquired_at=SENT,
-                        placer_order_number="PL-ED", sent_at=SENT)
+    text = build_oru_ed(
+        dicom, "DICOM", control_id="ED-1", patient=PATIENT, acquired_at=SENT, placer_order_number="PL-ED", sent_at=SENT
+    )
     parse_er7(text, validate=True)
     parsed = parse_oru_waveform(text.encode())
     np.testing.assert_array_equal(parsed.signals, reference.signals)
@@ -419,8 +478,7 @@ def test_ed_with_base64_dicom_uses_the_hl7_identity() -> None:
 def test_ed_embedded_dicom_fills_what_hl7_lacks() -> None:
     dicom = (FIXTURES / "dicom" / "ptbxl_00024_norm_12lead.dcm").read_bytes()
     reference = to_ecg(read_bytes(dicom))
-    text = build_oru_ed(dicom, "DICOM", control_id="ED-2", patient=Patient(id=reference.patient.id),
-                        sent_at=SENT)
+    text = build_oru_ed(dicom, "DICOM", control_id="ED-2", patient=Patient(id=reference.patient.id), sent_at=SENT)
     parsed = parse_oru_waveform(text)
     assert parsed.patient.name == reference.patient.name
     assert parsed.patient.sex == reference.patient.sex
@@ -456,8 +514,12 @@ def test_ed_with_xml_ecg(name: str) -> None:
 
 @pytest.mark.parametrize("encoding,msh18", [("UTF-8", "UNICODE UTF-8"), ("ISO-8859-1", "8859/1")])
 def test_non_ascii_names_survive(encoding: str, msh18: str) -> None:
-    ecg = Ecg(signals=np.array(ROWS3, dtype=np.float32) / 1000, leads=("I", "II", "V1"), fs=500.0,
-              patient=replace(PATIENT, name="Müller-Lüdenscheidt^Zoë^Ærø"))
+    ecg = Ecg(
+        signals=np.array(ROWS3, dtype=np.float32) / 1000,
+        leads=("I", "II", "V1"),
+        fs=500.0,
+        patient=replace(PATIENT, name="Müller-Lüdenscheidt^Zoë^Ærø"),
+    )
     text = _build(ecg, encoding=encoding)
     assert f"|{msh18}" in text.split("\r")[0]
     raw = text.encode(python_codec(msh18))
@@ -474,8 +536,12 @@ def test_without_msh18_utf8_then_latin1() -> None:
 
 
 def test_escaped_delimiters_in_names_and_framing_and_line_feeds() -> None:
-    ecg = Ecg(signals=np.array(ROWS3, dtype=np.float32) / 1000, leads=("I", "II", "V1"), fs=500.0,
-              patient=replace(PATIENT, id="A|B&C", name="O&Brien^Mary~Ann"))
+    ecg = Ecg(
+        signals=np.array(ROWS3, dtype=np.float32) / 1000,
+        leads=("I", "II", "V1"),
+        fs=500.0,
+        patient=replace(PATIENT, id="A|B&C", name="O&Brien^Mary~Ann"),
+    )
     text = _build(ecg)
     assert "O\\T\\Brien^Mary\\R\\Ann" in text and "A\\F\\B\\T\\C" in text
     framed = b"\x0b" + text.replace("\r", "\r\n").encode() + b"\x1c\r"
@@ -530,17 +596,24 @@ def test_conformance_statement_examples_are_real() -> None:
     assert ecg.study.placer_order_number == "ORD-778899" and ecg.study.filler_order_number == "ECG-5566"
     tz = timezone(timedelta(hours=1))
     source = read_wfdb(FIXTURES / "wfdb" / "E07506")
-    source = replace(source, signals=source.signals[:, :4],
-                     patient=Patient(id="123456", id_issuer="HOSP", name="Doe^Jane", birth_date="1958-04-12",
-                                     sex="female"),
-                     study=replace(source.study, acquired_at=datetime(2026, 11, 20, 9, 29, 50, tzinfo=tz)))
+    source = replace(
+        source,
+        signals=source.signals[:, :4],
+        patient=Patient(id="123456", id_issuer="HOSP", name="Doe^Jane", birth_date="1958-04-12", sex="female"),
+        study=replace(source.study, acquired_at=datetime(2026, 11, 20, 9, 29, 50, tzinfo=tz)),
+    )
     assert oru == build_oru_waveform(
-        source, control_id="CART0001-000042", sending_application="CART01", sending_facility="CARDIO",
-        receiving_facility="HOSP", placer_order_number="ORD-778899", filler_order_number="ECG-5566",
-        sent_at=datetime(2026, 11, 20, 9, 30, 5, tzinfo=tz))
+        source,
+        control_id="CART0001-000042",
+        sending_application="CART01",
+        sending_facility="CARDIO",
+        receiving_facility="HOSP",
+        placer_order_number="ORD-778899",
+        filler_order_number="ECG-5566",
+        sent_at=datetime(2026, 11, 20, 9, 30, 5, tzinfo=tz),
+    )
     ma_line = next(line for line in doc.splitlines() if line.startswith("OBX|3|MA|"))
-    np.testing.assert_allclose(parse_oru_waveform(oru.replace(oru.split("\r")[-1], ma_line)).signals,
-                               ecg.signals)
+    np.testing.assert_allclose(parse_oru_waveform(oru.replace(oru.split("\r")[-1], ma_line)).signals, ecg.signals)
     order = parse_er7(orm)
     assert msh_facts(order)["message_type"] == "ORM^O01"
     pv1 = next(s for s in segments(order) if s.name == "PV1")
@@ -610,16 +683,26 @@ def test_older_versions_parse_and_validate_as_251() -> None:
 
 
 def test_msh_facts_and_obx_codes() -> None:
-    head = ("MSH|^~\\&|CART^1.2.3^ISO|WARD|ECGBRIDGE|HOSP|20240101||ORU^R01|C\\F\\9|P|2.5.1|||AL|ER||8859/1",) + HEAD[1:]
+    head = ("MSH|^~\\&|CART^1.2.3^ISO|WARD|ECGBRIDGE|HOSP|20240101||ORU^R01|C\\F\\9|P|2.5.1|||AL|ER||8859/1",) + HEAD[
+        1:
+    ]
     message = parse_er7(_msg(_obx(1, "CD", CD3, code="CHN"), _obx(2, "NA", _na(ROWS3)), head=head))
     facts = msh_facts(message)
     assert facts == {
-        "sending_application": "CART", "sending_facility": "WARD",
-        "receiving_application": "ECGBRIDGE", "receiving_facility": "HOSP",
-        "message_type": "ORU^R01", "message_structure": None, "control_id": "C|9",
-        "processing_id": "P", "version": "2.5.1", "field_separator": "|",
-        "encoding_characters": "^~\\&", "charset": "8859/1",
-        "accept_ack_type": "AL", "application_ack_type": "ER",
+        "sending_application": "CART",
+        "sending_facility": "WARD",
+        "receiving_application": "ECGBRIDGE",
+        "receiving_facility": "HOSP",
+        "message_type": "ORU^R01",
+        "message_structure": None,
+        "control_id": "C|9",
+        "processing_id": "P",
+        "version": "2.5.1",
+        "field_separator": "|",
+        "encoding_characters": "^~\\&",
+        "charset": "8859/1",
+        "accept_ack_type": "AL",
+        "application_ack_type": "ER",
     }
     assert obx_codes(message) == ("CHN", "WAV")
 
@@ -628,7 +711,7 @@ def test_timestamps() -> None:
     when = datetime(2024, 3, 5, 7, 8, 9, 123400, tzinfo=timezone(timedelta(hours=-5, minutes=-30)))
     assert hl7_timestamp(when) == "20240305070809.1234-0530"
     assert parse_hl7_timestamp(hl7_timestamp(when)) == when
-    assert hl7_timestamp(datetime(2024, 1, 1, tzinfo=timezone.utc)) == "20240101000000+0000"
+    assert hl7_timestamp(datetime(2024, 1, 1, tzinfo=UTC)) == "20240101000000+0000"
     with pytest.raises(ValueError, match="naive"):
         hl7_timestamp(datetime(2024, 1, 1))
     assert hl7_timestamp(datetime(2024, 1, 1), naive_ok=True) == "20240101000000"
@@ -647,5 +730,7 @@ def test_escape_round_trip() -> None:
     assert unescape(escaped) == text
     assert escape("x#y", "^~\\&#") == "x\\P\\y"
     assert unescape("\\H\\bold\\N\\ \\X4A6F\\ \\Zlocal\\ line\\.br\\two") == "bold Jo  line\ntwo"
-    assert unescape("#x#", {"FIELD": "|", "COMPONENT": "^", "REPETITION": "~", "ESCAPE": "#",
-                            "SUBCOMPONENT": "&"}) == "#x#"
+    assert (
+        unescape("#x#", {"FIELD": "|", "COMPONENT": "^", "REPETITION": "~", "ESCAPE": "#", "SUBCOMPONENT": "&"})
+        == "#x#"
+    )

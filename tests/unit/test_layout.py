@@ -40,9 +40,15 @@ def test_no_module_imports_a_repository_folder_by_its_bare_name() -> None:
 @pytest.mark.parametrize("name", FOLDERS)
 def test_the_installed_package_exposes_no_generic_top_level_name(name: str, tmp_path: Path) -> None:
     # -I: no current directory, no PYTHONPATH; only what the install put in site-packages.
-    probe = subprocess.run([sys.executable, "-I", "-c", f"import {name}"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [sys.executable, "-I", "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr
-    ok = subprocess.run([sys.executable, "-I", "-c", f"import ecgbridge.{name}"], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-I", "-c", f"import ecgbridge.{name}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr

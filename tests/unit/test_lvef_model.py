@@ -34,9 +34,13 @@ def _features(name: str) -> dict:
 
 def _ehr() -> EhrContext:
     return EhrContext(
-        status="complete", age_years=71.0, sex="female",
-        values={"nt_probnp": EhrValue("nt_probnp", 4200.0, "pg/mL", "33762-6", None),
-                "egfr": EhrValue("egfr", 48.0, EHR_VALUE_NAMES["egfr"], "98979-8", None)},
+        status="complete",
+        age_years=71.0,
+        sex="female",
+        values={
+            "nt_probnp": EhrValue("nt_probnp", 4200.0, "pg/mL", "33762-6", None),
+            "egfr": EhrValue("egfr", 48.0, EHR_VALUE_NAMES["egfr"], "98979-8", None),
+        },
         conditions={"heart_failure": True, "diabetes": False},
         medications={"loop_diuretic": True},
     )
@@ -108,8 +112,12 @@ def _hea(tmp_path: Path) -> str:
 
 def test_manifest_reads_rows_ehr_and_split(tmp_path: Path) -> None:
     hea = _hea(tmp_path)
-    p = _csv(tmp_path, "ecg_path,lvef_percent,patient_id,split,age_years,sex,nt_probnp,hx_heart_failure,med_beta_blocker",
-             f"{hea},55,p1,test,70,male,350,0,1", f"{hea},25.5,p2,,,,,,")
+    p = _csv(
+        tmp_path,
+        "ecg_path,lvef_percent,patient_id,split,age_years,sex,nt_probnp,hx_heart_failure,med_beta_blocker",
+        f"{hea},55,p1,test,70,male,350,0,1",
+        f"{hea},25.5,p2,,,,,,",
+    )
     a, b = read_manifest(p)
     assert a.split == "test" and a.tier == 0 and a.ehr is not None
     assert a.ehr.values["nt_probnp"].value == 350 and a.ehr.conditions == {"heart_failure": False}
@@ -123,7 +131,11 @@ def test_manifest_reads_rows_ehr_and_split(tmp_path: Path) -> None:
         ("ecg_path,lvef_percent,patient_id", "missing.hea,55,p1", ["line 2", "'ecg_path'", "missing.hea", "not found"]),
         ("ecg_path,lvef_percent,patient_id", "{hea},92,p1", ["line 2", "'lvef_percent'", "92", "5-85"]),
         ("ecg_path,lvef_percent,patient_id", "{hea},0.55,p1", ["line 2", "'lvef_percent'", "written as 55"]),
-        ("ecg_path,lvef_percent,patient_id,nt_pro_bnp", "{hea},55,p1,300", ["line 1", "'nt_pro_bnp'", "unknown column"]),
+        (
+            "ecg_path,lvef_percent,patient_id,nt_pro_bnp",
+            "{hea},55,p1,300",
+            ["line 1", "'nt_pro_bnp'", "unknown column"],
+        ),
         ("ecg_path,lvef_percent", "{hea},55", ["line 1", "'patient_id'", "required"]),
         ("ecg_path,lvef_percent,patient_id,split", "{hea},55,p1,holdout", ["line 2", "'split'", "holdout"]),
         ("ecg_path,lvef_percent,patient_id,hx_diabetes", "{hea},55,p1,maybe", ["line 2", "'hx_diabetes'", "1/0"]),
@@ -152,18 +164,36 @@ def test_manifest_split_must_be_patient_level(tmp_path: Path) -> None:
 def _random_rows(model: LvefModel, variant: str, n: int, seed: int = 0) -> np.ndarray:
     """Plausible feature values (per-feature ranges) with NaN holes, plus an all-NaN row."""
     rng = np.random.default_rng(seed)
-    ranges = {"ecg_heart_rate": (40, 160), "pr_interval": (100, 300), "qrs_duration": (70, 190),
-              "qtc_fridericia": (350, 520), "qrs_axis": (-90, 180), "nt_probnp": (10, 20000), "bnp": (5, 3000),
-              "troponin": (1, 200), "potassium": (3, 6), "sodium": (125, 148), "creatinine": (0.5, 4),
-              "egfr": (10, 120), "hemoglobin": (8, 17), "systolic_bp": (85, 190), "diastolic_bp": (45, 110),
-              "heart_rate": (40, 150), "weight": (40, 140), "height": (145, 200), "bmi": (16, 45),
-              "age_years": (20, 95)}
+    ranges = {
+        "ecg_heart_rate": (40, 160),
+        "pr_interval": (100, 300),
+        "qrs_duration": (70, 190),
+        "qtc_fridericia": (350, 520),
+        "qrs_axis": (-90, 180),
+        "nt_probnp": (10, 20000),
+        "bnp": (5, 3000),
+        "troponin": (1, 200),
+        "potassium": (3, 6),
+        "sodium": (125, 148),
+        "creatinine": (0.5, 4),
+        "egfr": (10, 120),
+        "hemoglobin": (8, 17),
+        "systolic_bp": (85, 190),
+        "diastolic_bp": (45, 110),
+        "heart_rate": (40, 150),
+        "weight": (40, 140),
+        "height": (145, 200),
+        "bmi": (16, 45),
+        "age_years": (20, 95),
+    }
     names = model.features(variant)
     x = np.empty((n, len(names)), dtype=np.float32)
     for j, name in enumerate(names):
         lo, hi = ranges.get(name, (0.0, 1.0))
         col = rng.uniform(lo, hi, n)
-        if name in ("lbbb", "rbbb", "low_voltage", "p_wave_inconsistent", "sex_female") or name.startswith(("hx_", "med_")):
+        if name in ("lbbb", "rbbb", "low_voltage", "p_wave_inconsistent", "sex_female") or name.startswith(
+            ("hx_", "med_")
+        ):
             col = np.round(col)
         x[:, j] = col
     x[rng.random(x.shape) < 0.3] = np.nan
@@ -252,19 +282,45 @@ def test_train_and_evaluate_on_a_tiny_fixture_cohort(tmp_path: Path, capsys: pyt
     csv_path = tmp_path / "cohort" / "tiny.csv"
     summary = generate_cohort(folder_sources(FIXTURES), csv_path, seed=1, replicas=40)
     assert summary["rows"] == 160 and (tmp_path / "cohort" / "tiny.features.json").is_file()
-    assert generate_cohort(folder_sources(FIXTURES), tmp_path / "again.csv", seed=1, replicas=40)["tiers"] == summary["tiers"]
+    assert (
+        generate_cohort(folder_sources(FIXTURES), tmp_path / "again.csv", seed=1, replicas=40)["tiers"]
+        == summary["tiers"]
+    )
     out = tmp_path / "model"
-    rc = lvef_model.main(["--manifest", str(csv_path), "--synthetic", "--out", str(out), "--threads", "1",
-                          "--max-rounds", "15", "--min-data-in-leaf", "5", "--bootstrap", "20"])
+    rc = lvef_model.main(
+        [
+            "--manifest",
+            str(csv_path),
+            "--synthetic",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--max-rounds",
+            "15",
+            "--min-data-in-leaf",
+            "5",
+            "--bootstrap",
+            "20",
+        ]
+    )
     assert rc == 0
-    for name in ("manifest.json", "ecg_ehr.onnx", "ecg_only.onnx", "ecg_ehr.lgb.txt", "ecg_only.lgb.txt", "MODEL_CARD.md"):
+    for name in (
+        "manifest.json",
+        "ecg_ehr.onnx",
+        "ecg_only.onnx",
+        "ecg_ehr.lgb.txt",
+        "ecg_only.lgb.txt",
+        "MODEL_CARD.md",
+    ):
         assert (out / name).is_file(), name
     card = (out / "MODEL_CARD.md").read_text()
     assert card.splitlines()[0].startswith("# lvef-synthetic") and "SYNTHETIC" in card.splitlines()[0]
     assert "Quadratic weighted kappa" in card and "Confusion matrix" in card
     capsys.readouterr()
-    rc = lvef_evaluate.main(["--model", str(out), "--manifest", str(csv_path), "--split", "all",
-                             "--bootstrap", "20", "--json"])
+    rc = lvef_evaluate.main(
+        ["--model", str(out), "--manifest", str(csv_path), "--split", "all", "--bootstrap", "20", "--json"]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] == 160 and report["model"]["synthetic"] is True
@@ -290,7 +346,7 @@ def test_synthetic_cohort_follows_its_documented_associations(tmp_path: Path) ->
         pytest.skip(f"shared data not found at {root} (set ECGBRIDGE_SHARED_DATA); skipping the PTB-XL cohort test")
     from scipy.stats import spearmanr
 
-    from ecgbridge.training.lvef_synthetic import ptbxl_sources, generate_cohort
+    from ecgbridge.training.lvef_synthetic import generate_cohort, ptbxl_sources
 
     sources = ptbxl_sources(root / "ptbxl-subset")[:250]
     csv_path = tmp_path / "ptbxl.csv"
@@ -299,8 +355,11 @@ def test_synthetic_cohort_follows_its_documented_associations(tmp_path: Path) ->
     assert len(records) == 250
     ages = [r.ehr.age_years for r in records if r.ehr is not None and r.ehr.age_years is not None]
     assert ages and all(0 <= a <= 90 for a in ages)  # PTB-XL's real ages (300 = "over 89" -> 90)
-    pairs = [(r.lvef_percent, r.ehr.values["nt_probnp"].value) for r in records
-             if r.ehr is not None and "nt_probnp" in r.ehr.values]
+    pairs = [
+        (r.lvef_percent, r.ehr.values["nt_probnp"].value)
+        for r in records
+        if r.ehr is not None and "nt_probnp" in r.ehr.values
+    ]
     rho = spearmanr(*zip(*pairs)).statistic
     assert rho < -0.4, rho  # high NT-proBNP goes with a low EF
     assert {r.split for r in records} <= {"train", "val", "test"}

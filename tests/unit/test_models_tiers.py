@@ -30,7 +30,7 @@ def _manifest_dict(**extra: object) -> dict:
 def _ecg(seed: int = 0) -> Ecg:
     rng = np.random.default_rng(seed)
     t = np.arange(5000) / 500.0
-    beat = np.exp(-(((t % 0.8) - 0.2) / 0.01) ** 2)
+    beat = np.exp(-((((t % 0.8) - 0.2) / 0.01) ** 2))
     x = rng.normal(size=(12, 1)) * beat + 0.02 * rng.normal(size=(12, t.size))
     return Ecg(signals=x.astype(np.float32), leads=STANDARD_LEADS, fs=500.0)
 
@@ -63,8 +63,14 @@ def _export(tmp_path: Path, with_cams: bool, tiers: dict | None) -> Path:
     target = model if with_cams else ProbabilityModel(model)
     directory = tmp_path / ("cams" if with_cams else "plain")
     export_model(
-        target, directory, classes=CLASSES, thresholds={c: 0.5 for c in CLASSES}, name="diagnosis-test",
-        version="9.9.9", tiers=tiers, calibration={"method": "none", "in_graph": True} if tiers else None,
+        target,
+        directory,
+        classes=CLASSES,
+        thresholds={c: 0.5 for c in CLASSES},
+        name="diagnosis-test",
+        version="9.9.9",
+        tiers=tiers,
+        calibration={"method": "none", "in_graph": True} if tiers else None,
         architecture={"arch": "resnet_se", "width": 8, "dropout": 0.3, "members": 1, "cam_stride_samples": 16},
     )
     return directory

@@ -97,8 +97,12 @@ def test_real_fixtures_are_acceptable(path: Path) -> None:
     report = assess(read_ecg_file(path))
     assert report.overall == "acceptable", report.flags
     assert "poor_quality" not in report.flags
-    assert not any(f.startswith(("flat_leads", "clipped_leads", "hf_noise", "motion_artefact",
-                                 "suspected_limb_lead_reversal", "too_short")) for f in report.flags)
+    assert not any(
+        f.startswith(
+            ("flat_leads", "clipped_leads", "hf_noise", "motion_artefact", "suspected_limb_lead_reversal", "too_short")
+        )
+        for f in report.flags
+    )
     assert set(report.leads) >= {"I", "II", "V1", "V6"}
 
 
@@ -305,8 +309,10 @@ def _noisy_normals() -> list[tuple[str, Ecg]]:
 
 #: Measured failures of one exact model (by ONNX sha256): strict xfails that lapse when the model changes.
 KNOWN_FAILURES = {
-    ("test_noise_on_normal_ecgs_does_not_score_above_a_true_mi",
-     "3f329e64cd84cea795665e1be9f575bbfbdc526247c72d80e49fe0792c07a1a1"): (
+    (
+        "test_noise_on_normal_ecgs_does_not_score_above_a_true_mi",
+        "3f329e64cd84cea795665e1be9f575bbfbdc526247c72d80e49fe0792c07a1a1",
+    ): (
         "diagnosis 0.2.0 (measured 2026-12-01): the MI fixture ptbxl_00622 scores MI p=0.132 (tier low) while 19 of "
         "60 noisy NORM variants score higher, worst wfdb/00024_lr + Gaussian noise SD 1.0 x lead range p=0.472 "
         "(tier high), lowest noise level that beats it: Gaussian / EMG 0.2 on 00024_lr (0.179 / 0.162); clean NORM "
@@ -330,8 +336,9 @@ def test_noise_on_normal_ecgs_does_not_score_above_a_true_mi(shipped, request) -
     """Noisy NORM fixtures (4 noise kinds x 5 levels x 3 records) vs the MI fixture, MI probability."""
     known_failure(request, shipped)
     mi = _mi(shipped, load(MI_ECG)).probability
-    worst_name, worst = max(((name, _mi(shipped, ecg).probability) for name, ecg in _noisy_normals()),
-                            key=lambda item: item[1])
+    worst_name, worst = max(
+        ((name, _mi(shipped, ecg).probability) for name, ecg in _noisy_normals()), key=lambda item: item[1]
+    )
     assert worst < mi, f"noisy normal {worst_name} scored MI {worst:.3f} >= true MI ECG {mi:.3f}"
 
 
@@ -358,10 +365,15 @@ MOTION_GAP = (
 )
 
 
-@pytest.mark.parametrize("kind", [
-    "gaussian", "emg", "wander",
-    pytest.param("motion", marks=pytest.mark.xfail(strict=False, reason=MOTION_GAP)),
-])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "gaussian",
+        "emg",
+        "wander",
+        pytest.param("motion", marks=pytest.mark.xfail(strict=False, reason=MOTION_GAP)),
+    ],
+)
 def test_gate_flags_every_noisy_normal_the_model_calls_abnormal(shipped, kind: str) -> None:
     """Where noise does fool the model (NORM lost or a disease class above threshold), the result says poor."""
     missed = []

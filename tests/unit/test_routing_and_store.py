@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ecgbridge.core.settings import Route, RouteMatch
 from ecgbridge.core.routing import MessageFacts, match_route
+from ecgbridge.core.settings import Route, RouteMatch
+from ecgbridge.core.states import Work, WorkKind
 from ecgbridge.core.store import MessageStore
 from ecgbridge.mapping.codes import SOP_12_LEAD_ECG, SOP_GENERAL_ECG
 
@@ -33,14 +34,14 @@ def test_results_and_deliveries_are_idempotent(tmp_path):
     store.create_schema()
     sha, size = store.save_blob(b"x")
     mid = store.record_message(source="dicom", blob_sha256=sha, blob_size=size, route="r", sop_instance_uid="1.2.3")
-    assert list(store.unfinished()) == [(mid, "analyse")]
+    assert list(store.unfinished()) == [Work(mid, WorkKind.ANALYSE)]
     assert store.save_result(mid, {"outputs": []}, "m@1") is True
     assert store.save_result(mid, {"outputs": []}, "m@1") is False
     store.ensure_deliveries(mid, ["ehr"])
     store.ensure_deliveries(mid, ["ehr"])
     assert len(store.deliveries(mid)) == 1
     store.set_state(mid, "analysed")
-    assert list(store.unfinished()) == [(mid, "deliver:ehr")]
+    assert list(store.unfinished()) == [Work(mid, WorkKind.DELIVER, "ehr")]
     store.update_delivery(mid, "ehr", state="delivered", remote_ref="DiagnosticReport/1")
     assert list(store.unfinished()) == []
     view = store.view(mid[:8])

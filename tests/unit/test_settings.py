@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ecgbridge.errors import ConfigError
 from ecgbridge.core.settings import load_settings
+from ecgbridge.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,8 +24,16 @@ def test_example_config_is_valid_and_documents_every_key():
     s = load_settings(REPO / "config" / "ecgbridge.example.yaml")
     assert s.destinations[0].auth.type == "bearer"
     text = (REPO / "config" / "ecgbridge.example.yaml").read_text()
-    for key in ("allowed_calling_ae_titles", "allowed_addresses", "database_url", "visibility_timeout_s",
-                "max_attempts", "patient_identifier_system", "sop_class_uids", "token_env"):
+    for key in (
+        "allowed_calling_ae_titles",
+        "allowed_addresses",
+        "database_url",
+        "visibility_timeout_s",
+        "max_attempts",
+        "patient_identifier_system",
+        "sop_class_uids",
+        "token_env",
+    ):
         assert key in text
 
 
@@ -61,7 +69,9 @@ def test_bad_yaml_and_bad_values(tmp_path):
 
 def test_environment_overrides_and_secrets(tmp_path, monkeypatch):
     path = tmp_path / "site.yaml"
-    path.write_text("destinations:\n  - name: e\n    base_url: http://x/fhir\n    auth: {type: bearer, token_env: EHR_TOKEN}\n")
+    path.write_text(
+        "destinations:\n  - name: e\n    base_url: http://x/fhir\n    auth: {type: bearer, token_env: EHR_TOKEN}\n"
+    )
     monkeypatch.setenv("ECGBRIDGE_BROKER_URL", "redis://10.1.1.1:6379/0")
     monkeypatch.setenv("ECGBRIDGE_DATABASE_URL", "postgresql+psycopg://u@h/db")
     s = load_settings(path)
@@ -114,8 +124,9 @@ def test_ehr_sources_and_route_reference(tmp_path):
 
 def test_route_naming_an_unknown_ehr_source(tmp_path):
     problems = _problems(tmp_path, EHR_YAML.replace("ehr_context: epic", "ehr_context: cerner"))
-    assert any(":12: routes[0].ehr_context: 'cerner' is not an EHR source listed under ehr (['epic'])" in p
-               for p in problems), problems
+    assert any(
+        ":12: routes[0].ehr_context: 'cerner' is not an EHR source listed under ehr (['epic'])" in p for p in problems
+    ), problems
     problems = _problems(tmp_path, "routes:\n  - name: r\n    ehr_context: x\n")
     assert any("routes[0].ehr_context: 'x' is not an EHR source listed under ehr ([])" in p for p in problems)
 
@@ -124,16 +135,26 @@ def test_ehr_auth_and_field_checks(tmp_path):
     problems = _problems(tmp_path, "ehr:\n  - name: e\n    base_url: ftp://x\n    auth: {type: smart-backend}\n")
     assert any("base_url must start with http" in p for p in problems)
     assert any("needs client_id, private_key_file, key_id" in p for p in problems)
-    problems = _problems(tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    auth: {type: bearer, client_id: c}\n")
+    problems = _problems(
+        tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    auth: {type: bearer, client_id: c}\n"
+    )
     assert any("needs token_env" in p or "does not use client_id" in p for p in problems)
-    problems = _problems(tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    auth: {type: saml}\n"
-                                   "    timeout_s: 30\n    total_timeout_s: 10\n    retries: -1\n")
+    problems = _problems(
+        tmp_path,
+        "ehr:\n  - name: e\n    base_url: http://x\n    auth: {type: saml}\n"
+        "    timeout_s: 30\n    total_timeout_s: 10\n    retries: -1\n",
+    )
     assert any("ehr[0].auth.type" in p for p in problems)
     assert any("ehr[0].retries" in p for p in problems)
-    problems = _problems(tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    timeout_s: 30\n    total_timeout_s: 10\n")
+    problems = _problems(
+        tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    timeout_s: 30\n    total_timeout_s: 10\n"
+    )
     assert any("total_timeout_s must be at least timeout_s" in p for p in problems)
     problems = _problems(tmp_path, "ehr:\n  - {name: e, base_url: 'http://x'}\n  - {name: e, base_url: 'http://y'}\n")
     assert any("ehr: names must be unique" in p for p in problems)
-    problems = _problems(tmp_path, "ehr:\n  - {name: e, base_url: 'http://x', auth: {type: smart-backend, "
-                                   "client_id: c, private_key_file: k.pem, key_id: k, token_url: 'ftp://t'}}\n")
+    problems = _problems(
+        tmp_path,
+        "ehr:\n  - {name: e, base_url: 'http://x', auth: {type: smart-backend, "
+        "client_id: c, private_key_file: k.pem, key_id: k, token_url: 'ftp://t'}}\n",
+    )
     assert any("token_url must start with http" in p for p in problems)

@@ -37,7 +37,7 @@ def _raw_ecg(rng: np.random.Generator) -> np.ndarray:
     t = np.arange(5000) / 500.0
     rr = rng.uniform(0.6, 1.2)
     phase = (t + rng.uniform(0, rr)) % rr
-    beat = np.exp(-((phase - 0.2) / 0.01) ** 2) + 0.3 * np.exp(-((phase - 0.45) / 0.05) ** 2)
+    beat = np.exp(-(((phase - 0.2) / 0.01) ** 2)) + 0.3 * np.exp(-(((phase - 0.45) / 0.05) ** 2))
     return rng.normal(size=(12, 1)) * beat + 0.02 * rng.normal(size=(12, t.size)) + 0.3 * np.sin(0.6 * t)
 
 
@@ -210,8 +210,11 @@ def test_serving_graph_parity_for_probabilities_cams_and_logits(tmp_path: Path) 
     offset = np.array([0.0, 0.3, -0.2, 0.0, 0.5], dtype=np.float32)
     graph = ServingGraph(members, temperature=temperature, offset=offset).eval()
     result = export_model(
-        graph, tmp_path / "m", classes=("NORM", "MI", "STTC", "CD", "HYP"),
-        thresholds={c: 0.5 for c in ("NORM", "MI", "STTC", "CD", "HYP")}, real=_real_inputs(4),
+        graph,
+        tmp_path / "m",
+        classes=("NORM", "MI", "STTC", "CD", "HYP"),
+        thresholds={c: 0.5 for c in ("NORM", "MI", "STTC", "CD", "HYP")},
+        real=_real_inputs(4),
     )
     assert set(result["parity"]) == {"probabilities", "cams", "logits"}
     assert max(result["parity"].values()) < 1e-4
@@ -275,7 +278,15 @@ def test_tiny_end_to_end_train_export_evaluate(tmp_path: Path) -> None:
 
     out_dir, model_dir = tmp_path / "out", tmp_path / "model"
     result = train_diagnosis(
-        root, out_dir, epochs=1, batch_size=16, model_dir=model_dir, limit=24, n_bootstrap=20, threads=1, log=False,
+        root,
+        out_dir,
+        epochs=1,
+        batch_size=16,
+        model_dir=model_dir,
+        limit=24,
+        n_bootstrap=20,
+        threads=1,
+        log=False,
         width=8,
     )
     assert sorted(p.name for p in model_dir.iterdir()) == ["MODEL_CARD.md", "manifest.json", "model.onnx"]

@@ -103,8 +103,12 @@ def test_display_strings_and_interpretation_flags_cover_every_tier() -> None:
     assert set(SEVERITY_DISPLAY) == set(SEVERITY_SNOMED) == set(SEVERITY_INTERPRETATION) == set(SEVERITY3)
     assert set(SEVERITY4_DISPLAY) == set(SEVERITY4)
     assert [SEVERITY_INTERPRETATION[t][0] for t in SEVERITY3] == ["N", "A", "AA"]
-    assert [SEVERITY3[to_severity3(k)] for k in range(4)] == ["normal", "abnormal_nonurgent", "abnormal_nonurgent",
-                                                              "urgent"]
+    assert [SEVERITY3[to_severity3(k)] for k in range(4)] == [
+        "normal",
+        "abnormal_nonurgent",
+        "abnormal_nonurgent",
+        "urgent",
+    ]
 
 
 # (2) worst-statement rule -----------------------------------------------------------------
@@ -204,7 +208,12 @@ def test_specificity_threshold_comes_from_the_negatives_alone() -> None:
 
 def test_choose_thresholds_switches_rule_below_n_min_positives() -> None:
     from ecgbridge.training.calibration import min_sensitivity_threshold
-    from ecgbridge.training.triage_evaluate import N_MIN_POSITIVES, choose_thresholds, specificity_threshold, task_labels
+    from ecgbridge.training.triage_evaluate import (
+        N_MIN_POSITIVES,
+        choose_thresholds,
+        specificity_threshold,
+        task_labels,
+    )
 
     assert N_MIN_POSITIVES == 10
     rng = np.random.default_rng(0)
@@ -218,13 +227,19 @@ def test_choose_thresholds_switches_rule_below_n_min_positives() -> None:
     assert urgent == specificity_threshold(labels["urgent"], scores["urgent"], 0.9)
     assert urgent["rule"].startswith("fewer than 10 fold-9 positives") and urgent["positives"] == 1
     # a stricter specificity target raises the threshold; a lower N_MIN switches urgent back
-    strict = choose_thresholds(level4, scores, min_sensitivity=0.8, urgent_sensitivity=0.9,
-                               few_positives_specificity={"abnormal": 0.9, "major": 0.9, "urgent": 0.98})
+    strict = choose_thresholds(
+        level4,
+        scores,
+        min_sensitivity=0.8,
+        urgent_sensitivity=0.9,
+        few_positives_specificity={"abnormal": 0.9, "major": 0.9, "urgent": 0.98},
+    )
     assert strict["urgent"]["threshold"] > urgent["threshold"]
     low = choose_thresholds(level4, scores, min_sensitivity=0.8, urgent_sensitivity=0.9, min_positives=1)
     assert low["urgent"]["rule"] == "max F1 with sensitivity >= 0.9"
-    high = choose_thresholds(level4, scores, min_sensitivity=0.8, urgent_sensitivity=0.9, min_positives=50,
-                             few_positives_specificity=0.8)
+    high = choose_thresholds(
+        level4, scores, min_sensitivity=0.8, urgent_sensitivity=0.9, min_positives=50, few_positives_specificity=0.8
+    )
     assert all(high[t]["rule"].startswith("fewer than 50") and "0.8" in high[t]["rule"] for t in labels)
 
 
@@ -321,8 +336,26 @@ def test_tiny_train_triage_end_to_end(tmp_path: Path) -> None:
 
     root = _require(_shared() / "ptbxl-subset" / "ptbxl_database.csv", "shared PTB-XL subset").parent
     out, model_dir = tmp_path / "out", tmp_path / "model"
-    argv = ["train", "triage", "--data", str(root), "--out", str(out), "--model-dir", str(model_dir),
-            "--epochs", "1", "--limit", "24", "--width", "8", "--n-bootstrap", "20", "--threads", "1"]
+    argv = [
+        "train",
+        "triage",
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--model-dir",
+        str(model_dir),
+        "--epochs",
+        "1",
+        "--limit",
+        "24",
+        "--width",
+        "8",
+        "--n-bootstrap",
+        "20",
+        "--threads",
+        "1",
+    ]
     assert cli_main(argv) == 0
     assert sorted(p.name for p in model_dir.iterdir()) == ["MODEL_CARD.md", "manifest.json", "model.onnx"]
     result = json.loads((out / "result.json").read_text())

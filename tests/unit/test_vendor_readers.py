@@ -20,8 +20,7 @@ import pytest
 from ecgbridge.errors import DecodeError, UnsupportedInputError, WaveformError
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
 from ecgbridge.mapping.readers import read_ecg_bytes
-from ecgbridge.mapping.vendor import detect_format, looks_like_xml, read_xml
-from ecgbridge.mapping.vendor import aecg, philips
+from ecgbridge.mapping.vendor import aecg, detect_format, looks_like_xml, philips, read_xml
 from ecgbridge.mapping.vendor._xml import parse
 from ecgbridge.mapping.wfdb_record import read_wfdb
 from tests.conftest import FIXTURES, shared_data_dir
@@ -55,12 +54,12 @@ needs_shared = pytest.mark.skipif(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read(path: str) -> Ecg:
     return read_xml(Path(path).read_bytes())
 
 
-def _assert_plausible(ecg: Ecg, *, fs: set[float] = {100.0, 500.0, 1000.0}) -> None:
+def _assert_plausible(ecg: Ecg, *, fs: frozenset[float] = frozenset({100.0, 500.0, 1000.0})) -> None:
     assert ecg.leads == STANDARD_LEADS
     assert ecg.fs in fs
     assert 9.5 <= ecg.duration_s <= 11.0
@@ -197,15 +196,21 @@ def test_philips_stored_true_leads_are_kept_as_they_are() -> None:
 # ----------------------------------------------------------------- GE MUSE (generated)
 
 
-def muse_xml(ecg: Ecg, *, leads: tuple[str, ...] = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6"),
-             uv_per_bit: float = 4.88, median: bool = True, byte_count_delta: int = 0) -> bytes:
+def muse_xml(
+    ecg: Ecg,
+    *,
+    leads: tuple[str, ...] = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6"),
+    uv_per_bit: float = 4.88,
+    median: bool = True,
+    byte_count_delta: int = 0,
+) -> bytes:
     """A MUSE-structured RestingECG document (public structure) from an Ecg: our own writer."""
 
     def lead_data(name: str, samples_mv: np.ndarray) -> str:
         counts = np.round(samples_mv * 1000.0 / uv_per_bit).astype("<i2")
         raw = counts.tobytes()
         encoded = base64.b64encode(raw).decode()
-        wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+        wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
         return (
             "<LeadData>"
             f"<LeadByteCountTotal>{len(raw) + byte_count_delta}</LeadByteCountTotal>"
@@ -285,11 +290,13 @@ def test_muse_lead_lengths_disagree(e07506: Ecg) -> None:
     block_end = doc.index("</LeadData>", start)
     short = e07506.lead("V6")[:4999]
     counts = np.round(short * 1000.0 / 4.88).astype("<i2").tobytes()
-    block = (f"<LeadData><LeadByteCountTotal>{len(counts)}</LeadByteCountTotal>"
-             f"<LeadSampleCountTotal>4999</LeadSampleCountTotal><LeadAmplitudeUnitsPerBit>4.88"
-             f"</LeadAmplitudeUnitsPerBit><LeadAmplitudeUnits>MICROVOLTS</LeadAmplitudeUnits>"
-             f"<LeadID>V6</LeadID><LeadSampleSize>2</LeadSampleSize>"
-             f"<WaveFormData>{base64.b64encode(counts).decode()}</WaveFormData>")
+    block = (
+        f"<LeadData><LeadByteCountTotal>{len(counts)}</LeadByteCountTotal>"
+        f"<LeadSampleCountTotal>4999</LeadSampleCountTotal><LeadAmplitudeUnitsPerBit>4.88"
+        f"</LeadAmplitudeUnitsPerBit><LeadAmplitudeUnits>MICROVOLTS</LeadAmplitudeUnits>"
+        f"<LeadID>V6</LeadID><LeadSampleSize>2</LeadSampleSize>"
+        f"<WaveFormData>{base64.b64encode(counts).decode()}</WaveFormData>"
+    )
     doc = doc[:block_start] + block + doc[block_end:]
     with pytest.raises(WaveformError, match="lead lengths disagree .*V6 4999"):
         read_xml(doc.encode("iso-8859-1"))

@@ -52,14 +52,17 @@ def test_missing_header() -> None:
         read_wfdb(WFDB_DIR / "no_such_record")
 
 
-@pytest.mark.parametrize(("raw", "lead"), [("AVR", "aVR"), ("avl", "aVL"), ("i", "I"), ("V6", "V6"), ("Lead II", "II"), ("MLII", None)])
+@pytest.mark.parametrize(
+    ("raw", "lead"), [("AVR", "aVR"), ("avl", "aVL"), ("i", "I"), ("V6", "V6"), ("Lead II", "II"), ("MLII", None)]
+)
 def test_lead_name(raw: str, lead: str | None) -> None:
     assert lead_name(raw) == lead
 
 
 def _write(tmp_path: Path, name: str, names: list[str], units: list[str], signal: np.ndarray, fs: int = 500) -> Path:
-    wfdb.wrsamp(name, fs=fs, units=units, sig_name=names, p_signal=signal, fmt=["16"] * len(names),
-                write_dir=str(tmp_path))
+    wfdb.wrsamp(
+        name, fs=fs, units=units, sig_name=names, p_signal=signal, fmt=["16"] * len(names), write_dir=str(tmp_path)
+    )
     return tmp_path / name
 
 

@@ -59,7 +59,6 @@ import pandas as pd
 from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
 from ecgbridge.mapping.codes import SNOMED_TO_SUPERCLASS
 from ecgbridge.mapping.ecg import STANDARD_LEADS
-
 from ecgbridge.training.datasets.ptbxl import SUPERCLASSES, Transform, read_signal
 
 __all__ = [
@@ -111,7 +110,7 @@ SOURCE_PREFIXES: dict[str, str] = {
 
 def source_of(record_name: str) -> str:
     for prefix in sorted(SOURCE_PREFIXES, key=len, reverse=True):
-        if record_name.startswith(prefix) and record_name[len(prefix):len(prefix) + 1].isdigit():
+        if record_name.startswith(prefix) and record_name[len(prefix) : len(prefix) + 1].isdigit():
             return SOURCE_PREFIXES[prefix]
     return "unknown"
 
@@ -190,7 +189,7 @@ class ChallengeData:
         """One pseudo-patient per record: the challenge data carry no patient ids."""
         return np.arange(len(self), dtype=np.int64)
 
-    def _records(self, keep: list[int], **changes: Any) -> "ChallengeData":
+    def _records(self, keep: list[int], **changes: Any) -> ChallengeData:
         """These records only (per-record fields subset; ``changes`` replace the rest)."""
         return replace(
             self,
@@ -204,7 +203,7 @@ class ChallengeData:
             **changes,
         )
 
-    def select(self, source: str) -> "ChallengeData":
+    def select(self, source: str) -> ChallengeData:
         return self._records(
             [i for i, s in enumerate(self.sources) if s == source],
             excluded=tuple(n for n, s in zip(self.excluded, self.excluded_sources) if s == source),
@@ -212,9 +211,10 @@ class ChallengeData:
             info={**self.info, "source": source},
         )
 
-    def drop(self, names: set[str]) -> "ChallengeData":
-        return self._records([i for i, n in enumerate(self.names) if n not in names],
-                             info={**self.info, "dropped": sorted(names)})
+    def drop(self, names: set[str]) -> ChallengeData:
+        return self._records(
+            [i for i, n in enumerate(self.names) if n not in names], info={**self.info, "dropped": sorted(names)}
+        )
 
     def label_counts(self) -> dict[str, int]:
         return {c: int(self.y[:, i].sum()) for i, c in enumerate(self.classes)}
@@ -240,7 +240,7 @@ def load_challenge(
     if transform is None:
         pipeline = Pipeline.from_spec(DEFAULT_SPEC)
 
-        def transform(signal: np.ndarray, fs: float, units: str) -> np.ndarray:  # noqa: F811
+        def transform(signal: np.ndarray, fs: float, units: str) -> np.ndarray:
             return pipeline.apply(signal, fs)[0]
 
     xs: list[np.ndarray] = []

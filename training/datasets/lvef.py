@@ -57,7 +57,13 @@ import numpy as np
 
 from ecgbridge.errors import InputError
 from ecgbridge.inference.lvef_features import FEATURE_NAMES, lvef_feature_row, tier_index
-from ecgbridge.mapping.ehr_context import EHR_CONDITION_NAMES, EHR_MEDICATION_NAMES, EHR_VALUE_NAMES, EhrContext, EhrValue
+from ecgbridge.mapping.ehr_context import (
+    EHR_CONDITION_NAMES,
+    EHR_MEDICATION_NAMES,
+    EHR_VALUE_NAMES,
+    EhrContext,
+    EhrValue,
+)
 
 __all__ = [
     "LVEF_MIN",
@@ -147,7 +153,9 @@ def _flag_cell(csv_path: Path, line: int, column: str, text: str) -> bool | None
     raise LvefManifestError(f"{_where(csv_path, line, column)}: {text!r} is not 1/0 (or true/false, yes/no)")
 
 
-def ehr_context_from_cells(cells: dict[str, str], *, csv_path: Path = Path("<cells>"), line: int = 0) -> EhrContext | None:
+def ehr_context_from_cells(
+    cells: dict[str, str], *, csv_path: Path = Path("<cells>"), line: int = 0
+) -> EhrContext | None:
     """EHR cells of one row (column -> text) as the EhrContext a fetcher would have built; None when all are empty."""
     values: dict[str, EhrValue] = {}
     for name, unit in EHR_VALUE_NAMES.items():
@@ -157,11 +165,13 @@ def ehr_context_from_cells(cells: dict[str, str], *, csv_path: Path = Path("<cel
                 raise LvefManifestError(f"{_where(csv_path, line, name)}: {v:g} {unit} is negative")
             values[name] = EhrValue(name=name, value=v, unit=unit, loinc="", effective=None, reference=None)
     conditions = {
-        c: f for c in EHR_CONDITION_NAMES
+        c: f
+        for c in EHR_CONDITION_NAMES
         if (f := _flag_cell(csv_path, line, f"hx_{c}", cells.get(f"hx_{c}", "") or "")) is not None
     }
     medications = {
-        m: f for m in EHR_MEDICATION_NAMES
+        m: f
+        for m in EHR_MEDICATION_NAMES
         if (f := _flag_cell(csv_path, line, f"med_{m}", cells.get(f"med_{m}", "") or "")) is not None
     }
     age = _float_cell(csv_path, line, "age_years", cells.get("age_years", "") or "")
@@ -171,8 +181,13 @@ def ehr_context_from_cells(cells: dict[str, str], *, csv_path: Path = Path("<cel
     if sex_text and sex_text not in _SEXES:
         raise LvefManifestError(f"{_where(csv_path, line, 'sex')}: {sex_text!r} is not one of {', '.join(_SEXES)}")
     ctx = EhrContext(
-        status="complete", age_years=age, sex=sex_text or None, values=values,
-        conditions=conditions, medications=medications, source="manifest",
+        status="complete",
+        age_years=age,
+        sex=sex_text or None,
+        values=values,
+        conditions=conditions,
+        medications=medications,
+        source="manifest",
     )
     return ctx if ctx.has_data else None
 
@@ -213,7 +228,9 @@ def read_manifest(csv_path: Path | str, *, check_files: bool = True) -> list[Lve
                 raise LvefManifestError(f"{_where(path, line, 'ecg_path')}: empty")
             ecg_path = (base / ecg_key) if not Path(ecg_key).is_absolute() else Path(ecg_key)
             if check_files and not ecg_path.is_file():
-                raise LvefManifestError(f"{_where(path, line, 'ecg_path')}: file {ecg_key!r} not found (looked in {base})")
+                raise LvefManifestError(
+                    f"{_where(path, line, 'ecg_path')}: file {ecg_key!r} not found (looked in {base})"
+                )
             ef = _float_cell(path, line, "lvef_percent", cells["lvef_percent"])
             if ef is None:
                 raise LvefManifestError(f"{_where(path, line, 'lvef_percent')}: empty (every row needs an LVEF)")
@@ -229,10 +246,19 @@ def read_manifest(csv_path: Path | str, *, check_files: bool = True) -> list[Lve
             if split and split not in SPLITS:
                 raise LvefManifestError(f"{_where(path, line, 'split')}: {split!r} is not one of {', '.join(SPLITS)}")
             ehr = ehr_context_from_cells(cells, csv_path=path, line=line)
-            records.append(LvefRecord(
-                line=line, ecg_key=ecg_key, ecg_path=ecg_path, lvef_percent=ef, tier=tier_index(ef),
-                patient_id=pid, split=split or patient_split(pid), ehr=ehr, source=cells.get("source", "").strip(),
-            ))
+            records.append(
+                LvefRecord(
+                    line=line,
+                    ecg_key=ecg_key,
+                    ecg_path=ecg_path,
+                    lvef_percent=ef,
+                    tier=tier_index(ef),
+                    patient_id=pid,
+                    split=split or patient_split(pid),
+                    ehr=ehr,
+                    source=cells.get("source", "").strip(),
+                )
+            )
     if not records:
         raise LvefManifestError(f"{path}: no rows after the header")
     by_patient: dict[str, str] = {}
@@ -260,7 +286,7 @@ def _default_measurer() -> tuple[Measurer, str]:
     from ecgbridge.inference.models import ModelRegistry
     from ecgbridge.mapping.readers import read_ecg_file
 
-    diag = ModelRegistry().get("diagnosis")
+    diag = ModelRegistry().signal_model("diagnosis")
 
     def run(path: Path) -> tuple[dict[str, Any], dict[str, float] | None]:
         ecg = read_ecg_file(path)
@@ -301,7 +327,7 @@ def load_features(
             feats, diag = measurer(r.ecg_path)
         except FileNotFoundError as exc:
             raise LvefManifestError(f"line {r.line}, column 'ecg_path': {r.ecg_key!r}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - name the row whatever the reader raised
+        except Exception as exc:
             raise LvefManifestError(
                 f"line {r.line}, column 'ecg_path': ECG {r.ecg_key!r} could not be read or measured: "
                 f"{type(exc).__name__}: {exc}"
@@ -329,11 +355,16 @@ class LvefTable:
     records: tuple[LvefRecord, ...]
     feature_names: tuple[str, ...] = FEATURE_NAMES
 
-    def subset(self, mask: np.ndarray) -> "LvefTable":
+    def subset(self, mask: np.ndarray) -> LvefTable:
         idx = np.flatnonzero(mask)
         return LvefTable(
-            x=self.x[idx], ef=self.ef[idx], tier=self.tier[idx], patient_ids=self.patient_ids[idx],
-            split=self.split[idx], has_ehr=self.has_ehr[idx], records=tuple(self.records[i] for i in idx),
+            x=self.x[idx],
+            ef=self.ef[idx],
+            tier=self.tier[idx],
+            patient_ids=self.patient_ids[idx],
+            split=self.split[idx],
+            has_ehr=self.has_ehr[idx],
+            records=tuple(self.records[i] for i in idx),
             feature_names=self.feature_names,
         )
 

@@ -19,9 +19,9 @@ Splits are PTB-XL's ``strat_fold`` column, which its authors made patient-level
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd

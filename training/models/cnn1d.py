@@ -8,6 +8,8 @@ explanation module needs no gradients.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -48,7 +50,7 @@ class Cnn1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.pool(self.features(x)).flatten(1)
-        return self.classifier(self.dropout(z))
+        return cast(torch.Tensor, self.classifier(self.dropout(z)))
 
     @torch.no_grad()
     def class_activation_map(self, x: torch.Tensor) -> torch.Tensor:

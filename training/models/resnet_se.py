@@ -24,6 +24,8 @@ same maps inside the ONNX graph.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -46,8 +48,9 @@ class SqueezeExcitation1d(nn.Module):
 
 
 class ResidualSE1d(nn.Module):
-    def __init__(self, c_in: int, c_out: int, kernel: int = 7, stride: int = 1, dropout: float = 0.1,
-                 reduction: int = 8) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, kernel: int = 7, stride: int = 1, dropout: float = 0.1, reduction: int = 8
+    ) -> None:
         super().__init__()
         pad = kernel // 2
         self.conv1 = nn.Conv1d(c_in, c_out, kernel, stride=stride, padding=pad, bias=False)
@@ -106,11 +109,11 @@ class ResNetSE1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.pool(self.features(x)).flatten(1)
-        return self.classifier(self.dropout(z))
+        return cast(torch.Tensor, self.classifier(self.dropout(z)))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (N, 4w): what self-supervised pretraining trains."""
-        return self.pool(self.features(x)).flatten(1)
+        return cast(torch.Tensor, self.pool(self.features(x)).flatten(1))
 
     @torch.no_grad()
     def class_activation_map(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""The canonical :class:`~mapping.ecg.Ecg` -> a DICOM ECG Waveform Storage object.
+"""The canonical :class:`~mapping.ecg.Ecg` -> a DICOM ECG Waveform Storage object (test support).
 
-Why it exists: tests, benchmarks and (later) export need real, standard-shaped DICOM
-ECGs built from real records, and a reader is only trustworthy if a writer that
-follows the same rules round-trips through it. The object written has the Patient,
+Why it exists: fixtures, tests and benchmarks need real, standard-shaped DICOM ECGs
+built from real records, and a reader is only trustworthy if a writer that follows the
+same rules round-trips through it. Nothing in the product writes DICOM, so it lives
+here, not in ``ecgbridge.mapping``. The object written has the Patient,
 General Study, General Series, General Equipment, Waveform Identification, Waveform,
 Acquisition Context and SOP Common modules; one RHYTHM multiplex group (and an
 optional MEDIAN BEAT group); leads coded by SCPECG code and meaning; units in UCUM;
@@ -19,7 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from io import BytesIO
 
 import numpy as np
@@ -46,10 +47,18 @@ _SCPECG_CODE_BY_LEAD: dict[str, str] = {lead: code for code, lead in SCPECG_LEAD
 
 #: CID 3001 code meanings written for each lead.
 LEAD_MEANINGS: dict[str, str] = {
-    "I": "Lead I", "II": "Lead II", "III": "Lead III",
-    "aVR": "Lead aVR", "aVL": "Lead aVL", "aVF": "Lead aVF",
-    "V1": "Lead V1", "V2": "Lead V2", "V3": "Lead V3",
-    "V4": "Lead V4", "V5": "Lead V5", "V6": "Lead V6",
+    "I": "Lead I",
+    "II": "Lead II",
+    "III": "Lead III",
+    "aVR": "Lead aVR",
+    "aVL": "Lead aVL",
+    "aVF": "Lead aVF",
+    "V1": "Lead V1",
+    "V2": "Lead V2",
+    "V3": "Lead V3",
+    "V4": "Lead V4",
+    "V5": "Lead V5",
+    "V6": "Lead V6",
 }
 
 #: Writable units: UCUM code -> (code meaning, units per mV).
@@ -112,7 +121,7 @@ def ecg_to_dataset(
     ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = sop_instance_uid
 
-    when = study.acquired_at or datetime.now(timezone.utc).replace(microsecond=0)
+    when = study.acquired_at or datetime.now(UTC).replace(microsecond=0)
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
     if when.microsecond:
         time += f".{when.microsecond:06d}"
@@ -146,12 +155,10 @@ def ecg_to_dataset(
     ds.InstanceNumber = 1
     ds.AcquisitionContextSequence = DicomSequence([])
 
-    groups = [_multiplex_group(signals, chosen, ecg.fs, "RHYTHM", "ORIGINAL", units,
-                               sensitivity_ds, lsb_mv)]
+    groups = [_multiplex_group(signals, chosen, ecg.fs, "RHYTHM", "ORIGINAL", units, sensitivity_ds, lsb_mv)]
     if include_median:
         beat, trigger = crude_median_beat(signals, ecg.fs)
-        median = _multiplex_group(beat, chosen, ecg.fs, "MEDIAN BEAT", "DERIVED", units,
-                                  sensitivity_ds, lsb_mv)
+        median = _multiplex_group(beat, chosen, ecg.fs, "MEDIAN BEAT", "DERIVED", units, sensitivity_ds, lsb_mv)
         median.TriggerSamplePosition = trigger + 1  # 1-based, per the standard
         groups.append(median)
     ds.WaveformSequence = DicomSequence(groups)
@@ -194,12 +201,11 @@ def crude_median_beat(signals: np.ndarray, fs: float) -> tuple[np.ndarray, int]:
 
     slope = np.abs(np.diff(signals, axis=1)).sum(axis=0)
     height = 0.5 * float(np.percentile(slope, 99))
-    peaks, _ = find_peaks(slope, height=height if height > 0 else None,
-                          distance=max(1, int(0.3 * fs)))
+    peaks, _ = find_peaks(slope, height=height if height > 0 else None, distance=max(1, int(0.3 * fs)))
     starts = [p - pre for p in peaks if p - pre >= 0 and p - pre + width <= n]
     if not starts:
         return signals[:, :width].copy(), pre
-    windows = np.stack([signals[:, s:s + width] for s in starts])
+    windows = np.stack([signals[:, s : s + width] for s in starts])
     return np.median(windows, axis=0), pre
 
 
@@ -207,7 +213,11 @@ def crude_median_beat(signals: np.ndarray, fs: float) -> tuple[np.ndarray, int]:
 
 
 def _check_inputs(
-    ecg: Ecg, leads: tuple[str, ...], units: str, sensitivity: float, sop_class_uid: str,
+    ecg: Ecg,
+    leads: tuple[str, ...],
+    units: str,
+    sensitivity: float,
+    sop_class_uid: str,
     strict: bool,
 ) -> None:
     if not leads:
@@ -249,8 +259,14 @@ def _check_inputs(
 
 
 def _multiplex_group(
-    signals: np.ndarray, leads: tuple[str, ...], fs: float, label: str, originality: str,
-    units: str, sensitivity: DSfloat, lsb_mv: float,
+    signals: np.ndarray,
+    leads: tuple[str, ...],
+    fs: float,
+    label: str,
+    originality: str,
+    units: str,
+    sensitivity: DSfloat,
+    lsb_mv: float,
 ) -> Dataset:
     raw = np.rint(signals / lsb_mv)
     clipped = int(np.count_nonzero((raw < _INT16_MIN) | (raw > _INT16_MAX)))
@@ -265,9 +281,7 @@ def _multiplex_group(
     group.NumberOfWaveformSamples = int(signals.shape[1])
     group.SamplingFrequency = DSfloat(fs, auto_format=True)
     group.MultiplexGroupLabel = label
-    group.ChannelDefinitionSequence = DicomSequence(
-        [_channel(name, units, sensitivity) for name in leads]
-    )
+    group.ChannelDefinitionSequence = DicomSequence([_channel(name, units, sensitivity) for name in leads])
     group.WaveformBitsAllocated = 16
     group.WaveformSampleInterpretation = "SS"
     # Interleaved: sample 1 of every channel, then sample 2, ... (C1S1, C2S1, ...).
