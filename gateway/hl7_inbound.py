@@ -258,23 +258,27 @@ def _record_failure(msg: _Inbound, ctx: InboundContext, err: Hl7Error, exc: Base
         if msg.message_id is None:
             if not msg.sha:
                 return
-            msg.message_id = store.record_message(
-                source=Source.HL7,
-                remote=msg.remote,
+            arrival = Arrival(
+                facts=MessageFacts(source=Source.HL7),
                 blob_sha256=msg.sha,
                 blob_size=msg.size,
-                state=MessageState.REJECTED,
-                error=detail,
+                remote=msg.remote,
                 flags=msg.flags,
                 message_type=msg.message_type,
                 placer_order_number=msg.placer,
                 filler_order_number=msg.filler,
             )
-        elif isinstance(exc, InputError):
+            msg.message_id = ctx.reject(arrival, detail, err.kind)
+            return _log_failure(msg, err, exc)
+        if isinstance(exc, InputError):
             store.set_state(msg.message_id, MessageState.REJECTED, error=detail)
         store.add_event(msg.message_id, err.kind, detail)
     except Exception:
         log.exception("could not record the failure of HL7 message %s", msg.control_id)
+    _log_failure(msg, err, exc)
+
+
+def _log_failure(msg: _Inbound, err: Hl7Error, exc: BaseException) -> None:
     if isinstance(exc, InputError):
         log.warning(
             "HL7 %s %s from %s rejected (%s %s): message %s",

@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
+from ecgbridge.errors import Hl7Error, PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.mapping.hl7_common import FRAME_END as _FRAME_END
-from ecgbridge.mapping.hl7_common import START_BLOCK, frame, unescape
+from ecgbridge.mapping.hl7_common import START_BLOCK, Separators, frame, read_header, unescape
 
 if TYPE_CHECKING:
     from ecgbridge.core.settings import Hl7Destination
@@ -64,37 +64,21 @@ class Ack:
         return "; ".join(parts) or f"MSA-1 {self.code} without an error text"
 
 
-def _unescape(text: str, seps: dict[str, str]) -> str:
-    """Unescape with the ACK's own separators (the shared HL7 rules)."""
-    if not seps["escape"]:
-        return text
-    return unescape(
-        text,
-        {
-            "FIELD": seps["field"],
-            "COMPONENT": seps["component"],
-            "REPETITION": seps["repetition"],
-            "ESCAPE": seps["escape"],
-            "SUBCOMPONENT": seps["subcomponent"] or "&",
-        },
-    )
-
-
 def _field(fields: list[str], index: int) -> str:
     return fields[index] if len(fields) > index else ""
 
 
-def _components(value: str, seps: dict[str, str]) -> list[str]:
-    return [_unescape(c, seps) for c in value.split(seps["repetition"], 1)[0].split(seps["component"])]
+def _components(value: str, seps: Separators) -> list[str]:
+    return [unescape(c, seps) for c in value.split(seps.repetition, 1)[0].split(seps.component)]
 
 
-def _err_text(fields: list[str], seps: dict[str, str]) -> str:
+def _err_text(fields: list[str], seps: Separators) -> str:
     """One ERR segment as text: v2.5 ERR-8 / ERR-7 / ERR-3 / ERR-2, or v2.3 ERR-1."""
-    user = _unescape(_field(fields, 8), seps).strip()
-    diagnostic = _unescape(_field(fields, 7), seps).strip()
-    code = [c for c in _components(_field(fields, 3), seps)]
+    user = unescape(_field(fields, 8), seps).strip()
+    diagnostic = unescape(_field(fields, 7), seps).strip()
+    code = _components(_field(fields, 3), seps)
     location = "^".join(c for c in _components(_field(fields, 2), seps) if c)
-    legacy = _field(fields, 1).split(seps["repetition"], 1)[0].split(seps["component"])  # ELD (v2.3)
+    legacy = _field(fields, 1).split(seps.repetition, 1)[0].split(seps.component)  # ELD (v2.3)
     words: list[str] = []
     if user:
         words.append(user)
@@ -106,8 +90,8 @@ def _err_text(fields: list[str], seps: dict[str, str]) -> str:
     if location:
         words.append(f"at {location}")
     if not words and any(legacy):  # ELD: segment^sequence^field^code&text&system
-        where = "^".join(_unescape(c, seps) for c in legacy[:3] if c)
-        coded = [_unescape(p, seps) for p in legacy[3].split(seps["subcomponent"] or "&")] if len(legacy) > 3 else []
+        where = "^".join(unescape(c, seps) for c in legacy[:3] if c)
+        coded = [unescape(p, seps) for p in legacy[3].split(seps.subcomponent)] if len(legacy) > 3 else []
         if len(coded) > 1 and coded[1]:
             words.append(coded[1])
         if coded and coded[0]:
@@ -122,27 +106,20 @@ def parse_ack(data: bytes) -> Ack:
     text = data.decode("utf-8", errors="replace")
     text = text.replace("\r\n", "\r").replace("\n", "\r")
     start = text.find("MSH")
-    if start < 0 or len(text) < start + 8:
+    if start < 0:
         raise ValueError("the reply is not an HL7 message (no MSH segment)")
     text = text[start:]
-    seps = {
-        "field": text[3],
-        "component": text[4],
-        "repetition": text[5],
-        "escape": text[6] if text[6] != text[3] else "",
-        "subcomponent": text[7] if text[7] != text[3] else "",
-    }
-    msh: list[str] | None = None
+    try:
+        header = read_header(text)  # the one MSH reader; its separators split the whole ACK
+    except Hl7Error as exc:
+        raise ValueError(f"the reply's MSH is unusable: {exc}") from exc
+    seps = header.separators
     msa: list[str] | None = None
     errors: list[str] = []
-    for segment in text.split("\r"):
-        if not segment:
-            continue
-        fields = segment.split(seps["field"])
+    for segment in text.split("\r")[1:]:
+        fields = segment.split(seps.field)
         name = fields[0].strip()
-        if name == "MSH" and msh is None:
-            msh = [""] + fields  # MSH-1 is the field separator itself: shift by one
-        elif name == "MSA" and msa is None:
+        if name == "MSA" and msa is None:
             msa = fields
         elif name == "ERR":
             described = _err_text(fields, seps)
@@ -150,24 +127,21 @@ def parse_ack(data: bytes) -> Ack:
                 errors.append(described)
     if msa is None:
         raise ValueError("the reply has no MSA segment")
-    assert msh is not None
     return Ack(
         code=_field(msa, 1).strip().upper(),
-        acked_control_id=_unescape(_field(msa, 2), seps).strip(),
-        control_id=_unescape(_field(msh, 10), seps).strip(),
-        text=_unescape(_field(msa, 3), seps).strip(),
+        acked_control_id=unescape(_field(msa, 2), seps).strip(),
+        control_id=unescape(header.control_id, seps).strip(),
+        text=unescape(_field(msa, 3), seps).strip(),
         errors=tuple(errors),
     )
 
 
 def _control_id(message: str) -> str:
-    """MSH-10 of our own message (ours, so the separators are known to be in MSH-1/2)."""
-    if not message.startswith("MSH") or len(message) < 8:
-        raise PermanentDeliveryError("the message to send does not start with an MSH segment")
-    header = message.split("\r", 1)[0]
-    fields = header.split(message[3])
-    # fields[0] is "MSH", fields[1] MSH-2 (encoding characters): MSH-n is fields[n - 1].
-    control = fields[9] if len(fields) > 9 else ""
+    """MSH-10 of our own message, read by the same MSH reader as everything else."""
+    try:
+        control = read_header(message).control_id
+    except Hl7Error as exc:
+        raise PermanentDeliveryError(f"the message to send has no usable MSH segment: {exc}") from exc
     if not control:
         raise PermanentDeliveryError("the message to send has no MSH-10 control id")
     return control

@@ -73,20 +73,8 @@ class Intake:
     def admit(self, arrival: Arrival, *, on_recorded: Callable[[str], None] | None = None) -> Admission:
         """Route, record, enqueue; ``on_recorded(message_id)`` runs between the record and the enqueue."""
         route = match_route(self.settings.routes, arrival.facts)
-        message_id = self.store.record_message(
-            source=arrival.source,
-            remote=arrival.remote,
-            sop_class_uid=arrival.sop_class_uid,
-            sop_instance_uid=arrival.sop_instance_uid,
-            blob_sha256=arrival.blob_sha256,
-            blob_size=arrival.blob_size,
-            state=MessageState.RECEIVED if route else MessageState.UNROUTED,
-            route=route.name if route else None,
-            flags=list(arrival.flags),
-            placer_order_number=arrival.placer_order_number,
-            filler_order_number=arrival.filler_order_number,
-            message_type=arrival.message_type,
-        )
+        state = MessageState.RECEIVED if route else MessageState.UNROUTED
+        message_id = self._record(arrival, state, route=route.name if route else None)
         if on_recorded is not None:
             on_recorded(message_id)
         if route is None:
@@ -105,19 +93,25 @@ class Intake:
 
     def reject(self, arrival: Arrival, error: str, kind: str) -> str:
         """Record a refused message (bytes kept, state ``rejected``) and its error event; its id."""
-        message_id = self.store.record_message(
+        message_id = self._record(arrival, MessageState.REJECTED, error=error)
+        self.store.add_event(message_id, kind, error)
+        return message_id
+
+    def _record(
+        self, arrival: Arrival, state: MessageState, *, route: str | None = None, error: str | None = None
+    ) -> str:
+        return self.store.record_message(
             source=arrival.source,
             remote=arrival.remote,
             sop_class_uid=arrival.sop_class_uid,
             sop_instance_uid=arrival.sop_instance_uid,
             blob_sha256=arrival.blob_sha256,
             blob_size=arrival.blob_size,
-            state=MessageState.REJECTED,
+            state=state,
+            route=route,
             error=error,
             flags=list(arrival.flags),
             placer_order_number=arrival.placer_order_number,
             filler_order_number=arrival.filler_order_number,
             message_type=arrival.message_type,
         )
-        self.store.add_event(message_id, kind, error)
-        return message_id

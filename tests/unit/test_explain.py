@@ -471,7 +471,7 @@ def test_deliveries_get_the_bytes_from_the_store(tmp_path) -> None:
 
 def test_an_lvef_tier_adds_a_page_with_its_explanation_and_attribution_chart() -> None:
     from ecgbridge.inference.explain_lvef import render_lvef_page
-    from tests.unit.test_fhir_report import _lvef_output
+    from tests.support.results import lvef_output as _lvef_output
 
     ecg = load("wfdb/00024_lr.hea")
     base = result_with({"NORM": 0.9}, model="diagnosis")

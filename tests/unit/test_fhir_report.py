@@ -18,8 +18,7 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.provenance import Provenance
 
 from ecgbridge.errors import MappingError
-from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
-from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Attachment, Finding, ModelOutput, Patient, Study
+from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, Attachment, Finding, ModelOutput, Patient, Study
 from ecgbridge.mapping.fhir_report import (
     ReportBundle,
     build_report,
@@ -27,6 +26,7 @@ from ecgbridge.mapping.fhir_report import (
     operation_outcome_text,
     resolve_references,
 )
+from tests.support.results import lvef_output, sample_result
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "fhir_report_basic.json"
 ISSUED = datetime(2024, 3, 1, 10, 20, 0, tzinfo=UTC)
@@ -39,27 +39,7 @@ MODELS = {
 }
 
 
-def make_result(**kw: Any) -> AnalysisResult:
-    probs = [("NORM", 0.0812, 0.5), ("MI", 0.8731, 0.42), ("STTC", 0.61, 0.4), ("CD", 0.12, 0.35), ("HYP", 0.05, 0.3)]
-    findings = tuple(
-        Finding(
-            code=c,
-            display=SUPERCLASS_DISPLAY[c],
-            probability=p,
-            threshold=t,
-            present=p >= t,
-            snomed=SUPERCLASS_SNOMED[c][0],
-        )
-        for c, p, t in probs
-    )
-    defaults: dict[str, Any] = dict(
-        message_id="msg-000123",
-        outputs=(ModelOutput("ptbxl-superclass", "1.2.0", "diagnosis", findings),),
-        quality_flags=("baseline_wander:V1",),
-        ecg_flags=("derived_leads:III,aVR,aVL,aVF",),
-    )
-    defaults.update(kw)
-    return AnalysisResult(**defaults)
+make_result = sample_result
 
 
 PATIENT = Patient(id="MRN-0042", id_issuer="HOSPITAL-A", name="Doe^Jane", sex="female")
@@ -299,42 +279,7 @@ def test_operation_outcome_text() -> None:
     )
 
 
-def _lvef_output(variant: str = "ecg+ehr") -> ModelOutput:
-    tiers = [
-        ("LVEF_GT50", "LVEF > 50 % (normal)", 0.1),
-        ("LVEF_40_50", "LVEF 40-50 % (mildly reduced)", 0.15),
-        ("LVEF_30_40", "LVEF 30-40 % (moderately reduced)", 0.6),
-        ("LVEF_LT30", "LVEF < 30 % (severely reduced)", 0.15),
-    ]
-    findings = tuple(Finding(c, d, p, 0.0, c == "LVEF_30_40") for c, d, p in tiers)
-    extra = {
-        "tier": "LVEF_30_40",
-        "variant": variant,
-        "ehr_status": "complete",
-        "missing_context": ["bnp: not in the EHR"],
-        "probabilities": {c: p for c, _, p in tiers},
-        "notice": "Trained on synthetic LVEF labels.",
-        "attributions": [
-            {
-                "feature": "nt_probnp",
-                "display": "NT-proBNP",
-                "kind": "ehr",
-                "value": 2400.0,
-                "unit": "pg/mL",
-                "contribution": 0.9,
-            },
-            {
-                "feature": "qrs_duration",
-                "display": "QRS duration",
-                "kind": "ecg",
-                "value": 152.0,
-                "unit": "ms",
-                "contribution": 0.4,
-            },
-            {"feature": "age", "display": "Age", "kind": "ehr", "value": 44.0, "unit": "a", "contribution": -0.2},
-        ],
-    }
-    return ModelOutput("lvef-synthetic", "0.1.0", "lvef", findings, extra)
+_lvef_output = lvef_output
 
 
 def test_lvef_tier_is_one_loinc_10230_1_observation_with_explanation() -> None:

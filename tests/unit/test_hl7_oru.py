@@ -22,10 +22,8 @@ import pytest
 
 from ecgbridge.core.settings import Hl7Destination
 from ecgbridge.errors import MappingError
-from ecgbridge.mapping.codes import SUPERCLASS_DISPLAY, SUPERCLASS_SNOMED
 from ecgbridge.mapping.ecg import (
     NOT_FOR_CLINICAL_USE,
-    AnalysisResult,
     Attachment,
     Ecg,
     Finding,
@@ -36,6 +34,7 @@ from ecgbridge.mapping.ecg import (
 from ecgbridge.mapping.hl7_common import unescape
 from ecgbridge.mapping.hl7_oru import LOCAL_CODING_SYSTEM, build_oru_r01, validate_er7
 from ecgbridge.outbound.mllp_client import parse_ack
+from tests.support.results import sample_findings, sample_result
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
 NOW = datetime(2024, 3, 1, 10, 20, 0, tzinfo=UTC)
@@ -77,31 +76,8 @@ ORDER: dict[str, Any] = {
 }
 
 
-def findings(**tiers: str) -> tuple[Finding, ...]:
-    probs = [("NORM", 0.0812, 0.5), ("MI", 0.8731, 0.42), ("STTC", 0.61, 0.4), ("CD", 0.12, 0.35), ("HYP", 0.05, 0.3)]
-    return tuple(
-        Finding(
-            code=c,
-            display=SUPERCLASS_DISPLAY[c],
-            probability=p,
-            threshold=t,
-            present=p >= t,
-            snomed=SUPERCLASS_SNOMED[c][0],
-            tier=tiers.get(c),
-        )
-        for c, p, t in probs
-    )
-
-
-def make_result(**kw: Any) -> AnalysisResult:
-    defaults: dict[str, Any] = dict(
-        message_id="msg-000123",
-        outputs=(ModelOutput("ptbxl-superclass", "1.2.0", "diagnosis", findings()),),
-        quality_flags=("baseline_wander:V1",),
-        ecg_flags=("derived_leads:III,aVR,aVL,aVF",),
-    )
-    defaults.update(kw)
-    return AnalysisResult(**defaults)
+findings = sample_findings
+make_result = sample_result
 
 
 def make_ecg(patient: Patient | None = None, study: Study | None = None) -> Ecg:
@@ -476,7 +452,7 @@ def test_parse_ack_v23_style_and_newlines() -> None:
 
 
 def test_lvef_tier_goes_out_as_loinc_10230_1_with_its_explanation() -> None:
-    from tests.unit.test_fhir_report import _lvef_output
+    from tests.support.results import lvef_output as _lvef_output
 
     result = make_result(outputs=make_result().outputs + (_lvef_output(),))
     er7 = build(result=result)
