@@ -13,16 +13,21 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ecgbridge.broker import EmbeddedRedis
+from ecgbridge.core.accounts import AccountStore
+from ecgbridge.core.live import LiveSettings
 from ecgbridge.core.queue import QUEUE, Dispatcher, make_celery
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.states import MessageState, WorkKind
 from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import StorageError
 
-__all__ = ["recover", "Gateway", "run_worker", "run_all"]
+__all__ = ["recover", "Gateway", "run_worker", "run_all", "reload_on_sighup"]
 
 log = logging.getLogger("ecgbridge")
 
@@ -51,36 +56,72 @@ def recover(store: MessageStore, dispatcher: Dispatcher, *, include_queued: bool
     return count
 
 
+def _is_running(listener: Any) -> Callable[[], bool]:
+    return lambda: bool(listener.running)
+
+
 class Gateway:
     """The listeners plus a periodic sweep that enqueues stored-but-unqueued messages."""
 
     def __init__(self, settings: Settings, sweep_interval_s: float = 15.0) -> None:
         from ecgbridge.gateway.dicom_scp import DicomGateway
 
-        self.settings = settings
+        #: The configuration in force; a reload (SIGHUP or the console) replaces it for every listener.
+        self.live = LiveSettings(settings)
         self.store = MessageStore(settings.database_url, settings.data_dir)
         self.store.create_schema()
+        self.accounts = AccountStore(self.store)
         self.dispatcher = Dispatcher(make_celery(settings))
-        self.dicom = DicomGateway(settings, self.store, self.dispatcher) if settings.listeners.dicom.enabled else None
+        self.dicom = DicomGateway(self.live, self.store, self.dispatcher) if settings.listeners.dicom.enabled else None
         self.mllp = None
         if settings.listeners.mllp.enabled:
             from ecgbridge.gateway.mllp import MllpGateway
 
-            self.mllp = MllpGateway(settings, self.store, self.dispatcher)
+            self.mllp = MllpGateway(self.live, self.store, self.dispatcher)
         self.inbox = None
         if settings.listeners.inbox.enabled:
             from ecgbridge.gateway.inbox import InboxWatcher
 
-            self.inbox = InboxWatcher(settings, self.store, self.dispatcher)
+            self.inbox = InboxWatcher(self.live, self.store, self.dispatcher)
+        self.console = None
+        if settings.console.enabled:
+            from ecgbridge.gateway.console.context import ConsoleContext
+            from ecgbridge.gateway.console.server import ConsoleServer
+
+            listeners = {
+                name: _is_running(listener)
+                for name, listener in (("dicom", self.dicom), ("mllp", self.mllp), ("inbox", self.inbox))
+                if listener is not None
+            }
+            context = ConsoleContext(
+                self.live, self.store, self.dispatcher, self.accounts, listeners=listeners, reload=self.reload
+            )
+            self.console = ConsoleServer(context)
         self._stop = threading.Event()
         self._sweep_interval = sweep_interval_s
         self._sweeper: threading.Thread | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.current
+
+    def reload(self, actor: str = "system", remote_addr: str | None = None) -> Any:
+        """Re-read the configuration file; an invalid file changes nothing. Audited either way."""
+        from ecgbridge.core.reload import reload_settings
+
+        return reload_settings(self.live, self.accounts, actor=actor, remote_addr=remote_addr)
 
     def start(self) -> None:
         recover(self.store, self.dispatcher, include_queued=True)
         for listener in (self.dicom, self.mllp, self.inbox):
             if listener is not None:
                 listener.start()
+        if self.console is not None:
+            try:
+                self.console.start()
+            except RuntimeError as exc:  # intake matters more than the console: keep receiving
+                log.error("%s; the listeners run without it", exc)
+                self.console = None
         self._sweeper = threading.Thread(target=self._sweep, name="recovery-sweep", daemon=True)
         self._sweeper.start()
 
@@ -93,18 +134,25 @@ class Gateway:
 
     def stop(self) -> None:
         self._stop.set()
-        for listener in (self.inbox, self.mllp, self.dicom):
+        for listener in (self.console, self.inbox, self.mllp, self.dicom):
             if listener is not None:
                 listener.stop()
 
 
 def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: str | None = None) -> None:
     """A Celery worker in this process (prefork pool); blocks until stopped."""
+    from celery.exceptions import SecurityWarning
+
     from ecgbridge.worker.tasks import worker_app
 
     MessageStore(settings.database_url, settings.data_dir).create_schema()
     app = worker_app(settings)
+    # Celery warns (many lines) whenever a worker runs as root, because a root worker that
+    # accepted pickle could be made to run code; ours accepts JSON only (core.queue), and in
+    # containers root is the norm, so the warning is noise in the service log.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
     argv = [
+        "--quiet",  # no banner: the service log says what started (see the "ready." line)
         "worker",
         "--queues",
         QUEUE,
@@ -130,21 +178,74 @@ def _worker_command(settings: Settings) -> list[str]:
     return cmd
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:
+    """Block until SIGTERM or SIGINT; on SIGHUP call ``on_hangup`` (a reload) and keep waiting.
+
+    The handlers only set flags: the reload runs here, in the main thread, not inside a
+    signal handler (it writes to the store and logs, neither of which is signal-safe).
+    """
     stop = threading.Event()
+    wake = threading.Event()
+    hangup = threading.Event()
 
     def _handler(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
         stop.set()
+        wake.set()
+
+    def _hangup(_signum: int, _frame: object) -> None:
+        hangup.set()
+        wake.set()
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
-    while not stop.wait(1.0):
-        pass
+    if on_hangup is not None:
+        signal.signal(signal.SIGHUP, _hangup)
+    while not stop.is_set():
+        wake.wait(1.0)
+        wake.clear()
+        if on_hangup is not None and hangup.is_set() and not stop.is_set():
+            hangup.clear()
+            try:
+                on_hangup()
+            except Exception:
+                log.exception("SIGHUP: the configuration reload failed")
+
+
+def reload_on_sighup(gateway: Gateway, after: Callable[[Any], None] | None = None) -> Callable[[], None]:
+    """What SIGHUP does: reload the gateway's configuration file and log the outcome (no PHI)."""
+
+    def _reload() -> None:
+        log.info("SIGHUP: re-reading the configuration file")
+        result = gateway.reload(actor="system:SIGHUP")
+        if result.ok:
+            log.info("%s", result.message)
+        else:
+            log.warning("%s", result.message)
+        for problem in result.problems if result.status == "invalid" else ():
+            log.warning("  %s", problem)
+        for warning in result.warnings:
+            log.warning("  %s", warning)
+        if result.diff:
+            log.debug("configuration changes:\n%s", result.diff)
+        if after is not None:
+            after(result)
+
+    return _reload
+
+
+def _console_url(gateway: Gateway) -> str:
+    if gateway.console is None:
+        return "- (off)"
+    return f"http://{gateway.settings.console.host}:{gateway.console.port}/"
 
 
 def run_all(settings: Settings) -> None:
-    """Broker (embedded unless configured) + worker processes + gateway; until SIGINT/SIGTERM."""
+    """Broker (embedded unless configured) + worker processes + gateway; until SIGINT/SIGTERM.
+
+    SIGHUP reloads the configuration file; when it changed, the worker processes are
+    replaced by new ones (which read the new file) and the old ones finish their task.
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     broker: EmbeddedRedis | None = None
     env = dict(os.environ)
@@ -155,6 +256,17 @@ def run_all(settings: Settings) -> None:
         env["ECGBRIDGE_BROKER_URL"] = settings.broker_url
     workers: list[subprocess.Popen[bytes]] = []
     gateway: Gateway | None = None
+
+    def _renew_workers(result: Any) -> None:
+        # Workers look routes, models and destinations up in the settings they started with:
+        # start new ones on the new file first, then let the old ones finish (warm shutdown).
+        if not result.changed or not workers:
+            return
+        old = list(workers)
+        workers[:] = [subprocess.Popen(_worker_command(settings), env=env) for _ in old]
+        _stop_workers(old)
+        log.info("SIGHUP: %d worker process(es) restarted with the new configuration", len(workers))
+
     try:
         for _ in range(settings.workers.processes):
             workers.append(subprocess.Popen(_worker_command(settings), env=env))
@@ -165,21 +277,27 @@ def run_all(settings: Settings) -> None:
         print(
             f"ecgbridge running: DICOM {dicom.ae_title} on {dicom.host}:{gateway.dicom.port if gateway.dicom else '-'}, "
             f"HL7 MLLP on {mllp.host}:{gateway.mllp.port if gateway.mllp else '-'}, "
+            f"console on {_console_url(gateway)}, "
             f"{len(workers)} worker process(es), data in {Path(settings.data_dir).resolve()}, "
-            f"broker {'embedded' if broker else settings.broker_url}. Ctrl-C stops.",
+            f"broker {'embedded' if broker else settings.broker_url}. Ctrl-C stops"
+            + (", SIGHUP reloads the configuration file." if settings.source_file else "."),
             flush=True,
         )
-        _wait_for_signal()
+        _wait_for_signal(reload_on_sighup(gateway, after=_renew_workers))
     finally:
         if gateway is not None:
             gateway.stop()
-        for w in workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        _stop_workers(workers)
         if broker is not None:
             broker.stop()
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for w in workers:
+        if w.poll() is None:
+            w.send_signal(signal.SIGTERM)
+    for w in workers:
+        try:
+            w.wait(30)
+        except subprocess.TimeoutExpired:
+            w.kill()

@@ -21,9 +21,10 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ecgbridge.core.intake import Arrival, Intake
+from ecgbridge.core.live import SettingsSource, current
 from ecgbridge.core.queue import Dispatcher
 from ecgbridge.core.routing import MessageFacts
-from ecgbridge.core.settings import DicomListener, Settings
+from ecgbridge.core.settings import DicomListener
 from ecgbridge.core.states import Source
 from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import EcgBridgeError, InputError, StorageError
@@ -136,8 +137,8 @@ class _AllowlistServer(ThreadedAssociationServer):
 class DicomGateway:
     """A running DICOM SCP bound to a store and a dispatcher."""
 
-    def __init__(self, settings: Settings, store: MessageStore, dispatcher: Dispatcher) -> None:
-        self.config: DicomListener = settings.listeners.dicom
+    def __init__(self, settings: SettingsSource, store: MessageStore, dispatcher: Dispatcher) -> None:
+        self.config: DicomListener = current(settings).listeners.dicom
         self.intake = Intake(settings, store, dispatcher)
         self.ae = AE(ae_title=self.config.ae_title)
         self.ae.maximum_associations = self.config.max_associations
@@ -158,6 +159,11 @@ class DicomGateway:
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.server_address[1])
+
+    @property
+    def running(self) -> bool:
+        """Whether the SCP thread is serving (the console's listener-up indicator)."""
+        return self.server is not None and self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         handlers: list[Any] = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [self.intake])]

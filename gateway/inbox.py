@@ -40,9 +40,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ecgbridge.core.intake import Arrival, Intake
+from ecgbridge.core.live import SettingsSource, current
 from ecgbridge.core.queue import Dispatcher
 from ecgbridge.core.routing import MessageFacts
-from ecgbridge.core.settings import InboxListener, Settings
+from ecgbridge.core.settings import InboxListener
 from ecgbridge.core.states import MessageState, Source
 from ecgbridge.core.store import MessageRow, MessageStore
 from ecgbridge.errors import EcgBridgeError, InputError, StorageError
@@ -71,9 +72,8 @@ class _Seen:
 class InboxWatcher:
     """Polls one folder in a thread; ``start()`` / ``stop()`` as the other listeners."""
 
-    def __init__(self, settings: Settings, store: MessageStore, dispatcher: Dispatcher) -> None:
-        self.settings = settings
-        self.config: InboxListener = settings.listeners.inbox
+    def __init__(self, settings: SettingsSource, store: MessageStore, dispatcher: Dispatcher) -> None:
+        self.config: InboxListener = current(settings).listeners.inbox
         if self.config.path is None:
             raise ValueError("the inbox listener needs a path")
         self.path = Path(self.config.path).absolute()
@@ -85,6 +85,11 @@ class InboxWatcher:
         self._missing_logged = False
 
     # ----- lifecycle -------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether the watcher thread is polling (the console's listener-up indicator)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="inbox-watcher", daemon=True)

@@ -37,8 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Union
 
+from ecgbridge.core.live import SettingsSource, current
 from ecgbridge.core.queue import Dispatcher
-from ecgbridge.core.settings import MllpListener, Settings
+from ecgbridge.core.settings import MllpListener
 from ecgbridge.core.store import MessageStore
 from ecgbridge.mapping.hl7_common import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
 
@@ -380,10 +381,10 @@ class MllpServer:
 class MllpGateway:
     """The HL7 v2 MLLP listener of the gateway, bound to a store and a dispatcher."""
 
-    def __init__(self, settings: Settings, store: MessageStore, dispatcher: Dispatcher) -> None:
+    def __init__(self, settings: SettingsSource, store: MessageStore, dispatcher: Dispatcher) -> None:
         from ecgbridge.gateway.hl7_inbound import InboundContext, handle_message, handle_oversize
 
-        self.config = settings.listeners.mllp
+        self.config = current(settings).listeners.mllp
         self.context = InboundContext(settings, store, dispatcher)
         ctx = self.context
         limit = self.config.max_message_bytes
@@ -400,6 +401,12 @@ class MllpGateway:
     @property
     def stats(self) -> Counter[str]:
         return self.server.stats
+
+    @property
+    def running(self) -> bool:
+        """Whether the listener thread is serving (the console's listener-up indicator)."""
+        thread = getattr(self.server, "_thread", None)
+        return thread is not None and thread.is_alive()
 
     def start(self) -> None:
         self.server.start()

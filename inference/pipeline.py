@@ -21,6 +21,7 @@ the quality flags say ``measurements_failed``.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ecgbridge.inference.features import FEATURES_VERSION, MEASUREMENTS_MODEL, measure
@@ -56,18 +57,32 @@ def analyse_ecg(
     *,
     message_id: str = "",
     ehr: EhrContext | None = None,
+    timings: dict[str, float] | None = None,
 ) -> AnalysisResult:
     """Every requested model on ``ecg``; ``ehr`` is the patient context derived models read.
 
     Signal models run first, then the measurements, then the derived models (stage
     ``derived``, e.g. LVEF), which read the measurements and the signal models' outputs.
+    ``timings``, when given, receives the seconds each model's run took (by the name asked
+    for; the measurements as ``ecgbridge-measurements``); loading a model is not counted.
     """
+    spent: dict[str, float] = timings if timings is not None else {}
+
+    def timed(name: str, started: float) -> None:
+        spent[name] = spent.get(name, 0.0) + (time.perf_counter() - started)
+
     report = assess(ecg)
     flags = report.flags
-    models = [registry.get(name) for name in model_names]
+    models = [(name, registry.get(name)) for name in model_names]
     # A poor-quality ECG never gets a "high" tier or a "normal" call from noise alone.
-    outputs = [cap_for_quality(m.run(ecg), report) for m in models if isinstance(m, LoadedModel)]
+    outputs: list[ModelOutput] = []
+    for name, m in models:
+        if isinstance(m, LoadedModel):
+            started = time.perf_counter()
+            outputs.append(cap_for_quality(m.run(ecg), report))
+            timed(name, started)
     features: dict[str, Any] | None = None
+    started = time.perf_counter()
     try:
         measured = measurement_output(ecg)
         outputs.append(measured)
@@ -75,9 +90,12 @@ def analyse_ecg(
     except Exception as exc:
         log.warning("measurements failed for message %s: %s: %s", message_id or "-", type(exc).__name__, exc)
         flags = (*flags, MEASUREMENTS_FAILED)
-    for model in models:
+    timed(MEASUREMENTS_MODEL, started)
+    for name, model in models:
         if not isinstance(model, LoadedModel):
+            started = time.perf_counter()
             outputs.append(model.run_derived(features, outputs, ehr, flags))
+            timed(name, started)
     return AnalysisResult(message_id=message_id, outputs=tuple(outputs), quality_flags=flags, ecg_flags=ecg.flags)
 
 

@@ -16,7 +16,7 @@ echo "== import contracts (import-linter)"
 echo "== ruff check"
 "$BIN/ruff" check . || status=1
 echo "== ruff format --check"
-"$BIN/ruff" format --check . >/dev/null || { "$BIN/ruff" format --check . | tail -n 20; status=1; }
+"$BIN/ruff" format --check . >/dev/null || { "$BIN/ruff" format --check . | tail -n 20 || true; status=1; }
 echo "== mypy"
 "$BIN/mypy" 2>&1 | back || status=1
 exit $status

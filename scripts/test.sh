@@ -16,4 +16,8 @@ else
   echo "npm not found: the FHIR server tests will be skipped" >&2
 fi
 bash scripts/lint.sh
+# The Prometheus alert rules and their unit tests (promtool, Debian's prometheus package).
+rc=0; bash deploy/monitoring/check.sh || rc=$?
+if [ "$rc" -eq 3 ]; then echo "promtool not found: the alert rules were not checked (apt-get install prometheus)" >&2
+elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 exec .venv/bin/python -m pytest "$@"

@@ -24,7 +24,7 @@ PTB-XL (``HR``) records are looked up in ``--train-data`` (the PTB-XL directory
 the model was trained on) and any that are in it are dropped from the metrics
 and listed.
 
-    ecgbridge evaluate diagnosis --model inference/shipped/NAME --data /path/to/ptbxl [--fold 10] [--json]
+    ecgbridge evaluate diagnosis [--model inference/shipped/NAME] --data /path/to/ptbxl [--fold 10] [--json]
     ecgbridge evaluate diagnosis --model inference/shipped/NAME --data /path/to/cinc2021 --train-data /path/to/ptbxl
 """
 
@@ -495,8 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model",
         dest="model_dir",
         type=Path,
-        required=True,
-        help="directory with manifest.json and model.onnx (e.g. inference/shipped/diagnosis-baseline)",
+        default=None,
+        help="directory with manifest.json and model.onnx (default: the shipped diagnosis model, "
+        "inference/shipped/diagnosis-baseline)",
     )
     parser.add_argument(
         "--data",
@@ -517,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sampling-rate", type=int, choices=(100, 500), default=100)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     args = parser.parse_args(argv)
+    if args.model_dir is None:
+        args.model_dir = ModelRegistry().available()["diagnosis"]
+        print(f"model: {args.model_dir} (the shipped diagnosis model; --model DIR for another)", file=sys.stderr)
     if (args.data_dir / "ptbxl_database.csv").is_file():
         metrics = evaluate_diagnosis(
             args.model_dir,

@@ -7,16 +7,20 @@ after a crash) produces no second result and no second report.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from ecgbridge.core.queue import Dispatcher
-from ecgbridge.core.settings import Route, Settings
+from ecgbridge.core.settings import Route, Settings, load_settings
 from ecgbridge.core.states import FINAL_MESSAGE_STATES, DeliveryState, MessageState
-from ecgbridge.core.store import MessageRow, MessageStore
+from ecgbridge.core.store import MessageRow, MessageStore, TimingStage, record_timings
 from ecgbridge.errors import EcgBridgeError, InputError, ModelError
 from ecgbridge.inference.models import ModelRegistry
 from ecgbridge.inference.pipeline import analyse_ecg, needs_ehr_context
@@ -52,11 +56,49 @@ class WorkerContext:
     #: One sender per destination, reused across messages.
     senders: SenderPool = field(default_factory=SenderPool)
 
+    #: (mtime_ns, size) of the configuration file the settings were read from.
+    config_stamp: tuple[int, int] | None = None
+
     @classmethod
     def create(cls, settings: Settings, dispatcher: Dispatcher | None = None) -> WorkerContext:
         store = MessageStore(settings.database_url, settings.data_dir)
         paths = {m.name: Path(m.path) for m in settings.models if m.path is not None}
-        return cls(settings=settings, store=store, registry=ModelRegistry(paths=paths), dispatcher=dispatcher)
+        ctx = cls(settings=settings, store=store, registry=ModelRegistry(paths=paths), dispatcher=dispatcher)
+        ctx.config_stamp = _stamp(settings.source_file)
+        return ctx
+
+    def follow_config_file(self) -> None:
+        """Take a changed configuration file (a hot reload) before the next task; an invalid one is ignored.
+
+        Routes, destinations and EHR sources follow the file; where the models live and the
+        store are read at start (a change there needs a worker restart, as at the gateway).
+        """
+        source = self.settings.source_file
+        stamp = _stamp(source)
+        if source is None or stamp is None or stamp == self.config_stamp:
+            return
+        self.config_stamp = stamp
+        try:
+            fresh = load_settings(source)
+        except EcgBridgeError as exc:
+            log.warning(
+                "the configuration file changed but is invalid; keeping the one in force (%s)", str(exc).splitlines()[0]
+            )
+            return
+        self.settings = fresh
+        log.info(
+            "configuration file re-read: %d route(s), %d destination(s)", len(fresh.routes), len(fresh.destinations)
+        )
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _route(settings: Settings, name: str | None) -> Route | None:
@@ -83,20 +125,36 @@ def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
         store.add_event(message_id, "route_missing", error)
         return []
     if store.get_result(message_id) is None:
+        # Durations for the console and /metrics; kept beside the result, never in it.
+        started = time.perf_counter()
+        stages: dict[str, float] = {}
+        model_seconds: dict[str, float] = {}
         try:
             ecg = load_ecg(store, row)
-            wants_ehr = needs_ehr_context(ctx.registry, route.models)
-            ehr = ehr_context_for(ctx, route, ecg, message_id) if wants_ehr else None
-            result = analyse_ecg(ecg, ctx.registry, route.models, message_id=message_id, ehr=ehr)
+            ehr: EhrContext | None = None
+            if needs_ehr_context(ctx.registry, route.models):
+                t = time.perf_counter()
+                ehr = ehr_context_for(ctx, route, ecg, message_id)
+                stages[TimingStage.EHR_CONTEXT] = time.perf_counter() - t
+            t = time.perf_counter()
+            result = analyse_ecg(ecg, ctx.registry, route.models, message_id=message_id, ehr=ehr, timings=model_seconds)
+            stages[TimingStage.ANALYSIS] = time.perf_counter() - t
         except (InputError, ModelError) as exc:
             store.set_state(message_id, MessageState.FAILED, error=str(exc))
             store.add_event(message_id, type(exc).__name__, str(exc))
             log.warning("analyse %s failed: %s", message_id, type(exc).__name__)
             return []
+        t = time.perf_counter()
         result = attach_explanations(ctx, message_id, ecg, result)
+        stages[TimingStage.EXPLANATIONS] = time.perf_counter() - t
         models = ",".join(f"{o.model}@{o.version}" for o in result.outputs)
         if store.save_result(message_id, result.to_dict(), models):
             log.info("analysed message %s (sop %s) with %s", message_id, row.sop_instance_uid, models)
+            stages[TimingStage.TOTAL] = time.perf_counter() - started
+            try:
+                record_timings(store, message_id, stages, model_seconds)
+            except Exception as exc:  # statistics never fail an analysis
+                log.warning("could not record the timings of message %s: %s", message_id, type(exc).__name__)
         store.add_flags(message_id, list(result.ecg_flags + result.quality_flags))
     if row.state in (MessageState.RECEIVED, MessageState.QUEUED):
         store.set_state(message_id, MessageState.ANALYSED)
@@ -148,8 +206,15 @@ def attach_explanations(ctx: WorkerContext, message_id: str, ecg: Ecg, result: A
     is the first output's model's CAM when its graph has one. Rendering is best
     effort: any failure is recorded as a ``render_failed`` event and the result is
     returned without attachments; the analysis itself never fails here.
+
+    The same CAMs are also stored as the message's ``heatmaps`` artifact for the console's
+    ECG viewer (the gateway cannot run models): every class's map on the ECG's time axis
+    (step ``j`` covers ``t0_s + [j, j + 1) * step_s`` seconds of the recording), cut where
+    the recording (or the 10 s shown) ends and normalised 0..1 by the PNG's rule (positive
+    evidence above the map's median, scaled to its maximum), so the viewer and the page
+    shade the same steps. Best effort too: a failure is a ``heatmaps_failed`` event.
     """
-    from ecgbridge.inference.explain import cams_for, render_both
+    from ecgbridge.inference.explain import cams_for, explained_output, render_both, top_finding
 
     started = time.perf_counter()
     try:
@@ -159,6 +224,42 @@ def attach_explanations(ctx: WorkerContext, message_id: str, ecg: Ecg, result: A
                 cams = cams_for(ctx.registry.signal_model(result.outputs[0].model), ecg)
             except ModelError as exc:
                 log.info("no CAM for message %s: %s", message_id, exc)
+        if cams is not None:
+            try:
+                output = explained_output(result, cams)
+                findings = {f.code: f for f in output.findings} if output is not None else {}
+                top = top_finding(output) if output is not None else None
+                n_steps = int(cams.maps.shape[1])
+                step_s = cams.window_s / n_steps  # the model input is the recording's first window_s seconds
+                shown_s = min(cams.window_s, ecg.duration_s, 10.0)  # as the PNG: the viewer shows 10 s too
+                n_shown = max(1, min(n_steps, math.ceil(shown_s / step_s - 1e-9)))
+                classes: dict[str, dict[str, object]] = {}
+                for code, cam in zip(cams.classes, cams.maps):
+                    shown = np.nan_to_num(np.asarray(cam[:n_shown], dtype=np.float64))
+                    values = np.clip(shown - max(float(np.median(shown)), 0.0), 0.0, None)
+                    peak = float(values.max())
+                    finding = findings.get(code)
+                    classes[code] = {
+                        "display": finding.display if finding is not None else code,
+                        "probability": round(float(finding.probability), 4) if finding is not None else None,
+                        "present": bool(finding.present) if finding is not None else None,
+                        "t0_s": 0.0,
+                        "step_s": round(step_s, 6),
+                        "values": [round(v, 3) for v in (values / peak if peak > 0 else values).tolist()],
+                    }
+                heatmaps = {
+                    "model": cams.model,
+                    "version": cams.version,
+                    "window_s": round(cams.window_s, 6),
+                    "top": top.code if top is not None else None,
+                    "classes": classes,
+                }
+                ctx.store.save_artifact(message_id, "heatmaps", json.dumps(heatmaps, separators=(",", ":")).encode())
+            except Exception as exc:
+                ctx.store.add_event(
+                    message_id, "heatmaps_failed", f"{type(exc).__name__}: {exc}"[:500], level="warning"
+                )
+                log.warning("storing the heatmaps of %s failed: %s", message_id, type(exc).__name__)
         png, pdf = render_both(ecg, result, cams)  # measurements: those the outputs carry
         attachments = []
         for (content_type, title), data in ((REPORT_PDF, pdf), (REPORT_PNG, png)):

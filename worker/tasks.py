@@ -40,6 +40,7 @@ class WorkerTask(Task):  # type: ignore[misc]  # celery ships no type hints
             assert WorkerTask.settings is not None, "worker.tasks.register() was not called"
             ctx = jobs.WorkerContext.create(WorkerTask.settings, Dispatcher(self.app))
             WorkerTask._context = ctx
+        ctx.follow_config_file()
         return ctx
 
 

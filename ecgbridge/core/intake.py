@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ecgbridge.core.live import SettingsSource, current
 from ecgbridge.core.queue import Dispatcher
 from ecgbridge.core.routing import MessageFacts, match_route
 from ecgbridge.core.settings import Route, Settings
@@ -65,10 +66,15 @@ class Admission:
 class Intake:
     """The settings, store and dispatcher a listener hands every message to."""
 
-    def __init__(self, settings: Settings, store: MessageStore, dispatcher: Dispatcher) -> None:
-        self.settings = settings
+    def __init__(self, settings: SettingsSource, store: MessageStore, dispatcher: Dispatcher) -> None:
+        self._settings = settings
         self.store = store
         self.dispatcher = dispatcher
+
+    @property
+    def settings(self) -> Settings:
+        """The configuration in force now (a hot reload changes the routes of the next message)."""
+        return current(self._settings)
 
     def admit(self, arrival: Arrival, *, on_recorded: Callable[[str], None] | None = None) -> Admission:
         """Route, record, enqueue; ``on_recorded(message_id)`` runs between the record and the enqueue."""

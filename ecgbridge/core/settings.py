@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,6 +40,7 @@ __all__ = [
     "Settings",
     "DicomListener",
     "Listeners",
+    "ConsoleSettings",
     "Storage",
     "Broker",
     "Workers",
@@ -55,6 +57,9 @@ __all__ = [
     "Route",
     "load_settings",
     "default_settings",
+    "check_config",
+    "ConfigReport",
+    "redact_url",
 ]
 
 
@@ -145,6 +150,23 @@ class Listeners(_Strict):
     dicom: DicomListener = Field(default_factory=DicomListener)
     mllp: MllpListener = Field(default_factory=MllpListener)
     inbox: InboxListener = Field(default_factory=InboxListener)
+
+
+class ConsoleSettings(_Strict):
+    """The operations console and its HTTP API (pages, JSON API, /metrics) on its own port."""
+
+    enabled: bool = True
+    #: 127.0.0.1 by default: put a TLS reverse proxy (or the console's own TLS) in front to open it.
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (tests).
+    port: int = Field(8080, ge=0, le=65535)
+    #: Seconds a login stays valid without activity.
+    session_idle_s: int = Field(8 * 3600, ge=60)
+    #: Largest file accepted by "explain an uploaded file".
+    max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    #: Failed logins for one user name (or from one address) before it is locked for login_lockout_s.
+    login_max_failures: int = Field(5, ge=1)
+    login_lockout_s: float = Field(300.0, gt=0)
 
 
 class Storage(_Strict):
@@ -408,6 +430,7 @@ def _default_routes() -> list[Route]:
 class Settings(_Strict):
     data_dir: Path = Path("ecgbridge-data")
     listeners: Listeners = Field(default_factory=Listeners)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     storage: Storage = Field(default_factory=Storage)
     broker: Broker = Field(default_factory=Broker)
     workers: Workers = Field(default_factory=Workers)
@@ -423,32 +446,12 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
-        problems = []
-        model_names = {m.name for m in self.models}
-        dest_names = [d.name for d in self.destinations]
-        if len(set(dest_names)) != len(dest_names):
-            problems.append("destinations: names must be unique")
-        ehr_names = [e.name for e in self.ehr]
-        if len(set(ehr_names)) != len(ehr_names):
-            problems.append("ehr: names must be unique")
-        route_names = [r.name for r in self.routes]
-        if len(set(route_names)) != len(route_names):
-            problems.append("routes: names must be unique")
-        for i, route in enumerate(self.routes):
-            for m in route.models:
-                if m not in model_names:
-                    problems.append(
-                        f"routes[{i}].models: {m!r} is not a model listed under models ({sorted(model_names)})"
-                    )
-            for d in route.destinations:
-                if d not in dest_names:
-                    problems.append(
-                        f"routes[{i}].destinations: {d!r} is not a destination listed under destinations ({dest_names})"
-                    )
-            if route.ehr_context is not None and route.ehr_context not in ehr_names:
-                problems.append(
-                    f"routes[{i}].ehr_context: {route.ehr_context!r} is not an EHR source listed under ehr ({ehr_names})"
-                )
+        problems = _reference_problems(
+            [m.name for m in self.models],
+            [d.name for d in self.destinations],
+            [e.name for e in self.ehr],
+            [(r.name, r.models, r.destinations, r.ehr_context) for r in self.routes],
+        )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -481,6 +484,73 @@ class Settings(_Strict):
             if e.name == name:
                 return e
         raise ConfigError(f"no EHR source named {name!r}")
+
+
+def _reference_problems(
+    model_names: list[str],
+    dest_names: list[str],
+    ehr_names: list[str],
+    routes: list[tuple[str, list[str], list[str], str | None]],
+) -> list[str]:
+    """Names that must be unique and routes naming a model, destination or EHR source not listed.
+
+    One function for :class:`Settings` and for the lenient pass over the raw YAML that
+    :func:`load_settings` runs when field errors stop pydantic before it gets here.
+    """
+    problems = []
+    for key, names in (("destinations", dest_names), ("ehr", ehr_names), ("routes", [r[0] for r in routes])):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            problems.append(f"{key}: names must be unique ({', '.join(map(repr, repeated))} used more than once)")
+    models = set(model_names)
+    for i, (_name, route_models, route_dests, ehr_context) in enumerate(routes):
+        for m in route_models:
+            if m not in models:
+                problems.append(f"routes[{i}].models: {m!r} is not a model listed under models ({sorted(models)})")
+        for d in route_dests:
+            if d not in dest_names:
+                problems.append(
+                    f"routes[{i}].destinations: {d!r} is not a destination listed under destinations ({dest_names})"
+                )
+        if ehr_context is not None and ehr_context not in ehr_names:
+            problems.append(
+                f"routes[{i}].ehr_context: {ehr_context!r} is not an EHR source listed under ehr ({ehr_names})"
+            )
+    return problems
+
+
+def _raw_names(items: Any) -> list[str]:
+    if not isinstance(items, list):
+        return []
+    return [str(i["name"]) for i in items if isinstance(i, dict) and isinstance(i.get("name"), str | int)]
+
+
+def _raw_strings(value: Any) -> list[str]:
+    return [str(v) for v in value if isinstance(v, str | int)] if isinstance(value, list) else []
+
+
+def _lenient_references(raw: dict[str, Any]) -> list[str]:
+    """:func:`_reference_problems` over the raw YAML, reading only what has the right shape.
+
+    The cross-references live in an ``after`` validator, which pydantic runs only once every
+    field is valid; this pass lets ``config check`` report them with the field errors.
+    """
+    models = _raw_names(raw["models"]) if "models" in raw else ["diagnosis"]
+    routes: list[tuple[str, list[str], list[str], str | None]] = []
+    raw_routes = raw.get("routes", [{"name": "all-ecg"}])
+    for i, r in enumerate(raw_routes if isinstance(raw_routes, list) else []):
+        if not isinstance(r, dict):
+            r = {}
+        ehr_context = r.get("ehr_context")
+        routes.append(
+            (
+                str(r.get("name", f"#{i}")),
+                _raw_strings(r.get("models", ["diagnosis"])),
+                _raw_strings(r.get("destinations", [])),
+                str(ehr_context) if isinstance(ehr_context, str | int) else None,
+            )
+        )
+    return _reference_problems(models, _raw_names(raw.get("destinations")), _raw_names(raw.get("ehr")), routes)
 
 
 _ENV_OVERRIDES = {
@@ -540,6 +610,20 @@ def _nearest_line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> in
     return None
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@", re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of any URL in it masked (postgresql://u:secret@h -> u:********@h)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}********@", text)
+
+
+def _problem_line(problem: str) -> int:
+    """The line number of a 'file:line: ...' problem (for sorting); problems without one go last."""
+    m = re.search(r":(\d+): ", problem)
+    return int(m.group(1)) if m else 1 << 30
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
     """Load and validate a config file (or the embedded defaults when ``path`` is None)."""
     if path is None:
@@ -587,6 +671,13 @@ def load_settings(path: str | Path | None = None) -> Settings:
                     problems.append(f"{file}:{sub_line or 1}: {sub_field}: {why}")
                 continue
             problems.append(f"{where}: {field}: {msg}")
+        for item in _lenient_references(raw):
+            sub_field, _, why = item.partition(": ")
+            sub_line = _nearest_line(lines, _parse_loc(sub_field))
+            problem = f"{file}:{sub_line or 1}: {sub_field}: {why}"
+            if problem not in problems:
+                problems.append(problem)
+        problems.sort(key=_problem_line)
         raise ConfigError(f"{file}: {len(problems)} problem(s) in the configuration", problems) from exc
     settings.source_file = file.resolve()
     for source in settings.ehr:
@@ -600,3 +691,79 @@ def load_settings(path: str | Path | None = None) -> Settings:
 
 def default_settings() -> Settings:
     return load_settings(None)
+
+
+@dataclass(frozen=True)
+class ConfigReport:
+    """What ``ecgbridge config check`` says: the settings (None when invalid), problems, warnings.
+
+    Problems and warnings are 'file:line: field: why'; warnings (a key file that does not
+    exist, a secret's environment variable that is not set) do not make the file invalid:
+    they may well be in place on the machine the service runs on.
+    """
+
+    source: Path | None
+    settings: Settings | None
+    problems: list[str]
+    warnings: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.settings is not None and not self.problems
+
+
+def _walk(node: Any, loc: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], dict[str, Any], str, Any]]:
+    """Every (path of the mapping, mapping, key, value) in a raw YAML document."""
+    found: list[tuple[tuple[Any, ...], dict[str, Any], str, Any]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found.append((loc, node, str(key), value))
+            found += _walk(value, loc + (key,))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found += _walk(item, loc + (i,))
+    return found
+
+
+def _raw_warnings(raw: dict[str, Any], file: Path, lines: dict[tuple[Any, ...], int]) -> list[str]:
+    warnings = []
+    for loc, mapping, key, value in _walk(raw):
+        if not isinstance(value, str) or not value.strip() or mapping.get("type") == "none":
+            continue
+        where = f"{file}:{_nearest_line(lines, loc + (key,)) or 1}: {_format_loc(loc + (key,))}"
+        if key.endswith("_env") and not os.environ.get(value):
+            warnings.append(
+                f"{where}: environment variable {value} is not set here; the service reads the secret from it "
+                "(set it in the service's environment)"
+            )
+        elif key.endswith("_file"):
+            target = Path(value).expanduser()
+            if not target.is_absolute():
+                target = file.resolve().parent / target
+            if not target.exists():
+                warnings.append(f"{where}: file {target} does not exist")
+            elif not target.is_file():
+                warnings.append(f"{where}: {target} is not a file")
+    return warnings
+
+
+def check_config(path: str | Path | None = None) -> ConfigReport:
+    """Validate a config file, reporting every problem at once, plus warnings; never raises ConfigError."""
+    file = Path(path) if path is not None else None
+    settings: Settings | None = None
+    problems: list[str] = []
+    try:
+        settings = load_settings(file)
+    except ConfigError as exc:
+        problems = list(exc.problems) or [exc.message]
+    warnings: list[str] = []
+    if file is not None:
+        try:
+            text = file.read_text(encoding="utf-8")
+            raw = yaml.safe_load(text)
+            node = yaml.compose(text)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            raw, node = None, None
+        if isinstance(raw, dict):
+            warnings = _raw_warnings(raw, file, _line_index(node) if node is not None else {})
+    return ConfigReport(file, settings, problems, sorted(warnings, key=_problem_line))

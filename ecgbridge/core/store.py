@@ -19,27 +19,35 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     create_engine,
     event,
+    func,
+    inspect,
+    literal_column,
     or_,
     select,
+    text,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.schema import CreateIndex
 
 from ecgbridge.core.states import DeliveryState, MessageState, Work, WorkKind
 from ecgbridge.errors import StorageError
@@ -54,6 +62,12 @@ __all__ = [
     "DeliveryRow",
     "EventRow",
     "BlobStore",
+    "AnalysisTimingRow",
+    "TimingStage",
+    "EVENT_HEAD",
+    "record_timings",
+    "timings_of",
+    "create_missing_indexes",
 ]
 
 MESSAGE_STATES = tuple(MessageState)
@@ -70,6 +84,7 @@ class Base(DeclarativeBase):
 
 class MessageRow(Base):
     __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_source_route_state", "source", "route", "state"),)  # stats: counts
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
@@ -115,14 +130,17 @@ class ResultRow(Base):
     __tablename__ = "results"
 
     message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
     models: Mapped[str] = mapped_column(String(256))  # "diagnosis@0.1.0,..."
     result: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class DeliveryRow(Base):
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("message_id", "destination"),)
+    __table_args__ = (
+        UniqueConstraint("message_id", "destination"),
+        Index("ix_deliveries_state_destination", "state", "destination", "attempts"),  # stats: counts, queues
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
@@ -131,7 +149,7 @@ class DeliveryRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     remote_ref: Mapped[str | None] = mapped_column(String(256))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now, index=True)
 
 
 class EventRow(Base):
@@ -145,6 +163,19 @@ class EventRow(Base):
     level: Mapped[str] = mapped_column(String(8))  # error | warning | info
     kind: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text)
+
+
+class ArtifactRow(Base):
+    """A derived file of a message kept in the blob store, by kind (e.g. the viewer's heatmaps)."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("message_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(36), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    blob_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class BlobStore:
@@ -223,10 +254,17 @@ class MessageStore:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        """Create missing tables; safe when a gateway and workers start at the same moment."""
+        """Create missing tables and indexes; safe when a gateway and workers start at the same moment.
+
+        Migration rule: new tables and new indexes are added in place (older databases get
+        them at the next start); existing columns are never changed.
+        """
+        from ecgbridge.core import accounts  # noqa: F401 - its tables share this metadata
+
         for attempt in range(3):
             try:
                 Base.metadata.create_all(self.engine)
+                create_missing_indexes(self)
                 return
             except (ProgrammingError, IntegrityError):
                 # another process created the same table between our check and our CREATE
@@ -318,6 +356,11 @@ class MessageStore:
                 q = q.where(MessageRow.state == state)
             return list(s.scalars(q))
 
+    def count_state(self, state: str) -> int:
+        """How many messages are in ``state`` now (one indexed COUNT)."""
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(MessageRow).where(MessageRow.state == state)) or 0)
+
     def find_by_blob(self, sha256: str, source: str, *, remote: str | None = None) -> builtins.list[MessageRow]:
         """Messages with exactly these bytes from this source (oldest first): resend detection."""
         with self.session() as s:
@@ -358,6 +401,28 @@ class MessageStore:
     def get_result(self, message_id: str) -> ResultRow | None:
         with self.session() as s:
             return s.get(ResultRow, message_id)
+
+    # ----- artifacts ----------------------------------------------------------
+    def save_artifact(self, message_id: str, kind: str, data: bytes) -> str:
+        """Store ``data`` as the message's artifact of ``kind`` (replacing an older one); its sha256."""
+        sha, _ = self.save_blob(data)
+        with self.session() as s, s.begin():
+            row = s.scalar(select(ArtifactRow).where(ArtifactRow.message_id == message_id, ArtifactRow.kind == kind))
+            if row is None:
+                s.add(ArtifactRow(message_id=message_id, kind=kind, blob_sha256=sha))
+            else:
+                row.blob_sha256 = sha
+        return sha
+
+    def artifact(self, message_id: str, kind: str) -> bytes | None:
+        with self.session() as s:
+            row = s.scalar(select(ArtifactRow).where(ArtifactRow.message_id == message_id, ArtifactRow.kind == kind))
+        if row is None:
+            return None
+        try:
+            return self.read_blob(row.blob_sha256)
+        except OSError:
+            return None
 
     # ----- deliveries -------------------------------------------------------
     def ensure_deliveries(self, message_id: str, destinations: builtins.list[str]) -> None:
@@ -412,6 +477,15 @@ class MessageStore:
             if remote_ref is not None:
                 row.remote_ref = remote_ref
             return row
+
+    def reset_attempts(self, message_id: str, destination: str) -> None:
+        """Start a replayed delivery's retry budget afresh (its history stays in the events)."""
+        with self.session() as s, s.begin():
+            row = s.scalar(
+                select(DeliveryRow).where(DeliveryRow.message_id == message_id, DeliveryRow.destination == destination)
+            )
+            if row is not None:
+                row.attempts = 0
 
     # ----- orders ---------------------------------------------------------------
     def upsert_order(
@@ -518,3 +592,94 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def results_json(row: ResultRow | None) -> str:
     return json.dumps(row.result if row else None)
+
+
+# ----- analysis timings (stats, /metrics) -----------------------------------------
+
+
+class TimingStage(StrEnum):
+    """What an ``analysis_timings`` row measured (``model`` names the model for ``MODEL`` only)."""
+
+    MODEL = "model"  #: one model's run on the ECG (or a derived model on its outputs)
+    ANALYSIS = "analysis"  #: the whole pure analysis: quality, every model, the measurements
+    EHR_CONTEXT = "ehr_context"  #: reading the patient's EHR context
+    EXPLANATIONS = "explanations"  #: rendering the report and heatmap
+    TOTAL = "total"  #: the analysis job, from loading the ECG until its result was saved
+
+
+class AnalysisTimingRow(Base):
+    """How long one stage (or one model) of a message's analysis took; written once, after the result."""
+
+    __tablename__ = "analysis_timings"
+    __table_args__ = (
+        UniqueConstraint("message_id", "stage", "model"),
+        Index("ix_analysis_timings_stage_model_seconds", "stage", "model", "seconds"),  # histograms
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(36))
+    stage: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(64), default="")
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+
+
+#: The start of an event's detail (where e.g. an ``ehr_context`` event puts its status), as the
+#: index below holds it: queries that count events by it must spell it the same way.
+EVENT_HEAD = func.substr(EventRow.detail, literal_column("1"), literal_column("16"))
+Index("ix_events_kind_head_at", EventRow.kind, EVENT_HEAD, EventRow.at)  # stats: events by kind and status
+
+
+def record_timings(
+    store: MessageStore, message_id: str, stages: Mapping[str, float], models: Mapping[str, float]
+) -> bool:
+    """Store a message's stage and per-model durations (seconds) once; False when already there."""
+    rows = [
+        AnalysisTimingRow(message_id=message_id, stage=TimingStage(k).value, model="", seconds=v)
+        for k, v in stages.items()
+    ]
+    rows += [
+        AnalysisTimingRow(message_id=message_id, stage=TimingStage.MODEL.value, model=name[:64], seconds=v)
+        for name, v in models.items()
+    ]
+    try:
+        with store.session() as s, s.begin():
+            first = select(AnalysisTimingRow.id).where(AnalysisTimingRow.message_id == message_id).limit(1)
+            if s.scalar(first) is not None:
+                return False
+            s.add_all(rows)
+        return True
+    except IntegrityError:
+        return False  # a redelivered task wrote them concurrently
+
+
+def timings_of(store: MessageStore, message_id: str) -> dict[str, float]:
+    """A message's durations: ``{"total": s, ..., "model:diagnosis": s}`` (empty when none were recorded)."""
+    with store.session() as s:
+        rows = s.execute(
+            select(AnalysisTimingRow.stage, AnalysisTimingRow.model, AnalysisTimingRow.seconds).where(
+                AnalysisTimingRow.message_id == message_id
+            )
+        )
+        return {(f"{stage}:{model}" if model else stage): seconds for stage, model, seconds in rows}
+
+
+def create_missing_indexes(store: MessageStore) -> list[str]:
+    """Create the indexes a database made by an older version lacks (``create_all`` skips existing tables).
+
+    Safe when several processes start at once (``IF NOT EXISTS``); returns the names it found missing.
+    """
+    if store.engine.dialect.name == "sqlite":
+        listed = "SELECT name FROM sqlite_master WHERE type = 'index'"
+    else:
+        listed = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+    created: list[str] = []
+    with store.engine.begin() as conn:
+        existing = {str(name) for (name,) in conn.execute(text(listed))}
+        tables = set(inspect(conn).get_table_names())
+        for table in Base.metadata.sorted_tables:
+            for index in table.indexes:
+                if table.name in tables and index.name and index.name not in existing:
+                    conn.execute(CreateIndex(index, if_not_exists=True))
+                    created.append(str(index.name))
+    return created

@@ -47,6 +47,7 @@ class Stack:
     mllp_port: int = field(default_factory=free_port)
     mllp_options: dict[str, Any] = field(default_factory=dict)
     inbox_options: dict[str, Any] = field(default_factory=dict)
+    console_port: int = field(default_factory=free_port)
     processes: list[EcgbridgeProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,7 @@ class Stack:
                 **({"inbox": self.inbox_options} if self.inbox_options else {}),
             },
             "broker": {"url": self.broker_url},
+            "console": {"port": self.console_port, "host": "127.0.0.1"},
             "delivery": {"max_attempts": 20, "backoff_initial_s": 0.5, "backoff_max_s": 2},
             "log_level": "INFO",
         }
