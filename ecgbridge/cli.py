@@ -96,7 +96,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     reloads = ", SIGHUP reloads the configuration file" if settings.source_file else ""
     print(
         f"ecgbridge gateway running (DICOM port {gw.dicom.port if gw.dicom else '-'}, console "
-        f"{f'http://{settings.console.host}:{gw.console.port}/' if gw.console else 'off'}). Ctrl-C stops{reloads}.",
+        f"{f'{gw.console.scheme}://{settings.console.host}:{gw.console.port}/' if gw.console else 'off'}). "
+        f"Ctrl-C stops{reloads}.",
         flush=True,
     )
 
@@ -529,6 +530,22 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Apply retention once, from the shell (cron, or before a disk fills); audited as ``prune``."""
+    from ecgbridge.cli_users import _actor
+    from ecgbridge.core.retention import prune
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    store = _store(settings, args)
+    report = prune(store, settings, dry_run=args.dry_run, actor=_actor())
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return 0
+
+
 #: model -> (module of its trainer, module of its evaluator); each module has ``main(argv)``.
 TRAINING_ENTRIES: dict[str, tuple[str, str]] = {
     "diagnosis": ("ecgbridge.training.train", "ecgbridge.training.evaluate"),
@@ -643,6 +660,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = csub.add_parser("check", help="validate a configuration file and say exactly what is wrong")
     q.add_argument("file", nargs="?", help=f"YAML file (default: ${CONFIG_ENV}, else the embedded defaults)")
     q.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser(
+        "prune",
+        help="delete old messages' content (and rows) as the retention settings say",
+        description="Delete the content (inbound bytes, attachments, artifacts, EHR values in the result) of "
+        "finished messages older than retention.content_days, keeping their rows, states and events; with "
+        "retention.metadata_days, delete those rows too. A blob another message still uses is kept.",
+    )
+    _add_config(p)
+    p.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_prune)
 
     from ecgbridge.cli_users import add_user_commands
 

@@ -13,8 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,21 @@ __all__ = ["recover", "Gateway", "run_worker", "run_all", "reload_on_sighup"]
 log = logging.getLogger("ecgbridge")
 
 
+#: How long past its due time the periodic sweep leaves a pending delivery to the broker's own
+#: (retry) task before taking it for lost: enqueuing both would spend two attempts on one retry.
+RETRY_GRACE_S = 60.0
+
+
 def recover(store: MessageStore, dispatcher: Dispatcher, *, include_queued: bool) -> int:
-    """Re-enqueue work a crash may have lost; jobs are idempotent, so extra enqueues are harmless."""
+    """Re-enqueue work a crash may have lost; jobs are idempotent, so an extra enqueue sends nothing twice.
+
+    A delivery waiting for its backoff (``next_attempt_at`` in the future) is never taken: it
+    would spend attempts early. At start-up (``include_queued``) every due delivery is taken;
+    the periodic sweep takes one only :data:`RETRY_GRACE_S` after it fell due.
+    """
     count = 0
-    for work in list(store.unfinished()):
+    due_by = datetime.now(UTC) - timedelta(seconds=0 if include_queued else RETRY_GRACE_S)
+    for work in list(store.unfinished(due_by)):
         try:
             if work.kind is WorkKind.ANALYSE:
                 row = store.get(work.message_id)
@@ -124,6 +137,7 @@ class Gateway:
                 self.console = None
         self._sweeper = threading.Thread(target=self._sweep, name="recovery-sweep", daemon=True)
         self._sweeper.start()
+        threading.Thread(target=self._retention, name="retention", daemon=True).start()
 
     def _sweep(self) -> None:
         while not self._stop.wait(self._sweep_interval):
@@ -131,6 +145,21 @@ class Gateway:
                 recover(self.store, self.dispatcher, include_queued=False)
             except Exception:
                 log.exception("recovery sweep failed")
+
+    def _retention(self, first_after_s: float = 60.0) -> None:
+        """Prune every ``retention.run_every_h`` (read each time: a reload may change it), first soon after start."""
+        from ecgbridge.core.retention import prune
+
+        due = time.monotonic() + first_after_s
+        while not self._stop.wait(min(30.0, first_after_s)):
+            every_h = self.settings.retention.run_every_h
+            if not every_h or time.monotonic() < due:
+                continue
+            try:
+                prune(self.store, self.settings, dry_run=False)
+            except Exception:
+                log.exception("retention: the prune failed")
+            due = time.monotonic() + every_h * 3600
 
     def stop(self) -> None:
         self._stop.set()
@@ -237,7 +266,7 @@ def reload_on_sighup(gateway: Gateway, after: Callable[[Any], None] | None = Non
 def _console_url(gateway: Gateway) -> str:
     if gateway.console is None:
         return "- (off)"
-    return f"http://{gateway.settings.console.host}:{gateway.console.port}/"
+    return f"{gateway.console.scheme}://{gateway.settings.console.host}:{gateway.console.port}/"
 
 
 def run_all(settings: Settings) -> None:

@@ -9,7 +9,9 @@ not changed for ``settle_s`` (the exporter finished writing), then, in this orde
    ``failed/`` with a sibling ``<name>.error.txt`` saying why;
 3. otherwise it is admitted (:meth:`ecgbridge.core.intake.Intake.admit`: routed,
    recorded with source ``file`` and remote = the file's name, enqueued) and the file
-   goes to ``done/``.
+   goes to ``done/``. An identical resend of a SOP Instance already taken (any
+   listener) records nothing new: the first message gets a ``duplicate_received``
+   event and the file goes to ``done/`` (the rule is in :mod:`ecgbridge.core.intake`).
 
 Why nothing is lost or doubled on restart: a file is moved only after its message is
 recorded, and before recording, a message with the same content hash and file name
@@ -232,6 +234,12 @@ class InboxWatcher:
         except EcgBridgeError as exc:
             log.error("inbox: could not record file %s (%s); will retry", tag, exc)
             return False
+        if admitted.duplicate:
+            log.info(
+                "inbox: file %s is an identical resend of message %s; not recorded again", tag, admitted.message_id
+            )
+            self._move(name, DONE, message_id=admitted.message_id)
+            return True
         log.info(
             "inbox: file %s stored as message %s (%s)",
             tag,

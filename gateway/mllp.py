@@ -41,6 +41,7 @@ from ecgbridge.core.live import SettingsSource, current
 from ecgbridge.core.queue import Dispatcher
 from ecgbridge.core.settings import MllpListener
 from ecgbridge.core.store import MessageStore
+from ecgbridge.core.tls import listener_context
 from ecgbridge.mapping.hl7_common import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
 
 __all__ = [
@@ -204,6 +205,8 @@ class MllpServer:
         self.oversize_handler = oversize_handler
         self.stats: Counter[str] = Counter()
         self._networks = _networks(config.allowed_addresses)
+        #: MLLP over TLS (mutual when the config asks for client certificates); None: plain TCP.
+        self._ssl = listener_context(config.tls, "listeners.mllp.tls")
         self._workers = workers or max(1, min(16, config.max_connections))
         self._pool: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -233,7 +236,13 @@ class MllpServer:
             try:
                 self._server = self._loop.run_until_complete(
                     asyncio.start_server(
-                        self._serve, self.config.host, self.config.port, limit=_READ_CHUNK, reuse_address=True
+                        self._serve,
+                        self.config.host,
+                        self.config.port,
+                        limit=_READ_CHUNK,
+                        reuse_address=True,
+                        ssl=self._ssl,
+                        ssl_handshake_timeout=self.config.frame_timeout_s if self._ssl else None,
                     )
                 )
                 self._port = int(self._server.sockets[0].getsockname()[1])

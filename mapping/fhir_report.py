@@ -22,6 +22,12 @@ Decisions, and why:
 * **status ``preliminary``** on the report and every Observation: the content is a
   machine assertion no clinician has reviewed; ``final`` would tell the EHR it is
   verified. A reviewer (or the EHR workflow) promotes it.
+* **a re-analysis (result ``version`` 2, 3, ...) amends the same report**: the same
+  identifiers (so the sender finds and updates the same DiagnosticReport and the same
+  Observations), status ``amended`` on the report and its Observations (HL7 v2 says ``C``),
+  a ``meta.tag`` :data:`RESULT_VERSION_SYSTEM` naming the version, a conclusion line
+  saying so, and a Provenance with activity ``UPDATE`` tagged the same way. Version 1 is
+  exactly what it always was.
 * **Observation category ``procedure``**: the HL7 observation-category definition puts
   electrodiagnostics (ECG) under ``procedure``; ``exam`` is for physical examination.
 * **probability as UCUM ``1``** (unity), value 0..1 with ``unit`` "probability": the
@@ -82,11 +88,13 @@ from ecgbridge.mapping.severity_result import Severity, severity_of_output
 
 __all__ = [
     "AI_SECURITY_LABEL",
+    "RESULT_VERSION_SYSTEM",
     "DEFAULT_PATIENT_ID_SYSTEM",
     "PlannedResource",
     "ReportBundle",
     "build_report",
     "resolve_references",
+    "revision_note",
     "operation_outcome_text",
     "identifier_query",
     "validate_resource",
@@ -101,6 +109,9 @@ AI_SECURITY_LABEL: dict[str, str] = {
 
 #: Identifier system for a patient id when the route configures none.
 DEFAULT_PATIENT_ID_SYSTEM = "urn:ecgbridge:patient-id"
+
+#: ``meta.tag`` system of a revised report and of its Provenance: the code is the result version.
+RESULT_VERSION_SYSTEM = "urn:ecgbridge:result-version"
 
 _PROBABILITY_UNIT: dict[str, str] = {"unit": "probability", "system": SYSTEM["ucum"], "code": "1"}
 _PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
@@ -136,6 +147,19 @@ class ReportBundle:
     issued: str
     #: Source ECG identifier (system, value) for Provenance.entity, when known.
     source_identifier: tuple[str, str] | None = None
+    #: The result version: 1 is the first analysis, 2 and later amend the same report.
+    version: int = 1
+
+    @property
+    def revision_tag(self) -> dict[str, str]:
+        """The ``meta.tag`` a revision's report and Provenance carry."""
+        return _version_tag(self.version)
+
+    def is_provenance_of_version(self, provenance: Mapping[str, Any]) -> bool:
+        """Whether a Provenance found on the server records this bundle's revision (version >= 2)."""
+        tags = (provenance.get("meta") or {}).get("tag") or []
+        tag = self.revision_tag
+        return any(t.get("system") == tag["system"] and t.get("code") == tag["code"] for t in tags)
 
     @property
     def device(self) -> PlannedResource:
@@ -177,6 +201,9 @@ class ReportBundle:
             "activity": {"coding": [{"system": _DATA_OPERATION, "code": "CREATE", "display": "create"}]},
             "agent": agents,
         }
+        if self.version > 1:  # a revision: the report was updated, and to which result version
+            prov = {"resourceType": "Provenance", "meta": {"tag": [self.revision_tag]}, **prov}
+            prov["activity"] = {"coding": [{"system": _DATA_OPERATION, "code": "UPDATE", "display": "revise"}]}
         if self.source_identifier is not None:
             system, value = self.source_identifier
             prov["entity"] = [
@@ -219,6 +246,19 @@ def _fhir_instant(dt: datetime) -> str:
     spec = "milliseconds" if dt.microsecond else "seconds"
     text = dt.isoformat(timespec=spec)
     return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def _version_tag(version: int) -> dict[str, str]:
+    return {"system": RESULT_VERSION_SYSTEM, "code": str(version), "display": f"result version {version}"}
+
+
+def _amended(planned: PlannedResource) -> PlannedResource:
+    """The same planned resource with status ``amended`` (a revision's report and Observations)."""
+    return PlannedResource(
+        resource=validate_resource({**planned.resource, "status": "amended"}),
+        if_none_exist=planned.if_none_exist,
+        placeholder=planned.placeholder,
+    )
 
 
 def _model_tag(output: ModelOutput) -> dict[str, str]:
@@ -496,7 +536,7 @@ def _severity_observation(
     return _planned(obs)
 
 
-def _conclusion(result: AnalysisResult, flags: list[str]) -> str:
+def _conclusion(result: AnalysisResult, flags: list[str], version: int = 1) -> str:
     lines = [
         explanation_text(output) if output.task == LVEF_TASK and output.findings else output_summary(output)
         for output in result.outputs
@@ -504,8 +544,15 @@ def _conclusion(result: AnalysisResult, flags: list[str]) -> str:
     ]
     if flags:
         lines.append("Flags: " + "; ".join(flags) + ".")
+    if version > 1:
+        lines.append(revision_note(version))
     lines.append(result.label)
     return "\n".join(lines)
+
+
+def revision_note(version: int) -> str:
+    """The line a revised result carries for its reader (FHIR conclusion, HL7 NTE)."""
+    return f"Amended: result version {version}, re-analysed with the current models; it replaces the earlier result."
 
 
 #: presentedForm order: the PDF report first, then the PNG image, then anything else.
@@ -554,6 +601,7 @@ def build_report(
     assume_tz: tzinfo | None = None,
     include_patient_name: bool = False,
     attachments_data: Mapping[str, bytes] | None = None,
+    version: int = 1,
 ) -> ReportBundle:
     """Map one analysis to validated FHIR R4 resources with their If-None-Exist queries.
 
@@ -562,10 +610,13 @@ def build_report(
     ``issued`` defaults to now (UTC); a naive ``issued`` is taken as UTC.
     ``attachments_data`` maps an attachment's ``blob_sha256`` to its bytes: each of
     ``result.attachments`` found there becomes a ``presentedForm`` (PDF, then PNG).
+    ``version`` >= 2 (a re-analysis) gives the same identifiers with status ``amended``.
     Raises :class:`MappingError` when the result cannot form valid FHIR.
     """
     if not result.outputs:
         raise MappingError("analysis result has no model outputs to report")
+    if version < 1:
+        raise MappingError(f"result version {version} is not 1 or more")
     issued_dt = issued or datetime.now(UTC)
     if issued_dt.tzinfo is None:
         issued_dt = issued_dt.replace(tzinfo=UTC)
@@ -655,12 +706,15 @@ def build_report(
                 conclusion_codes.append({"coding": _finding_codings(finding, output), "text": finding.display})
 
     tags = _dedupe_tags(_model_tag(o) for o in result.outputs)
+    if version > 1:
+        tags.append(_version_tag(version))
+        observations = [_amended(o) for o in observations]
     loinc_code, loinc_display = LOINC["ecg_panel"]
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "meta": {"security": [dict(AI_SECURITY_LABEL)], "tag": tags},
         "identifier": [{"system": id_system, "value": id_value}],
-        "status": "preliminary",
+        "status": "preliminary" if version == 1 else "amended",
         "category": [{"coding": [{"system": SYSTEM["v2_0074"], "code": "EC", "display": "Electrocardiac"}]}],
         "code": {
             "coding": [{"system": SYSTEM["loinc"], "code": loinc_code, "display": loinc_display}],
@@ -673,7 +727,7 @@ def build_report(
         report["effectiveDateTime"] = effective
     report["issued"] = issued_s
     report["result"] = [{"reference": o.placeholder} for o in observations]
-    report["conclusion"] = _conclusion(result, flags)
+    report["conclusion"] = _conclusion(result, flags, version)
     if conclusion_codes:
         report["conclusionCode"] = conclusion_codes
     if presented:
@@ -689,6 +743,7 @@ def build_report(
         report=planned_report,
         issued=issued_s,
         source_identifier=source,
+        version=version,
     )
 
 

@@ -26,6 +26,10 @@ Decisions, and why (mirroring :mod:`mapping.fhir_report` where the two overlap):
 
 * **result status P** (OBR-25, OBX-11): a machine result no clinician has reviewed is
   preliminary, like FHIR ``preliminary``; ``F`` would tell the EHR it is verified.
+* **a re-analysis (result ``version`` 2, 3, ...) is a correction, status C** on OBR-25
+  and every OBX-11 (FHIR ``amended``), with the same placer / filler numbers, so the EHR
+  replaces the result it holds for the order, a report note saying so, and its own MSH-10
+  (the caller derives one per version). Version 1 is exactly what it always was.
 * **report notes after OBR, not after the last OBX**: an NTE that follows an OBX
   belongs to that OBX's OBSERVATION group (so the standard and hl7apy read it), so the
   label and flags for the whole report go in the ORDER_OBSERVATION group, right after
@@ -125,6 +129,7 @@ __all__ = [
     "DEFAULT_SERVICE",
     "OruAddressing",
     "build_oru_r01",
+    "revision_note",
     "validate_er7",
 ]
 
@@ -490,6 +495,11 @@ def _person_name(name: str | None) -> Value:
 # --------------------------------------------------------------------------- builder
 
 
+def revision_note(version: int) -> str:
+    """The report note of a corrected result (an NTE after OBR)."""
+    return f"Corrected result: version {version}, re-analysed with the current models; it replaces the earlier result."
+
+
 def build_oru_r01(
     result: AnalysisResult,
     *,
@@ -501,6 +511,7 @@ def build_oru_r01(
     now: datetime | None = None,
     assume_tz: tzinfo | None = None,
     attachments_data: Mapping[str, bytes] | None = None,
+    version: int = 1,
 ) -> str:
     """One analysis as a validated ORU^R01 v2.5.1, ER7-encoded with ``\\r`` separators.
 
@@ -511,10 +522,14 @@ def build_oru_r01(
     and OBX-19. ``attachments_data`` maps an attachment's ``blob_sha256`` to its bytes:
     when the destination wants the report (``include_report_pdf``) and the result's PDF
     attachment is found there, it is sent as an ED OBX (``^Application^PDF^Base64^...``).
+    ``version`` >= 2 (a re-analysis) is sent as a correction: result status C.
     Raises :class:`MappingError` when no valid message can be made.
     """
     if not result.outputs:
         raise MappingError("analysis result has no model outputs to report")
+    if version < 1:
+        raise MappingError(f"result version {version} is not 1 or more")
+    status = "P" if version == 1 else "C"
     if not control_id:
         raise MappingError("an ORU^R01 needs a message control id (MSH-10)")
     stamp_dt = now or datetime.now(UTC)
@@ -590,9 +605,11 @@ def build_oru_r01(
         _set(obr, 16, provider)
         _set(obr, 22, stamp)
         _set(obr, 24, "EC")
-        _set(obr, 25, "P")
+        _set(obr, 25, status)
 
         notes = [label, *(output_summary(o) for o in result.outputs)]
+        if version > 1:
+            notes.insert(1, revision_note(version))
         all_flags = _dedupe([*result.quality_flags, *result.ecg_flags, *flags])
         if all_flags:
             notes.append("Flags: " + "; ".join(all_flags) + ".")
@@ -611,7 +628,7 @@ def build_oru_r01(
             _set(obx, 7, planned.fields.get("range"))
             _set(obx, 8, planned.fields.get("flag"))
             _set(obx, 9, planned.fields.get("probability"))
-            _set(obx, 11, "P")
+            _set(obx, 11, status)
             _set(obx, 14, acquired)
             _set(obx, 17, _method(planned.output))
             _set(obx, 19, stamp)

@@ -8,11 +8,21 @@ PTB-XL subsets processed upstream carry units ``zscore`` (band-passed, z-scored 
 lead): they are accepted as if mV and flagged ``units:zscore``. Header comments of the
 challenge records (``#Sex: Female``) give the patient's sex; the record name goes into
 the flags as ``record:NAME`` (study UIDs stay None: a WFDB record has none).
+
+Challenge header dialect: some Georgia (G12EC) headers of the PhysioNet/CinC challenge
+write the record line as ``E07938.mat 12 500 5000 05-May-2020 09:49:17`` (the signal
+file's name as the record name, the date before the time, month by name), which wfdb
+refuses. :func:`standard_record_line` rewrites such a line to standard WFDB
+(``E07938 12 500 5000 09:49:17 05/05/2020``) and :func:`read_wfdb_record` reads the
+record through it; the product's reader and the training data sets share that rule.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +33,7 @@ from ecgbridge.mapping.codes import LEAD_BY_MEANING
 from ecgbridge.mapping.dicom_waveform import standardise_leads
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
 
-__all__ = ["read_wfdb", "lead_name", "WFDB_UNITS_TO_MV"]
+__all__ = ["read_wfdb", "read_wfdb_record", "standard_record_line", "lead_name", "WFDB_UNITS_TO_MV"]
 
 #: WFDB units (lower-cased) -> factor to mV. "zscore" is dimensionless, kept as is.
 WFDB_UNITS_TO_MV: dict[str, float] = {
@@ -37,12 +47,78 @@ WFDB_UNITS_TO_MV: dict[str, float] = {
 
 _LEAD_BY_LOWER: dict[str, str] = {lead.lower(): lead for lead in STANDARD_LEADS}
 _SEX = {"male": "male", "m": "male", "female": "female", "f": "female"}
+#: A record name written with its signal file's extension (challenge dialect: ``E07938.mat``).
+_NAME_WITH_SIGNAL_SUFFIX = re.compile(r"([-\w]+)\.(?:mat|dat)", re.IGNORECASE)
+#: A date with the month by name (challenge dialect: ``05-May-2020``).
+_DAY_MONTH_NAME_YEAR = re.compile(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})")
+_MONTHS = {m: i for i, m in enumerate(("jan feb mar apr may jun jul aug sep oct nov dec").split(), start=1)}
 
 
 def lead_name(raw: str) -> str | None:
     """A WFDB signal name as a standard lead ('AVR', 'avr' -> 'aVR'), or None."""
     key = raw.strip().lower()
     return _LEAD_BY_LOWER.get(key) or LEAD_BY_MEANING.get(key)
+
+
+def standard_record_line(line: str) -> str:
+    """The record line in standard WFDB syntax; ``line`` itself unless it is in the challenge dialect.
+
+    The rule: a ``.mat``/``.dat`` suffix on the record name is dropped, and a
+    ``DD-Mon-YYYY`` date becomes ``DD/MM/YYYY`` after the time (dropped when there is
+    no time, which WFDB requires before a date).
+    """
+    tokens = line.split()
+    if not tokens:
+        return line
+    named = _NAME_WITH_SIGNAL_SUFFIX.fullmatch(tokens[0])
+    fields = tokens[1:]
+    dated = [i for i, t in enumerate(fields) if _DAY_MONTH_NAME_YEAR.fullmatch(t)]
+    if named is None and not dated:
+        return line
+    if dated:
+        i = dated[0]
+        day, month_name, year = _DAY_MONTH_NAME_YEAR.fullmatch(fields[i]).groups()  # type: ignore[union-attr]
+        month = _MONTHS.get(month_name.lower())
+        if month is None:
+            return line  # not the dialect: wfdb says what is wrong
+        fields = fields[:i] + fields[i + 1 :]
+        if any(":" in t for t in fields):
+            fields.append(f"{int(day):02d}/{month:02d}/{year}")
+    return " ".join([named.group(1) if named else tokens[0], *fields])
+
+
+def read_wfdb_record(path: Path | str, *, physical: bool = True) -> wfdb.Record:
+    """``wfdb.rdrecord`` of the record at ``path`` (no extension), accepting the challenge header dialect.
+
+    A dialect header is rewritten into a temporary folder beside links to the signal
+    files, so wfdb reads the signals unchanged; the record's own files are never modified.
+    """
+    base = Path(path)
+    header = base.with_name(base.name + ".hea")
+    lines = header.read_text(encoding="ascii", errors="ignore").splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
+    if first is None or standard_record_line(lines[first]) == lines[first]:
+        return wfdb.rdrecord(str(base), physical=physical)
+    lines[first] = standard_record_line(lines[first])
+    signal_files = {
+        line.split()[0]
+        for line in lines[first + 1 :]
+        if line.strip() and not line.lstrip().startswith("#") and Path(line.split()[0]).name == line.split()[0]
+    }
+    with tempfile.TemporaryDirectory(prefix="ecgbridge-wfdb-") as tmp:
+        (Path(tmp) / header.name).write_text("\n".join(lines) + "\n", encoding="ascii")
+        for name in signal_files:
+            source = base.parent / name
+            if source.is_file():
+                _link_or_copy(source.resolve(), Path(tmp) / name)
+        return wfdb.rdrecord(str(Path(tmp) / base.name), physical=physical)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.symlink(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def read_wfdb(path: Path | str) -> Ecg:
@@ -54,7 +130,7 @@ def read_wfdb(path: Path | str) -> Ecg:
     if not header.is_file():
         raise FileNotFoundError(f"no WFDB header {header}")
     try:
-        record = wfdb.rdrecord(str(base), physical=True)
+        record = read_wfdb_record(base, physical=True)
     except Exception as exc:
         raise DecodeError(f"WFDB record {base.name} could not be read ({type(exc).__name__})", detail=str(exc)) from exc
 

@@ -20,16 +20,15 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from ecgbridge.core.settings import EhrSource
+from ecgbridge.core.tls import connection_context
 from ecgbridge.errors import ConfigError, DeliveryError
 from ecgbridge.mapping.ecg import Patient
 from ecgbridge.mapping.ehr_context import LOINC, EhrContext, context_from_resources, observation_loinc_codes
-from ecgbridge.outbound.fhir_auth import SmartBackendAuth
+from ecgbridge.outbound.fhir_auth import build_auth
 from ecgbridge.outbound.fhir_client import (
-    BearerAuth,
     FhirClient,
     FhirPermanentError,
     FhirTransientError,
@@ -43,33 +42,9 @@ log = logging.getLogger("ecgbridge.ehr")
 
 def build_client(source: EhrSource) -> FhirClient:
     """A FhirClient for ``source`` with its auth; raises ConfigError when a secret is missing."""
-    auth_cfg = source.auth
-    auth: BearerAuth | SmartBackendAuth | None = None
-    if auth_cfg.type == "bearer":
-        try:
-            auth = BearerAuth.from_env(auth_cfg.token_env or "")
-        except ValueError as exc:
-            raise ConfigError(f"EHR {source.name}: {exc}") from exc
-    elif auth_cfg.type == "smart-backend":
-        try:
-            pem = Path(auth_cfg.private_key_file or "").read_bytes()
-        except OSError as exc:
-            raise ConfigError(
-                f"EHR {source.name}: SMART private key file cannot be read ({type(exc).__name__})"
-            ) from exc
-        try:
-            auth = SmartBackendAuth(
-                client_id=auth_cfg.client_id or "",
-                private_key_pem=pem,
-                key_id=auth_cfg.key_id or "",
-                scope=auth_cfg.smart_scope,
-                token_url=auth_cfg.token_url,
-                fhir_base_url=source.base_url,
-                timeout_s=source.timeout_s,
-            )
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"EHR {source.name}: SMART private key not usable ({exc})") from exc
-    return FhirClient(source.base_url, auth=auth, timeout_s=source.timeout_s)
+    auth = build_auth(source.auth, source.base_url, timeout_s=source.timeout_s, what=f"EHR {source.name}")
+    tls = connection_context(source.tls, f"EHR {source.name}")
+    return FhirClient(source.base_url, auth=auth, timeout_s=source.timeout_s, tls=tls)
 
 
 def _failure(what: str, exc: DeliveryError) -> str:

@@ -12,13 +12,16 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Generator, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ecgbridge.outbound.fhir_client import FhirPermanentError, FhirTransientError, json_or_none
+from ecgbridge.core.settings import EhrAuth
+from ecgbridge.errors import ConfigError
+from ecgbridge.outbound.fhir_client import BearerAuth, FhirPermanentError, FhirTransientError, json_or_none
 
-__all__ = ["SmartBackendAuth"]
+__all__ = ["SmartBackendAuth", "build_auth"]
 
 log = logging.getLogger("ecgbridge.fhir")
 
@@ -194,4 +197,37 @@ def _as_timeout(value: Any) -> httpx.Timeout | None:
             return httpx.Timeout(**value)
         except TypeError:
             return None
+    return None
+
+
+def build_auth(
+    auth: EhrAuth, base_url: str, *, timeout_s: float, what: str, scope: str | None = None
+) -> httpx.Auth | None:
+    """The httpx auth a FHIR server's configuration asks for; ConfigError naming ``what`` when a secret is missing.
+
+    ``scope``: the SMART scopes to ask for when the configuration gives none (reads for an
+    EHR source, writes for a destination).
+    """
+    if auth.type == "bearer":
+        try:
+            return BearerAuth.from_env(auth.token_env or "")
+        except ValueError as exc:
+            raise ConfigError(f"{what}: {exc}") from exc
+    if auth.type == "smart-backend":
+        try:
+            pem = Path(auth.private_key_file or "").read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{what}: SMART private key file cannot be read ({type(exc).__name__})") from exc
+        try:
+            return SmartBackendAuth(
+                client_id=auth.client_id or "",
+                private_key_pem=pem,
+                key_id=auth.key_id or "",
+                scope=auth.scope or scope or auth.smart_scope,
+                token_url=auth.token_url,
+                fhir_base_url=base_url,
+                timeout_s=timeout_s,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{what}: SMART private key not usable ({exc})") from exc
     return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -165,6 +166,7 @@ class FhirClient:
         auth: httpx.Auth | None = None,
         timeout_s: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.timeout_s = timeout_s
@@ -174,6 +176,7 @@ class FhirClient:
             auth=auth,
             timeout=timeout_s,
             transport=transport,
+            verify=tls if tls is not None else True,
             headers={"Accept": FHIR_JSON},
             follow_redirects=False,
         )
@@ -375,13 +378,14 @@ class FhirClient:
             raise FhirPermanentError("FHIR transaction: the answer is not a Bundle", status=response.status_code)
         return body
 
-    def update(self, resource: Mapping[str, Any]) -> dict[str, Any]:
-        """PUT ``Type/id``; returns the stored resource."""
+    def update(self, resource: Mapping[str, Any], *, if_match: str | None = None) -> dict[str, Any]:
+        """PUT ``Type/id``; returns the stored resource. ``if_match``: the version read (optimistic locking)."""
         rtype = str(resource["resourceType"])
         rid = resource.get("id")
         if not rid:
             raise FhirPermanentError(f"FHIR PUT {rtype}: resource has no id")
-        response = self._request("PUT", rtype, f"{rtype}/{rid}", json=resource)
+        headers = {"If-Match": f'W/"{if_match}"'} if if_match else None
+        response = self._request("PUT", rtype, f"{rtype}/{rid}", json=resource, headers=headers)
         body = json_or_none(response)
         return body if body is not None else dict(resource)
 

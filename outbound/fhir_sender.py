@@ -1,22 +1,35 @@
 """FHIR destinations: the result written as a DiagnosticReport with its Observations, idempotently.
 
 Every resource is a conditional create keyed by identifiers derived from the message
-id, so a retried or redelivered task finishes the job without a duplicate report.
+id, so a retried or redelivered task finishes the job without a duplicate report. A
+re-analysis (result version 2, 3, ...) updates that same report and its Observations in
+place (:func:`deliver_revision`).
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from typing import Any, cast
 
-from ecgbridge.core.settings import FhirDestination
+import httpx
+
+from ecgbridge.core.settings import DEFAULT_SMART_WRITE_SCOPE, FhirDestination
+from ecgbridge.core.tls import connection_context
 from ecgbridge.errors import MappingError, PermanentDeliveryError
 from ecgbridge.mapping.ecg import Patient
 from ecgbridge.mapping.fhir_report import ReportBundle, build_report, resolve_references
-from ecgbridge.outbound.fhir_client import BearerAuth, FhirClient, FhirPermanentError, ref_from_location
+from ecgbridge.outbound.fhir_auth import build_auth
+from ecgbridge.outbound.fhir_client import (
+    FhirClient,
+    FhirPermanentError,
+    FhirTransientError,
+    ref_from_location,
+    search_matches,
+)
 from ecgbridge.outbound.sender import Outgoing, Sender, register_sender
 
-__all__ = ["FhirSender", "deliver_report", "resolve_patient"]
+__all__ = ["FhirSender", "deliver_report", "deliver_revision", "resolve_patient"]
 
 
 @register_sender
@@ -25,11 +38,37 @@ class FhirSender(Sender):
 
     type = "fhir"
     config_class = FhirDestination
+    _auth_obj: httpx.Auth | None = None
+    _tls_context: ssl.SSLContext | None = None
+
+    def _auth(self) -> httpx.Auth | None:
+        """Bearer or SMART Backend Services; one per sender, so a SMART token is reused until it expires."""
+        dest = cast(FhirDestination, self.config)
+        if self._auth_obj is None and dest.auth.type != "none":
+            self._auth_obj = build_auth(
+                dest.auth,
+                dest.base_url,
+                timeout_s=dest.timeout_s,
+                what=f"destination {dest.name}",
+                scope=DEFAULT_SMART_WRITE_SCOPE,
+            )
+        return self._auth_obj
+
+    def _tls(self) -> ssl.SSLContext | None:
+        dest = cast(FhirDestination, self.config)
+        if dest.tls is not None and self._tls_context is None:
+            self._tls_context = connection_context(dest.tls, f"destination {dest.name}")
+        return self._tls_context
+
+    def close(self) -> None:
+        closer = getattr(self._auth_obj, "close", None)
+        if callable(closer):
+            closer()
 
     def send(self, outgoing: Outgoing) -> str:
         dest = cast(FhirDestination, self.config)
-        token = dest.auth.token()
-        with FhirClient(dest.base_url, auth=BearerAuth(token) if token else None, timeout_s=dest.timeout_s) as client:
+        version = outgoing.version
+        with FhirClient(dest.base_url, auth=self._auth(), timeout_s=dest.timeout_s, tls=self._tls()) as client:
             patient_ref = resolve_patient(client, outgoing.ecg.patient, dest.patient_identifier_system)
             try:
                 bundle = build_report(
@@ -40,9 +79,12 @@ class FhirSender(Sender):
                     patient_reference=patient_ref,
                     patient_identifier_system=dest.patient_identifier_system,
                     attachments_data=outgoing.attachments,
+                    version=version,
                 )
             except MappingError as exc:
                 raise PermanentDeliveryError(str(exc)) from exc
+            if version > 1:
+                return deliver_revision(client, bundle)
             return deliver_report(client, bundle, transaction=dest.write_mode == "transaction")
 
 
@@ -68,6 +110,59 @@ def deliver_report(client: FhirClient, bundle: ReportBundle, *, transaction: boo
         ref, _ = client.conditional_create(resource, planned.if_none_exist)
         refs[planned.placeholder] = ref
     return _provenance(client, bundle, refs)
+
+
+def deliver_revision(client: FhirClient, bundle: ReportBundle) -> str:
+    """Write a re-analysis (``bundle.version`` >= 2) over the report it revises; returns "DiagnosticReport/<id>".
+
+    The rule: the report and each Observation are found by their identifiers (the same as
+    version 1's) and updated in place with ``PUT`` and ``If-Match`` on the version read
+    (a 412, someone changed it meanwhile, is retried from the read); one not found is
+    created as in :func:`deliver_report`, so a report that never arrived arrives now,
+    amended. Observations the new version no longer has (a model changed version) are
+    left as they are, no longer listed in the report's ``result``. Devices are conditional
+    creates. Then one Provenance per version (activity UPDATE, tagged with the version),
+    unless the server already has it. A repeat after a crash anywhere ends in the same
+    state. Always resource by resource, also for ``write_mode: transaction`` destinations:
+    each ``If-Match`` needs the read before it.
+    """
+    if bundle.version < 2:
+        raise ValueError("deliver_revision writes result version 2 or later")
+    refs: dict[str, str] = {}
+    for planned in bundle.devices:
+        refs[planned.placeholder], _ = client.conditional_create(planned.resource, planned.if_none_exist)
+    for planned in [*bundle.observations, bundle.report]:
+        resource = resolve_references(planned.resource, refs)
+        _no_placeholders(resource)
+        refs[planned.placeholder] = _update_or_create(client, resource, planned.if_none_exist)
+    report_ref = refs[bundle.report.placeholder]
+    found = client.search("Provenance", bundle.provenance_query(report_ref))
+    if not any(bundle.is_provenance_of_version(p) for p in search_matches(found, "Provenance")):
+        provenance = bundle.provenance_for(report_ref, refs)
+        _no_placeholders(provenance)
+        client.conditional_create(provenance, None)
+    return report_ref
+
+
+def _update_or_create(client: FhirClient, resource: Mapping[str, Any], query: str | None) -> str:
+    """PUT over the one resource ``query`` finds (If-Match its version), or create it; "Type/id"."""
+    rtype = str(resource["resourceType"])
+    existing = client.find_one(rtype, query) if query else None
+    if existing is None or not existing.get("id"):
+        ref, _ = client.conditional_create(resource, query)
+        return ref
+    rid = str(existing["id"])
+    body = {"resourceType": rtype, "id": rid, **{k: v for k, v in resource.items() if k not in ("resourceType", "id")}}
+    version_id = (existing.get("meta") or {}).get("versionId")
+    try:
+        client.update(body, if_match=str(version_id) if version_id else None)
+    except FhirPermanentError as exc:
+        if exc.status == 412:
+            raise FhirTransientError(
+                f"FHIR PUT {rtype} -> 412: changed on the server since it was read; retried", status=412
+            ) from exc
+        raise
+    return f"{rtype}/{rid}"
 
 
 def _provenance(client: FhirClient, bundle: ReportBundle, refs: Mapping[str, str]) -> str:

@@ -1,7 +1,9 @@
 """HL7 v2 destinations: the result as an ORU^R01 over MLLP, delivered when the receiver answers AA.
 
-MSH-10 is derived from the message id and the destination, so every retry carries the
-same control id and a receiver can drop a duplicate. The ACK decides: AA / CA
+MSH-10 is derived from the message id and the destination (and, for a re-analysis, the
+result version), so every retry carries the same control id and a receiver can drop a
+duplicate, while a corrected result (version 2, 3, ...; OBR-25 / OBX-11 ``C``) is a new
+message to it. The ACK decides: AA / CA
 delivered, AE / CE / no answer retried, AR / CR failed for good
 (:func:`ecgbridge.outbound.mllp_client.send_oru`).
 """
@@ -9,9 +11,11 @@ delivered, AE / CE / no answer retried, AR / CR failed for good
 from __future__ import annotations
 
 import hashlib
+import ssl
 from typing import cast
 
 from ecgbridge.core.settings import Hl7Destination
+from ecgbridge.core.tls import connection_context
 from ecgbridge.errors import MappingError, PermanentDeliveryError
 from ecgbridge.mapping.hl7_oru import build_oru_r01
 from ecgbridge.outbound.mllp_client import send_oru
@@ -20,9 +24,13 @@ from ecgbridge.outbound.sender import Outgoing, Sender, register_sender
 __all__ = ["Hl7Sender", "control_id"]
 
 
-def control_id(message_id: str, destination: str) -> str:
-    """MSH-10 for a result: the same on every retry, so a receiver can drop a duplicate."""
-    return hashlib.sha1(f"{message_id}/{destination}".encode()).hexdigest()[:20].upper()
+def control_id(message_id: str, destination: str, version: int = 1) -> str:
+    """MSH-10 for a result version: the same on every retry, so a receiver can drop a duplicate.
+
+    Version 1 keeps the id of every earlier release; each later version gets its own.
+    """
+    key = f"{message_id}/{destination}" + (f"/v{version}" if version > 1 else "")
+    return hashlib.sha1(key.encode()).hexdigest()[:20].upper()
 
 
 @register_sender
@@ -31,9 +39,11 @@ class Hl7Sender(Sender):
 
     type = "hl7"
     config_class = Hl7Destination
+    _context: ssl.SSLContext | None = None
 
     def send(self, outgoing: Outgoing) -> str:
         dest = cast(Hl7Destination, self.config)
+        version = outgoing.version
         try:
             message = build_oru_r01(
                 outgoing.result,
@@ -41,9 +51,19 @@ class Hl7Sender(Sender):
                 order=outgoing.order,
                 destination=dest,
                 message_id=outgoing.message_id,
-                control_id=control_id(outgoing.message_id, dest.name),
+                control_id=control_id(outgoing.message_id, dest.name, version),
                 attachments_data=outgoing.attachments,
+                version=version,
             )
         except MappingError as exc:
             raise PermanentDeliveryError(str(exc)) from exc
-        return send_oru(dest, message)
+        return send_oru(dest, message, tls=self._tls())
+
+    def _tls(self) -> ssl.SSLContext | None:
+        """The destination's TLS context, built once per sender (MLLP over TLS); None for plain TCP."""
+        dest = cast(Hl7Destination, self.config)
+        if dest.tls is None:
+            return None
+        if self._context is None:
+            self._context = connection_context(dest.tls, f"destination {dest.name}")
+        return self._context

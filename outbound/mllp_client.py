@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -180,8 +181,20 @@ def _read_frame(sock: socket.socket, deadline: float, where: str, timeout_s: flo
             raise TransientDeliveryError(f"{where} sent more than {MAX_ACK_BYTES} bytes without ending the ACK frame")
 
 
-def send_message(host: str, port: int, message: str, *, connect_timeout_s: float, ack_timeout_s: float) -> Ack:
-    """Send one MLLP-framed message and return the parsed ACK (transport errors are transient)."""
+def send_message(
+    host: str,
+    port: int,
+    message: str,
+    *,
+    connect_timeout_s: float,
+    ack_timeout_s: float,
+    tls: ssl.SSLContext | None = None,
+) -> Ack:
+    """Send one MLLP-framed message and return the parsed ACK (transport errors are transient).
+
+    With ``tls``, MLLP over TLS: the receiver's certificate is verified (a failed handshake is
+    transient: a certificate renewed on the receiver's side fixes it without a resend).
+    """
     where = f"{host}:{port}"
     try:
         data_out = frame(message.encode("utf-8"))
@@ -189,8 +202,12 @@ def send_message(host: str, port: int, message: str, *, connect_timeout_s: float
         raise PermanentDeliveryError(f"the message cannot be encoded as UTF-8 at position {exc.start}") from exc
     try:
         sock = socket.create_connection((host, port), timeout=connect_timeout_s)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=host)
     except TimeoutError:
         raise TransientDeliveryError(f"could not connect to {where} within {connect_timeout_s:g} s") from None
+    except ssl.SSLError as exc:
+        raise TransientDeliveryError(f"TLS with {where} failed: {exc.reason or type(exc).__name__}") from exc
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise TransientDeliveryError(f"could not connect to {where}: {reason}") from exc
@@ -210,11 +227,11 @@ def send_message(host: str, port: int, message: str, *, connect_timeout_s: float
         raise TransientDeliveryError(f"{where} answered with something that is not an ACK: {exc}") from exc
 
 
-def send_oru(destination: Hl7Destination, message: str) -> str:
+def send_oru(destination: Hl7Destination, message: str, *, tls: ssl.SSLContext | None = None) -> str:
     """Deliver ``message`` to an HL7 destination; ``"ACK:<receiver MSH-10>"`` on AA / CA.
 
     Raises TransientDeliveryError (retry) or PermanentDeliveryError (AR / CR) as the
-    module docstring tabulates.
+    module docstring tabulates. ``tls``: the destination's TLS context (MLLP over TLS).
     """
     control = _control_id(message)
     name = destination.name
@@ -225,6 +242,7 @@ def send_oru(destination: Hl7Destination, message: str) -> str:
             message,
             connect_timeout_s=destination.connect_timeout_s,
             ack_timeout_s=destination.ack_timeout_s,
+            tls=tls,
         )
     except TransientDeliveryError as exc:
         log.warning("ORU %s to %s: no ACK (%s)", control, name, exc)

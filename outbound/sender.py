@@ -49,6 +49,8 @@ class Outgoing:
     attachments: Mapping[str, bytes]
     #: The linked order's details (HL7 ORC / OBR values to echo), or None.
     order: Mapping[str, Any] | None = None
+    #: Which result version this is: 1, then 2, 3, ... after a re-analysis (a sender updates what it sent).
+    version: int = 1
 
 
 class Sender(ABC):

@@ -12,8 +12,9 @@ PYTHON=${PYTHON:-python3.11}
 .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test,train]'
 if command -v npm >/dev/null 2>&1; then
   npm ci --prefix tests/fhir_server --no-audit --no-fund --loglevel=error
+  npm ci --prefix tests/oidc_provider --no-audit --no-fund --loglevel=error
 else
-  echo "npm not found: the FHIR server tests will be skipped" >&2
+  echo "npm not found: the FHIR server and OpenID Connect provider tests will be skipped" >&2
 fi
 bash scripts/lint.sh
 # The Prometheus alert rules and their unit tests (promtool, Debian's prometheus package).

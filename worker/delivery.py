@@ -4,12 +4,15 @@ The job re-reads the delivery's state, so a redelivered task or a recovery sweep
 sends twice what was delivered; senders are idempotent on the receiver's side too
 (conditional creates, a stable MSH-10). The outcome is the sender's to classify:
 delivered, transient (retried with backoff by the task, dead-lettered after
-``delivery.max_attempts``) or permanent (failed, with an error record).
+``delivery.max_attempts``) or permanent (failed, with an error record). A transient
+failure stores when the retry is due (``next_attempt_at``, in the same write as the
+attempt), so the gateway's recovery sweep does not run it again before its backoff.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.states import DeliveryState, MessageState
@@ -19,7 +22,7 @@ from ecgbridge.mapping.ecg import AnalysisResult
 from ecgbridge.outbound.sender import Outgoing
 from ecgbridge.worker.jobs import WorkerContext, attachment_bytes, load_ecg
 
-__all__ = ["deliver_message", "dead_letter", "backoff_s"]
+__all__ = ["deliver_message", "dead_letter", "backoff_s", "retry_countdown"]
 
 log = logging.getLogger("ecgbridge.worker")
 
@@ -27,15 +30,20 @@ _DONE = (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.DEAD)
 
 
 def deliver_message(ctx: WorkerContext, message_id: str, destination: str) -> str | None:
-    """Write the stored result to one destination; returns the receiver's reference."""
+    """Write the result version the delivery row names to one destination; returns the receiver's reference.
+
+    A re-analysis may move the row on to a newer version while an older one is being sent:
+    the older outcome then settles nothing (the task for the newer version sends that one).
+    """
     store = ctx.store
     current = store.delivery(message_id, destination)
     if current is not None and current.state in _DONE:
         return current.remote_ref
+    version = (current.version or 1) if current is not None else 1
     row = store.get(message_id)
-    stored = store.get_result(message_id)
-    if row is None or stored is None:
-        log.error("deliver: message %s has no stored result", message_id)
+    stored = store.result_version(message_id, version)
+    if row is None or stored is None or stored.result is None:
+        log.error("deliver: message %s has no stored result version %d", message_id, version)
         return None
     dest = ctx.settings.destination(destination)
     result = AnalysisResult.from_dict(stored.result)
@@ -46,23 +54,47 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str) -> st
         ecg=load_ecg(store, row),
         attachments=attachment_bytes(store, result),
         order=order.details if order is not None else None,
+        version=version,
     )
+    label = f"{destination}" + (f" (result version {version})" if version > 1 else "")
     try:
         ref = ctx.senders.get(dest).send(outgoing)
     except TransientDeliveryError as exc:
-        store.update_delivery(message_id, destination, state=DeliveryState.PENDING, error=str(exc))
-        store.add_event(message_id, "delivery_retry", f"{destination}: {exc}", level="warning")
+        attempts = ((current.attempts or 0) if current is not None else 0) + 1
+        due = datetime.now(UTC) + timedelta(seconds=retry_countdown(ctx.settings, attempts, exc))
+        store.update_delivery(
+            message_id, destination, state=DeliveryState.PENDING, error=str(exc), version=version, next_attempt_at=due
+        )
+        store.add_event(message_id, "delivery_retry", f"{label}: {exc}", level="warning")
         raise
     except (PermanentDeliveryError, EcgBridgeError) as exc:
-        store.update_delivery(message_id, destination, state=DeliveryState.FAILED, error=str(exc))
-        store.set_state(message_id, MessageState.FAILED, error=f"delivery to {destination} failed: {exc}")
-        store.add_event(message_id, "delivery_failed", f"{destination}: {exc}")
+        settled = store.update_delivery(
+            message_id, destination, state=DeliveryState.FAILED, error=str(exc), version=version
+        )
+        if (settled.version or 1) != version:
+            _superseded(store, message_id, f"{label}: refused ({exc})", settled.version)
+            return None
+        store.set_state(message_id, MessageState.FAILED, error=f"delivery to {label} failed: {exc}")
+        store.add_event(message_id, "delivery_failed", f"{label}: {exc}")
         log.warning("delivery of %s to %s failed permanently", message_id, destination)
         return None
-    store.update_delivery(message_id, destination, state=DeliveryState.DELIVERED, remote_ref=ref)
-    log.info("delivered message %s to %s as %s", message_id, destination, ref)
+    settled = store.update_delivery(
+        message_id, destination, state=DeliveryState.DELIVERED, remote_ref=ref, version=version
+    )
+    if (settled.version or 1) != version:
+        _superseded(store, message_id, f"{label}: delivered as {ref}", settled.version)
+        return ref
+    log.info("delivered message %s to %s as %s (result version %d)", message_id, destination, ref, version)
     _finish_message(store, message_id)
     return ref
+
+
+def _superseded(store: MessageStore, message_id: str, what: str, now: int | None) -> None:
+    """An older version's outcome that came in after a re-analysis moved the delivery on: recorded only."""
+    store.add_event(
+        message_id, "delivery_superseded", f"{what}; result version {now} has replaced it"[:500], level="info"
+    )
+    log.info("delivery of %s superseded by result version %s", message_id, now)
 
 
 def _finish_message(store: MessageStore, message_id: str) -> None:
@@ -82,3 +114,8 @@ def dead_letter(ctx: WorkerContext, message_id: str, destination: str, error: st
 def backoff_s(settings: Settings, attempts: int) -> float:
     d = settings.delivery
     return float(min(d.backoff_max_s, d.backoff_initial_s * (2 ** max(0, attempts - 1))))
+
+
+def retry_countdown(settings: Settings, attempts: int, exc: TransientDeliveryError) -> float:
+    """Seconds until the retry after ``attempts`` attempts: the backoff, or longer when the receiver asked."""
+    return max(backoff_s(settings, attempts), float(getattr(exc, "retry_after_s", 0) or 0))

@@ -33,6 +33,7 @@ from ecgbridge.worker.senders import SenderPool
 __all__ = [
     "WorkerContext",
     "analyse_message",
+    "reanalyse_message",
     "attach_explanations",
     "attachment_bytes",
     "ehr_context_for",
@@ -110,13 +111,18 @@ def load_ecg(store: MessageStore, row: MessageRow) -> Ecg:
 
 
 def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
-    """Analyse a stored message once; returns the destinations still to deliver to."""
+    """Analyse a stored message once; returns the destinations still to deliver to.
+
+    A re-analysis an operator asked for (a waiting result version) is done here too, after
+    the first analysis: see :func:`reanalyse_message`.
+    """
     store = ctx.store
     row = store.get(message_id)
     if row is None:
         log.error("analyse: no message %s in the store", message_id)
         return []
-    if row.state in FINAL_MESSAGE_STATES:
+    revision = store.pending_version(message_id)
+    if row.state in FINAL_MESSAGE_STATES and revision is None:
         return []
     route = _route(ctx.settings, row.route)
     if route is None:
@@ -124,29 +130,20 @@ def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
         store.set_state(message_id, MessageState.FAILED, error=error)
         store.add_event(message_id, "route_missing", error)
         return []
+    if revision is not None and store.get_result(message_id) is not None:
+        return reanalyse_message(ctx, row, route, revision)
     if store.get_result(message_id) is None:
         # Durations for the console and /metrics; kept beside the result, never in it.
         started = time.perf_counter()
         stages: dict[str, float] = {}
         model_seconds: dict[str, float] = {}
         try:
-            ecg = load_ecg(store, row)
-            ehr: EhrContext | None = None
-            if needs_ehr_context(ctx.registry, route.models):
-                t = time.perf_counter()
-                ehr = ehr_context_for(ctx, route, ecg, message_id)
-                stages[TimingStage.EHR_CONTEXT] = time.perf_counter() - t
-            t = time.perf_counter()
-            result = analyse_ecg(ecg, ctx.registry, route.models, message_id=message_id, ehr=ehr, timings=model_seconds)
-            stages[TimingStage.ANALYSIS] = time.perf_counter() - t
+            result = _analysis(ctx, row, route, stages, model_seconds)
         except (InputError, ModelError) as exc:
             store.set_state(message_id, MessageState.FAILED, error=str(exc))
             store.add_event(message_id, type(exc).__name__, str(exc))
             log.warning("analyse %s failed: %s", message_id, type(exc).__name__)
             return []
-        t = time.perf_counter()
-        result = attach_explanations(ctx, message_id, ecg, result)
-        stages[TimingStage.EXPLANATIONS] = time.perf_counter() - t
         models = ",".join(f"{o.model}@{o.version}" for o in result.outputs)
         if store.save_result(message_id, result.to_dict(), models):
             log.info("analysed message %s (sop %s) with %s", message_id, row.sop_instance_uid, models)
@@ -162,6 +159,78 @@ def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
         return []
     store.ensure_deliveries(message_id, route.destinations)
     return [d.destination for d in store.deliveries(message_id) if d.state == DeliveryState.PENDING]
+
+
+def _analysis(
+    ctx: WorkerContext, row: MessageRow, route: Route, stages: dict[str, float], model_seconds: dict[str, float]
+) -> AnalysisResult:
+    """The route's models on the stored ECG, with its explanations; raises InputError / ModelError."""
+    ecg = load_ecg(ctx.store, row)
+    ehr: EhrContext | None = None
+    if needs_ehr_context(ctx.registry, route.models):
+        t = time.perf_counter()
+        ehr = ehr_context_for(ctx, route, ecg, row.id)
+        stages[TimingStage.EHR_CONTEXT] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = analyse_ecg(ecg, ctx.registry, route.models, message_id=row.id, ehr=ehr, timings=model_seconds)
+    stages[TimingStage.ANALYSIS] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = attach_explanations(ctx, row.id, ecg, result)
+    stages[TimingStage.EXPLANATIONS] = time.perf_counter() - t
+    return result
+
+
+def reanalyse_message(ctx: WorkerContext, row: MessageRow, route: Route, version: int) -> list[str]:
+    """Save result ``version`` (made with the route's models now) and move the deliveries on to it.
+
+    Idempotent like the first analysis: a saved version is not computed again and a delivery
+    already at ``version`` is left alone. Each destination's earlier outcome is kept as a
+    ``delivery_superseded`` event. Timings are the first analysis's only. A failed re-analysis
+    leaves the earlier result, its deliveries and the message's state as they were.
+    Returns the destinations to deliver the new version to.
+    """
+    store = ctx.store
+    message_id = row.id
+    waiting = store.result_version(message_id, version)
+    if waiting is None or waiting.error is not None:
+        return []
+    if waiting.result is None:
+        try:
+            result = _analysis(ctx, row, route, {}, {})
+        except (InputError, ModelError, OSError) as exc:  # OSError: the ECG's bytes were pruned meanwhile
+            store.fail_version(message_id, version, f"{type(exc).__name__}: {exc}")
+            store.add_event(message_id, "reanalysis_failed", f"result version {version}: {type(exc).__name__}: {exc}")
+            store.set_state(message_id, _settled_state(store, message_id))
+            log.warning("re-analysis %d of %s failed: %s", version, message_id, type(exc).__name__)
+            return []
+        models = ",".join(f"{o.model}@{o.version}" for o in result.outputs)
+        if store.save_version(message_id, version, result.to_dict(), models):
+            store.add_event(message_id, "reanalysed", f"result version {version} with {models}", level="info")
+            log.info("re-analysed message %s as result version %d with %s", message_id, version, models)
+        store.add_flags(message_id, list(result.ecg_flags + result.quality_flags))
+    before = {d.destination: d for d in store.deliveries(message_id)}
+    for dest in store.revise_deliveries(message_id, route.destinations, version):
+        old = before.get(dest)
+        if old is not None:
+            outcome = old.state + (f" as {old.remote_ref}" if old.remote_ref else "")
+            detail = f"{dest}: result version {old.version or 1} {outcome}; now delivering version {version}"
+            store.add_event(message_id, "delivery_superseded", detail[:500], level="info")
+    store.set_state(message_id, _settled_state(store, message_id))
+    return [
+        d.destination
+        for d in store.deliveries(message_id)
+        if d.state == DeliveryState.PENDING and (d.version or 1) == version
+    ]
+
+
+def _settled_state(store: MessageStore, message_id: str) -> MessageState:
+    """The message's state as its deliveries have it: a re-analysis moves an analysed message back here."""
+    states = {d.state for d in store.deliveries(message_id)}
+    if not states or DeliveryState.PENDING in states:
+        return MessageState.ANALYSED
+    if states == {DeliveryState.DELIVERED}:
+        return MessageState.DELIVERED
+    return MessageState.FAILED
 
 
 def ehr_context_for(ctx: WorkerContext, route: Route, ecg: Ecg, message_id: str) -> EhrContext | None:

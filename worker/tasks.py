@@ -69,12 +69,17 @@ def register(app: Celery, settings: Settings) -> None:
 
     @app.task(name=ANALYSE_TASK, bind=True, base=WorkerTask, max_retries=5)  # type: ignore[untyped-decorator]
     def analyse(self: WorkerTask, message_id: str) -> None:
+        """First analysis, or the re-analysis waiting in the store: the version travels there, not in the
+        arguments, so the task's name and arguments stay those of every release."""
         ctx = self.context
         try:
             destinations = jobs.analyse_message(ctx, message_id)
         except Exception as exc:  # store or broker trouble: retry, then record
             if self.request.retries >= (self.max_retries or 0):
                 ctx.store.add_event(message_id, "analysis_error", f"{type(exc).__name__}: {exc}")
+                waiting = ctx.store.pending_version(message_id)
+                if waiting is not None:  # a re-analysis asked for: the next request asks for it again
+                    ctx.store.fail_version(message_id, waiting, f"analysis error: {type(exc).__name__}: {exc}")
                 ctx.store.set_state(
                     message_id, MessageState.FAILED, error=f"analysis error: {type(exc).__name__}: {exc}"
                 )
@@ -95,7 +100,7 @@ def register(app: Celery, settings: Settings) -> None:
             if attempts >= ctx.settings.delivery.max_attempts:
                 delivery.dead_letter(ctx, message_id, destination, str(exc))
                 return
-            countdown = max(delivery.backoff_s(ctx.settings, attempts), getattr(exc, "retry_after_s", 0) or 0)
+            countdown = delivery.retry_countdown(ctx.settings, attempts, exc)  # = the row's next_attempt_at
             # Celery logs the retry's exception text; a receiver's error text may quote patient
             # data, so the log gets only the kind of failure (the full text is in the store).
             safe = TransientDeliveryError(f"{destination}: {type(exc).__name__}, attempt {attempts}")

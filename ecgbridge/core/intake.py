@@ -13,25 +13,48 @@ may look at; from there every listener calls :meth:`Intake.admit`, which
 The sender is answered success only after ``admit`` returned: the message is then
 durable, whatever happens to the broker. :meth:`Intake.reject` records what a listener
 refused (bytes kept, ``rejected``, an error event) so IT staff can see and replay it.
+
+Resends of one SOP Instance (DICOM C-STORE, inbox file, or an HL7 ORU carrying a UID)
+are compared with the messages already taken with that SOP Instance UID (rejected ones
+do not count):
+
+- same UID and same content hash (the SHA-256 of the stored bytes): an *identical
+  resend*. Nothing is recorded, analysed or delivered again; the first message gets a
+  ``duplicate_received`` event and the sender is answered success (``Admission.duplicate``).
+- same UID, different content: a *changed resend*, recorded as a new message (a new
+  version of the latest earlier one) and analysed; both get a ``resent_changed`` event
+  naming the other.
+
+Why: a cart that did not see our answer resends, and each copy used to cost an analysis
+and a second HL7 ORU; a corrected ECG under the same UID must still reach the EHR.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+
+from sqlalchemy import select
 
 from ecgbridge.core.live import SettingsSource, current
 from ecgbridge.core.queue import Dispatcher
+from ecgbridge.core.retention import CONTENT_PRUNED
 from ecgbridge.core.routing import MessageFacts, match_route
 from ecgbridge.core.settings import Route, Settings
-from ecgbridge.core.states import MessageState
-from ecgbridge.core.store import MessageStore
+from ecgbridge.core.states import MessageState, Source
+from ecgbridge.core.store import MessageRow, MessageStore
 from ecgbridge.errors import StorageError
 
 __all__ = ["Arrival", "Admission", "Intake"]
 
 log = logging.getLogger("ecgbridge.intake")
+
+#: Held from the look-up of a SOP Instance UID to the record of its message, so that two
+#: associations (threads) delivering the same instance at once cannot both record it.
+_INSTANCE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -56,11 +79,17 @@ class Arrival:
 
 @dataclass(frozen=True)
 class Admission:
-    """What ``admit`` did: the message id, its route (None: unrouted) and whether it is queued."""
+    """What ``admit`` did: the message id, its route (None: unrouted) and whether it is queued.
+
+    ``duplicate``: an identical resend; ``message_id`` is then the earlier message and nothing
+    new was recorded. ``resend_of``: the earlier message a changed resend is a new version of.
+    """
 
     message_id: str
     route: Route | None
     queued: bool
+    duplicate: bool = False
+    resend_of: str | None = None
 
 
 class Intake:
@@ -77,25 +106,74 @@ class Intake:
         return current(self._settings)
 
     def admit(self, arrival: Arrival, *, on_recorded: Callable[[str], None] | None = None) -> Admission:
-        """Route, record, enqueue; ``on_recorded(message_id)`` runs between the record and the enqueue."""
+        """Route, record, enqueue; ``on_recorded(message_id)`` runs between the record and the enqueue.
+
+        An identical resend of a SOP Instance records nothing (``on_recorded`` is not called);
+        see the module docstring for the resend rule.
+        """
         route = match_route(self.settings.routes, arrival.facts)
         state = MessageState.RECEIVED if route else MessageState.UNROUTED
-        message_id = self._record(arrival, state, route=route.name if route else None)
+        uid = arrival.sop_instance_uid
+        with _INSTANCE_LOCK if uid else nullcontext():
+            earlier = self._taken_with_uid(uid) if uid else []
+            same = next((row for row in earlier if row.blob_sha256 == arrival.blob_sha256), None)
+            if same is not None:
+                self.store.add_event(
+                    same.id,
+                    "duplicate_received",
+                    f"the same SOP Instance with identical content was received again ({_sender(arrival)}); "
+                    "answered success, not recorded or analysed again",
+                    level="info",
+                )
+                return Admission(same.id, route, queued=False, duplicate=True)
+            message_id = self._record(arrival, state, route=route.name if route else None)
+        previous = earlier[-1].id if earlier else None
+        if previous is not None:
+            self.store.add_event(
+                message_id,
+                "resent_changed",
+                f"a new version of message {previous}: same SOP Instance UID, different content",
+                level="warning",
+            )
+            self.store.add_event(
+                previous,
+                "resent_changed",
+                f"a changed version of this SOP Instance was received as message {message_id}",
+                level="warning",
+            )
         if on_recorded is not None:
             on_recorded(message_id)
         if route is None:
             self.store.add_event(
                 message_id, "unrouted", f"no route matches {arrival.facts.describe()}", level="warning"
             )
-            return Admission(message_id, None, queued=False)
+            return Admission(message_id, None, queued=False, resend_of=previous)
         try:
             self.dispatcher.analyse(message_id)
             self.store.set_state(message_id, MessageState.QUEUED)
         except StorageError as exc:
             # Safe on disk: the gateway's recovery sweep enqueues it when the broker is back.
             self.store.add_event(message_id, "enqueue_failed", str(exc), level="warning")
-            return Admission(message_id, route, queued=False)
-        return Admission(message_id, route, queued=True)
+            return Admission(message_id, route, queued=False, resend_of=previous)
+        return Admission(message_id, route, queued=True, resend_of=previous)
+
+    def _taken_with_uid(self, uid: str) -> list[MessageRow]:
+        """Messages already taken with this SOP Instance UID, oldest first.
+
+        Refused ones do not count, nor ones whose content retention deleted: a site that sends
+        such an ECG again wants it kept again.
+        """
+        with self.store.session() as s:
+            rows = s.scalars(
+                select(MessageRow).where(MessageRow.sop_instance_uid == uid).order_by(MessageRow.received_at)
+            )
+            return [
+                row
+                for row in rows
+                if row.state != MessageState.REJECTED
+                and not (row.state == MessageState.RECEIVED and row.route is None)
+                and CONTENT_PRUNED not in (row.flags or [])
+            ]
 
     def reject(self, arrival: Arrival, error: str, kind: str) -> str:
         """Record a refused message (bytes kept, state ``rejected``) and its error event; its id."""
@@ -121,3 +199,10 @@ class Intake:
             filler_order_number=arrival.filler_order_number,
             message_type=arrival.message_type,
         )
+
+
+def _sender(arrival: Arrival) -> str:
+    """Who resent it, for the event: the DICOM AE and address; otherwise only the source (file names may hold PHI)."""
+    if arrival.source == Source.DICOM and arrival.remote:
+        return f"from {arrival.remote}"
+    return f"via {arrival.source}"

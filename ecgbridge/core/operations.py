@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from ecgbridge.core.queue import Dispatcher
+from ecgbridge.core.retention import CONTENT_PRUNED
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.states import DeliveryState, MessageState
 from ecgbridge.core.store import DeliveryRow, MessageRow, MessageStore
@@ -73,6 +74,8 @@ def retry_delivery(
     row = store.get(message_id)
     if row is None:
         raise ActionError(f"no message {message_id}", status=404)
+    if CONTENT_PRUNED in (row.flags or []):
+        raise ActionError(f"message {message_id}'s content was deleted by retention: nothing to deliver", status=410)
     delivery = store.delivery(message_id, destination)
     if delivery is None:
         raise ActionError(f"message {message_id} has no delivery to {destination!r}", status=404)
@@ -151,6 +154,10 @@ def reroute_unrouted(
             )
         )
     for message_id in ids:
+        row = store.get(message_id)
+        if row is None or CONTENT_PRUNED in (row.flags or []):
+            outcome.unreadable += 1
+            continue
         try:
             facts = facts_from_message(store, message_id).facts
         except EcgBridgeError:
@@ -174,3 +181,55 @@ def reroute_unrouted(
         except StorageError as exc:
             store.add_event(message_id, "enqueue_failed", str(exc), level="warning")
     return outcome
+
+
+@dataclass
+class Reanalysis:
+    """A re-analysis request: the result version it asks for; ``joined`` when one was already waiting."""
+
+    message_id: str
+    version: int
+    joined: bool
+
+
+def reanalyse(
+    store: MessageStore,
+    dispatcher: Dispatcher,
+    settings: Settings,
+    message_id: str,
+    *,
+    requested_by: str,
+    reason: str | None = None,
+) -> Reanalysis:
+    """Ask for the next result version of an analysed message, made with its route's current models.
+
+    The request is a ``result_versions`` row and the message goes back to ``queued``; the
+    worker's analyse task (same task name, same arguments) finds the waiting version, saves
+    it and moves the route's deliveries on to it. Asking while a version waits joins it and
+    enqueues again, so a double click or a retried request makes one version; a lost task is
+    found by the gateway's recovery sweep like any queued message.
+    """
+    row = store.get(message_id)
+    if row is None:
+        raise ActionError(f"no message {message_id}", status=404)
+    if store.get_result(message_id) is None:
+        raise ActionError(f"message {message_id} has no result to re-analyse (state {row.state})")
+    if not store.blobs.path(row.blob_sha256).exists():
+        raise ActionError(
+            f"the ECG of message {message_id} is no longer in the store: nothing to re-analyse", status=410
+        )
+    if row.route is None or not any(r.name == row.route for r in settings.routes):
+        raise ActionError(
+            f"the message's route {row.route!r} is no longer in the configuration: it cannot be re-analysed"
+        )
+    version, made = store.request_version(message_id, requested_by=requested_by, reason=reason)
+    if made:
+        store.add_event(
+            message_id, "reanalysis_requested", f"result version {version} requested by {requested_by}", level="info"
+        )
+    store.set_state(message_id, MessageState.QUEUED)
+    try:
+        dispatcher.analyse(message_id)
+    except StorageError as exc:  # queued in the store: the gateway's recovery sweep enqueues it
+        store.add_event(message_id, "enqueue_failed", str(exc), level="warning")
+    return Reanalysis(message_id, version, joined=not made)

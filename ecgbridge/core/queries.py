@@ -102,7 +102,10 @@ def search_messages(
         )
     if cursor:
         when, last_id = decode_cursor(cursor)
-        q = q.where(or_(MessageRow.received_at < when, and_(MessageRow.received_at == when, MessageRow.id < last_id)))
+        # the plain range first, so the database walks the (state, received_at, id) index from the cursor on
+        q = q.where(MessageRow.received_at <= when).where(
+            or_(MessageRow.received_at < when, and_(MessageRow.received_at == when, MessageRow.id < last_id))
+        )
     q = q.order_by(MessageRow.received_at.desc(), MessageRow.id.desc()).limit(limit + 1)
     with store.session() as s:
         rows = list(s.scalars(q))

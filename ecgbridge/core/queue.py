@@ -41,7 +41,12 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=QUEUE,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.broker.visibility_timeout_s},
+        # a broker that does not answer a connection must not hold a listener (or a console request)
+        # for the operating system's TCP timeout: the message is safe on disk, the sweep re-enqueues it
+        broker_transport_options={
+            "visibility_timeout": settings.broker.visibility_timeout_s,
+            "socket_connect_timeout": 5,
+        },
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         enable_utc=True,

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -34,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from ecgbridge.core.tls import TlsFiles
 from ecgbridge.errors import ConfigError
 
 __all__ = [
@@ -41,11 +43,13 @@ __all__ = [
     "DicomListener",
     "Listeners",
     "ConsoleSettings",
+    "OidcSettings",
+    "RetentionSettings",
     "Storage",
     "Broker",
     "Workers",
     "ModelEntry",
-    "FhirAuth",
+    "EhrAuth",
     "FhirDestination",
     "Hl7Destination",
     "MllpListener",
@@ -73,6 +77,70 @@ def _http_url(value: str, field: str = "base_url") -> str:
     return value.rstrip("/")
 
 
+def _loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _require_https(url: str, allow_insecure_http: bool, field: str = "base_url") -> None:
+    """Plain http:// only to this machine (a local proxy) or when explicitly allowed."""
+    if url.startswith("http://") and not allow_insecure_http and not _loopback(url):
+        raise ValueError(
+            f"{field} {url} is plain http: patient data would cross the network unencrypted; use https:// "
+            "(or set allow_insecure_http: true for a test system)"
+        )
+
+
+class ListenerTls(_Strict):
+    """TLS on a listener: DICOM secure transport, MLLP over TLS, the console over HTTPS.
+
+    TLS 1.2 or newer with the BCP 195 cipher suites; with ``require_client_cert``, only
+    clients whose certificate ``ca_file`` signed may connect (mutual TLS).
+    """
+
+    cert_file: Path
+    key_file: Path
+    #: CA certificates of the clients (mutual TLS).
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    def files(self) -> TlsFiles:
+        return TlsFiles(self.cert_file, self.key_file, self.ca_file)
+
+    @model_validator(mode="after")
+    def _mutual(self) -> ListenerTls:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file: the CA that signs the clients' certificates")
+        return self
+
+
+class ClientTls(_Strict):
+    """TLS when ecgbridge connects out (MLLP to an EHR, FHIR): whom to trust and, for mutual TLS, who we are."""
+
+    #: CA certificates to trust; default: the system's.
+    ca_file: Path | None = None
+    #: Our certificate and key, when the receiver asks for one (mutual TLS).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify_hostname: bool = True
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    def files(self) -> TlsFiles:
+        return TlsFiles(self.cert_file, self.key_file, self.ca_file)
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate and its key)")
+        return self
+
+
 def _check_networks(values: list[str]) -> list[str]:
     for item in values:
         try:
@@ -95,6 +163,11 @@ class DicomListener(_Strict):
     require_called_ae_title: bool = False
     max_associations: int = Field(16, ge=1)
     network_timeout_s: float = Field(60.0, gt=0)
+    #: A larger C-STORE (as stored, file meta included) is refused with status 0xA700; an ECG is
+    #: well under 1 MB. The object is written to a file as it arrives, never held whole in memory.
+    max_object_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    #: DICOM secure transport (TLS); null: plain TCP.
+    tls: ListenerTls | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -124,6 +197,8 @@ class MllpListener(_Strict):
     #: A frame that was started must be complete within this time.
     frame_timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(64, ge=1)
+    #: MLLP over TLS; null: plain TCP.
+    tls: ListenerTls | None = None
 
     _check_nets = field_validator("allowed_addresses")(lambda cls, v: _check_networks(v))
 
@@ -152,6 +227,67 @@ class Listeners(_Strict):
     inbox: InboxListener = Field(default_factory=InboxListener)
 
 
+class OidcSettings(_Strict):
+    """Sign-in through an OpenID Connect provider (authorization code flow with PKCE).
+
+    The provider says who someone is; ``role_mapping`` says what they may do here: the
+    values of ``roles_claim`` map to console roles, the highest one counts, and a person
+    with no mapped value is refused.
+    """
+
+    #: Shown on the login page as "Sign in with <name>".
+    name: str = Field("single sign-on", min_length=1, max_length=64)
+    #: The provider's issuer URL; its discovery document is <issuer>/.well-known/openid-configuration.
+    issuer: str
+    client_id: str = Field(min_length=1)
+    #: Environment variable holding the client secret (never the secret itself); null: a public client.
+    client_secret_env: str | None = None
+    #: Scopes asked for; must include openid (add the one that releases roles_claim, e.g. groups).
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    #: The claim that names the console user.
+    username_claim: str = "preferred_username"
+    #: The claim holding the person's groups or roles (a list of strings, or one string).
+    roles_claim: str = "groups"
+    #: Claim value -> console role (viewer, operator or admin).
+    role_mapping: dict[str, Literal["viewer", "operator", "admin"]]
+    #: Let people without a console user sign in; they are created as OIDC-only users (no password).
+    allow_unknown_users: bool = False
+    #: The callback URL registered at the provider (behind a proxy: its public https URL);
+    #: null: /login/oidc/callback on the console's URL as the browser reached it.
+    redirect_url: str | None = None
+    #: The issuer and every endpoint its discovery document names must be https.
+    require_https: bool = True
+    #: Tests only: with require_https false, plain http to the provider is accepted.
+    allow_insecure_http: bool = False
+    #: Seconds per request to the provider (discovery, keys, token).
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        return _http_url(v, "issuer")
+
+    @field_validator("redirect_url")
+    @classmethod
+    def _redirect(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v, "redirect_url")
+
+    @model_validator(mode="after")
+    def _checks(self) -> OidcSettings:
+        if "openid" not in self.scopes:
+            raise ValueError("scopes must include openid")
+        if not self.role_mapping:
+            raise ValueError("role_mapping maps no claim value to a role: every sign-in would be refused")
+        if self.require_https == self.allow_insecure_http:
+            raise ValueError(
+                "plain http to the provider is for tests only: it needs both require_https: false and "
+                "allow_insecure_http: true (keep require_https: true otherwise)"
+            )
+        if self.require_https and not self.issuer.startswith("https://"):
+            raise ValueError("issuer must be https:// (require_https is true)")
+        return self
+
+
 class ConsoleSettings(_Strict):
     """The operations console and its HTTP API (pages, JSON API, /metrics) on its own port."""
 
@@ -160,6 +296,8 @@ class ConsoleSettings(_Strict):
     host: str = "127.0.0.1"
     #: 0 picks a free port (tests).
     port: int = Field(8080, ge=0, le=65535)
+    #: HTTPS; null: plain HTTP (keep host 127.0.0.1 then, or put a TLS proxy in front).
+    tls: ListenerTls | None = None
     #: Seconds a login stays valid without activity.
     session_idle_s: int = Field(8 * 3600, ge=60)
     #: Largest file accepted by "explain an uploaded file".
@@ -167,6 +305,31 @@ class ConsoleSettings(_Strict):
     #: Failed logins for one user name (or from one address) before it is locked for login_lockout_s.
     login_max_failures: int = Field(5, ge=1)
     login_lockout_s: float = Field(300.0, gt=0)
+    #: Optional sign-in through an OpenID Connect provider, next to the password form.
+    oidc: OidcSettings | None = None
+
+
+class RetentionSettings(_Strict):
+    """How long message content and rows are kept (``ecgbridge prune``; the gateway every ``run_every_h``).
+
+    Off by default: nothing is deleted unless a number of days is set.
+    """
+
+    #: Delete the content (inbound bytes, attachments, artifacts, the result's EHR values) of finished
+    #: messages older than this; the row, its states, events and counts stay. None: never.
+    content_days: int | None = Field(None, ge=1)
+    #: Delete the rows too (message, result, deliveries, events) after this many days. None: never.
+    metadata_days: int | None = Field(None, ge=1)
+    #: Hours between the gateway's runs; 0: only by ``ecgbridge prune``.
+    run_every_h: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> RetentionSettings:
+        if self.content_days and self.metadata_days and self.metadata_days < self.content_days:
+            raise ValueError("metadata_days must be at least content_days (rows go after their content)")
+        if self.run_every_h and not (self.content_days or self.metadata_days):
+            raise ValueError("run_every_h is set but neither content_days nor metadata_days: nothing to prune")
+        return self
 
 
 class Storage(_Strict):
@@ -196,75 +359,12 @@ class ModelEntry(_Strict):
     path: Path | None = None
 
 
-class FhirAuth(_Strict):
-    type: Literal["none", "bearer"] = "none"
-    #: Environment variable holding the bearer token (never the token itself).
-    token_env: str | None = None
-
-    @model_validator(mode="after")
-    def _token(self) -> FhirAuth:
-        if self.type == "bearer" and not self.token_env:
-            raise ValueError("auth type 'bearer' needs token_env: the environment variable holding the token")
-        return self
-
-    def token(self) -> str | None:
-        if self.type != "bearer" or not self.token_env:
-            return None
-        value = os.environ.get(self.token_env)
-        if not value:
-            raise ConfigError(f"environment variable {self.token_env} (FHIR bearer token) is not set")
-        return value
-
-
-class DestinationConfig(_Strict):
-    """What every destination has: a unique name and a ``type`` that picks its sender.
-
-    Each destination type subclasses this with ``type: Literal["<type>"] = "<type>"`` and
-    its own fields, and is registered (:func:`register_destination_type`, which
-    :func:`ecgbridge.outbound.sender.register_sender` calls), so the loader validates
-    ``destinations[]`` entries by their ``type`` with file:line errors like any setting.
-    """
-
-    name: str
-    type: str
-
-
-class FhirDestination(DestinationConfig):
-    type: Literal["fhir"] = "fhir"
-    base_url: str
-    auth: FhirAuth = Field(default_factory=FhirAuth)
-    timeout_s: float = Field(10.0, gt=0)
-    #: Identifier system of DICOM PatientID values in this EHR (used to find the Patient).
-    patient_identifier_system: str = "urn:ecgbridge:patient-id"
-    #: individual: one conditional create per resource (works with every server);
-    #: transaction: the report and its Observations in one atomic transaction Bundle.
-    write_mode: Literal["individual", "transaction"] = "individual"
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return _http_url(v)
-
-
-class Hl7Destination(DestinationConfig):
-    """An HL7 v2 receiver (the EHR's interface engine) that takes ORU^R01 over MLLP."""
-
-    type: Literal["hl7"] = "hl7"
-    host: str
-    port: int = Field(ge=1, le=65535)
-    #: Seconds to wait for the ACK before the attempt counts as failed (and is retried).
-    ack_timeout_s: float = Field(30.0, gt=0)
-    connect_timeout_s: float = Field(10.0, gt=0)
-    sending_application: str = "ECGBRIDGE"
-    sending_facility: str = ""
-    receiving_application: str = ""
-    receiving_facility: str = ""
-    #: Attach the PDF report (OBX ED) when one exists.
-    include_report_pdf: bool = True
-
-
 #: SMART Backend Services scopes that cover every query the EHR context fetch makes.
 DEFAULT_SMART_SCOPE = "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationStatement.rs"
+#: SMART scopes a FHIR destination needs: find the patient, write the report and what it references.
+DEFAULT_SMART_WRITE_SCOPE = (
+    "system/Patient.rs system/DiagnosticReport.cru system/Observation.cru system/Device.cru system/Provenance.crs"
+)
 
 _AUTH_FIELDS: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -274,7 +374,7 @@ _AUTH_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 class EhrAuth(_Strict):
-    """How ecgbridge authenticates to an EHR's FHIR server for reading patient context.
+    """How ecgbridge authenticates to a FHIR server: an EHR source it reads, or a destination it writes to.
 
     ``smart-backend`` is SMART Backend Services (client_credentials with a signed JWT
     assertion): the private key stays in a file on the worker, never in this YAML.
@@ -319,6 +419,74 @@ class EhrAuth(_Strict):
     def smart_scope(self) -> str:
         return self.scope or DEFAULT_SMART_SCOPE
 
+    def token(self) -> str | None:
+        """The bearer token from its environment variable (None unless ``type: bearer``)."""
+        if self.type != "bearer" or not self.token_env:
+            return None
+        value = os.environ.get(self.token_env)
+        if not value:
+            raise ConfigError(f"environment variable {self.token_env} (FHIR bearer token) is not set")
+        return value
+
+
+class DestinationConfig(_Strict):
+    """What every destination has: a unique name and a ``type`` that picks its sender.
+
+    Each destination type subclasses this with ``type: Literal["<type>"] = "<type>"`` and
+    its own fields, and is registered (:func:`register_destination_type`, which
+    :func:`ecgbridge.outbound.sender.register_sender` calls), so the loader validates
+    ``destinations[]`` entries by their ``type`` with file:line errors like any setting.
+    """
+
+    name: str
+    type: str
+
+
+class FhirDestination(DestinationConfig):
+    type: Literal["fhir"] = "fhir"
+    base_url: str
+    #: none, bearer (token_env) or SMART Backend Services (smart-backend), as for EHR sources.
+    auth: EhrAuth = Field(default_factory=EhrAuth)
+    timeout_s: float = Field(10.0, gt=0)
+    #: Identifier system of DICOM PatientID values in this EHR (used to find the Patient).
+    patient_identifier_system: str = "urn:ecgbridge:patient-id"
+    #: individual: one conditional create per resource (works with every server);
+    #: transaction: the report and its Observations in one atomic transaction Bundle.
+    write_mode: Literal["individual", "transaction"] = "individual"
+    #: Whom to trust (CA file) and our client certificate, for https.
+    tls: ClientTls | None = None
+    #: Let base_url be plain http:// to another machine (test systems only).
+    allow_insecure_http: bool = False
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _http_url(v)
+
+    @model_validator(mode="after")
+    def _https(self) -> FhirDestination:
+        _require_https(self.base_url, self.allow_insecure_http)
+        return self
+
+
+class Hl7Destination(DestinationConfig):
+    """An HL7 v2 receiver (the EHR's interface engine) that takes ORU^R01 over MLLP."""
+
+    type: Literal["hl7"] = "hl7"
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: Seconds to wait for the ACK before the attempt counts as failed (and is retried).
+    ack_timeout_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    sending_application: str = "ECGBRIDGE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    #: Attach the PDF report (OBX ED) when one exists.
+    include_report_pdf: bool = True
+    #: MLLP over TLS to the receiver; null: plain TCP.
+    tls: ClientTls | None = None
+
 
 class EhrSource(_Strict):
     """A FHIR R4 server the workers read patient context from (labs, vitals, problems, drugs)."""
@@ -342,6 +510,8 @@ class EhrSource(_Strict):
     page_size: int = Field(200, ge=10, le=1000)
     #: Also read MedicationStatement (loop diuretic, beta blocker, ACEi/ARB, MRA).
     fetch_medications: bool = True
+    tls: ClientTls | None = None
+    allow_insecure_http: bool = False
 
     @field_validator("base_url")
     @classmethod
@@ -352,6 +522,9 @@ class EhrSource(_Strict):
     def _timeouts(self) -> EhrSource:
         if self.total_timeout_s < self.timeout_s:
             raise ValueError("total_timeout_s must be at least timeout_s")
+        _require_https(self.base_url, self.allow_insecure_http)
+        if self.auth.token_url is not None:
+            _require_https(self.auth.token_url, self.allow_insecure_http, "auth.token_url")
         return self
 
 
@@ -431,6 +604,7 @@ class Settings(_Strict):
     data_dir: Path = Path("ecgbridge-data")
     listeners: Listeners = Field(default_factory=Listeners)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     storage: Storage = Field(default_factory=Storage)
     broker: Broker = Field(default_factory=Broker)
     workers: Workers = Field(default_factory=Workers)
@@ -680,13 +854,39 @@ def load_settings(path: str | Path | None = None) -> Settings:
         problems.sort(key=_problem_line)
         raise ConfigError(f"{file}: {len(problems)} problem(s) in the configuration", problems) from exc
     settings.source_file = file.resolve()
-    for source in settings.ehr:
-        key = source.auth.private_key_file
+    for auth in [source.auth for source in settings.ehr] + [
+        d.auth for d in settings.destinations if isinstance(d, FhirDestination)
+    ]:
+        key = auth.private_key_file
         if key is not None and not key.is_absolute():
-            source.auth.private_key_file = (file.resolve().parent / key).resolve()
+            auth.private_key_file = (file.resolve().parent / key).resolve()
+    for block in tls_blocks(settings).values():
+        for name in ("cert_file", "key_file", "ca_file"):
+            value = getattr(block, name)
+            if value is not None and not value.is_absolute():
+                setattr(block, name, (file.resolve().parent / value).resolve())
     if not settings.data_dir.is_absolute() and "ECGBRIDGE_DATA_DIR" not in os.environ:
         settings.data_dir = (file.resolve().parent / settings.data_dir).resolve()
     return settings
+
+
+def tls_blocks(settings: Settings) -> dict[str, ListenerTls | ClientTls]:
+    """Every TLS block of the configuration by its place in the file (for path resolution and checks)."""
+    blocks: dict[str, ListenerTls | ClientTls] = {}
+    for name in ("dicom", "mllp"):
+        tls = getattr(settings.listeners, name).tls
+        if tls is not None:
+            blocks[f"listeners.{name}.tls"] = tls
+    if settings.console.tls is not None:
+        blocks["console.tls"] = settings.console.tls
+    for i, dest in enumerate(settings.destinations):
+        tls = getattr(dest, "tls", None)
+        if isinstance(tls, ListenerTls | ClientTls):
+            blocks[f"destinations[{i}].tls"] = tls
+    for i, source in enumerate(settings.ehr):
+        if source.tls is not None:
+            blocks[f"ehr[{i}].tls"] = source.tls
+    return blocks
 
 
 def default_settings() -> Settings:
@@ -766,4 +966,11 @@ def check_config(path: str | Path | None = None) -> ConfigReport:
             raw, node = None, None
         if isinstance(raw, dict):
             warnings = _raw_warnings(raw, file, _line_index(node) if node is not None else {})
+    if settings is not None:
+        from ecgbridge.core.tls import check_files
+
+        for where, block in tls_blocks(settings).items():
+            tls_problems, tls_warnings = check_files(block.files(), where)
+            problems += [f"{file}: {p}" for p in tls_problems]
+            warnings += [f"{file}: {w}" for w in tls_warnings]
     return ConfigReport(file, settings, problems, sorted(warnings, key=_problem_line))

@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -44,6 +44,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -58,6 +59,8 @@ __all__ = [
     "MessageStore",
     "MessageRow",
     "ResultRow",
+    "ResultVersionRow",
+    "ResultVersion",
     "OrderRow",
     "DeliveryRow",
     "EventRow",
@@ -68,6 +71,7 @@ __all__ = [
     "record_timings",
     "timings_of",
     "create_missing_indexes",
+    "create_missing_columns",
 ]
 
 MESSAGE_STATES = tuple(MessageState)
@@ -84,7 +88,11 @@ class Base(DeclarativeBase):
 
 class MessageRow(Base):
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_source_route_state", "source", "route", "state"),)  # stats: counts
+    __table_args__ = (
+        Index("ix_messages_source_route_state", "source", "route", "state"),  # stats: counts
+        # the console's list by state, newest first: without it SQLite sorts every row of a common state
+        Index("ix_messages_state_received_at", "state", "received_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
@@ -135,6 +143,29 @@ class ResultRow(Base):
     result: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
+class ResultVersionRow(Base):
+    """A re-analysis of a message (result version 2, 3, ...); version 1 stays the ``results`` row.
+
+    Created when an operator asks (``result`` empty until the worker saved it; ``error`` when
+    that analysis failed), so a second request while one waits joins it instead of adding one.
+    ``reason`` is the operator's free text: like every table here it must not hold patient data.
+    """
+
+    __tablename__ = "result_versions"
+    __table_args__ = (UniqueConstraint("message_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    requested_by: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # when the result was saved
+    models: Mapped[str | None] = mapped_column(String(256))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 class DeliveryRow(Base):
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -150,6 +181,12 @@ class DeliveryRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     remote_ref: Mapped[str | None] = mapped_column(String(256))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now, index=True)
+    #: The result version this row delivers (pending) or delivered; a re-analysis moves it on.
+    #: Added in place to older databases (``create_missing_columns``), their rows reading 1.
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    #: When a retried delivery may be attempted again (None: now); the recovery sweep leaves it
+    #: alone until then, so it never spends attempts ahead of the backoff. Added in place.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class EventRow(Base):
@@ -216,6 +253,65 @@ class BlobStore:
             ) from exc
         return sha, len(data)
 
+    def staging_dir(self) -> Path:
+        """Where a listener writes an object while it arrives: on the blobs' file system, so it is renamed in."""
+        folder = self.root / ".incoming"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def save_file(self, source: Path) -> tuple[str, int]:
+        """Move a finished file in as a blob (hashed in chunks, fsync'ed, renamed); its sha256 and size.
+
+        For objects that must never be held whole in memory; the same guarantee as ``save``:
+        file and folder are fsync'ed before it returns. ``source`` is gone afterwards (copied
+        first when it is on another file system).
+        """
+        try:
+            digest, size = hashlib.sha256(), 0
+            with open(source, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+                os.fsync(fh.fileno())  # the writer may only have flushed it
+            sha = digest.hexdigest()
+            final = self.path(sha)
+            if final.exists() and final.stat().st_size == size:
+                Path(source).unlink(missing_ok=True)
+                return sha, size
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(source, final)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                self._copy_in(Path(source), final)
+            dir_fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StorageError(
+                ("out of disk space" if out_of_space else "cannot write the message to disk") + f" ({exc.strerror})"
+            ) from exc
+        return sha, size
+
+    @staticmethod
+    def _copy_in(source: Path, final: Path) -> None:
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        source.unlink(missing_ok=True)
+
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
 
@@ -228,6 +324,66 @@ class MessageView:
     result: dict[str, Any] | None
     deliveries: list[dict[str, Any]]
     events: list[dict[str, Any]]
+    #: Every result version, oldest first (:meth:`ResultVersion.summary`); ``result`` is the latest analysed.
+    versions: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ResultVersion:
+    """One result of a message: version 1 (the ``results`` row) or a re-analysis.
+
+    ``result`` is None while the re-analysis waits for a worker (``pending``) or when it
+    failed (``error``).
+    """
+
+    message_id: str
+    version: int
+    created_at: datetime | None
+    models: str | None
+    result: dict[str, Any] | None
+    requested_at: datetime | None = None
+    requested_by: str | None = None
+    reason: str | None = None
+    error: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.result is None and self.error is None
+
+    @property
+    def state(self) -> str:
+        """``analysed``, ``pending`` or ``failed``: for display (not a stored state)."""
+        return "analysed" if self.result is not None else ("failed" if self.error else "pending")
+
+    def summary(self) -> dict[str, Any]:
+        """The version without its result body: what a version list shows (present findings by code)."""
+        outputs = (self.result or {}).get("outputs") or []
+        present = [f.get("code") for o in outputs for f in o.get("findings") or [] if f.get("present")]
+        return {
+            "version": self.version,
+            "state": self.state,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "requested_at": self.requested_at.isoformat() if self.requested_at else None,
+            "requested_by": self.requested_by,
+            "reason": self.reason,
+            "models": self.models,
+            "present": present,
+            "error": self.error,
+        }
+
+
+def _version_of(row: ResultVersionRow) -> ResultVersion:
+    return ResultVersion(
+        message_id=row.message_id,
+        version=row.version,
+        created_at=row.created_at,
+        models=row.models,
+        result=row.result,
+        requested_at=row.requested_at,
+        requested_by=row.requested_by,
+        reason=row.reason,
+        error=row.error,
+    )
 
 
 def _row_dict(row: Base) -> dict[str, Any]:
@@ -256,14 +412,16 @@ class MessageStore:
     def create_schema(self) -> None:
         """Create missing tables and indexes; safe when a gateway and workers start at the same moment.
 
-        Migration rule: new tables and new indexes are added in place (older databases get
-        them at the next start); existing columns are never changed.
+        Migration rule: new tables, new indexes and new columns (nullable or with a constant
+        default, listed in :data:`ADDED_COLUMNS`) are added in place (older databases get them
+        at the next start); existing columns are never changed.
         """
         from ecgbridge.core import accounts  # noqa: F401 - its tables share this metadata
 
         for attempt in range(3):
             try:
                 Base.metadata.create_all(self.engine)
+                create_missing_columns(self)
                 create_missing_indexes(self)
                 return
             except (ProgrammingError, IntegrityError):
@@ -399,8 +557,127 @@ class MessageStore:
             return False
 
     def get_result(self, message_id: str) -> ResultRow | None:
+        """The latest analysed result: the newest re-analysis, else version 1 (the ``results`` row).
+
+        A re-analysis comes back as a detached :class:`ResultRow` carrying its own values.
+        """
         with self.session() as s:
+            latest = s.scalar(
+                select(ResultVersionRow)
+                .where(ResultVersionRow.message_id == message_id, ResultVersionRow.result.is_not(None))
+                .order_by(ResultVersionRow.version.desc())
+                .limit(1)
+            )
+            if latest is not None and latest.result is not None:
+                return ResultRow(
+                    message_id=message_id,
+                    created_at=latest.created_at,
+                    models=latest.models or "",
+                    result=latest.result,
+                )
             return s.get(ResultRow, message_id)
+
+    # ----- result versions (re-analysis) ---------------------------------------
+    def result_versions(self, message_id: str) -> builtins.list[ResultVersion]:
+        """Every result of a message, version 1 first; empty before the first analysis."""
+        with self.session() as s:
+            first = s.get(ResultRow, message_id)
+            rows = s.scalars(
+                select(ResultVersionRow)
+                .where(ResultVersionRow.message_id == message_id)
+                .order_by(ResultVersionRow.version)
+            )
+            later = [_version_of(r) for r in rows]
+        if first is None:
+            return later
+        return [ResultVersion(message_id, 1, first.created_at, first.models, first.result), *later]
+
+    def result_version(self, message_id: str, version: int) -> ResultVersion | None:
+        if version <= 1:
+            with self.session() as s:
+                first = s.get(ResultRow, message_id)
+            return ResultVersion(message_id, 1, first.created_at, first.models, first.result) if first else None
+        with self.session() as s:
+            row = s.scalar(
+                select(ResultVersionRow).where(
+                    ResultVersionRow.message_id == message_id, ResultVersionRow.version == version
+                )
+            )
+            return _version_of(row) if row is not None else None
+
+    def pending_version(self, message_id: str) -> int | None:
+        """The re-analysis asked for and not yet analysed (at most one), or None."""
+        with self.session() as s:
+            return s.scalar(
+                select(ResultVersionRow.version).where(
+                    ResultVersionRow.message_id == message_id,
+                    ResultVersionRow.result.is_(None),
+                    ResultVersionRow.error.is_(None),
+                )
+            )
+
+    def request_version(self, message_id: str, *, requested_by: str, reason: str | None = None) -> tuple[int, bool]:
+        """Record a re-analysis request; returns (version, whether this request made it).
+
+        A request while another waits joins it (a double click is one version); a version whose
+        analysis failed is asked for again under its number. Raises KeyError without version 1.
+        """
+        for _ in range(3):
+            try:
+                with self.session() as s, s.begin():
+                    if s.get(ResultRow, message_id) is None:
+                        raise KeyError(message_id)
+                    latest = s.scalar(
+                        select(ResultVersionRow)
+                        .where(ResultVersionRow.message_id == message_id)
+                        .order_by(ResultVersionRow.version.desc())
+                        .limit(1)
+                    )
+                    if latest is not None and latest.result is None:
+                        if latest.error is None:
+                            return latest.version, False
+                        latest.error, latest.requested_at = None, _now()
+                        latest.requested_by, latest.reason = requested_by[:64], reason
+                        return latest.version, True
+                    version = (latest.version if latest is not None else 1) + 1
+                    s.add(
+                        ResultVersionRow(
+                            message_id=message_id, version=version, requested_by=requested_by[:64], reason=reason
+                        )
+                    )
+                    return version, True
+            except IntegrityError:
+                continue  # another request took this number at the same moment: join it
+        raise StorageError("could not record the re-analysis request")
+
+    def save_version(self, message_id: str, version: int, result: dict[str, Any], models: str) -> bool:
+        """Store a re-analysis's result once (an atomic update of the waiting row); False when already there."""
+        with self.session() as s, s.begin():
+            done = s.execute(
+                update(ResultVersionRow)
+                .where(
+                    ResultVersionRow.message_id == message_id,
+                    ResultVersionRow.version == version,
+                    ResultVersionRow.result.is_(None),
+                )
+                .values(result=result, models=models, created_at=_now(), error=None)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(getattr(done, "rowcount", 0))
+
+    def fail_version(self, message_id: str, version: int, error: str) -> None:
+        """Mark a waiting re-analysis failed; the next request asks for the same version again."""
+        with self.session() as s, s.begin():
+            s.execute(
+                update(ResultVersionRow)
+                .where(
+                    ResultVersionRow.message_id == message_id,
+                    ResultVersionRow.version == version,
+                    ResultVersionRow.result.is_(None),
+                )
+                .values(error=error[:2000])
+                .execution_options(synchronize_session=False)
+            )
 
     # ----- artifacts ----------------------------------------------------------
     def save_artifact(self, message_id: str, kind: str, data: bytes) -> str:
@@ -458,7 +735,14 @@ class MessageStore:
         error: str | None = None,
         remote_ref: str | None = None,
         count_attempt: bool = True,
+        version: int | None = None,
+        next_attempt_at: datetime | None = None,
     ) -> DeliveryRow:
+        """Record a delivery's outcome. With ``version``, a row a re-analysis has meanwhile moved to
+        another version is returned unchanged (the outcome of the older version must not settle it).
+
+        ``next_attempt_at`` is when a retried delivery is due again (set with the transient
+        failure, in the same write); any other update clears it (due now)."""
         if state not in DELIVERY_STATES:
             raise ValueError(f"unknown delivery state {state!r}")
         state = DeliveryState(state).value
@@ -466,8 +750,10 @@ class MessageStore:
             row = s.scalar(
                 select(DeliveryRow).where(DeliveryRow.message_id == message_id, DeliveryRow.destination == destination)
             )
+            if row is not None and version is not None and (row.version or 1) != version:
+                return row
             if row is None:
-                row = DeliveryRow(message_id=message_id, destination=destination, attempts=0)
+                row = DeliveryRow(message_id=message_id, destination=destination, attempts=0, version=version or 1)
                 s.add(row)
             row.state = state
             if count_attempt:
@@ -476,7 +762,35 @@ class MessageStore:
                 row.last_error = error
             if remote_ref is not None:
                 row.remote_ref = remote_ref
+            row.next_attempt_at = next_attempt_at
             return row
+
+    def revise_deliveries(self, message_id: str, destinations: builtins.list[str], version: int) -> builtins.list[str]:
+        """Point each destination's delivery at result ``version``: pending, attempts afresh.
+
+        One row per message and destination stays (its meaning: the delivery of the message's
+        current result); a row already at ``version`` or later is left alone, so a redelivered
+        task changes nothing. Returns the destinations moved on (their old outcome is the
+        caller's to record).
+        """
+        moved: builtins.list[str] = []
+        for dest in destinations:
+            try:
+                with self.session() as s, s.begin():
+                    row = s.scalar(
+                        select(DeliveryRow).where(DeliveryRow.message_id == message_id, DeliveryRow.destination == dest)
+                    )
+                    if row is None:
+                        s.add(DeliveryRow(message_id=message_id, destination=dest, version=version))
+                    elif (row.version or 1) < version:
+                        row.version, row.state = version, DeliveryState.PENDING.value
+                        row.attempts, row.last_error, row.next_attempt_at = 0, None, None  # due now
+                    else:
+                        continue
+                moved.append(dest)
+            except IntegrityError:
+                continue  # another worker created it concurrently
+        return moved
 
     def reset_attempts(self, message_id: str, destination: str) -> None:
         """Start a replayed delivery's retry budget afresh (its history stays in the events)."""
@@ -552,8 +866,15 @@ class MessageStore:
         return self.find_order(row.placer_order_number, row.filler_order_number)
 
     # ----- recovery -----------------------------------------------------------
-    def unfinished(self) -> Iterator[Work]:
-        """Work a crash may have lost: analyses of routed messages not yet analysed, pending deliveries."""
+    def unfinished(self, due_by: datetime | None = None) -> Iterator[Work]:
+        """Work a crash may have lost: analyses of routed messages not yet analysed, pending deliveries.
+
+        A pending delivery counts once it is due by ``due_by`` (default: now): its
+        ``next_attempt_at``, or when it was last changed if no retry is scheduled. One whose
+        retry is scheduled later is the broker's to run then; enqueuing it early would spend
+        an attempt ahead of the backoff.
+        """
+        due_by = due_by or _now()
         with self.session() as s:
             waiting = (MessageState.RECEIVED.value, MessageState.QUEUED.value)
             for row in s.scalars(select(MessageRow).where(MessageRow.state.in_(waiting))):
@@ -563,7 +884,9 @@ class MessageStore:
                 select(DeliveryRow.message_id, DeliveryRow.destination)
                 .join(MessageRow, MessageRow.id == DeliveryRow.message_id)
                 .where(
-                    DeliveryRow.state == DeliveryState.PENDING.value, MessageRow.state == MessageState.ANALYSED.value
+                    DeliveryRow.state == DeliveryState.PENDING.value,
+                    MessageRow.state == MessageState.ANALYSED.value,
+                    func.coalesce(DeliveryRow.next_attempt_at, DeliveryRow.updated_at) <= due_by,
                 )
             )
             for message_id, dest in s.execute(q):
@@ -579,6 +902,7 @@ class MessageStore:
             result=result.result if result else None,
             deliveries=[_row_dict(d) for d in self.deliveries(row.id)],
             events=[_row_dict(e) for e in reversed(self.events(row.id))],
+            versions=[v.summary() for v in self.result_versions(row.id)],
         )
 
 
@@ -683,3 +1007,44 @@ def create_missing_indexes(store: MessageStore) -> list[str]:
                     conn.execute(CreateIndex(index, if_not_exists=True))
                     created.append(str(index.name))
     return created
+
+
+#: Columns added to a table after its first release, as (table, column): ``create_all`` skips
+#: existing tables, so :func:`create_missing_columns` adds these with ``ALTER TABLE``.
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("deliveries", "version"), ("deliveries", "next_attempt_at"))
+
+
+def create_missing_columns(store: MessageStore) -> list[str]:
+    """Add the :data:`ADDED_COLUMNS` a database made by an older version lacks; returns "table.column"s added.
+
+    Safe when several processes start at once: PostgreSQL's ``ADD COLUMN IF NOT EXISTS``; on
+    SQLite (which has no ``IF NOT EXISTS`` there) a "duplicate column" from a racing process is
+    taken as done. Existing rows get the column's constant default.
+    """
+    added: list[str] = []
+    for table_name, column_name in ADDED_COLUMNS:
+        column = Base.metadata.tables[table_name].c[column_name]
+        with store.engine.begin() as conn:
+            inspector = inspect(conn)
+            if not inspector.has_table(table_name):
+                continue
+            if column_name in {c["name"] for c in inspector.get_columns(table_name)}:
+                continue
+            preparer = conn.dialect.identifier_preparer
+            ddl = f"ALTER TABLE {preparer.quote(table_name)} ADD COLUMN "
+            if conn.dialect.name == "postgresql":
+                ddl += "IF NOT EXISTS "
+            ddl += f"{preparer.quote(column_name)} {column.type.compile(dialect=conn.dialect)}"
+            default = column.server_default
+            if default is not None:
+                ddl += f" DEFAULT {default.arg.text}"  # type: ignore[attr-defined]  # a text() clause
+            if not column.nullable:
+                ddl += " NOT NULL"
+            try:
+                conn.execute(text(ddl))
+            except OperationalError as exc:
+                if "duplicate column" not in str(exc.orig).lower():
+                    raise
+                continue
+        added.append(f"{table_name}.{column_name}")
+    return added

@@ -15,14 +15,15 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from ecgbridge.core.accounts import Principal, Role
-from ecgbridge.core.operations import ActionError, replay_dead_letters, retry_delivery
+from ecgbridge.core.operations import ActionError, Reanalysis, reanalyse, replay_dead_letters, retry_delivery
 from ecgbridge.core.queries import MessageFilter, search_messages
+from ecgbridge.core.retention import PRUNED_DETAIL, is_pruned
 from ecgbridge.core.store import MessageRow, MessageStore
 from ecgbridge.errors import EcgBridgeError
 from ecgbridge.gateway.console.auth import require
 from ecgbridge.gateway.console.context import ConsoleContext, context_of
 
-__all__ = ["router", "message_summary", "message_detail", "message_filter"]
+__all__ = ["router", "message_summary", "message_detail", "message_filter", "request_reanalysis"]
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -115,11 +116,14 @@ def message_detail(ctx: ConsoleContext, row: MessageRow) -> dict[str, Any]:
                 },
             }
         )
+    analysed = [v for v in view.versions if v["state"] == "analysed"]
     return {
         "message": message_summary(row),
         "events": view.events,
         "deliveries": view.deliveries,
+        "versions": view.versions,
         "result": {
+            "version": analysed[-1]["version"] if analysed else 1,
             "label": result.get("label"),
             "quality_flags": result.get("quality_flags", []),
             "ecg_flags": result.get("ecg_flags", []),
@@ -172,6 +176,8 @@ _EXTENSIONS = {"dicom": "dcm", "hl7": "hl7", "file": "bin"}
 @router.get("/messages/{message_id}/raw", summary="The inbound bytes as received (operator)")
 def get_raw(message_id: str, request: Request, ctx: Ctx, who: Operator) -> Response:
     row = _row_or_404(ctx.store, message_id)
+    if is_pruned(row):
+        raise HTTPException(410, PRUNED_DETAIL)
     try:
         data = ctx.store.read_blob(row.blob_sha256)
     except OSError as exc:
@@ -186,6 +192,8 @@ def get_raw(message_id: str, request: Request, ctx: Ctx, who: Operator) -> Respo
 @router.get("/messages/{message_id}/attachments/{index}", summary="A rendered attachment (PDF report, PNG)")
 def get_attachment(message_id: str, index: int, request: Request, ctx: Ctx, who: Viewer) -> Response:
     row = _row_or_404(ctx.store, message_id)
+    if is_pruned(row):
+        raise HTTPException(410, PRUNED_DETAIL)
     stored = ctx.store.get_result(row.id)
     attachments = (stored.result.get("attachments") or []) if stored else []
     if not 0 <= index < len(attachments):
@@ -225,6 +233,36 @@ def post_retry(message_id: str, destination: str, request: Request, ctx: Ctx, wh
         lambda: retry_delivery(ctx.store, ctx.dispatcher, ctx.settings, message_id[:64], destination[:64]),
     )
     return {"message_id": message_id, "destination": destination, "state": "pending"}
+
+
+@router.post(
+    "/messages/{message_id}/reanalyse",
+    summary="Re-analyse with the route's current models as a new result version, then update the destinations (operator)",
+)
+def post_reanalyse(
+    message_id: str,
+    request: Request,
+    ctx: Ctx,
+    who: Operator,
+    reason: Annotated[str | None, Query(max_length=500, description="why (no patient data)")] = None,
+) -> dict[str, Any]:
+    outcome = request_reanalysis(ctx, who, request, message_id, reason)
+    return {"message_id": outcome.message_id, "version": outcome.version, "joined": outcome.joined, "state": "queued"}
+
+
+def request_reanalysis(
+    ctx: ConsoleContext, who: Principal, request: Request, message_id: str, reason: str | None
+) -> Reanalysis:
+    """The ``reanalyse`` action for the API and the page: audited with the version it asked for."""
+    target = message_id[:64]
+    note = (reason or "").strip()[:500] or None
+    try:
+        outcome = reanalyse(ctx.store, ctx.dispatcher, ctx.settings, target, requested_by=who.name, reason=note)
+    except ActionError as exc:
+        ctx.audit(who, "reanalyse", request, target=target, outcome="failed", note=str(exc))
+        raise HTTPException(exc.status, str(exc)) from exc
+    ctx.audit(who, "reanalyse", request, target=target, detail={"version": outcome.version, "joined": outcome.joined})
+    return outcome
 
 
 @router.post("/destinations/{destination}/replay", summary="Replay a destination's dead letters (operator)")

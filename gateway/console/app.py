@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from ecgbridge import __version__
-from ecgbridge.gateway.console import api, metrics, pages, viewer
+from ecgbridge.gateway.console import api, metrics, oidc, pages, viewer
 from ecgbridge.gateway.console.auth import LoginThrottle, Sessions
 from ecgbridge.gateway.console.context import ConsoleContext
 from ecgbridge.gateway.console.templating import render_error
@@ -60,6 +60,7 @@ _TITLES = {
     403: "Forbidden",
     404: "Not found",
     409: "Conflict",
+    410: "Gone",
     413: "Content too large",
     422: "Unprocessable content",
     429: "Too many requests",
@@ -81,7 +82,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     app.state.throttle = LoginThrottle(console.login_max_failures, console.login_lockout_s)
     app.add_middleware(_SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (api, viewer, metrics, pages):
+    for module in (api, viewer, metrics, oidc, pages):
         app.include_router(module.router)
 
     @app.exception_handler(HTTPException)

@@ -18,9 +18,10 @@ from ecgbridge.core.queries import search_messages
 from ecgbridge.core.states import DeliveryState, MessageState, Source
 from ecgbridge.errors import EcgBridgeError
 from ecgbridge.gateway.console import dashboard
-from ecgbridge.gateway.console.api import message_detail, message_filter
+from ecgbridge.gateway.console.api import message_detail, message_filter, request_reanalysis
 from ecgbridge.gateway.console.auth import SESSION_COOKIE, LoginThrottle, Sessions, require
 from ecgbridge.gateway.console.context import ConsoleContext, context_of
+from ecgbridge.gateway.console.oidc import sign_in_options
 from ecgbridge.gateway.console.templating import render
 from ecgbridge.mapping.readers import read_ecg_bytes
 
@@ -38,13 +39,17 @@ def _safe_next(target: str | None) -> str:
     """Only a path on this console (no scheme, no //host): no open redirect after login."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in target):
+        return "/"  # browsers drop tabs and newlines: "/\t/evil.example" would become "//evil.example"
     return target
 
 
 # ----- sign in / out -------------------------------------------------------------------------
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request, ctx: Ctx, next: str = "/") -> HTMLResponse:
-    return render(request, "login.html", next=_safe_next(next), no_users=not ctx.accounts.has_users())
+    return render(
+        request, "login.html", next=_safe_next(next), no_users=not ctx.accounts.has_users(), **sign_in_options(ctx)
+    )
 
 
 @router.post("/login")
@@ -66,13 +71,19 @@ def login(
             status_code=429,
             next=_safe_next(next),
             error="Too many failed sign-ins: wait a few minutes and try again.",
+            **sign_in_options(ctx),
         )
     who = ctx.accounts.authenticate(username, password)
     if who is None:
         throttle.failed(*keys)
         ctx.accounts.audit(username[:64] or "-", "login", outcome="failed", remote_addr=address)
         return render(
-            request, "login.html", status_code=401, next=_safe_next(next), error="Wrong user name or password."
+            request,
+            "login.html",
+            status_code=401,
+            next=_safe_next(next),
+            error="Wrong user name or password.",
+            **sign_in_options(ctx),
         )
     throttle.succeeded(*keys)
     sessions: Sessions = request.app.state.sessions
@@ -160,6 +171,7 @@ def message_page(message_id: str, request: Request, ctx: Ctx, who: Viewer) -> HT
         result=detail["result"],
         deliveries=detail["deliveries"],
         events=detail["events"],
+        versions=detail["versions"],
         patient=patient,
         message_id=row.id,
         show_viewer=patient is not None,
@@ -176,6 +188,18 @@ def retry_page(message_id: str, destination: str, request: Request, ctx: Ctx, wh
         ctx.audit(who, "retry_delivery", request, target=target, outcome="failed", note=str(exc))
         raise HTTPException(exc.status, str(exc)) from exc
     ctx.audit(who, "retry_delivery", request, target=target)
+    return RedirectResponse(f"/messages/{message_id[:64]}", status_code=303)
+
+
+@router.post("/messages/{message_id}/reanalyse", response_class=HTMLResponse)
+def reanalyse_page(
+    message_id: str,
+    request: Request,
+    ctx: Ctx,
+    who: Operator,
+    reason: Annotated[str, Form(max_length=500)] = "",
+) -> Response:
+    request_reanalysis(ctx, who, request, message_id, reason)
     return RedirectResponse(f"/messages/{message_id[:64]}", status_code=303)
 
 

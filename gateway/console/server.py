@@ -8,6 +8,7 @@ import time
 
 import uvicorn
 
+from ecgbridge.core.tls import listener_context
 from ecgbridge.gateway.console.app import create_app
 from ecgbridge.gateway.console.context import ConsoleContext
 
@@ -32,6 +33,12 @@ class ConsoleServer:
             server_header=False,
             lifespan="off",
         )
+        if console.tls is not None:
+            # uvicorn's own TLS options cannot set the minimum version or the cipher list: load
+            # its config first, then put in the context every ecgbridge listener uses.
+            config.load()
+            config.ssl = listener_context(console.tls, "console.tls")
+        self.scheme = "https" if console.tls is not None else "http"
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -53,7 +60,7 @@ class ConsoleServer:
                     f"{self.ctx.settings.console.port} (port in use?)"
                 )
             time.sleep(0.05)
-        log.info("console on http://%s:%d/", self.ctx.settings.console.host, self.port)
+        log.info("console on %s://%s:%d/", self.scheme, self.ctx.settings.console.host, self.port)
 
     def stop(self) -> None:
         self._server.should_exit = True

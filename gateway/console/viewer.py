@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ecgbridge.core.accounts import Principal, Role
+from ecgbridge.core.retention import PRUNED_DETAIL, is_pruned
 from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import EcgBridgeError
 from ecgbridge.gateway.console.auth import require
@@ -92,7 +93,7 @@ def _result_flags(store: MessageStore, message_id: str) -> list[str]:
 
 
 def viewer_payload(store: MessageStore, message_id: str) -> dict[str, Any]:
-    """What the viewer draws for one message; raises :class:`ViewerError` (404, 422).
+    """What the viewer draws for one message; raises :class:`ViewerError` (404, 410 pruned, 422).
 
     Shape::
 
@@ -114,6 +115,8 @@ def viewer_payload(store: MessageStore, message_id: str) -> dict[str, Any]:
     row = store.get(message_id)
     if row is None:
         raise ViewerError(404, f"no message {message_id}")
+    if is_pruned(row):
+        raise ViewerError(410, PRUNED_DETAIL)
     try:
         data = store.read_blob(row.blob_sha256)
     except OSError as exc:

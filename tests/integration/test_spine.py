@@ -50,7 +50,7 @@ def test_dicom_ecg_to_one_fhir_report_even_when_sent_twice(make_stack, fhir_serv
     assert send_dicom(stack.port, [ds]) == [0x0000]
     assert send_dicom(stack.port, [ds]) == [0x0000]  # the cart resends the same instance
 
-    stack.wait_state("delivered", count=2, timeout_s=90)
+    (first,) = stack.wait_state("delivered", count=1, timeout_s=90)  # one message: the resend is not analysed
     reports = _reports(fhir_server, ds.SOPInstanceUID)
     assert len(reports) == 1, reports
     report = reports[0]
@@ -69,8 +69,9 @@ def test_dicom_ecg_to_one_fhir_report_even_when_sent_twice(make_stack, fhir_serv
     logs = stack.logs()
     assert "MRN7784512" not in logs and "Janet" not in logs, "PHI in the logs"
 
+    assert [e.kind for e in stack.store().events(first.id)].count("duplicate_received") == 1
     items = _messages_json(stack)
-    assert [m["state"] for m in items] == ["delivered", "delivered"]
+    assert [m["state"] for m in items] == ["delivered"]
     assert set(items[0]["findings"]) == {"NORM", "MI", "STTC", "CD", "HYP"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from ecgbridge.core.store import MessageStore
 from ecgbridge.gateway.console.context import ConsoleContext
 from ecgbridge.gateway.console.server import ConsoleServer
 
-from .processes import free_port, write_config
+from .processes import write_config
 
 __all__ = ["Console", "running_console", "login", "csrf_of", "PASSWORD"]
 
@@ -72,9 +73,13 @@ def running_console(
     Without ``broker_url`` the queue points at a closed port: enqueueing then fails the way
     a broker outage does (the store keeps the work for the recovery sweep).
     """
+    # A dead broker: a port bound but never listening, so connections are refused at once and no
+    # other server of the test (the console itself on port 0) can take it meanwhile.
+    dead = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dead.bind(("127.0.0.1", 0))
     cfg: dict[str, Any] = {
         "data_dir": str(tmp_path / "data"),
-        "broker": {"url": broker_url or f"redis://127.0.0.1:{free_port()}/0"},
+        "broker": {"url": broker_url or f"redis://127.0.0.1:{dead.getsockname()[1]}/0"},
         "console": {"host": "127.0.0.1", "port": 0},
         **(config or {}),
     }
@@ -97,3 +102,4 @@ def running_console(
         yield Console(f"http://127.0.0.1:{server.port}", path, store, accounts, live, ctx, server)
     finally:
         server.stop()
+        dead.close()

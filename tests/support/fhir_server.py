@@ -20,8 +20,6 @@ Requires ``node`` (>= 20.19) on PATH and ``npm ci --prefix tests/fhir_server``.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -33,11 +31,12 @@ from typing import Any
 
 import httpx
 
+from .node_peer import node_executable, node_unavailable
+
 SERVER_DIR = Path(__file__).resolve().parent.parent / "fhir_server"
 SERVER_SCRIPT = SERVER_DIR / "server.mjs"
 BASE_PATH = "/fhir/R4"
 INSTALL_HINT = "run `npm ci --prefix tests/fhir_server` from the repository root"
-MIN_NODE = (20, 19)
 
 _ParamValue = str | int | float | Iterable[str | int | float]
 
@@ -47,24 +46,17 @@ class FhirServerError(RuntimeError):
 
 
 def _node_executable() -> str | None:
-    return shutil.which(os.environ.get("FHIR_PEER_NODE", "node"))
+    return node_executable("FHIR_PEER_NODE")
 
 
 def node_available() -> str | None:
     """Return ``None`` when the peer can run, else a reason suitable for ``pytest.skip``."""
-    node = _node_executable()
-    if node is None:
-        return "node is not on PATH (the FHIR R4 test peer needs Node >= 20.19)"
-    try:
-        out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"cannot run {node} --version: {exc}"
-    match = re.match(r"v(\d+)\.(\d+)", out)
-    if not match or (int(match.group(1)), int(match.group(2))) < MIN_NODE:
-        return f"node {out or '?'} is too old for the FHIR R4 test peer (needs >= 20.19)"
-    if not (SERVER_DIR / "node_modules" / "@medplum" / "fhir-router").is_dir():
-        return f"FHIR R4 test peer dependencies are not installed: {INSTALL_HINT}"
-    return None
+    return node_unavailable(
+        "FHIR_PEER_NODE",
+        "the FHIR R4 test peer",
+        SERVER_DIR / "node_modules" / "@medplum" / "fhir-router",
+        INSTALL_HINT,
+    )
 
 
 def free_port() -> int:

@@ -142,7 +142,9 @@ class FaultProxy(HttpPeer):
             status, outcome = self.faults[resource_type]
             return json_reply(status, outcome)
         forward = {
-            k: v for k, v in headers.items() if k.lower() in ("accept", "authorization", "content-type", "prefer")
+            k: v
+            for k, v in headers.items()
+            if k.lower() in ("accept", "authorization", "content-type", "prefer", "if-none-exist", "if-match")
         }
         forward["Host"] = f"127.0.0.1:{self.port}"
         resp = self._http.request(method, self.upstream + path, headers=forward, content=body or None)

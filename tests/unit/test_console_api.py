@@ -233,3 +233,42 @@ def test_sign_out_ends_the_session(console: Console) -> None:
         assert c.post("/logout", data={"csrf_token": csrf}).status_code == 303
         assert c.get("/").status_code == 303
     _ = csrf_of  # imported for other tests
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//evil.example/",
+        "/\t/evil.example",
+        "/\n/evil.example",
+        "https://evil.example/",
+        "\\\\evil.example",
+        "/\\evil.example",
+    ],
+)
+def test_sign_in_never_redirects_off_the_console(console: Console, target: str) -> None:
+    with console.client() as c:
+        answer = c.post("/login", data={"username": "viewer", "password": PASSWORD, "next": target})
+    assert answer.status_code == 303 and answer.headers["location"] == "/"
+
+
+def test_explain_refuses_an_upload_over_the_limit_and_names_what_is_unreadable(tmp_path: Path) -> None:
+    limit = DICOM.stat().st_size + 100
+    config = {**CONFIG, "console": {"host": "127.0.0.1", "port": 0, "max_upload_bytes": limit}}
+    with running_console(tmp_path, config=config) as console, console.client() as c:
+        csrf = login(c, "viewer")
+        headers = {"X-CSRF-Token": csrf}
+        big = c.post("/api/routes/explain", content=b"x" * (limit + 1), headers=headers)
+        assert big.status_code == 413 and f"{limit} bytes" in big.json()["detail"]
+        junk = c.post("/api/routes/explain", content=b"not an ECG at all", headers=headers)
+        assert junk.status_code == 422 and junk.json()["detail"]
+        page = c.post(
+            "/routes/explain",
+            data={"csrf_token": csrf},
+            files={"file": ("junk.bin", b"not an ECG at all", "application/octet-stream")},
+        )
+        assert page.status_code == 200 and 'id="explain-error"' in page.text
+        unknown = c.post("/api/routes/explain?message_id=nope", headers=headers)
+        assert unknown.status_code == 422 and "no message with id" in unknown.json()["detail"]
+        good = c.post("/api/routes/explain?calling_ae=CART1", content=DICOM.read_bytes(), headers=headers)
+        assert good.status_code == 200 and good.json()["matched"] == "all-ecg"

@@ -79,7 +79,7 @@ def _context(store: MessageStore, **kw: object) -> ConsoleContext:
     settings = Settings(
         data_dir=store.blobs.root.parent,
         destinations=[
-            FhirDestination(name="ehr-fhir", base_url="http://ehr.invalid/fhir"),
+            FhirDestination(name="ehr-fhir", base_url="https://ehr.invalid/fhir"),
             Hl7Destination(name="lis-hl7", host="lis.invalid", port=2575),
         ],
     )

@@ -70,7 +70,7 @@ def test_bad_yaml_and_bad_values(tmp_path):
 def test_environment_overrides_and_secrets(tmp_path, monkeypatch):
     path = tmp_path / "site.yaml"
     path.write_text(
-        "destinations:\n  - name: e\n    base_url: http://x/fhir\n    auth: {type: bearer, token_env: EHR_TOKEN}\n"
+        "destinations:\n  - name: e\n    base_url: https://x/fhir\n    auth: {type: bearer, token_env: EHR_TOKEN}\n"
     )
     monkeypatch.setenv("ECGBRIDGE_BROKER_URL", "redis://10.1.1.1:6379/0")
     monkeypatch.setenv("ECGBRIDGE_DATABASE_URL", "postgresql+psycopg://u@h/db")
@@ -136,25 +136,25 @@ def test_ehr_auth_and_field_checks(tmp_path):
     assert any("base_url must start with http" in p for p in problems)
     assert any("needs client_id, private_key_file, key_id" in p for p in problems)
     problems = _problems(
-        tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    auth: {type: bearer, client_id: c}\n"
+        tmp_path, "ehr:\n  - name: e\n    base_url: https://x\n    auth: {type: bearer, client_id: c}\n"
     )
     assert any("needs token_env" in p or "does not use client_id" in p for p in problems)
     problems = _problems(
         tmp_path,
-        "ehr:\n  - name: e\n    base_url: http://x\n    auth: {type: saml}\n"
+        "ehr:\n  - name: e\n    base_url: https://x\n    auth: {type: saml}\n"
         "    timeout_s: 30\n    total_timeout_s: 10\n    retries: -1\n",
     )
     assert any("ehr[0].auth.type" in p for p in problems)
     assert any("ehr[0].retries" in p for p in problems)
     problems = _problems(
-        tmp_path, "ehr:\n  - name: e\n    base_url: http://x\n    timeout_s: 30\n    total_timeout_s: 10\n"
+        tmp_path, "ehr:\n  - name: e\n    base_url: https://x\n    timeout_s: 30\n    total_timeout_s: 10\n"
     )
     assert any("total_timeout_s must be at least timeout_s" in p for p in problems)
-    problems = _problems(tmp_path, "ehr:\n  - {name: e, base_url: 'http://x'}\n  - {name: e, base_url: 'http://y'}\n")
+    problems = _problems(tmp_path, "ehr:\n  - {name: e, base_url: 'https://x'}\n  - {name: e, base_url: 'https://y'}\n")
     assert any("ehr: names must be unique" in p for p in problems)
     problems = _problems(
         tmp_path,
-        "ehr:\n  - {name: e, base_url: 'http://x', auth: {type: smart-backend, "
+        "ehr:\n  - {name: e, base_url: 'https://x', auth: {type: smart-backend, "
         "client_id: c, private_key_file: k.pem, key_id: k, token_url: 'ftp://t'}}\n",
     )
     assert any("token_url must start with http" in p for p in problems)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, insert, text, update
+from sqlalchemy import event, insert, text, update
 
 from ecgbridge.core import stats
 from ecgbridge.core.states import DeliveryState
@@ -33,59 +33,19 @@ from ecgbridge.core.store import (
     record_timings,
     timings_of,
 )
+from tests.support.stores import PostgresUnavailable, message_store
 
 NOW = datetime(2024, 5, 10, 12, 30, tzinfo=UTC)
 ECG = Path(__file__).resolve().parents[1] / "fixtures" / "dicom" / "ptbxl_00024_norm_12lead.dcm"
-POSTGRES_USERS = ("postgres", "root")
-
-
-def _postgres_schema() -> Iterator[str]:
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("PostgreSQL run skipped: psycopg is not installed")
-    schema = f"stats_{uuid.uuid4().hex[:12]}"
-    problems = []
-    for user in POSTGRES_USERS:
-        base = f"postgresql+psycopg://{user}@127.0.0.1:5432/test"
-        engine = create_engine(base, connect_args={"connect_timeout": 3})
-        try:
-            with engine.begin() as conn:
-                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        except Exception as exc:
-            engine.dispose()
-            problems.append(f"{user}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            continue
-        try:
-            yield f"{base}?options=-csearch_path%3D{schema}"
-        finally:
-            with engine.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            engine.dispose()
-        return
-    pytest.skip(
-        "PostgreSQL run skipped: no server at 127.0.0.1:5432 lets user postgres or root create a schema "
-        f"in database test ({'; '.join(problems)})"
-    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
-    if request.param == "sqlite":
-        store = MessageStore(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
-        store.create_schema()
-        yield store
-        store.engine.dispose()
-        return
-    schemas = _postgres_schema()
-    url = next(schemas)
-    store = MessageStore(url, tmp_path)
-    store.create_schema()
     try:
-        yield store
-    finally:
-        store.engine.dispose()
-        next(schemas, None)  # drops the schema
+        with message_store(request.param, tmp_path, "stats") as store:
+            yield store
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL run skipped: {exc}")
 
 
 def _message(store: MessageStore, *, source: str, state: str, route: str | None, received: datetime, **kw: Any) -> str:

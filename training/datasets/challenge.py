@@ -2,8 +2,10 @@
 
 A directory of WFDB records (``NAME.hea`` + ``NAME.mat``, or ``.dat``), each header
 carrying comment lines ``# Age: 78``, ``# Sex: Male`` and ``# Dx: code,code,...``
-with SNOMED CT concept ids. Records are read with wfdb by lead *name* and go
-through the serving pipeline (``inference.preprocess``), like PTB-XL.
+with SNOMED CT concept ids. Records are read by lead *name* with the product's WFDB
+reader (``mapping.wfdb_record.read_wfdb_record``, which also takes the Georgia header
+dialect ``E07938.mat 12 500 5000 05-May-2020 09:49:17``) and go through the serving
+pipeline (``inference.preprocess``), like PTB-XL.
 
 Source database. The challenge names records by a prefix per source; the prefix
 is how a record's hospital is identified (``SOURCE_PREFIXES``)::
@@ -59,7 +61,8 @@ import pandas as pd
 from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
 from ecgbridge.mapping.codes import SNOMED_TO_SUPERCLASS
 from ecgbridge.mapping.ecg import STANDARD_LEADS
-from ecgbridge.training.datasets.ptbxl import SUPERCLASSES, Transform, read_signal
+from ecgbridge.mapping.wfdb_record import lead_name, read_wfdb_record
+from ecgbridge.training.datasets.ptbxl import SUPERCLASSES, Transform
 
 __all__ = [
     "SNOMED_TO_SUPERCLASS",
@@ -73,6 +76,7 @@ __all__ = [
     "read_header",
     "superclasses_from_snomed",
     "load_challenge",
+    "read_signal",
     "ptbxl_overlap",
 ]
 
@@ -154,6 +158,23 @@ def superclasses_from_snomed(codes: tuple[str, ...] | list[str]) -> set[str]:
     if not found and any(c in SINUS_RHYTHMS for c in codes) and all(c in NORM_COMPATIBLE for c in codes):
         found.add("NORM")
     return found
+
+
+def read_signal(record_path: Path) -> tuple[np.ndarray, float, str]:
+    """One record as (12, samples) in STANDARD_LEADS order, fs, units (as ``ptbxl.read_signal``).
+
+    Read through ``mapping``'s WFDB reader so that training accepts exactly the headers the
+    product accepts, the challenge dialect included.
+    """
+    record = read_wfdb_record(record_path)
+    names = [lead_name(str(n)) or str(n) for n in record.sig_name]
+    missing = [lead for lead in STANDARD_LEADS if lead not in names]
+    if missing:
+        raise ValueError(f"record {record_path} lacks leads {', '.join(missing)}")
+    signal = np.asarray(record.p_signal, dtype=np.float32).T
+    ordered = np.stack([signal[names.index(lead)] for lead in STANDARD_LEADS])
+    units = {str(u) for u in record.units}
+    return ordered, float(record.fs), units.pop() if len(units) == 1 else "mixed"
 
 
 def is_challenge_dir(directory: Path) -> bool:
