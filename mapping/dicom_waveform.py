@@ -21,21 +21,23 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from io import BytesIO
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.valuerep import DT
 
-from ecgbridge.errors import DecodeError, UnsupportedInputError, WaveformError
+from ecgbridge.errors import DecodeError, InputError, UnsupportedInputError, WaveformError
 from ecgbridge.mapping.codes import (
     ECG_STORAGE_SOP_CLASSES,
     LEAD_BY_MEANING,
@@ -135,22 +137,24 @@ def to_ecg(ds: Dataset) -> Ecg:
     object is decodable but not a usable rhythm ECG (including median-beat-only files:
     models need a rhythm strip; use :func:`median_beat` for the beat).
     """
-    _check_sop_class(ds)
-    seq = _waveform_sequence(ds)
-    index = _select_rhythm_group(seq)
-    return _group_to_ecg(ds, index)
+    with _decoding():
+        _check_sop_class(ds)
+        seq = _waveform_sequence(ds)
+        index = _select_rhythm_group(seq)
+        return _group_to_ecg(ds, index)
 
 
 def median_beat(ds: Dataset) -> Ecg | None:
     """The representative (median) beat group as an Ecg, or None when the file has none."""
-    _check_sop_class(ds)
-    seq = _waveform_sequence(ds)
-    beats = [i for i, item in enumerate(seq) if _is_beat_group(_group_label(item))]
-    if not beats:
-        return None
-    # Prefer an explicit MEDIAN group over other representative-beat labels.
-    beats.sort(key=lambda i: "MEDIAN" not in _group_label(seq[i]))
-    return _group_to_ecg(ds, beats[0])
+    with _decoding():
+        _check_sop_class(ds)
+        seq = _waveform_sequence(ds)
+        beats = [i for i, item in enumerate(seq) if _is_beat_group(_group_label(item))]
+        if not beats:
+            return None
+        # Prefer an explicit MEDIAN group over other representative-beat labels.
+        beats.sort(key=lambda i: "MEDIAN" not in _group_label(seq[i]))
+        return _group_to_ecg(ds, beats[0])
 
 
 def validate_for_storage(ds: Dataset) -> None:
@@ -167,7 +171,7 @@ def lead_for_channel(channel: Dataset) -> str | None:
     Code first (SCPECG, then MDC), then the code meaning; a channel's position in the
     sequence is never evidence of its lead.
     """
-    src = channel.get("ChannelSourceSequence")
+    src = _items(channel, "ChannelSourceSequence")
     if not src:
         return None
     item = src[0]
@@ -214,11 +218,51 @@ def standardise_leads(
     missing = [name for name in STANDARD_LEADS if name not in leads]
     if missing:
         flags.append("missing_leads:" + ",".join(missing))
-    signals = np.stack([leads[name] for name in present]).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        signals = np.stack([leads[name] for name in present]).astype(np.float32)
+    bad = [name for name, row in zip(present, signals) if not np.isfinite(row).all()]
+    if bad:  # NaN, or a value beyond float32 (a resolution or sensitivity out of range)
+        raise WaveformError(
+            f"leads {', '.join(bad)}: samples are not finite numbers in mV (check resolution and units)"
+        )
     return signals, tuple(present), tuple(flags)
 
 
 # ------------------------------------------------------------------------ internals
+
+#: What pydicom raises when it decodes a value or a sequence on first access (it reads
+#: lazily, so these surface in to_ecg, after read_bytes): an unknown VR, a length that is
+#: not a multiple of the value size, a sequence whose items cannot be parsed.
+_LAZY_DECODE_ERRORS = (NotImplementedError, BytesLengthException, OSError, EOFError, struct.error)
+
+
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """A value pydicom cannot decode on first access is a DecodeError, as it is in read_bytes."""
+    try:
+        yield
+    except InputError:
+        raise
+    except _LAZY_DECODE_ERRORS as exc:
+        # pydicom's text may quote the value's bytes: detail only.
+        raise DecodeError(
+            f"DICOM object is corrupt: an element could not be decoded ({type(exc).__name__})", detail=str(exc)
+        ) from exc
+
+
+def _items(ds: Dataset, keyword: str) -> Sequence[Dataset]:
+    """A sequence's items (none when absent or empty); DecodeError when the element is not a sequence.
+
+    A sender may write a sequence's tag with another VR (OB, UN ...): pydicom then gives
+    bytes, not items, and the reader would crash on them.
+    """
+    value = ds.get(keyword)
+    if isinstance(value, DicomSequence):
+        return value
+    if value is None or (isinstance(value, (str, bytes)) and not value):
+        return ()
+    element = ds[keyword]
+    raise DecodeError(f"{keyword} {element.tag} is not a sequence of items (VR {element.VR})")
 
 
 def _check_element_lengths(ds: Dataset) -> None:
@@ -262,10 +306,10 @@ def _check_sop_class(ds: Dataset) -> None:
 
 
 def _waveform_sequence(ds: Dataset) -> Sequence[Dataset]:
-    seq = ds.get("WaveformSequence")
+    seq = _items(ds, "WaveformSequence")
     if not seq:
         raise WaveformError("no waveform: WaveformSequence (5400,0100) is missing or empty")
-    return cast(Sequence[Dataset], seq)
+    return seq
 
 
 def _group_label(item: Dataset) -> str:
@@ -306,7 +350,7 @@ def _describe_group(index: int, item: Dataset) -> str:
 def _channel_description(number: int, channel: Dataset) -> str:
     """A short, PHI-free name for a dropped channel (label, code meaning or number)."""
     text = _text(channel.get("ChannelLabel"))
-    src = channel.get("ChannelSourceSequence")
+    src = _items(channel, "ChannelSourceSequence")
     if not text and src:
         text = _text(src[0].get("CodeMeaning")) or _text(src[0].get("CodeValue"))
     text = text or f"channel {number}"
@@ -315,7 +359,7 @@ def _channel_description(number: int, channel: Dataset) -> str:
 
 def _units_to_mv(channel: Dataset, lead: str) -> float | None:
     """Factor from the channel's sensitivity units to mV; None when no units are given."""
-    seq = channel.get("ChannelSensitivityUnitsSequence")
+    seq = _items(channel, "ChannelSensitivityUnitsSequence")
     if not seq:
         return None
     item = seq[0]
@@ -370,7 +414,7 @@ def _decode_group(ds: Dataset, index: int) -> tuple[dict[str, np.ndarray], list[
             f"{where}: unsupported sample format WaveformBitsAllocated {bits} / "
             f"WaveformSampleInterpretation {interpretation}"
         )
-    channels = item.ChannelDefinitionSequence
+    channels = _items(item, "ChannelDefinitionSequence")
     if len(channels) != n_channels:
         raise WaveformError(
             f"{where}: NumberOfWaveformChannels is {n_channels} but ChannelDefinitionSequence has {len(channels)} items"
@@ -510,7 +554,7 @@ def _order_number(ds: Dataset, keyword: str) -> str | None:
     if value:
         return value
     for seq_keyword in ("RequestAttributesSequence", "ReferencedRequestSequence"):
-        for item in ds.get(seq_keyword, None) or []:
+        for item in _items(ds, seq_keyword):
             value = _text(item.get(keyword))
             if value:
                 return value

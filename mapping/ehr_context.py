@@ -463,11 +463,11 @@ def parse_fhir_datetime(text: Any) -> datetime | None:
             dt = datetime(int(s[:4]), int(s[5:7]), 1)
         else:
             dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return dt.astimezone(UTC)
+    except (ValueError, OverflowError):  # not a date, or one that leaves year 1-9999 in UTC
         return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
 
 
 def age_at(birth_date: Any, when: datetime) -> float | None:
@@ -503,9 +503,8 @@ def convert_unit(variable: str, value: float, unit: str | None) -> float | None:
 
 
 def _codings(concept: Any) -> list[dict[str, Any]]:
-    if not isinstance(concept, dict):
-        return []
-    return [c for c in concept.get("coding") or [] if isinstance(c, dict)]
+    coding = concept.get("coding") if isinstance(concept, dict) else None
+    return [c for c in coding if isinstance(c, dict)] if isinstance(coding, list) else []
 
 
 def _status_code(concept: Any) -> str | None:
@@ -531,6 +530,7 @@ class _Notes:
     units: dict[tuple[str, str], int] = field(default_factory=dict)
     no_time: dict[str, int] = field(default_factory=dict)
     comparator: dict[str, int] = field(default_factory=dict)
+    not_finite: dict[str, int] = field(default_factory=dict)
     med_references: int = 0
 
     def problems(self) -> list[str]:
@@ -542,6 +542,8 @@ class _Notes:
             )
         for name, n in sorted(self.no_time.items()):
             out.append(f"{name}: {n} value{'s' if n > 1 else ''} without an effective time ignored")
+        for name, n in sorted(self.not_finite.items()):
+            out.append(f"{name}: {n} value{'s' if n > 1 else ''} not a finite number ignored")
         for name, _n in sorted(self.comparator.items()):
             out.append(f"{name}: latest value carries a comparator (< or >) and is taken at its bound")
         if self.med_references:
@@ -570,13 +572,15 @@ def _observation_time(obs: dict[str, Any]) -> datetime | None:
 def _candidates(obs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(variable, loinc, valueQuantity) from the Observation and its components."""
     out = []
-    parts = [obs] + [c for c in obs.get("component") or [] if isinstance(c, dict)]
+    components = obs.get("component")
+    parts = [obs] + ([c for c in components if isinstance(c, dict)] if isinstance(components, list) else [])
     for part in parts:
         quantity = part.get("valueQuantity")
         if not isinstance(quantity, dict):
             continue
         for coding in _codings(part.get("code")):
-            if coding.get("system") == LOINC and coding.get("code") in _LOINC_VARIABLE:
+            code = coding.get("code")
+            if coding.get("system") == LOINC and isinstance(code, str) and code in _LOINC_VARIABLE:
                 out.append((_LOINC_VARIABLE[coding["code"]], coding["code"], quantity))
                 break
     return out
@@ -585,7 +589,14 @@ def _candidates(obs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 def _quantity_value(variable: str, quantity: dict[str, Any], notes: _Notes) -> tuple[float, str] | None:
     """(canonical value, source unit) or None; unconvertible units are counted in ``notes``."""
     raw = quantity.get("value")
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return None
+    try:
+        number = float(raw)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        notes.not_finite[variable] = notes.not_finite.get(variable, 0) + 1
         return None
     units = []
     if quantity.get("system") == UCUM and isinstance(quantity.get("code"), str):
@@ -595,7 +606,10 @@ def _quantity_value(variable: str, quantity: dict[str, Any], notes: _Notes) -> t
     if not units and isinstance(quantity.get("code"), str):
         units.append(quantity["code"])
     for unit in units:
-        converted = convert_unit(variable, float(raw), unit)
+        converted = convert_unit(variable, number, unit)
+        if converted is not None and not math.isfinite(converted):  # finite, until the unit factor
+            notes.not_finite[variable] = notes.not_finite.get(variable, 0) + 1
+            return None
         if converted is not None:
             return converted, unit
     shown = units[0] if units else "(none)"
@@ -613,10 +627,14 @@ def latest_values(
     model sees what the EHR knew when the ECG was taken.
     """
     notes = notes if notes is not None else _Notes()
-    start = reference_time - timedelta(days=window_days)
+    try:
+        start = reference_time - timedelta(days=window_days)
+    except OverflowError:  # a window reaching before year 1: everything up to the ECG counts
+        start = datetime.min.replace(tzinfo=UTC)
     best: dict[str, tuple[EhrValue, str | None]] = {}
     for obs in observations:
-        if not isinstance(obs, dict) or obs.get("status") not in _OK_OBSERVATION:
+        status = obs.get("status") if isinstance(obs, dict) else None
+        if not isinstance(status, str) or status not in _OK_OBSERVATION:
             continue
         candidates = _candidates(obs)
         if not candidates:
@@ -769,6 +787,18 @@ def medication_use(
 # ----- the whole context -----------------------------------------------------------
 
 
+def _in_utc(acquired_at: datetime | None) -> datetime | None:
+    """``acquired_at`` in UTC (naive: this machine's zone); None when absent or not placeable in UTC."""
+    if acquired_at is None:
+        return None
+    try:
+        if acquired_at.tzinfo is None or acquired_at.utcoffset() is None:
+            return acquired_at.astimezone().astimezone(UTC)
+        return acquired_at.astimezone(UTC)
+    except (ValueError, OverflowError):  # year 1 or 9999 pushed out of range by the offset
+        return None
+
+
 def context_from_resources(
     patient: dict[str, Any] | None,
     observations: Iterable[dict[str, Any]] | None,
@@ -790,13 +820,13 @@ def context_from_resources(
     """
     notes = _Notes()
     extra = list(problems)
-    if acquired_at is None:
+    reference_time = _in_utc(acquired_at)
+    if reference_time is None:
         reference_time = datetime.now(UTC)
-        extra.append("ECG acquisition time unknown: the window ends now")
-    elif acquired_at.tzinfo is None or acquired_at.utcoffset() is None:
-        reference_time = acquired_at.astimezone().astimezone(UTC)
-    else:
-        reference_time = acquired_at.astimezone(UTC)
+        if acquired_at is None:
+            extra.append("ECG acquisition time unknown: the window ends now")
+        else:
+            extra.append("ECG acquisition time out of range (year 1-9999 in UTC): the window ends now")
     if patient is None:
         return EhrContext(status="no_patient" if status == "complete" else status, problems=tuple(extra), source=source)
     gender = patient.get("gender")

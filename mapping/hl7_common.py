@@ -269,9 +269,15 @@ def _separators_from(field_sep: str, msh2: str, version: tuple[int, ...]) -> Sep
     chars = field_sep + msh2
     if len(msh2) not in allowed_len or len(set(chars)) != len(chars):
         return None
-    if any(c.isalnum() or c.isspace() or ord(c) < 32 for c in chars):
+    if not all(_delimiter(c) for c in chars):
         return None
     return Separators(field_sep, msh2[0], msh2[1], msh2[2], msh2[3], msh2[4] if len(msh2) == 5 else None)
+
+
+def _delimiter(char: str) -> bool:
+    """A usable delimiter: printable ASCII, not a letter or digit. A byte above 0x7E would not
+    survive the ACK: it is written in the ACK's character set (two bytes in UTF-8)."""
+    return "!" <= char <= "~" and not char.isalnum()
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -333,7 +339,7 @@ def read_header(text: str) -> Header:
     if not text.startswith("MSH") or len(text) < 8:
         raise Hl7Error("the message does not start with an MSH segment", code=100, location=("MSH", 1))
     sep = text[3]
-    if sep.isalnum() or sep.isspace() or ord(sep) < 32:
+    if not _delimiter(sep):
         raise Hl7Error("MSH-1 field separator is missing or invalid", code=102, location=("MSH", 1, 1))
     parts = tuple(first_segment(text).split(sep))
     version = version_tuple(parts[11]) if len(parts) > 11 else ()
@@ -464,17 +470,23 @@ def _msh18(msh: str) -> str | None:
     hl7apy checks the encoding characters (as it will when parsing the message), so a
     message it cannot read fails here, before it is decoded, with the MSH-2 location.
     """
-    try:
-        encoding, _message_structure, _version = get_message_info(msh)
-    except HL7apyException as exc:
-        raise with_location(
-            DecodeError(f"MSH segment is malformed: {_safe_reason(exc)}", detail=str(exc)),
-            ErrorLocation("MSH", 1, 2),
-        ) from exc
+    encoding, _message_structure, _version = _message_info(msh)
     separators = Separators.of(encoding)
     header = Header(tuple(msh.split(separators.field)), separators)
     value = unescape(header.raw(18).split(separators.repetition, 1)[0], separators).strip()
     return value or None
+
+
+def _message_info(text: str) -> Any:
+    """hl7apy's (encoding chars, structure, version) of a message; DecodeError at MSH-2 when it cannot tell."""
+    try:
+        return get_message_info(text)
+    except (HL7apyException, IndexError) as exc:
+        # hl7apy reads MSH-12 unchecked when MSH-2 holds 5 characters: a short MSH is an IndexError there
+        reason = _safe_reason(exc) if isinstance(exc, HL7apyException) else "5 encoding characters but no MSH-12"
+        raise with_location(
+            DecodeError(f"MSH segment is malformed: {reason}", detail=str(exc)), ErrorLocation("MSH", 1, 2)
+        ) from exc
 
 
 def _safe_reason(exc: BaseException) -> str:
@@ -533,13 +545,7 @@ def read_er7(
     """
     text, charset = decode_bytes(raw)
     text = _normalise(text)
-    try:
-        encoding, structure, version = get_message_info(text)
-    except HL7apyException as exc:
-        raise with_location(
-            DecodeError(f"MSH segment is malformed: {_safe_reason(exc)}", detail=str(exc)),
-            ErrorLocation("MSH", 1, 2),
-        ) from exc
+    encoding, structure, version = _message_info(text)
     separators = Separators.of(encoding)
     seg_texts = text.split("\r")
     segment_ids = tuple(s[:3] for s in seg_texts)

@@ -5,15 +5,32 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.support.peers import need
 from tests.support.processes import RedisServer, redis_binary
 from tests.support.stack import Stack
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_peer(reason): reason None, or why a peer is missing (skip locally, fail in CI)"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``tests.support.peers.needs(reason)`` marks: skip locally, fail in CI, before any fixture runs."""
+    for mark in item.iter_markers("needs_peer"):
+        reason = mark.args[0] if mark.args else None
+        if reason:
+            need(reason)
 
 
 def shared_data_dir() -> Path | None:
@@ -26,7 +43,7 @@ def shared_data_dir() -> Path | None:
 def shared_data() -> Path:
     path = shared_data_dir()
     if path is None:
-        pytest.skip("the large data set ../shared/data is absent (set ECGBRIDGE_SHARED_DATA to use another path)")
+        need("the large data set ../shared/data is absent (set ECGBRIDGE_SHARED_DATA to use another path)")
     return path
 
 
@@ -44,7 +61,7 @@ POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     if redis_binary() is None:
-        pytest.skip("no redis-server binary (apt-get install redis-server)")
+        need("no redis-server binary (apt-get install redis-server)")
     server = RedisServer().start()
     yield server
     server.stop()
@@ -52,31 +69,34 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def fhir_server() -> Iterator[object]:
-    from tests.support.fhir_server import FhirServer, node_available
+    from tests.support.fhir_server import FhirServer, require_node
 
-    reason = node_available()
-    if reason:
-        pytest.skip(f"FHIR server peer unavailable: {reason}")
+    require_node()
     server = FhirServer()
     server.start()
     yield server
     server.stop()
 
 
-def _postgres_url() -> str | None:
+def _postgres_url() -> str:
+    """A fresh database on the local server; a server or driver that is not there is :func:`need`."""
     try:
         import psycopg  # noqa: F401
-        from sqlalchemy import create_engine, text
     except ImportError:
-        return None
+        need("psycopg is not installed (pip install -e '.[test]'): the PostgreSQL runs need it")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
     name = f"ecgbridge_test_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
     try:
-        engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
+        with engine.connect() as conn:  # only a connection that fails means "no server"; other errors are errors
             conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        detail = str(exc.orig or exc).strip().splitlines() or [type(exc).__name__]
+        need(f"no PostgreSQL server answers at 127.0.0.1:5432 (user postgres, trust auth): {detail[0]}")
+    finally:
         engine.dispose()
-    except Exception:
-        return None
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
@@ -90,21 +110,38 @@ def _drop_postgres(url: str) -> None:
     engine.dispose()
 
 
+@contextmanager
+def _postgres_database() -> Iterator[str]:
+    url = _postgres_url()
+    try:
+        yield url
+    finally:
+        _drop_postgres(url)
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    url = _postgres_url()
-    if url is None:
-        pytest.skip("no PostgreSQL server answers at 127.0.0.1:5432 (user postgres, trust auth)")
-    yield url
-    _drop_postgres(url)
+    with _postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """None (the default SQLite store) or the URL of a fresh PostgreSQL database: run a test on both."""
     if request.param == "sqlite":
         yield None
     else:
         yield request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """``database_url`` for a module-scoped deployment (one database for the module's tests)."""
+    if request.param == "sqlite":
+        yield None
+    else:
+        with _postgres_database() as url:
+            yield url
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ RESTART_SETTINGS: tuple[str, ...] = (
     "console.enabled",
     "console.host",
     "console.port",
+    "console.tls",
     "storage",
     "broker",
     "workers",

@@ -853,7 +853,9 @@ def load_settings(path: str | Path | None = None) -> Settings:
                 problems.append(problem)
         problems.sort(key=_problem_line)
         raise ConfigError(f"{file}: {len(problems)} problem(s) in the configuration", problems) from exc
-    settings.source_file = file.resolve()
+    # absolute, not resolved: a Kubernetes ConfigMap mounts the file as a symbolic link that the
+    # kubelet re-points on each update, so a reload must read the link again, not its old target
+    settings.source_file = file.absolute()
     for auth in [source.auth for source in settings.ehr] + [
         d.auth for d in settings.destinations if isinstance(d, FhirDestination)
     ]:

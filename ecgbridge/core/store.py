@@ -78,6 +78,10 @@ MESSAGE_STATES = tuple(MessageState)
 DELIVERY_STATES = tuple(DeliveryState)
 
 
+#: Longest order number kept (HL7 EI.1 entity identifier: 199 characters).
+ORDER_NUMBER_MAX = 199
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -108,8 +112,8 @@ class MessageRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     flags: Mapped[list[str]] = mapped_column(JSON, default=list)
     #: Order numbers the ECG carries (HL7 OBR-2/3, DICOM order attributes); link to ``orders``.
-    placer_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
-    filler_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    placer_order_number: Mapped[str | None] = mapped_column(String(ORDER_NUMBER_MAX), index=True)
+    filler_order_number: Mapped[str | None] = mapped_column(String(ORDER_NUMBER_MAX), index=True)
     message_type: Mapped[str | None] = mapped_column(String(32))  # HL7 MSH-9, e.g. ORU^R01
 
 
@@ -124,8 +128,8 @@ class OrderRow(Base):
     __table_args__ = (UniqueConstraint("placer_order_number", "filler_order_number"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    placer_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
-    filler_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    placer_order_number: Mapped[str | None] = mapped_column(String(ORDER_NUMBER_MAX), index=True)
+    filler_order_number: Mapped[str | None] = mapped_column(String(ORDER_NUMBER_MAX), index=True)
     order_control: Mapped[str | None] = mapped_column(String(8))  # ORC-1: NW, CA, XO, ...
     status: Mapped[str | None] = mapped_column(String(16))  # ORC-5
     message_id: Mapped[str | None] = mapped_column(String(36))  # the HL7 message it came in
@@ -400,7 +404,9 @@ class MessageStore:
     def __init__(self, database_url: str, data_dir: Path) -> None:
         self.url = database_url
         self.blobs = BlobStore(Path(data_dir) / "blobs")
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        # hide_parameters: a database error's text then names the statement, never the values
+        # (order numbers, file names) that its traceback would otherwise carry into the logs.
+        kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
         if database_url.startswith("sqlite"):
             Path(data_dir).mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": 30}
@@ -422,6 +428,7 @@ class MessageStore:
             try:
                 Base.metadata.create_all(self.engine)
                 create_missing_columns(self)
+                widen_columns(self)
                 create_missing_indexes(self)
                 return
             except (ProgrammingError, IntegrityError):
@@ -1012,6 +1019,43 @@ def create_missing_indexes(store: MessageStore) -> list[str]:
 #: Columns added to a table after its first release, as (table, column): ``create_all`` skips
 #: existing tables, so :func:`create_missing_columns` adds these with ``ALTER TABLE``.
 ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("deliveries", "version"), ("deliveries", "next_attempt_at"))
+
+
+#: Columns made wider since they were first created: (table, column, length). An order number is an
+#: HL7 EI.1 (up to 199 characters); it was VARCHAR(64), which PostgreSQL enforces and SQLite does not.
+WIDENED_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("messages", "placer_order_number", ORDER_NUMBER_MAX),
+    ("messages", "filler_order_number", ORDER_NUMBER_MAX),
+    ("orders", "placer_order_number", ORDER_NUMBER_MAX),
+    ("orders", "filler_order_number", ORDER_NUMBER_MAX),
+)
+
+
+def widen_columns(store: MessageStore) -> list[str]:
+    """Widen the :data:`WIDENED_COLUMNS` of an older PostgreSQL database in place (SQLite needs nothing)."""
+    if store.engine.dialect.name != "postgresql":
+        return []
+    widened: list[str] = []
+    for table_name, column_name, length in WIDENED_COLUMNS:
+        with store.engine.begin() as conn:
+            current = conn.execute(
+                text(
+                    "SELECT character_maximum_length FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = :t AND column_name = :c"
+                ),
+                {"t": table_name, "c": column_name},
+            ).scalar()
+            if current is None or int(current) >= length:
+                continue
+            preparer = conn.dialect.identifier_preparer
+            conn.execute(
+                text(
+                    f"ALTER TABLE {preparer.quote(table_name)} ALTER COLUMN "
+                    f"{preparer.quote(column_name)} TYPE VARCHAR({length})"
+                )
+            )
+            widened.append(f"{table_name}.{column_name}")
+    return widened
 
 
 def create_missing_columns(store: MessageStore) -> list[str]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import uuid
 from datetime import datetime
 from xml.etree.ElementTree import Element
@@ -94,7 +95,10 @@ def read_counts(root: Element) -> tuple[dict[str, np.ndarray], float, float, flo
     if bits.strip() != "16":
         raise WaveformError(f"Philips bits per sample {bits.strip()} is not supported (16 only)")
     duration_ms = to_float(waves.get("durationperchannel"), "Philips parsedwaveforms durationperchannel")
-    n_samples = int(round(duration_ms * fs / 1000.0))
+    exact = duration_ms * fs / 1000.0
+    if not math.isfinite(exact):
+        raise WaveformError(f"Philips durationperchannel {duration_ms:g} ms at {fs:g} Hz is out of range")
+    n_samples = int(round(exact))
     if n_samples <= 0:
         raise WaveformError(f"Philips durationperchannel {duration_ms:g} ms gives no samples")
 

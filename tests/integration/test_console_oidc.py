@@ -24,10 +24,11 @@ from ecgbridge.core.accounts import Role
 from ecgbridge.core.settings import OidcSettings
 from tests.support.console import PASSWORD, Console, running_console
 from tests.support.oidc_provider import OidcProvider, provider_available
+from tests.support.peers import needs
 from tests.support.processes import free_port
 
 _REASON = provider_available()
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+pytestmark = [pytest.mark.integration, needs(_REASON)]
 
 SECRET_ENV = "ECGBRIDGE_TEST_OIDC_SECRET"
 MAPPING = {"ecg-admins": "admin", "ecg-operators": "operator", "ecg-viewers": "viewer"}

@@ -19,8 +19,9 @@ from tests.support.stack import send_dicom
 pytestmark = pytest.mark.integration
 
 
-def test_the_recovery_sweep_spends_no_attempts_ahead_of_the_backoff(make_stack, waveform_ecg_path):
+def test_the_recovery_sweep_spends_no_attempts_ahead_of_the_backoff(make_stack, waveform_ecg_path, database_url):
     stack = make_stack(
+        database_url=database_url,
         fhir_base_url=f"http://127.0.0.1:{free_port()}/fhir",  # nothing listens there
         extra={"delivery": {"max_attempts": 3, "backoff_initial_s": 45, "backoff_max_s": 45}},
     )

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -15,8 +16,9 @@ from ecgbridge.core.settings import EhrSource
 from ecgbridge.mapping.ecg import Patient
 from ecgbridge.mapping.ehr_context import EHR_CONDITION_NAMES, EHR_MEDICATION_NAMES, EhrContext
 from ecgbridge.outbound.ehr_fetch import EhrFetcher, fetch_context
+from ecgbridge.outbound.fhir_client import FhirClient
 from tests.support import ehr_bundles as seed
-from tests.support.fhir_server import FhirServer, node_available
+from tests.support.fhir_server import FhirServer, require_node
 from tests.support.http_peers import FaultProxy, SlowPeer, SmartTokenEndpoint, closed_port_url
 
 pytestmark = pytest.mark.integration
@@ -35,9 +37,7 @@ def fetch(src: EhrSource, identifier: str | None) -> EhrContext:
 
 @pytest.fixture(scope="module")
 def secured() -> Iterator[FhirServer]:
-    reason = node_available()
-    if reason:
-        pytest.skip(f"FHIR server peer unavailable: {reason}")
+    require_node()
     with FhirServer(bearer=TOKEN) as server:
         yield server
 
@@ -181,16 +181,36 @@ def test_unreachable_server_is_unavailable_fast() -> None:
     assert ctx.status == "unavailable" and "connection failed" in ctx.problems[0]
 
 
+class TimeoutRecorder(httpx.HTTPTransport):
+    """A real transport that notes the read timeout each request was sent with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_timeouts: list[float] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.read_timeouts.append(float(request.extensions["timeout"]["read"]))
+        return super().handle_request(request)
+
+
 def test_slow_server_is_unavailable_within_total_timeout() -> None:
+    """The deadline, not the retry count, ends the fetch: counted requests and their timeouts, not the clock.
+
+    A 1 s request timeout under a 2 s total: the first try gets 1 s, the retry (after a 0.2 s pause) only
+    what is left (at most 0.8 s), and no third try starts although ``retries`` allows five.
+    """
     with SlowPeer(delay_s=3) as peer:
-        src = source(f"{peer.origin}/fhir/R4", timeout_s=0.4, total_timeout_s=1.0, retries=5)
-        started = time.monotonic()
-        ctx = fetch(src, "p1")
-        elapsed = time.monotonic() - started
+        src = source(f"{peer.origin}/fhir/R4", timeout_s=1.0, total_timeout_s=2.0, retries=5)
+        recorder = TimeoutRecorder()
+        with FhirClient(src.base_url, timeout_s=src.timeout_s, transport=recorder) as client:
+            ctx = fetch_context(src, Patient(id="p1"), ECG, client=client)
+        requests = list(peer.requests)
     assert ctx.status == "unavailable"
-    assert elapsed < 1.0 + 0.3, elapsed
-    assert "timed out" in ctx.problems[0] or "time limit" in ctx.problems[0]
-    assert len(peer.requests) >= 2  # retried inside the deadline
+    assert ctx.problems == ("Patient search failed: timed out",), ctx.problems
+    assert len(requests) == len(recorder.read_timeouts) == 2, (requests, recorder.read_timeouts)
+    first, retry = recorder.read_timeouts
+    assert first == src.timeout_s
+    assert 0 < retry <= src.total_timeout_s - src.timeout_s - 0.2 + 1e-6, retry  # cut to the time left
 
 
 def test_401_without_or_with_a_wrong_token(secured: FhirServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from ecgbridge.mapping.ecg import AnalysisResult, Finding, ModelOutput, Patient,
 from ecgbridge.mapping.fhir_report import ReportBundle, build_report
 from ecgbridge.outbound.fhir_client import BearerAuth, FhirClient
 from ecgbridge.outbound.fhir_sender import deliver_report
-from tests.support.fhir_server import FhirServer, node_available
+from tests.support.fhir_server import FhirServer, require_node
 
 UID = "1.2.826.0.1.3680043.8.498.99887766554433221100"
 MODEL = "ptbxl-superclass"
@@ -27,9 +27,7 @@ TOKEN = "integration-test-token"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Any]:
-    reason = node_available()
-    if reason:
-        pytest.skip(reason)
+    require_node()
     # validate=True: Medplum also checks our resources against the R4 StructureDefinitions.
     with FhirServer(bearer=TOKEN, validate=True) as srv:
         yield srv

@@ -18,12 +18,13 @@ import pytest
 
 try:
     from tests.support.fhir_server import FhirServer, FhirServerError, node_available
+    from tests.support.peers import needs
 except ImportError:  # plain `pytest` without the repository root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tests.support.fhir_server import FhirServer, FhirServerError, node_available
+    from tests.support.peers import needs
 
-_REASON = node_available()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = needs(node_available())
 
 FHIR_JSON = "application/fhir+json"
 MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.999.1"

@@ -36,6 +36,7 @@ from ecgbridge.mapping.hl7_oru import LOCAL_CODING_SYSTEM, validate_er7
 from ecgbridge.outbound.hl7_sender import control_id
 from ecgbridge.outbound.mllp_client import send_oru
 from tests.support.hl7_receiver import Hl7Receiver
+from tests.support.peers import need
 from tests.support.processes import REPO, RedisServer, redis_binary, wait_for
 from tests.support.stack import Stack, send_dicom
 
@@ -149,7 +150,7 @@ class Deployment:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, waveform_ecg_path: Path) -> Iterator[Deployment]:
     if redis_binary() is None:
-        pytest.skip("no redis-server binary (apt-get install redis-server)")
+        need("no redis-server binary (apt-get install redis-server)")
     receivers = {key: Hl7Receiver(**spec).start() for key, spec in SCENARIOS.items()}
     redis_server = RedisServer().start()
     destinations = [
@@ -247,7 +248,7 @@ def test_aa_delivers_exactly_one_valid_oru(deployment: Deployment) -> None:
 
     (delivery,) = deployment.stack.store().deliveries(row.id)
     assert (delivery.state, delivery.attempts, delivery.remote_ref) == ("delivered", 1, "ACK:EHR00001")
-    logs = deployment.stack.logs()
+    logs = deployment.stack.full_logs()
     assert "MRN7784512" not in logs and "Janet" not in logs, "PHI in the logs"
 
 
@@ -258,8 +259,10 @@ def test_result_carries_the_order_it_was_recorded_for(deployment: Deployment) ->
     probe = dcmread(deployment.ecg_path)
     for keyword, value in attrs.items():
         setattr(probe, keyword, value)
-    if to_ecg(probe).study.placer_order_number != "PLC-1001":
-        pytest.skip("mapping.dicom_waveform does not read the DICOM order numbers; linkage is unit-tested")
+    study = to_ecg(probe).study
+    assert (study.placer_order_number, study.filler_order_number) == ("PLC-1001", "FIL-2002"), (
+        "mapping.dicom_waveform no longer reads the DICOM order numbers: the result cannot find its order"
+    )
     deployment.stack.store().upsert_order(
         placer_order_number="PLC-1001",
         filler_order_number="FIL-2002",

@@ -44,10 +44,15 @@ def _drop(folder: Path, name: str, data: bytes) -> None:
     os.replace(partial, folder / name)
 
 
-def test_inbox_files_taken_once_moved_and_survive_a_restart(make_stack, tmp_path: Path) -> None:
+def test_inbox_files_taken_once_moved_and_survive_a_restart(
+    make_stack, tmp_path: Path, database_url: str | None
+) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    stack = make_stack(inbox_options={"enabled": True, "path": str(inbox), "poll_interval_s": 0.2, "settle_s": 1.0})
+    stack = make_stack(
+        inbox_options={"enabled": True, "path": str(inbox), "poll_interval_s": 0.2, "settle_s": 1.0},
+        database_url=database_url,
+    )
     stack.start_worker()
     gateway = stack.start_gateway()
     gateway.wait_for_log("inbox listener", 30)
@@ -116,5 +121,5 @@ def test_inbox_files_taken_once_moved_and_survive_a_restart(make_stack, tmp_path
     assert [r.state for r in rows["slow.xml"]] == ["analysed"]
     assert (inbox / "done" / "slow.xml").exists()
 
-    logs = "".join(p.log_text() for p in stack.processes)
+    logs = stack.full_logs()
     assert "Doe_Janet" not in logs and "inbox: file" in logs

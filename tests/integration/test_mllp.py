@@ -11,6 +11,7 @@ tests take together); each test uses its own control ids and order numbers, so t
 tests cannot see each other's messages. The crash test has a deployment of its own.
 The framing edge cases that need other listener settings (allowlist, connection
 limit) run an in-process ``MllpServer`` on a real socket with the real handler.
+Every test that stores runs twice: on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 
 from tests.support.hl7_messages import with_charset
+from tests.support.peers import need
 from tests.support.processes import REPO, RedisServer, redis_binary, wait_for
 from tests.support.stack import Stack
 
@@ -98,7 +100,7 @@ def framed(payload: bytes) -> bytes:
 def mllp_send(port: int, messages: list[bytes], tmp: Path) -> list[str]:
     """python-hl7's mllp_send over one connection; the ACKs it printed, one per message."""
     if not MLLP_SEND.exists():
-        pytest.skip("python-hl7's mllp_send is not installed (pip install hl7)")
+        need("python-hl7's mllp_send is not installed (pip install hl7)")
     path = tmp / f"send-{_uid()}.hl7"
     path.write_bytes(b"".join(framed(m) for m in messages))
     out = subprocess.run(
@@ -190,13 +192,15 @@ def _start(stack: Stack, *, worker: bool = True) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, module_database_url: str | None) -> Iterator[Stack]:
+    """One deployment for the module's tests, once on SQLite and once on PostgreSQL."""
     if redis_binary() is None:
-        pytest.skip("no redis-server binary (apt-get install redis-server)")
+        need("no redis-server binary (apt-get install redis-server)")
     redis = RedisServer().start()
     s = Stack(
         tmp=tmp_path_factory.mktemp("mllp"),
         broker_url=redis.url,
+        database_url=module_database_url,
         mllp_options={"enabled": True, "frame_timeout_s": FRAME_TIMEOUT_S, "idle_timeout_s": IDLE_TIMEOUT_S},
     )
     try:
@@ -387,15 +391,17 @@ def test_non_ascii_patient_names(stack: Stack, tmp_path: Path, charset: str, cod
     row = wait_row(stack, placer, ("analysed", "delivered"))
     ecg = read_ecg_bytes(stack.store().read_blob(row.blob_sha256), hint="hl7")  # as the worker read it
     assert ecg.patient.name is not None and "Müller" in ecg.patient.name and "Zoë" in ecg.patient.name
-    logs = stack.logs()
+    logs = stack.full_logs()
     for secret in ("Müller", "Zoë", "M\xfcller", PATIENT_ID):
         assert secret not in logs, f"PHI in the logs: {secret!r}"
 
 
 # ----- a crash mid-stream ------------------------------------------------------------------------------------------
-def test_gateway_killed_mid_stream_loses_nothing_acknowledged_and_duplicates_nothing(make_stack: Any) -> None:
+def test_gateway_killed_mid_stream_loses_nothing_acknowledged_and_duplicates_nothing(
+    make_stack: Any, database_url: str | None
+) -> None:
     """SIGKILL while a sender streams ORUs over one connection, then restart and resend the rest."""
-    stack = make_stack(mllp_options={"enabled": True})
+    stack = make_stack(mllp_options={"enabled": True}, database_url=database_url)
     gateway = stack.start_gateway()
     gateway.wait_for_log("MLLP listener", 60)
     uid = _uid()
@@ -444,7 +450,7 @@ def _ignore_connection_errors(fn: Any) -> None:
 
 
 # ----- listener limits, in process ----------------------------------------------------------------------------------
-def _in_process_server(tmp_path: Path, **mllp: Any) -> Any:
+def _in_process_server(tmp_path: Path, database_url: str | None, **mllp: Any) -> Any:
     from ecgbridge.core.queue import Dispatcher, make_celery
     from ecgbridge.core.settings import Settings, default_settings
     from ecgbridge.core.store import MessageStore
@@ -455,15 +461,15 @@ def _in_process_server(tmp_path: Path, **mllp: Any) -> Any:
     data["listeners"]["mllp"].update({"port": 0, **mllp})
     data["broker"] = {"url": f"redis://127.0.0.1:{free_port()}/0"}  # orders need no broker
     settings = Settings.model_validate(data)
-    store = MessageStore(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    store = MessageStore(database_url or f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
     store.create_schema()
     gateway = MllpGateway(settings, store, Dispatcher(make_celery(settings)))
     gateway.start()
     return gateway
 
 
-def test_address_outside_the_allowlist_is_closed_at_accept(tmp_path: Path) -> None:
-    gateway = _in_process_server(tmp_path, allowed_addresses=["10.0.0.0/8"])
+def test_address_outside_the_allowlist_is_closed_at_accept(tmp_path: Path, database_url: str | None) -> None:
+    gateway = _in_process_server(tmp_path, database_url, allowed_addresses=["10.0.0.0/8"])
     try:
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
             sock.sendall(framed(orm("A1", "PLA1", "FA1").encode()))
@@ -473,8 +479,10 @@ def test_address_outside_the_allowlist_is_closed_at_accept(tmp_path: Path) -> No
         gateway.stop()
 
 
-def test_connections_beyond_the_limit_are_closed_and_the_others_keep_working(tmp_path: Path) -> None:
-    gateway = _in_process_server(tmp_path, max_connections=2)
+def test_connections_beyond_the_limit_are_closed_and_the_others_keep_working(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    gateway = _in_process_server(tmp_path, database_url, max_connections=2)
     try:
         held = [socket.create_connection(("127.0.0.1", gateway.port), timeout=10) for _ in range(2)]
         wait_for(lambda: gateway.stats["connections"] == 2, 10, 0.05, "two connections served")

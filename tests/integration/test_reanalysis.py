@@ -28,7 +28,7 @@ from ecgbridge.outbound.fhir_client import FhirClient
 from ecgbridge.outbound.fhir_sender import deliver_report, deliver_revision
 from ecgbridge.outbound.hl7_sender import control_id
 from tests.support.console import PASSWORD, login
-from tests.support.fhir_server import FhirServer, node_available
+from tests.support.fhir_server import FhirServer, require_node
 from tests.support.hl7_receiver import Hl7Receiver
 from tests.support.processes import wait_for
 from tests.support.results import sample_findings, sample_result
@@ -132,7 +132,7 @@ def test_reanalysis_amends_the_fhir_report_and_sends_a_corrected_oru(
         kinds = [e.kind for e in store.events(row.id)]
         assert kinds.count("reanalysis_requested") == 1 and kinds.count("reanalysed") == 1
         assert kinds.count("delivery_superseded") == 2
-        logs = stack.logs()
+        logs = stack.full_logs()
         assert "MRN7784512" not in logs and "Janet" not in logs, "PHI in the logs"
 
 
@@ -151,9 +151,7 @@ def _bundles(version: int, model_version: str = "1.2.0", uid: str = "1.2.826.0.1
 
 
 def test_the_revision_rule_against_a_validating_fhir_server() -> None:
-    reason = node_available()
-    if reason:
-        pytest.skip(f"FHIR server peer unavailable: {reason}")
+    require_node()
     with FhirServer(validate=True) as srv, FhirClient(srv.base_url) as client:
         ref = deliver_report(client, _bundles(1))
         assert deliver_revision(client, _bundles(2)) == ref

@@ -89,5 +89,5 @@ def test_sighup_applies_new_routes_and_refuses_an_invalid_file(make_stack, wavef
     assert "testscu" in audit[1].detail["diff"]
     assert any("'nowhere'" in p for p in audit[0].detail["problems"])
 
-    logs = stack.logs()
+    logs = stack.full_logs()
     assert "MRN4455667" not in logs and "Rosalind" not in logs, "PHI in the logs"

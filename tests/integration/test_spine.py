@@ -66,7 +66,7 @@ def test_dicom_ecg_to_one_fhir_report_even_when_sent_twice(make_stack, fhir_serv
     assert {"8867-4", "8633-0"} <= set(measured)  # heart rate and QRS duration, LOINC with UCUM units
     assert measured["8867-4"]["code"] == "/min" and measured["8633-0"]["code"] == "ms"
 
-    logs = stack.logs()
+    logs = stack.full_logs()
     assert "MRN7784512" not in logs and "Janet" not in logs, "PHI in the logs"
 
     assert [e.kind for e in stack.store().events(first.id)].count("duplicate_received") == 1

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 from pydicom.data import get_testdata_file
 
+from tests.support.dcmtk import dcmtk_unavailable
+from tests.support.peers import needs
+
 pytestmark = [pytest.mark.interop, pytest.mark.integration]
 
-needs_dcmtk = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="DCMTK is not installed (apt-get install dcmtk)"
-)
+needs_dcmtk = needs(dcmtk_unavailable())
 
 
 @needs_dcmtk

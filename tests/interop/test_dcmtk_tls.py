@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.support.dcmtk import dcmtk_unavailable
+from tests.support.peers import needs
 from tests.support.pki import Pki
 
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK is not installed (apt-get install dcmtk)"),
+    needs(dcmtk_unavailable()),
 ]
 
 

@@ -1,9 +1,9 @@
 """Headless Chromium from Debian's packages, driven by selenium through Debian's chromedriver.
 
 Nothing is downloaded: the browser and the driver are the system's (``apt-get install
-chromium chromium-driver``); a test skips, saying so, where they are missing. Screenshots
-go to ``build/test-artifacts/`` (and, with ECGBRIDGE_UPDATE_SCREENSHOTS=1, the ones the
-README shows are copied to ``docs/img/``).
+chromium chromium-driver``); a test skips, saying so, where they are missing, and fails
+in CI (``tests/support/peers.py``). Screenshots go to ``build/test-artifacts/`` (and, with
+ECGBRIDGE_UPDATE_SCREENSHOTS=1, the ones the README shows are copied to ``docs/img/``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from .peers import need
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "build" / "test-artifacts"
@@ -29,9 +29,12 @@ __all__ = ["chromium", "screenshot", "canvas_ink"]
 @contextmanager
 def chromium(width: int = 1366, height: int = 768) -> Iterator[object]:
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
-    from selenium.webdriver.chrome.service import Service
+        need("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        need("selenium is not installed (the test extra)")
 
     os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium fetch a driver
     profile = tempfile.mkdtemp(prefix="ecgbridge-chromium-")

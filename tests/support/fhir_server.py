@@ -8,9 +8,7 @@ Typical fixture::
 
     @pytest.fixture(scope="session")
     def fhir_server():
-        reason = node_available()
-        if reason:
-            pytest.skip(reason)
+        require_node()  # skips locally, fails in CI, when the peer cannot run
         with FhirServer() as server:
             yield server
 
@@ -32,6 +30,7 @@ from typing import Any
 import httpx
 
 from .node_peer import node_executable, node_unavailable
+from .peers import need
 
 SERVER_DIR = Path(__file__).resolve().parent.parent / "fhir_server"
 SERVER_SCRIPT = SERVER_DIR / "server.mjs"
@@ -50,13 +49,20 @@ def _node_executable() -> str | None:
 
 
 def node_available() -> str | None:
-    """Return ``None`` when the peer can run, else a reason suitable for ``pytest.skip``."""
+    """Return ``None`` when the peer can run, else why not (for :func:`tests.support.peers.need`)."""
     return node_unavailable(
         "FHIR_PEER_NODE",
         "the FHIR R4 test peer",
         SERVER_DIR / "node_modules" / "@medplum" / "fhir-router",
         INSTALL_HINT,
     )
+
+
+def require_node() -> None:
+    """Return when the peer can run; else :func:`tests.support.peers.need` (skip locally, fail in CI)."""
+    reason = node_available()
+    if reason:
+        need(f"FHIR server peer unavailable: {reason}")
 
 
 def free_port() -> int:

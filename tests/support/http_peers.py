@@ -109,9 +109,11 @@ class SlowPeer(HttpPeer):
 class FaultProxy(HttpPeer):
     """Forwards to a real FHIR server, except for resource types listed in ``faults``.
 
-    ``faults`` maps a resource type to (status, body) answered instead; ``smart_configuration``
-    is served at ``<base>/.well-known/smart-configuration``. The Host header is rewritten to
-    the proxy's, so the server's next links come back through the proxy.
+    ``faults`` maps a resource type to (status, body) answered instead; ``otherwise``, when
+    given, is answered to every other request (a server that refuses everything: no upstream
+    needed); ``smart_configuration`` is served at ``<base>/.well-known/smart-configuration``.
+    The Host header is rewritten to the proxy's, so the server's next links come back through
+    the proxy.
     """
 
     def __init__(
@@ -121,11 +123,13 @@ class FaultProxy(HttpPeer):
         base_path: str = "/fhir/R4",
         faults: Mapping[str, tuple[int, dict[str, Any]]] | None = None,
         smart_configuration: dict[str, Any] | None = None,
+        otherwise: tuple[int, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.upstream = upstream_origin.rstrip("/")
         self.base_path = base_path
         self.faults = dict(faults or {})
+        self.otherwise = otherwise
         self.smart_configuration = smart_configuration
         self._http = httpx.Client(timeout=30)
 
@@ -141,6 +145,8 @@ class FaultProxy(HttpPeer):
         if resource_type in self.faults:
             status, outcome = self.faults[resource_type]
             return json_reply(status, outcome)
+        if self.otherwise is not None:
+            return json_reply(*self.otherwise)
         forward = {
             k: v
             for k, v in headers.items()

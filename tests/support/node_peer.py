@@ -19,7 +19,7 @@ def node_executable(env_var: str) -> str | None:
 
 
 def node_unavailable(env_var: str, what: str, package_dir: Path, install_hint: str) -> str | None:
-    """``None`` when node runs and ``package_dir`` is installed, else why not (for ``pytest.skip``)."""
+    """``None`` when node runs and ``package_dir`` is installed, else why not (for ``tests.support.peers.need``)."""
     node = node_executable(env_var)
     if node is None:
         return f"node is not on PATH ({what} needs Node >= 20.19)"

@@ -4,9 +4,7 @@ One confidential client with one redirect URI, PKCE required, the provider's own
 consent pages, and test accounts with a ``groups`` claim (``tests/oidc_provider/server.mjs``).
 State lives only in the Node process. Typical use::
 
-    reason = provider_available()
-    if reason:
-        pytest.skip(reason)
+    require_provider()  # skips locally, fails in CI, when the provider cannot run
     with OidcProvider(redirect_uri) as provider:
         ...  # provider.issuer, provider.client_id, provider.client_secret
 
@@ -26,9 +24,10 @@ from types import TracebackType
 import httpx
 
 from .node_peer import node_executable, node_unavailable
+from .peers import need
 from .processes import free_port
 
-__all__ = ["OidcProvider", "OidcProviderError", "provider_available", "ACCOUNTS", "INSTALL_HINT"]
+__all__ = ["OidcProvider", "OidcProviderError", "provider_available", "require_provider", "ACCOUNTS", "INSTALL_HINT"]
 
 SERVER_DIR = Path(__file__).resolve().parent.parent / "oidc_provider"
 SERVER_SCRIPT = SERVER_DIR / "server.mjs"
@@ -51,13 +50,20 @@ def _node() -> str | None:
 
 
 def provider_available() -> str | None:
-    """``None`` when the provider can run, else a reason suitable for ``pytest.skip``."""
+    """``None`` when the provider can run, else why not (for :func:`tests.support.peers.need`)."""
     return node_unavailable(
         "OIDC_PEER_NODE",
         "the OpenID Connect test provider",
         SERVER_DIR / "node_modules" / "oidc-provider",
         INSTALL_HINT,
     )
+
+
+def require_provider() -> None:
+    """Return when the provider can run; else :func:`tests.support.peers.need` (skip locally, fail in CI)."""
+    reason = provider_available()
+    if reason:
+        need(reason)
 
 
 class OidcProvider:

@@ -147,6 +147,18 @@ class EcgbridgeProcess:
         """SIGKILL the whole process group: a crash, no clean shutdown."""
         self.stop(signal.SIGKILL)
 
+    def child_pids(self) -> list[int]:
+        """The processes this one started (a Celery worker's pool children), from /proc."""
+        assert self.process is not None
+        pid = self.process.pid
+        found: list[int] = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue  # the thread ended meanwhile
+        return found
+
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -107,7 +107,12 @@ class Stack:
             proc.stop()
 
     def logs(self) -> str:
+        """The end of every process's log: for failure messages, not for PHI checks (see ``full_logs``)."""
         return "\n".join(f"--- {p.log_path.name}\n{p.log_text()[-4000:]}" for p in self.processes)
+
+    def full_logs(self) -> str:
+        """Every line every process of this stack wrote, restarts included: what a PHI check must read."""
+        return "\n".join(f"--- {p.log_path.name}\n{p.log_text()}" for p in self.processes)
 
     # ----- looking at the store, the way `ecgbridge messages` does -------------------
     def store(self):  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from ecgbridge.core.store import MessageStore
 
@@ -36,7 +37,7 @@ def postgres_schema(prefix: str) -> Iterator[tuple[str, str]]:
             with engine.begin() as conn:
                 conn.execute(text(f'CREATE SCHEMA "{schema}"'))
                 version = str(conn.execute(text("SHOW server_version")).scalar())
-        except Exception as exc:
+        except (ImportError, OperationalError, ProgrammingError) as exc:  # no driver, server, database or rights
             problems.append(f"{user}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             continue
         try:

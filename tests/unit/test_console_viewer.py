@@ -21,6 +21,7 @@ from ecgbridge.core.store import MessageStore
 from ecgbridge.gateway.console.viewer import MAX_FS, MAX_SECONDS, ViewerError, viewer_payload
 from ecgbridge.mapping.ecg import AnalysisResult
 from ecgbridge.mapping.readers import read_ecg_bytes
+from tests.support.peers import need
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 STANDARD = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
@@ -207,7 +208,7 @@ def test_an_analysed_message_has_every_class_map_normalised_on_the_ecg_time_axis
     model = ctx.registry.signal_model(result.outputs[0].model)
     if "cams" not in model.manifest.outputs:
         assert heat is None
-        pytest.skip("the shipped model has no `cams` output")
+        need("the shipped model has no `cams` output")
     ecg = read_ecg_bytes(_fixture("dicom/ptbxl_00622_mi_12lead.dcm"))
     cams = cams_for(model, ecg)
     output = explained_output(result, cams)
@@ -243,7 +244,7 @@ def test_the_viewers_map_shades_the_seconds_the_png_shades(tmp_path) -> None:
     ctx, mid = _analysed(tmp_path, "dicom/ptbxl_00024_norm_12lead.dcm", "dicom")
     heat = viewer_payload(ctx.store, mid)["heatmaps"]
     if heat is None:
-        pytest.skip("the shipped model has no `cams` output")
+        need("the shipped model has no `cams` output")
     result = AnalysisResult.from_dict(ctx.store.get_result(mid).result)
     ecg = read_ecg_bytes(_fixture("dicom/ptbxl_00024_norm_12lead.dcm"))
     cams = cams_for(ctx.registry.signal_model(result.outputs[0].model), ecg)
@@ -263,7 +264,7 @@ def test_a_short_recordings_maps_end_with_it(tmp_path) -> None:
     payload = viewer_payload(ctx.store, mid)
     heat = payload["heatmaps"]
     if heat is None:
-        pytest.skip("no heatmaps: the shipped model has no `cams` output or the ECG was not analysed")
+        need("no heatmaps: the shipped model has no `cams` output or the ECG was not analysed")
     for entry in heat["classes"].values():
         covered = len(entry["values"]) * entry["step_s"]
         assert payload["duration_s"] <= covered < payload["duration_s"] + entry["step_s"] + 1e-9

@@ -40,14 +40,15 @@ class RecordingDispatcher:
 
 
 @pytest.fixture
-def failed_once(tmp_path: Path) -> tuple[WorkerContext, str]:
-    """An analysed message whose delivery failed transiently once (backoff 30 s, 3 attempts)."""
+def failed_once(tmp_path: Path, database_url: str | None) -> tuple[WorkerContext, str]:
+    """An analysed message whose delivery failed transiently once (backoff 30 s, 3 attempts); SQLite, PostgreSQL."""
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     config = tmp_path / "ecgbridge.yaml"
+    storage = f"storage: {{database_url: '{database_url}'}}\n" if database_url else ""
     config.write_text(
         f"""data_dir: {tmp_path / "data"}
-delivery: {{max_attempts: 3, backoff_initial_s: 30, backoff_max_s: 300}}
+{storage}delivery: {{max_attempts: 3, backoff_initial_s: 30, backoff_max_s: 300}}
 destinations:
   - {{name: {DEST}, type: toy, folder: {outbox}}}
 routes:

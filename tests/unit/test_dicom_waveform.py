@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime, timedelta, timezone
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmwrite
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
@@ -422,6 +424,79 @@ def test_bad_birth_date_is_dropped_and_flagged(mortara: Dataset) -> None:
     ecg = to_ecg(mortara)
     assert ecg.patient.birth_date is None
     assert "invalid_birth_date" in ecg.flags
+
+
+# ---------------------------------------------------------- the order it was recorded for
+# Why: the HL7 ORU and the FHIR report name the order (ORC/OBR placer and filler numbers) only
+# when the reader finds the numbers; a cart fed by a modality worklist puts them in the
+# Request Attributes Sequence, others at the top level. Each case is written to a real file.
+
+PLACER = "PlacerOrderNumberImagingServiceRequest"
+FILLER = "FillerOrderNumberImagingServiceRequest"
+
+
+def _request(**numbers: str) -> Dataset:
+    """One Request Attributes / Referenced Request item holding ``numbers`` (keyword -> value)."""
+    item = Dataset()
+    item.RequestedProcedureID = "RP-1"
+    for keyword, value in numbers.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _written(ds: Dataset) -> Dataset:
+    """``ds`` through a DICOM file and back: the attributes as a cart sends them, not Python objects."""
+    out = BytesIO()
+    dcmwrite(out, ds, enforce_file_format=True)
+    return read_bytes(out.getvalue())
+
+
+def _orders(ds: Dataset) -> tuple[str | None, str | None]:
+    study = to_ecg(_written(ds)).study
+    return study.placer_order_number, study.filler_order_number
+
+
+def test_order_numbers_none_in_the_mortara_file(mortara: Dataset) -> None:
+    assert _orders(mortara) == (None, None)
+    assert to_ecg(mortara).study.accession_number == "03028041970546"  # kept apart, never taken for the placer
+
+
+def test_order_numbers_at_the_top_level(mortara: Dataset) -> None:
+    setattr(mortara, PLACER, "PLC-1001")
+    setattr(mortara, FILLER, "FIL-2002")
+    assert _orders(mortara) == ("PLC-1001", "FIL-2002")
+
+
+def test_order_numbers_in_the_request_attributes_sequence(mortara: Dataset) -> None:
+    mortara.RequestAttributesSequence = [_request(**{PLACER: "PLC-3003", FILLER: "FIL-4004"})]
+    assert _orders(mortara) == ("PLC-3003", "FIL-4004")
+
+
+def test_order_numbers_from_the_first_request_item_that_has_one(mortara: Dataset) -> None:
+    mortara.RequestAttributesSequence = [
+        _request(),
+        _request(**{PLACER: "PLC-5005"}),
+        _request(**{PLACER: "PLC-6006", FILLER: "FIL-6006"}),
+    ]
+    assert _orders(mortara) == ("PLC-5005", "FIL-6006")
+
+
+def test_order_numbers_in_the_referenced_request_sequence(mortara: Dataset) -> None:
+    mortara.ReferencedRequestSequence = [_request(**{PLACER: "PLC-7007", FILLER: "FIL-8008"})]
+    assert _orders(mortara) == ("PLC-7007", "FIL-8008")
+
+
+def test_order_numbers_top_level_first_and_an_empty_one_falls_through(mortara: Dataset) -> None:
+    setattr(mortara, PLACER, "PLC-TOP")
+    setattr(mortara, FILLER, "")
+    mortara.RequestAttributesSequence = [_request(**{PLACER: "PLC-SEQ", FILLER: "FIL-SEQ"})]
+    assert _orders(mortara) == ("PLC-TOP", "FIL-SEQ")
+
+
+def test_order_numbers_padded_are_trimmed_and_blank_are_none(mortara: Dataset) -> None:
+    setattr(mortara, PLACER, " PLC-9009 ")
+    mortara.RequestAttributesSequence = [_request(**{FILLER: "   "})]
+    assert _orders(mortara) == ("PLC-9009", None)
 
 
 # ---------------------------------------------------------- the committed fixtures

@@ -123,8 +123,9 @@ def hl7apy_valid(ack: bytes, codec: str = "utf-8") -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> MessageStore:
-    s = MessageStore(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+def store(tmp_path: Path, database_url: str | None) -> MessageStore:
+    """A fresh store: SQLite, then PostgreSQL (``database_url``)."""
+    s = MessageStore(database_url or f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
     s.create_schema()
     return s
 
@@ -536,6 +537,19 @@ def test_broker_down_after_the_durable_write_still_acknowledges(dead_ctx: Inboun
     assert row.state == "received" and row.route == "all-ecg"  # the recovery sweep enqueues it later
     assert any(e.kind == "enqueue_failed" for e in dead_ctx.store.events(row.id))
     assert list(dead_ctx.store.unfinished()) == [Work(row.id, WorkKind.ANALYSE)]
+
+
+def test_an_order_number_longer_than_its_column_gets_the_same_answer_on_every_database(
+    dead_ctx: InboundContext, database_url: str | None, request: pytest.FixtureRequest
+) -> None:
+    """A valid ORU must not be accepted on one database and fail on the other; nor be cut short silently."""
+    placer = "PL" + "7" * 78
+    m = fields(handle_message(waveform_message("ORU-LONG", placer=placer).encode(), PEER, dead_ctx))
+    answer = str(seg(m, "MSA")[1])
+    assert answer in ("AA", "AR"), f"{answer}: {seg(m, 'ERR')[8] if answer != 'AA' else ''}"
+    if answer == "AA":
+        (row,) = dead_ctx.store.list()
+        assert row.placer_order_number == placer
 
 
 def _break_one_channel(message: str) -> tuple[str, int]:

@@ -32,9 +32,10 @@ class RecordingDispatcher:
 
 
 @pytest.fixture
-def intake(tmp_path: Path) -> Intake:
+def intake(tmp_path: Path, database_url: str | None) -> Intake:
+    """An Intake on a fresh store: SQLite, then PostgreSQL (``database_url``)."""
     settings: Settings = load_settings(None).model_copy(update={"data_dir": tmp_path})
-    store = MessageStore(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+    store = MessageStore(database_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
     store.create_schema()
     return Intake(settings, store, RecordingDispatcher())  # type: ignore[arg-type]
 

@@ -24,6 +24,7 @@ from ecgbridge.inference.lvef_features import (
 from ecgbridge.mapping.ehr_context import EHR_VALUE_NAMES, EhrContext, EhrValue
 from ecgbridge.mapping.wfdb_record import read_wfdb
 from ecgbridge.training.datasets.lvef import LvefManifestError, patient_split, read_manifest
+from tests.support.peers import need
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wfdb"
 
@@ -343,7 +344,7 @@ def _shared_data() -> Path:
 def test_synthetic_cohort_follows_its_documented_associations(tmp_path: Path) -> None:
     root = _shared_data()
     if not (root / "ptbxl-subset" / "ptbxl_database.csv").is_file():
-        pytest.skip(f"shared data not found at {root} (set ECGBRIDGE_SHARED_DATA); skipping the PTB-XL cohort test")
+        need(f"shared data not found at {root} (set ECGBRIDGE_SHARED_DATA); skipping the PTB-XL cohort test")
     from scipy.stats import spearmanr
 
     from ecgbridge.training.lvef_synthetic import generate_cohort, ptbxl_sources

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ecgbridge.inference.preprocess import DEFAULT_SPEC, Bandpass, FixLength, Pipeline, Resample, ZScore
+from tests.support.peers import need
 
 
 def _shared_ptbxl() -> Path:
@@ -118,7 +119,7 @@ def test_spec_round_trips_and_unknown_steps_are_rejected() -> None:
 def test_pipeline_is_near_idempotent_on_already_processed_ptbxl_subset() -> None:
     root = _shared_ptbxl()
     if not (root / "ptbxl_database.csv").is_file():
-        pytest.skip(f"shared PTB-XL subset not found at {root} (set ECGBRIDGE_SHARED_DATA)")
+        need(f"shared PTB-XL subset not found at {root} (set ECGBRIDGE_SHARED_DATA)")
     wfdb = pytest.importorskip("wfdb")
     record = wfdb.rdrecord(str(root / "records100" / "00000" / "00009_lr"))
     x = record.p_signal.T.astype(np.float32)

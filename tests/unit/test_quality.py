@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from scipy import signal as sps
 
+from ecgbridge.inference.models import LoadedModel, ModelRegistry
+from ecgbridge.inference.pipeline import analyse_ecg
 from ecgbridge.inference.quality import QualityReport, assess, cap_for_quality, quality_flags
-from ecgbridge.mapping.ecg import Ecg, Finding, ModelOutput
+from ecgbridge.mapping.ecg import AnalysisResult, Ecg, Finding, ModelOutput
 from ecgbridge.mapping.readers import read_ecg_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -283,28 +285,36 @@ def test_too_short_asserts_nothing() -> None:
 
 NOISES = {"gaussian": add_gaussian, "emg": add_emg, "wander": add_wander, "motion": add_motion}
 LEVELS = (0.1, 0.2, 0.35, 0.5, 1.0)
+VARIANTS = [(name, kind, level) for name in NORMAL_ECGS for kind in NOISES for level in LEVELS]
+
+
+def _variant_id(variant: tuple[str, str, float]) -> str:
+    return "{}:{}:{}".format(*variant)
+
+
+def _noisy(name: str, kind: str, level: float) -> Ecg:
+    return NOISES[kind](load(name), level, seed=int(level * 100))
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    """The shipped diagnosis model, or the model directory in ECGBRIDGE_TEST_DIAGNOSIS_MODEL (a candidate)."""
+def registry() -> ModelRegistry:
+    """The shipped models; diagnosis from ECGBRIDGE_TEST_DIAGNOSIS_MODEL when set (a candidate)."""
     import os
 
-    from ecgbridge.inference.models import ModelRegistry
-
     candidate = os.environ.get("ECGBRIDGE_TEST_DIAGNOSIS_MODEL")
-    registry = ModelRegistry(paths={"diagnosis": Path(candidate)}) if candidate else ModelRegistry()
-    return registry.get("diagnosis")
+    return ModelRegistry(paths={"diagnosis": Path(candidate)}) if candidate else ModelRegistry()
+
+
+@pytest.fixture(scope="module")
+def shipped(registry: ModelRegistry) -> LoadedModel:
+    """The diagnosis model the registry serves."""
+    model = registry.get("diagnosis")
+    assert isinstance(model, LoadedModel)
+    return model
 
 
 def _noisy_normals() -> list[tuple[str, Ecg]]:
-    out = []
-    for name in NORMAL_ECGS:
-        ecg = load(name)
-        for kind, add in NOISES.items():
-            for level in LEVELS:
-                out.append((f"{name}:{kind}:{level}", add(ecg, level, seed=int(level * 100))))
-    return out
+    return [(_variant_id(v), _noisy(*v)) for v in VARIANTS]
 
 
 #: Measured failures of one exact model (by ONNX sha256): strict xfails that lapse when the model changes.
@@ -332,6 +342,11 @@ def _mi(model, ecg: Ecg) -> Finding:
     return {f.code: f for f in model.run(ecg).findings}["MI"]
 
 
+def _diagnosis(result: AnalysisResult) -> ModelOutput:
+    (output,) = [o for o in result.outputs if o.task == "diagnosis"]
+    return output
+
+
 def test_noise_on_normal_ecgs_does_not_score_above_a_true_mi(shipped, request) -> None:
     """Noisy NORM fixtures (4 noise kinds x 5 levels x 3 records) vs the MI fixture, MI probability."""
     known_failure(request, shipped)
@@ -342,18 +357,74 @@ def test_noise_on_normal_ecgs_does_not_score_above_a_true_mi(shipped, request) -
     assert worst < mi, f"noisy normal {worst_name} scored MI {worst:.3f} >= true MI ECG {mi:.3f}"
 
 
-def test_noise_that_outscores_a_true_mi_is_flagged_and_capped(shipped) -> None:
-    """What the gate guarantees whatever the model: such a result says poor_quality and is never tier high."""
+def test_noise_that_outscores_a_true_mi_is_flagged_and_capped(registry: ModelRegistry, shipped: LoadedModel) -> None:
+    """What the gate guarantees whatever the model, checked on the noisy normals the model scores most like an MI.
+
+    Those are the five highest MI scores and every one called MI or at the MI fixture's score, so the test
+    checks something even when no noise beats the fixture (as with diagnosis 0.1.1); the result comes
+    from ``analyse_ecg``, the path the worker takes.
+    """
     mi = _mi(shipped, load(MI_ECG)).probability
-    for name, ecg in _noisy_normals():
-        output = shipped.run(ecg)
-        if _mi(shipped, ecg).probability < mi:
+    scored = sorted(((_mi(shipped, ecg), name, ecg) for name, ecg in _noisy_normals()), key=lambda c: -c[0].probability)
+    cases = [c for i, c in enumerate(scored) if i < 5 or c[0].present or c[0].probability >= mi]
+    for raw, name, ecg in cases:
+        result = analyse_ecg(ecg, registry, ["diagnosis"])
+        assert "poor_quality" in result.quality_flags, (
+            f"{name} scored MI {raw.probability:.3f}; the gate said acceptable"
+        )
+        by = {f.code: f for f in _diagnosis(result).findings}
+        assert by["MI"].probability == raw.probability, name  # the model's statement is never changed
+        assert by["MI"].present is raw.present, name  # a possible MI is still reported ...
+        assert all(f.tier != "high" for f in by.values()), f"{name}: {by}"  # ... never with confidence
+        assert not by["NORM"].present, name
+
+
+def test_analyse_ecg_caps_every_poor_ecg_and_leaves_clean_ones_alone(
+    registry: ModelRegistry, shipped: LoadedModel
+) -> None:
+    """The README's promise through the pipeline: a poor ECG never gets a "high" tier or a "normal" call."""
+    capped_high = capped_normal = 0
+    for variant in VARIANTS:
+        ecg = _noisy(*variant)
+        if assess(ecg).acceptable:
             continue
-        report = assess(ecg)
-        assert report.overall == "poor", f"{name} outscored the MI ECG but the gate said acceptable"
-        capped = cap_for_quality(output, report)
-        assert all(f.tier != "high" for f in capped.findings), name
-        assert not next(f for f in capped.findings if f.code == "NORM").present
+        raw = {f.code: f for f in shipped.run(ecg).findings}
+        output = _diagnosis(analyse_ecg(ecg, registry, ["diagnosis"]))
+        by = {f.code: f for f in output.findings}
+        name = _variant_id(variant)
+        assert {c: f.probability for c, f in by.items()} == {c: f.probability for c, f in raw.items()}, name
+        assert all(f.tier != "high" for f in by.values()), f"{name}: {by}"
+        assert not by["NORM"].present, f"{name}: a normal call on a poor ECG"
+        assert output.extra["quality_gate"]["rule"] == "poor_quality", name
+        capped_high += any(f.tier == "high" for f in raw.values())
+        capped_normal += raw["NORM"].present
+    # the noise must have given the model something to cap, or the checks above prove nothing
+    assert capped_high >= 5 and capped_normal >= 5, (capped_high, capped_normal)
+    for name in NORMAL_ECGS:
+        clean = load(name)
+        assert _diagnosis(analyse_ecg(clean, registry, ["diagnosis"])).findings == shipped.run(clean).findings
+
+
+TRIAGE_GAP = (
+    "product gap: cap_for_quality caps findings only; the triage model's "
+    "extra['severity'] 'normal' passes unchanged, so e.g. the Georgia normal with 0.1 EMG noise "
+    "(poor_quality: hf_noise) goes out as severity normal"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=TRIAGE_GAP)
+def test_a_poor_ecg_gets_no_normal_severity_from_triage(registry: ModelRegistry) -> None:
+    """The same promise for the triage model's severity: the README says every result keeps it."""
+    called_normal = []
+    for variant in VARIANTS:
+        ecg = _noisy(*variant)
+        if assess(ecg).acceptable:
+            continue
+        result = analyse_ecg(ecg, registry, ["triage"])
+        (triage,) = [o for o in result.outputs if o.task != "measurements"]
+        if triage.extra.get("severity") == "normal" or triage.extra.get("severity4") == "normal":
+            called_normal.append(_variant_id(variant))
+    assert not called_normal, f"poor ECGs triaged normal: {called_normal}"
 
 
 MOTION_GAP = (
@@ -364,24 +435,24 @@ MOTION_GAP = (
     "a short electrode-motion burst and an ectopic beat look alike to this gate"
 )
 
+#: Measured misses of the gate, by (variant, diagnosis ONNX sha256): strict xfails that lapse when the model changes.
+KNOWN_GATE_MISSES = {
+    ("wfdb/00024_lr.hea:motion:0.35", "953d229b07bd5c1baa6c30f38ddfc1429d4c7443c007946ffc29d48cd7dc153a"): MOTION_GAP,
+}
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "gaussian",
-        "emg",
-        "wander",
-        pytest.param("motion", marks=pytest.mark.xfail(strict=False, reason=MOTION_GAP)),
-    ],
-)
-def test_gate_flags_every_noisy_normal_the_model_calls_abnormal(shipped, kind: str) -> None:
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_gate_flags_every_noisy_normal_the_model_calls_abnormal(
+    shipped: LoadedModel, request: pytest.FixtureRequest, variant: tuple[str, str, float]
+) -> None:
     """Where noise does fool the model (NORM lost or a disease class above threshold), the result says poor."""
-    missed = []
-    for name, ecg in _noisy_normals():
-        if f":{kind}:" not in name:
-            continue
-        findings = {f.code: f for f in shipped.run(ecg).findings}
-        fooled = not findings["NORM"].present or any(f.present for c, f in findings.items() if c != "NORM")
-        if fooled and assess(ecg).acceptable:
-            missed.append(name)
-    assert not missed, f"noise changed the model's call but the gate said acceptable: {missed}"
+    name = _variant_id(variant)
+    reason = KNOWN_GATE_MISSES.get((name, shipped.manifest.sha256))
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+    ecg = _noisy(*variant)
+    findings = {f.code: f for f in shipped.run(ecg).findings}
+    fooled = not findings["NORM"].present or any(f.present for c, f in findings.items() if c != "NORM")
+    assert not (fooled and assess(ecg).acceptable), (
+        f"noise changed the model's call but the gate said acceptable: {name}"
+    )

@@ -1,6 +1,8 @@
-"""Routing (first match, deny by default) and the durable store (states, idempotence)."""
+"""Routing (first match, deny by default) and the durable store (states, idempotence), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ecgbridge.core.routing import MessageFacts, match_route
 from ecgbridge.core.settings import Route, RouteMatch
@@ -20,8 +22,12 @@ def test_first_matching_route_wins_and_no_match_is_none():
     assert match_route([Route(name="files", match=RouteMatch(sources=["file"]))], MessageFacts("dicom")) is None
 
 
-def test_store_blob_is_content_addressed_and_durable(tmp_path):
-    store = MessageStore(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+def _store(database_url: str | None, folder: Path) -> MessageStore:
+    return MessageStore(database_url or f"sqlite:///{folder / 'db.sqlite'}", folder)
+
+
+def test_store_blob_is_content_addressed_and_durable(tmp_path: Path, database_url: str | None) -> None:
+    store = _store(database_url, tmp_path)
     store.create_schema()
     sha, size = store.save_blob(b"DICM" * 10)
     assert store.save_blob(b"DICM" * 10) == (sha, size)
@@ -29,8 +35,8 @@ def test_store_blob_is_content_addressed_and_durable(tmp_path):
     assert not list(store.blobs.path(sha).parent.glob(".incoming-*"))
 
 
-def test_results_and_deliveries_are_idempotent(tmp_path):
-    store = MessageStore(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+def test_results_and_deliveries_are_idempotent(tmp_path: Path, database_url: str | None) -> None:
+    store = _store(database_url, tmp_path)
     store.create_schema()
     sha, size = store.save_blob(b"x")
     mid = store.record_message(source="dicom", blob_sha256=sha, blob_size=size, route="r", sop_instance_uid="1.2.3")

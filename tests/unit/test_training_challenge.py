@@ -19,6 +19,7 @@ from ecgbridge.training.datasets.challenge import (
     superclasses_from_snomed,
 )
 from ecgbridge.training.datasets.ptbxl import SUPERCLASSES
+from tests.support.peers import need
 
 
 def _shared() -> Path:
@@ -69,7 +70,7 @@ def test_read_header(tmp_path: Path) -> None:
 def test_shared_challenge_records_load_by_source_with_the_ptbxl_overlap() -> None:
     root = _shared() / "challenge" / "cinc2021"
     if not root.is_dir():
-        pytest.skip(f"shared challenge data not found at {root}")
+        need(f"shared challenge data not found at {root}")
     data = load_challenge(root)
     assert data.x.shape[1:] == (12, 1000) and np.isfinite(data.x).all()
     counts = {s: data.sources.count(s) for s in set(data.sources)}

@@ -12,6 +12,7 @@ import pytest
 from ecgbridge.inference.models import SHIPPED_DIR, Manifest, ModelRegistry
 from ecgbridge.inference.preprocess import DEFAULT_SPEC, Pipeline
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
+from tests.support.peers import need
 
 # The shipped diagnosis model. A replacement (``training.train`` with ``--model-dir``) goes into
 # ``inference/shipped/diagnosis`` with version 0.2.0 and the baseline directory is deleted in the same step.
@@ -28,7 +29,7 @@ def _shared_ptbxl() -> Path:
 def _require_ptbxl() -> Path:
     root = _shared_ptbxl()
     if not (root / "ptbxl_database.csv").is_file():
-        pytest.skip(f"shared PTB-XL subset not found at {root} (set ECGBRIDGE_SHARED_DATA); skipping data test")
+        need(f"shared PTB-XL subset not found at {root} (set ECGBRIDGE_SHARED_DATA); skipping data test")
     return root
 
 

@@ -28,6 +28,7 @@ from ecgbridge.mapping.codes import (
     to_severity3,
 )
 from ecgbridge.mapping.ecg import Finding
+from tests.support.peers import need
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SHIPPED = SHIPPED_DIR / "triage"
@@ -41,7 +42,7 @@ def _shared() -> Path:
 
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
-        pytest.skip(f"{what} not found at {path} (set ECGBRIDGE_SHARED_DATA); skipping data test")
+        need(f"{what} not found at {path} (set ECGBRIDGE_SHARED_DATA); skipping data test")
     return path
 
 

@@ -24,6 +24,7 @@ from ecgbridge.mapping.vendor import aecg, detect_format, looks_like_xml, philip
 from ecgbridge.mapping.vendor._xml import parse
 from ecgbridge.mapping.wfdb_record import read_wfdb
 from tests.conftest import FIXTURES, shared_data_dir
+from tests.support.peers import needs
 
 VENDOR = FIXTURES / "vendor"
 SHARED = shared_data_dir()
@@ -48,9 +49,10 @@ def _shared_samples() -> list[str]:
 
 
 SHARED_SAMPLES = _shared_samples()
-needs_shared = pytest.mark.skipif(
-    not SHARED_SAMPLES,
-    reason="../shared/data/vendor-xml is absent (set ECGBRIDGE_SHARED_DATA); committed fixtures are tested instead",
+needs_shared = needs(
+    None
+    if SHARED_SAMPLES
+    else "../shared/data/vendor-xml is absent (set ECGBRIDGE_SHARED_DATA); committed fixtures are tested instead"
 )
 
 
