@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from ecgbridge.core.accounts import Principal, Role
 from ecgbridge.core.operations import ActionError, dead_letters, replay_dead_letters, retry_delivery
 from ecgbridge.core.queries import search_messages
+from ecgbridge.core.routing import route_criteria
 from ecgbridge.core.states import DeliveryState, MessageState, Source
 from ecgbridge.errors import EcgBridgeError
 from ecgbridge.gateway.console import dashboard
@@ -244,28 +245,12 @@ def replay_page(
 
 
 # ----- routes ---------------------------------------------------------------------------------
-def _criteria(route: Any) -> str:
-    m = route.match
-    parts = [f"sources {', '.join(m.sources)}"]
-    for label, values in (
-        ("calling AE", m.calling_ae_titles),
-        ("SOP class", m.sop_class_uids),
-        ("sending application", m.sending_applications),
-        ("sending facility", m.sending_facilities),
-        ("message type", m.message_types),
-        ("OBX code", m.obx_codes),
-    ):
-        if values:
-            parts.append(f"{label} in {', '.join(values)}")
-    return "; ".join(parts)
-
-
 def _routes_page(request: Request, ctx: ConsoleContext, who: Principal, **extra: Any) -> HTMLResponse:
     settings = ctx.settings
     routes = [
         {
             "name": r.name,
-            "criteria": _criteria(r),
+            "criteria": route_criteria(r),
             "models": r.models,
             "destinations": r.destinations,
             "ehr_context": r.ehr_context,
