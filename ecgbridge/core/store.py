@@ -219,6 +219,22 @@ class ArtifactRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename into ``path`` durable (the directory entry, not only the file)."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_failure(exc: OSError) -> StorageError:
+    out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return StorageError(
+        ("out of disk space" if out_of_space else "cannot write the message to disk") + f" ({exc.strerror})"
+    )
+
+
 class BlobStore:
     """Content-addressed files; a blob is fsync'ed (file and directory) before it counts."""
 
@@ -245,16 +261,9 @@ class BlobStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            dir_fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_dir(final.parent)
         except OSError as exc:
-            out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise StorageError(
-                ("out of disk space" if out_of_space else "cannot write the message to disk") + f" ({exc.strerror})"
-            ) from exc
+            raise _write_failure(exc) from exc
         return sha, len(data)
 
     def staging_dir(self) -> Path:
@@ -289,16 +298,9 @@ class BlobStore:
                 if exc.errno != errno.EXDEV:
                     raise
                 self._copy_in(Path(source), final)
-            dir_fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_dir(final.parent)
         except OSError as exc:
-            out_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise StorageError(
-                ("out of disk space" if out_of_space else "cannot write the message to disk") + f" ({exc.strerror})"
-            ) from exc
+            raise _write_failure(exc) from exc
         return sha, size
 
     @staticmethod
