@@ -140,9 +140,15 @@ class Gateway:
         threading.Thread(target=self._retention, name="retention", daemon=True).start()
 
     def _sweep(self) -> None:
+        broker = self.dispatcher.broker_instance()
         while not self._stop.wait(self._sweep_interval):
             try:
-                recover(self.store, self.dispatcher, include_queued=False)
+                now = self.dispatcher.broker_instance()
+                restarted = broker is not None and now is not None and now != broker
+                if restarted:
+                    log.warning("recovery: the broker restarted and may have lost queued tasks; re-enqueuing them")
+                broker = now or broker
+                recover(self.store, self.dispatcher, include_queued=restarted)
             except Exception:
                 log.exception("recovery sweep failed")
 

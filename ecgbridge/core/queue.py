@@ -66,6 +66,22 @@ class Dispatcher:
     def deliver(self, message_id: str, destination: str, countdown: float | None = None) -> None:
         self._send(DELIVER_TASK, [message_id, destination], countdown=countdown)
 
+    def broker_instance(self) -> str | None:
+        """Which run of the broker answers now (Redis's ``run_id``); None if unknown or unreachable.
+
+        A Redis that restarted may have lost the tasks of its last second (its AOF is written
+        every second) or all of them (no persistence); a new run id tells the gateway to
+        re-enqueue every queued message, not only the ones its periodic sweep takes.
+        """
+        try:
+            with self.app.connection_for_write() as conn:
+                client = getattr(conn.default_channel, "client", None)  # kombu's Redis transport
+                info = client.info("server") if client is not None else None
+        except Exception:  # unreachable now: the next sweep asks again
+            return None
+        run_id = info.get("run_id") if isinstance(info, dict) else None
+        return str(run_id) if run_id else None
+
     def _send(self, name: str, args: list[str], countdown: float | None = None) -> None:
         try:
             self.app.send_task(

@@ -306,3 +306,44 @@ def test_port_in_use_is_a_clear_error(server: FhirServer) -> None:
     clash = FhirServer(port=server.port)
     with pytest.raises(FhirServerError, match="already in use"):
         clash.start()
+
+
+def test_identifier_index_answers_exactly_as_the_scan_does() -> None:
+    """The peer's identifier index (server.mjs ``search``) changes speed, never answers.
+
+    The same writes go to a server with the index and one without (``FHIR_IDENTIFIER_INDEX=0``,
+    Medplum's own scan); every search shape then gets the same ids from both, including after
+    an update that changes an identifier and after a delete.
+    """
+    searches = [
+        f"{MRN_SYSTEM}|A1",
+        f"{MRN_SYSTEM}|a1",  # Medplum matches tokens case-insensitively; so must the index
+        "A1",
+        f"{MRN_SYSTEM}|B2",
+        f"{MRN_SYSTEM}|C3",
+        "urn:other|A1",
+        f"{MRN_SYSTEM}|",
+        "|A1",
+        "nothing-like-it",
+    ]
+
+    def run(index: str) -> list[list[str]]:
+        with FhirServer(env={"FHIR_IDENTIFIER_INDEX": index}) as srv, srv.client() as client:
+            ids = {}
+            for mrn in ("A1", "B2", "C3", "D4"):
+                resp = client.post("/Patient", json=_patient(mrn), headers={"Content-Type": FHIR_JSON})
+                ids[mrn] = resp.json()["id"]
+            client.get("/Patient", params={"identifier": f"{MRN_SYSTEM}|B2"})  # index built before the changes
+            moved = {**_patient("B2-moved"), "id": ids["B2"]}
+            assert client.put(f"/Patient/{ids['B2']}", json=moved, headers={"Content-Type": FHIR_JSON}).is_success
+            assert client.delete(f"/Patient/{ids['C3']}").is_success
+            order = {v: k for k, v in ids.items()}
+            answers = []
+            for query in searches:
+                bundle = client.get("/Patient", params={"identifier": query}).json()
+                answers.append(sorted(order[e["resource"]["id"]] for e in bundle.get("entry", [])))
+            return answers
+
+    with_index, scanned = run("1"), run("0")
+    assert with_index == scanned
+    assert with_index[0] == ["A1"] and with_index[3] == [] and with_index[4] == []

