@@ -29,13 +29,28 @@ log = logging.getLogger("ecgbridge.worker")
 _DONE = (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.DEAD)
 
 
-def deliver_message(ctx: WorkerContext, message_id: str, destination: str) -> str | None:
+class DeliveryClaimed(Exception):
+    """Another task is sending this delivery now; try again once its claim may have lapsed."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"claimed by another task for {retry_after_s:.0f} s more")
+        self.retry_after_s = retry_after_s
+
+
+def deliver_message(ctx: WorkerContext, message_id: str, destination: str, claim: str | None = None) -> str | None:
     """Write the result version the delivery row names to one destination; returns the receiver's reference.
+
+    ``claim`` (the task's id) first claims the delivery (``MessageStore.claim_delivery``), so two
+    tasks for it never both send; a delivery another task holds raises :class:`DeliveryClaimed`.
 
     A re-analysis may move the row on to a newer version while an older one is being sent:
     the older outcome then settles nothing (the task for the newer version sends that one).
     """
     store = ctx.store
+    if claim is not None:
+        wait_s = store.claim_delivery(message_id, destination, claim, ctx.settings.delivery.claim_s)
+        if wait_s > 0:
+            raise DeliveryClaimed(wait_s)
     current = store.delivery(message_id, destination)
     if current is not None and current.state in _DONE:
         return current.remote_ref

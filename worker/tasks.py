@@ -93,7 +93,9 @@ def register(app: Celery, settings: Settings) -> None:
     def deliver(self: WorkerTask, message_id: str, destination: str) -> None:
         ctx = self.context
         try:
-            delivery.deliver_message(ctx, message_id, destination)
+            delivery.deliver_message(ctx, message_id, destination, claim=self.request.id)
+        except delivery.DeliveryClaimed as exc:  # another task is sending it: no attempt spent
+            raise self.retry(countdown=exc.retry_after_s + 1) from None
         except TransientDeliveryError as exc:
             row = ctx.store.delivery(message_id, destination)
             attempts = row.attempts if row else 1

@@ -562,6 +562,9 @@ class Delivery(_Strict):
     max_attempts: int = Field(10, ge=1)
     backoff_initial_s: float = Field(2.0, gt=0)
     backoff_max_s: float = Field(300.0, gt=0)
+    #: How long one task holds a delivery it is sending before another may take it (a worker that
+    #: died mid-send); longer than any one send takes.
+    claim_s: float = Field(120.0, gt=0)
 
 
 SourceName = Literal["dicom", "hl7", "file"]

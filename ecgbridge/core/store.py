@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,11 @@ ORDER_NUMBER_MAX = 199
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _aware(when: datetime) -> datetime:
+    """SQLite hands back the UTC times it stored without their zone."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -191,6 +196,11 @@ class DeliveryRow(Base):
     #: When a retried delivery may be attempted again (None: now); the recovery sweep leaves it
     #: alone until then, so it never spends attempts ahead of the backoff. Added in place.
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: Which task is sending this delivery now, and until when that claim holds: a second task for
+    #: the same delivery (a redelivered, restored or re-enqueued one) waits instead of sending it
+    #: again. Every recorded outcome releases it. Added in place.
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class EventRow(Base):
@@ -772,7 +782,44 @@ class MessageStore:
             if remote_ref is not None:
                 row.remote_ref = remote_ref
             row.next_attempt_at = next_attempt_at
+            row.claimed_by = row.claimed_until = None
             return row
+
+    def claim_delivery(self, message_id: str, destination: str, owner: str, lease_s: float) -> float:
+        """Claim the sending of one delivery for ``lease_s`` seconds; 0.0 when ``owner`` holds it now,
+        otherwise the seconds until another owner's claim lapses.
+
+        Two tasks for one delivery exist whenever work is re-enqueued while its task still runs
+        (a gateway start-up, a broker restart, a task restored after a worker was killed). The
+        claim is one conditional UPDATE, so exactly one of them sends; a claim whose owner died
+        lapses after ``lease_s``. A row not yet created has nothing to race for.
+        """
+        now = _now()
+        with self.session() as s, s.begin():
+            taken = s.execute(
+                update(DeliveryRow)
+                .where(
+                    DeliveryRow.message_id == message_id,
+                    DeliveryRow.destination == destination,
+                    or_(
+                        DeliveryRow.claimed_until.is_(None),
+                        DeliveryRow.claimed_until < now,
+                        DeliveryRow.claimed_by == owner,
+                    ),
+                )
+                .values(claimed_by=owner, claimed_until=now + timedelta(seconds=lease_s))
+                .execution_options(synchronize_session=False)
+            )
+            if taken.rowcount:  # type: ignore[attr-defined]  # a CursorResult
+                return 0.0
+            until = s.scalar(
+                select(DeliveryRow.claimed_until).where(
+                    DeliveryRow.message_id == message_id, DeliveryRow.destination == destination
+                )
+            )
+        if until is None:
+            return 0.0
+        return max(0.0, (_aware(until) - now).total_seconds())
 
     def revise_deliveries(self, message_id: str, destinations: builtins.list[str], version: int) -> builtins.list[str]:
         """Point each destination's delivery at result ``version``: pending, attempts afresh.
@@ -1020,7 +1067,12 @@ def create_missing_indexes(store: MessageStore) -> list[str]:
 
 #: Columns added to a table after its first release, as (table, column): ``create_all`` skips
 #: existing tables, so :func:`create_missing_columns` adds these with ``ALTER TABLE``.
-ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("deliveries", "version"), ("deliveries", "next_attempt_at"))
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("deliveries", "version"),
+    ("deliveries", "next_attempt_at"),
+    ("deliveries", "claimed_by"),
+    ("deliveries", "claimed_until"),
+)
 
 
 #: Columns made wider since they were first created: (table, column, length). An order number is an

@@ -14,7 +14,8 @@ Answer modes, per message:
 * ``"wrong_id"``: an AA whose MSA-2 names another message.
 
 ``first`` lists answers for the first messages, ``mode`` answers the rest:
-``Hl7Receiver("AA", first=["AE", "AE"])`` is "AE twice, then AA".
+``Hl7Receiver("AA", first=["AE", "AE"])`` is "AE twice, then AA". ``ack_delay_s`` holds
+every answer that long (a slow EHR interface).
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ class Hl7Receiver:
         first: Sequence[str] = (),
         error_text: str = "Rejected by the test EHR",
         host: str = "127.0.0.1",
+        ack_delay_s: float = 0.0,
     ) -> None:
         for m in (mode, *first):
             if m not in MODES:
                 raise ValueError(f"unknown receiver mode {m!r} (one of {', '.join(MODES)})")
         self.mode = mode
+        self.ack_delay_s = ack_delay_s
         self.error_text = error_text
         self.host = host
         self.port: int = 0
@@ -165,6 +168,8 @@ class Hl7Receiver:
                     return
                 if answer == "silent":
                     continue
+                if self.ack_delay_s:
+                    await asyncio.sleep(self.ack_delay_s)
                 writer.writemessage(self._ack(raw, answer, len(self._received)))
                 await writer.drain()
         finally:

@@ -8,6 +8,7 @@ and idempotence follow the same rules as for FHIR and HL7.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from ecgbridge.core.settings import load_settings
 from ecgbridge.core.states import DeliveryState, MessageState
 from ecgbridge.errors import ConfigError, TransientDeliveryError
-from ecgbridge.worker.delivery import deliver_message
+from ecgbridge.worker.delivery import DeliveryClaimed, deliver_message
 from ecgbridge.worker.jobs import WorkerContext, analyse_message
 from tests.support import toy_sender
 
@@ -107,3 +108,26 @@ def test_a_permanent_failure_fails_the_delivery_with_an_error_record(analysed: t
     assert ctx.store.delivery(mid, "research-share").state == DeliveryState.FAILED
     assert ctx.store.get(mid).state == MessageState.FAILED
     assert any(e.kind == "delivery_failed" and "refuses" in e.detail for e in ctx.store.events(mid))
+
+
+def test_a_delivery_another_task_is_sending_is_not_sent_twice(analysed: tuple[WorkerContext, str, Path]) -> None:
+    """Two tasks for one delivery (one re-enqueued while the other runs): only the claimant sends."""
+    ctx, mid, outbox = analysed
+    assert ctx.store.claim_delivery(mid, "research-share", "task-A", lease_s=60) == 0.0  # task A is sending
+    with pytest.raises(DeliveryClaimed) as info:
+        deliver_message(ctx, mid, "research-share", claim="task-B")
+    assert 55 < info.value.retry_after_s <= 60
+    assert not (outbox / f"{mid}.json").exists(), "task B sent what task A is sending"
+    assert deliver_message(ctx, mid, "research-share", claim="task-A") == f"toy:{mid}.json"  # A's own claim holds
+    row = ctx.store.delivery(mid, "research-share")
+    assert (row.state, row.attempts, row.claimed_by) == (DeliveryState.DELIVERED, 1, None)  # the outcome released it
+    assert deliver_message(ctx, mid, "research-share", claim="task-B") == f"toy:{mid}.json"  # done: nothing sent
+
+
+def test_a_claim_whose_task_died_lapses(analysed: tuple[WorkerContext, str, Path]) -> None:
+    ctx, mid, outbox = analysed
+    assert ctx.store.claim_delivery(mid, "research-share", "killed-task", lease_s=0.2) == 0.0
+    assert ctx.store.claim_delivery(mid, "research-share", "task-B", lease_s=60) > 0
+    time.sleep(0.3)
+    assert deliver_message(ctx, mid, "research-share", claim="task-B") == f"toy:{mid}.json"
+    assert (outbox / f"{mid}.json").exists()
