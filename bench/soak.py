@@ -9,7 +9,9 @@ and python-hl7's MLLP server as the EHR's HL7 interface. The cart side sends eve
 by DICOM C-STORE (pynetdicom) and the rest as HL7 ORU^R01 waveform messages over MLLP; a send
 that is not acknowledged is sent again later, byte for byte, as a cart would.
 
-Faults, at fixed points of the stream (fractions of the ECGs sent):
+The first tenth of the stream is sent with no fault and delivered before anything else
+happens (the warm-up: every code path has run once, so memory measured after it is a warm
+start). Faults, at fixed points of the stream (fractions of the ECGs sent):
 
 * every ``kill_every`` analysed ECGs: worker A SIGKILLed (main process and pool child) and
   started again; worker B is never killed, so its memory can be judged over the whole run;
@@ -53,7 +55,7 @@ from pynetdicom import AE
 
 from tests.support.fhir_server import FhirServer
 from tests.support.hl7_receiver import Hl7Receiver
-from tests.support.processes import REPO, EcgbridgeProcess, RedisServer, wait_for
+from tests.support.processes import REPO, RedisServer, wait_for
 from tests.support.stack import Stack
 from tests.support.tcp_gate import TcpGate
 
@@ -116,6 +118,7 @@ class SoakReport:
     faults: list[str] = field(default_factory=list)
     memory_mb: dict[str, dict[str, float]] = field(default_factory=dict)
     leaks: list[str] = field(default_factory=list)
+    worker_self_restarts: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -136,6 +139,7 @@ class SoakReport:
             f"time to drain after the last acknowledgement {self.drain_s:.0f} s, whole run {self.wall_s:.0f} s",
             "resident memory, MB (warm start -> end):",
             *(f"  {name}: {m['start']:.0f} -> {m['end']:.0f}" for name, m in self.memory_mb.items()),
+            f"workers that restarted themselves after an unrecoverable Celery error: {self.worker_self_restarts}",
             "faults: " + "; ".join(self.faults),
             "PASSED" if self.passed else "FAILED: " + "; ".join(self.problems),
         ]
@@ -269,12 +273,12 @@ class Soak:
             if rss is None:
                 continue
             entry = self.samples.setdefault(f"{name}#{pid}", {})
-            if when == "start":  # warm: seen once already, a tenth of the stream earlier
-                if "seen" in entry:
-                    entry.setdefault("start", rss)
-                entry["seen"] = rss
-            else:
+            if when == "end":
                 entry["end"] = rss
+                continue
+            if when == "warm" or "seen" in entry:  # after the warm-up, or a tenth of the stream after first seen
+                entry.setdefault("start", rss)
+            entry["seen"] = rss
 
     # -- faults ----------------------------------------------------------------------
     def _fault(self, text: str) -> None:
@@ -370,8 +374,10 @@ class Soak:
             ecg.next_send = time.monotonic() + self.plan.resend_after_s
 
     def _stream(self, ecgs: list[Ecg]) -> float:
-        # a warm start for every process: its second sample, taken a tenth of the stream after the first
-        samples = [(tenth / 10, lambda: self._sample("start")) for tenth in range(1, 10)]
+        # memory at a warm start: after the fault-free first tenth has been delivered, or for a process
+        # started later, a tenth of the stream after it was first seen
+        samples = [(tenth / 10, lambda: self._sample("start")) for tenth in range(2, 10)]
+        samples.insert(0, (0.10, lambda: self._warm_up(ecgs)))
         faults = sorted(
             [
                 *samples,
@@ -400,6 +406,13 @@ class Soak:
             self._resend_due(pending, until=time.monotonic() + 1)
             last = time.monotonic()
         return last
+
+    def _warm_up(self, ecgs: list[Ecg]) -> None:
+        """Wait until the first tenth, sent before any fault, is delivered; then take the warm memory sample."""
+        acked = {e.placer for e in ecgs if e.acked}
+        wait_for(lambda: self._drained(acked), 300, 0.5, "the warm-up ECGs to be delivered")
+        self._sample("warm")
+        self._fault(f"warm-up done: {len(acked)} ECGs delivered before any fault")
 
     def _resend_due(self, ecgs: list[Ecg], until: float) -> None:
         now = time.monotonic()
@@ -613,6 +626,9 @@ class Soak:
         self.stopping.set()
         killer.join(5)
         self._sample("end")
+        if not self.worker_b.alive() or not self.gateway.alive():
+            self.report.problems.append("worker B or the gateway exited by itself")
+        self.report.worker_self_restarts = self.stack.full_logs().count("starting it again in 5 s")
         self._count(ecgs)
         self._judge()
 

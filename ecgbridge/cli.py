@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _setup_logging(settings.log_level)
     if settings.embedded_broker:
         raise ConfigError("'ecgbridge worker' needs broker.url (or ECGBRIDGE_BROKER_URL) to reach the broker")
-    run_worker(settings, concurrency=args.concurrency)
+    code = run_worker(settings, concurrency=args.concurrency)
+    if code:
+        # Celery gave up by itself (kombu's Redis transport can, while reconnecting to a broker that
+        # restarted): start afresh in this process, so the worker comes back with or without a supervisor.
+        log.error("the worker stopped on an unrecoverable error (status %d); starting it again in 5 s", code)
+        time.sleep(5)
+        os.execv(sys.executable, [sys.executable, "-m", "ecgbridge", *sys.argv[1:]])
     return 0
 
 

@@ -174,9 +174,18 @@ class Gateway:
                 listener.stop()
 
 
-def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: str | None = None) -> None:
-    """A Celery worker in this process (prefork pool); blocks until stopped."""
+def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: str | None = None) -> int:
+    """A Celery worker in this process (prefork pool); blocks until stopped.
+
+    Returns 0 after a requested shutdown (a signal), otherwise Celery's exit status: the worker
+    stopped by itself on an "unrecoverable error", which is what kombu's Redis transport can
+    raise while it reconnects to a broker that restarted. The caller starts a fresh process.
+    """
     from celery.exceptions import SecurityWarning
+    from celery.signals import worker_shutting_down
+
+    asked_to_stop = threading.Event()
+    worker_shutting_down.connect(lambda **_: asked_to_stop.set(), weak=False)
 
     from ecgbridge.worker.tasks import worker_app
 
@@ -203,7 +212,12 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: 
         "--hostname",
         f"ecgbridge-{os.getpid()}@%h",
     ]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        return 0 if asked_to_stop.is_set() else code
+    return 0
 
 
 def _worker_command(settings: Settings) -> list[str]:
@@ -213,8 +227,9 @@ def _worker_command(settings: Settings) -> list[str]:
     return cmd
 
 
-def _wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:
-    """Block until SIGTERM or SIGINT; on SIGHUP call ``on_hangup`` (a reload) and keep waiting.
+def _wait_for_signal(on_hangup: Callable[[], None] | None = None, on_tick: Callable[[], None] | None = None) -> None:
+    """Block until SIGTERM or SIGINT; on SIGHUP call ``on_hangup`` (a reload) and keep waiting;
+    call ``on_tick`` about once a second (the embedded mode watches its worker processes).
 
     The handlers only set flags: the reload runs here, in the main thread, not inside a
     signal handler (it writes to the store and logs, neither of which is signal-safe).
@@ -239,6 +254,8 @@ def _wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:
     while not stop.is_set():
         wake.wait(1.0)
         wake.clear()
+        if on_tick is not None and not stop.is_set():
+            on_tick()
         if on_hangup is not None and hangup.is_set() and not stop.is_set():
             hangup.clear()
             try:
@@ -292,19 +309,22 @@ def run_all(settings: Settings) -> None:
     workers: list[subprocess.Popen[bytes]] = []
     gateway: Gateway | None = None
 
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(_worker_command(settings), env=env)
+
     def _renew_workers(result: Any) -> None:
         # Workers look routes, models and destinations up in the settings they started with:
         # start new ones on the new file first, then let the old ones finish (warm shutdown).
         if not result.changed or not workers:
             return
         old = list(workers)
-        workers[:] = [subprocess.Popen(_worker_command(settings), env=env) for _ in old]
+        workers[:] = [start_worker() for _ in old]
         _stop_workers(old)
         log.info("SIGHUP: %d worker process(es) restarted with the new configuration", len(workers))
 
     try:
         for _ in range(settings.workers.processes):
-            workers.append(subprocess.Popen(_worker_command(settings), env=env))
+            workers.append(start_worker())
         gateway = Gateway(settings)
         gateway.start()
         dicom = settings.listeners.dicom
@@ -318,13 +338,23 @@ def run_all(settings: Settings) -> None:
             + (", SIGHUP reloads the configuration file." if settings.source_file else "."),
             flush=True,
         )
-        _wait_for_signal(reload_on_sighup(gateway, after=_renew_workers))
+        _wait_for_signal(
+            reload_on_sighup(gateway, after=_renew_workers), on_tick=lambda: _replace_exited(workers, start_worker)
+        )
     finally:
         if gateway is not None:
             gateway.stop()
         _stop_workers(workers)
         if broker is not None:
             broker.stop()
+
+
+def _replace_exited(workers: list[subprocess.Popen[bytes]], start: Callable[[], subprocess.Popen[bytes]]) -> None:
+    """Start a new worker process for each one that ended without being asked (killed, out of memory)."""
+    for i, w in enumerate(workers):
+        if w.poll() is not None:
+            log.warning("worker process %d ended (status %s); starting a new one", w.pid, w.returncode)
+            workers[i] = start()
 
 
 def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
