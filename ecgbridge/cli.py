@@ -123,7 +123,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _setup_logging(settings.log_level)
     if settings.embedded_broker:
         raise ConfigError("'ecgbridge worker' needs broker.url (or ECGBRIDGE_BROKER_URL) to reach the broker")
-    code = run_worker(settings, concurrency=args.concurrency)
+    code = run_worker(settings, concurrency=args.concurrency, queues=args.queues)
     if code:
         # Celery gave up by itself (kombu's Redis transport can, while reconnecting to a broker that
         # restarted): start afresh in this process, so the worker comes back with or without a supervisor.
@@ -605,7 +605,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="one Celery worker process (needs broker.url)")
     _add_config(p)
-    p.add_argument("--concurrency", type=int, default=None, help="pool processes (default: workers.concurrency)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="pool size (default: workers.concurrency processes; workers.delivery_threads threads for delivery)",
+    )
+    p.add_argument(
+        "--queues",
+        choices=("all", "analysis", "delivery"),
+        default="all",
+        help="analysis (CPU, a process pool), delivery (network I/O, a thread pool), or all in one process pool",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser(

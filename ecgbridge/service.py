@@ -23,7 +23,7 @@ from typing import Any
 from ecgbridge.broker import EmbeddedRedis
 from ecgbridge.core.accounts import AccountStore
 from ecgbridge.core.live import LiveSettings
-from ecgbridge.core.queue import QUEUE, Dispatcher, make_celery
+from ecgbridge.core.queue import QUEUES, Dispatcher, make_celery
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.states import MessageState, WorkKind
 from ecgbridge.core.store import MessageStore
@@ -174,8 +174,14 @@ class Gateway:
                 listener.stop()
 
 
-def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: str | None = None) -> int:
-    """A Celery worker in this process (prefork pool); blocks until stopped.
+def run_worker(
+    settings: Settings, *, concurrency: int | None = None, loglevel: str | None = None, queues: str = "all"
+) -> int:
+    """A Celery worker in this process; blocks until stopped.
+
+    ``queues`` "all" (analyses and deliveries) and "analysis" run a prefork pool of
+    ``concurrency`` processes (CPU-bound work); "delivery" runs a pool of threads
+    (``workers.delivery_threads``), since a delivery mostly waits on its receiver.
 
     Returns 0 after a requested shutdown (a signal), otherwise Celery's exit status: the worker
     stopped by itself on an "unrecoverable error", which is what kombu's Redis transport can
@@ -195,15 +201,17 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: 
     # accepted pickle could be made to run code; ours accepts JSON only (core.queue), and in
     # containers root is the norm, so the warning is noise in the service log.
     warnings.filterwarnings("ignore", category=SecurityWarning)
+    threads = queues == "delivery"
+    size = concurrency or (settings.workers.delivery_threads if threads else settings.workers.concurrency)
     argv = [
         "--quiet",  # no banner: the service log says what started (see the "ready." line)
         "worker",
         "--queues",
-        QUEUE,
+        ",".join(QUEUES[queues]),
         "--concurrency",
-        str(concurrency or settings.workers.concurrency),
+        str(size),
         "--pool",
-        "prefork",
+        "threads" if threads else "prefork",
         "--loglevel",
         loglevel or settings.log_level,
         "--without-gossip",
@@ -220,8 +228,8 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: 
     return 0
 
 
-def _worker_command(settings: Settings) -> list[str]:
-    cmd = [sys.executable, "-m", "ecgbridge", "worker"]
+def _worker_command(settings: Settings, queues: str) -> list[str]:
+    cmd = [sys.executable, "-m", "ecgbridge", "worker", "--queues", queues]
     if settings.source_file is not None:
         cmd += ["--config", str(settings.source_file)]
     return cmd
@@ -309,8 +317,15 @@ def run_all(settings: Settings) -> None:
     workers: list[subprocess.Popen[bytes]] = []
     gateway: Gateway | None = None
 
-    def start_worker() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(_worker_command(settings), env=env)
+    analysis_workers = settings.workers.analysis_processes
+    delivery_workers = settings.workers.delivery_processes if analysis_workers else 0
+    # what each worker process takes: analyses, then the delivery workers (or "all" without them)
+    roles = ["analysis" if delivery_workers else "all"] * analysis_workers + ["delivery"] * delivery_workers
+
+    def start_worker(role: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(_worker_command(settings, role), env=env)
+        process.role = role  # type: ignore[attr-defined]  # read back by _replace_exited and reloads
+        return process
 
     def _renew_workers(result: Any) -> None:
         # Workers look routes, models and destinations up in the settings they started with:
@@ -318,13 +333,12 @@ def run_all(settings: Settings) -> None:
         if not result.changed or not workers:
             return
         old = list(workers)
-        workers[:] = [start_worker() for _ in old]
+        workers[:] = [start_worker(w.role) for w in old]  # type: ignore[attr-defined]
         _stop_workers(old)
         log.info("SIGHUP: %d worker process(es) restarted with the new configuration", len(workers))
 
     try:
-        for _ in range(settings.workers.processes):
-            workers.append(start_worker())
+        workers.extend(start_worker(role) for role in roles)
         gateway = Gateway(settings)
         gateway.start()
         dicom = settings.listeners.dicom
@@ -333,7 +347,7 @@ def run_all(settings: Settings) -> None:
             f"ecgbridge running: DICOM {dicom.ae_title} on {dicom.host}:{gateway.dicom.port if gateway.dicom else '-'}, "
             f"HL7 MLLP on {mllp.host}:{gateway.mllp.port if gateway.mllp else '-'}, "
             f"console on {_console_url(gateway)}, "
-            f"{len(workers)} worker process(es), data in {Path(settings.data_dir).resolve()}, "
+            f"{analysis_workers} analysis + {delivery_workers} delivery worker process(es), data in {Path(settings.data_dir).resolve()}, "
             f"broker {'embedded' if broker else settings.broker_url}. Ctrl-C stops"
             + (", SIGHUP reloads the configuration file." if settings.source_file else "."),
             flush=True,
@@ -349,12 +363,14 @@ def run_all(settings: Settings) -> None:
             broker.stop()
 
 
-def _replace_exited(workers: list[subprocess.Popen[bytes]], start: Callable[[], subprocess.Popen[bytes]]) -> None:
+def _replace_exited(
+    workers: list[subprocess.Popen[bytes]], start: Callable[[str], subprocess.Popen[bytes]]
+) -> None:
     """Start a new worker process for each one that ended without being asked (killed, out of memory)."""
     for i, w in enumerate(workers):
         if w.poll() is not None:
             log.warning("worker process %d ended (status %s); starting a new one", w.pid, w.returncode)
-            workers[i] = start()
+            workers[i] = start(w.role)  # type: ignore[attr-defined]  # set by run_all's start_worker
 
 
 def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:

@@ -3,13 +3,15 @@
 Per-process resources (store connection pool, model registry, EHR clients, senders)
 live on a base Task class, as Celery's task guide shows: built on first use in each
 worker process (after the fork, so no connection is shared between processes) and
-reused by every task that process runs.
+reused by every task that process runs, by every thread of a delivery worker's pool too
+(the store, httpx clients and senders are safe to share between threads).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from celery import Celery, Task
@@ -32,15 +34,17 @@ class WorkerTask(Task):  # type: ignore[misc]  # celery ships no type hints
     abstract = True
     settings: Settings | None = None
     _context: jobs.WorkerContext | None = None
+    _context_lock = threading.Lock()
 
     @property
     def context(self) -> jobs.WorkerContext:
-        ctx = WorkerTask._context
-        if ctx is None or ctx.pid != os.getpid():
-            assert WorkerTask.settings is not None, "worker.tasks.register() was not called"
-            ctx = jobs.WorkerContext.create(WorkerTask.settings, Dispatcher(self.app))
-            WorkerTask._context = ctx
-        ctx.follow_config_file()
+        with WorkerTask._context_lock:  # a delivery worker's threads share one context
+            ctx = WorkerTask._context
+            if ctx is None or ctx.pid != os.getpid():
+                assert WorkerTask.settings is not None, "worker.tasks.register() was not called"
+                ctx = jobs.WorkerContext.create(WorkerTask.settings, Dispatcher(self.app))
+                WorkerTask._context = ctx
+            ctx.follow_config_file()
         return ctx
 
 

@@ -17,14 +17,20 @@ from celery import Celery
 from ecgbridge.core.settings import Settings
 from ecgbridge.errors import StorageError
 
-__all__ = ["ANALYSE_TASK", "DELIVER_TASK", "QUEUE", "Dispatcher", "make_celery"]
+__all__ = ["ANALYSE_TASK", "DELIVER_TASK", "DELIVERY_QUEUE", "QUEUE", "QUEUES", "Dispatcher", "make_celery"]
 
 log = logging.getLogger("ecgbridge.dispatch")
 
 #: Celery task names: stable across releases, so tasks queued before an upgrade still run.
 ANALYSE_TASK = "ecgbridge.analyse"
 DELIVER_TASK = "ecgbridge.deliver"
+#: The analysis queue (CPU-bound work), and the queue of every task enqueued before deliveries had their own.
 QUEUE = "ecgbridge"
+#: Deliveries: network I/O that waits on the receiver, served by a thread pool
+#: (``ecgbridge worker --queues delivery``) so a slow EHR never holds an analysis process.
+DELIVERY_QUEUE = "ecgbridge-deliver"
+#: What ``ecgbridge worker --queues`` takes: a name, or "all" for both queues in one pool.
+QUEUES: dict[str, tuple[str, ...]] = {"all": (QUEUE, DELIVERY_QUEUE), "analysis": (QUEUE,), "delivery": (DELIVERY_QUEUE,)}
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -61,10 +67,10 @@ class Dispatcher:
         self.app = app
 
     def analyse(self, message_id: str) -> None:
-        self._send(ANALYSE_TASK, [message_id])
+        self._send(ANALYSE_TASK, [message_id], QUEUE)
 
     def deliver(self, message_id: str, destination: str, countdown: float | None = None) -> None:
-        self._send(DELIVER_TASK, [message_id, destination], countdown=countdown)
+        self._send(DELIVER_TASK, [message_id, destination], DELIVERY_QUEUE, countdown=countdown)
 
     def broker_instance(self) -> str | None:
         """Which run of the broker answers now (Redis's ``run_id``); None if unknown or unreachable.
@@ -82,12 +88,12 @@ class Dispatcher:
         run_id = info.get("run_id") if isinstance(info, dict) else None
         return str(run_id) if run_id else None
 
-    def _send(self, name: str, args: list[str], countdown: float | None = None) -> None:
+    def _send(self, name: str, args: list[str], queue: str, countdown: float | None = None) -> None:
         try:
             self.app.send_task(
                 name,
                 args=args,
-                queue=QUEUE,
+                queue=queue,
                 countdown=countdown,
                 retry=True,
                 retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},

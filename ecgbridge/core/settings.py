@@ -347,10 +347,21 @@ class Broker(_Strict):
 
 
 class Workers(_Strict):
-    #: Worker processes ``ecgbridge run`` starts (0: run none, e.g. workers elsewhere).
-    processes: int = Field(1, ge=0)
+    #: Analysis worker processes ``ecgbridge run`` starts (0: run none, e.g. workers elsewhere;
+    #: unset: one per CPU core).
+    processes: int | None = Field(None, ge=0)
     #: Celery pool concurrency inside each worker process.
     concurrency: int = Field(1, ge=1)
+    #: Delivery worker processes ``ecgbridge run`` starts beside the analysis workers (0: the
+    #: analysis workers deliver too, as a plain ``ecgbridge worker`` does).
+    delivery_processes: int = Field(1, ge=0)
+    #: Threads of a delivery worker: deliveries it sends at once (each mostly waits on a receiver).
+    delivery_threads: int = Field(8, ge=1)
+
+    @property
+    def analysis_processes(self) -> int:
+        """``processes``, or the machine's CPU cores when it is not set."""
+        return self.processes if self.processes is not None else max(1, os.cpu_count() or 1)
 
 
 class ModelEntry(_Strict):

@@ -90,8 +90,8 @@ class Stack:
         self.processes.append(proc)
         return proc
 
-    def start_worker(self) -> EcgbridgeProcess:
-        proc = self._proc("worker").start()
+    def start_worker(self, queues: str = "all") -> EcgbridgeProcess:
+        proc = (self._proc("worker", "--queues", queues) if queues != "all" else self._proc("worker")).start()
         proc.wait_for_log(" ready.", 90)
         return proc
 
