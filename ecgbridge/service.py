@@ -363,9 +363,7 @@ def run_all(settings: Settings) -> None:
             broker.stop()
 
 
-def _replace_exited(
-    workers: list[subprocess.Popen[bytes]], start: Callable[[str], subprocess.Popen[bytes]]
-) -> None:
+def _replace_exited(workers: list[subprocess.Popen[bytes]], start: Callable[[str], subprocess.Popen[bytes]]) -> None:
     """Start a new worker process for each one that ended without being asked (killed, out of memory)."""
     for i, w in enumerate(workers):
         if w.poll() is not None:

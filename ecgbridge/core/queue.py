@@ -30,7 +30,11 @@ QUEUE = "ecgbridge"
 #: (``ecgbridge worker --queues delivery``) so a slow EHR never holds an analysis process.
 DELIVERY_QUEUE = "ecgbridge-deliver"
 #: What ``ecgbridge worker --queues`` takes: a name, or "all" for both queues in one pool.
-QUEUES: dict[str, tuple[str, ...]] = {"all": (QUEUE, DELIVERY_QUEUE), "analysis": (QUEUE,), "delivery": (DELIVERY_QUEUE,)}
+QUEUES: dict[str, tuple[str, ...]] = {
+    "all": (QUEUE, DELIVERY_QUEUE),
+    "analysis": (QUEUE,),
+    "delivery": (DELIVERY_QUEUE,),
+}
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -27,7 +27,7 @@ import pytest
 import redis
 import yaml
 
-from ecgbridge.core.queue import QUEUE, Dispatcher, make_celery
+from ecgbridge.core.queue import DELIVERY_QUEUE, QUEUE, QUEUES, Dispatcher, make_celery
 from ecgbridge.core.settings import (
     ConsoleSettings,
     DicomListener,
@@ -411,7 +411,7 @@ def test_every_object_is_in_the_namespace(k8s: dict[tuple[str, str], dict[str, A
             assert doc["metadata"].get("namespace") == namespace, f"{kind}/{name}"
 
 
-@pytest.mark.parametrize("deployment", ["ecgbridge-gateway", "ecgbridge-worker"])
+@pytest.mark.parametrize("deployment", ["ecgbridge-gateway", "ecgbridge-worker", "ecgbridge-delivery"])
 def test_k8s_configuration_loads_with_the_environment_of_each_pod(
     k8s: dict[tuple[str, str], dict[str, Any]], deployment: str, k8s_config_file: Path, clean_env: pytest.MonkeyPatch
 ) -> None:
@@ -430,7 +430,7 @@ def test_k8s_configuration_loads_with_the_environment_of_each_pod(
     assert "emptyDir" in mounts["/tmp"]
     # every secret the configuration names reaches the pods that use it, from a Secret: the
     # workers deliver and read EHR context (tokens), the gateway signs people in (OIDC)
-    if deployment == "ecgbridge-worker":
+    if deployment in ("ecgbridge-worker", "ecgbridge-delivery"):
         auths = [d.auth for d in settings.destinations if hasattr(d, "auth")] + [e.auth for e in settings.ehr]
         wanted = {a.token_env for a in auths if a.token_env}
     else:
@@ -536,7 +536,7 @@ def test_no_secret_in_a_configmap(k8s: dict[tuple[str, str], dict[str, Any]]) ->
                     assert leaf.endswith(("_env", "_file")), f"{path}: a secret in the configuration file"
 
 
-@pytest.mark.parametrize("deployment", ["ecgbridge-gateway", "ecgbridge-worker"])
+@pytest.mark.parametrize("deployment", ["ecgbridge-gateway", "ecgbridge-worker", "ecgbridge-delivery"])
 def test_secrets_reach_the_pods_from_secrets_only(k8s: dict[tuple[str, str], dict[str, Any]], deployment: str) -> None:
     container = _container(k8s, deployment)
     for var in container.get("env", []):
@@ -557,7 +557,7 @@ def test_every_file_the_k8s_configuration_names_is_in_a_mounted_secret(
     named = {str(v) for p, v in _walk(yaml.safe_load(text)) if p.endswith("_file") and v}
     named |= set(re.findall(r"/etc/ecgbridge-tls/[\w.-]+", text))  # the commented examples too
     assert named, "the configuration shows where certificates go"
-    for deployment in ("ecgbridge-gateway", "ecgbridge-worker"):
+    for deployment in ("ecgbridge-gateway", "ecgbridge-worker", "ecgbridge-delivery"):
         secret_dirs = [path for path, volume in _k8s_mounts(k8s, deployment).items() if "secret" in volume]
         for file in named:
             assert any(file.startswith(d.rstrip("/") + "/") for d in secret_dirs), f"{deployment}: {file}"
@@ -568,7 +568,7 @@ def test_the_secret_example_names_every_key_and_holds_no_value(k8s: dict[tuple[s
     example = _docs(K8S / "secret.example.yaml")[0]
     assert ("Secret", example["metadata"]["name"]) not in k8s, "the example is never applied"
     assert all(v.startswith("REPLACE-WITH-") for v in example["stringData"].values())
-    for deployment in ("ecgbridge-gateway", "ecgbridge-worker"):
+    for deployment in ("ecgbridge-gateway", "ecgbridge-worker", "ecgbridge-delivery"):
         for var in _container(k8s, deployment).get("env", []):
             ref = var.get("valueFrom", {}).get("secretKeyRef")
             if ref is None:
@@ -577,6 +577,20 @@ def test_the_secret_example_names_every_key_and_holds_no_value(k8s: dict[tuple[s
             assert ref["key"] in example_text, f"secret.example.yaml does not mention {ref['key']}"
             if not ref.get("optional"):
                 assert ref["key"] in example["stringData"], f"{deployment} needs {ref['key']}"
+
+
+def test_the_worker_deployments_take_both_queues_between_them(
+    k8s: dict[tuple[str, str], dict[str, Any]], compose: dict[str, Any]
+) -> None:
+    """Analyses on the analysis workers, deliveries on the delivery workers: no queue left unserved."""
+
+    def queues(args: list[str]) -> tuple[str, ...]:
+        return QUEUES[args[args.index("--queues") + 1] if "--queues" in args else "all"]
+
+    served = [queues(_container(k8s, d)["args"]) for d in ("ecgbridge-worker", "ecgbridge-delivery")]
+    assert served == [(QUEUE,), (DELIVERY_QUEUE,)]
+    services = compose["services"]
+    assert [queues(services[s]["command"]) for s in ("worker", "delivery")] == [(QUEUE,), (DELIVERY_QUEUE,)]
 
 
 def test_workers_are_sized_by_the_autoscaler_only(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
