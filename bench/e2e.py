@@ -5,7 +5,12 @@ Medplum FHIR server; N ECGs sent one by one with pynetdicom. Latency per ECG =
 time the FHIR delivery was recorded in the store minus the time the C-STORE
 success came back to the sender.
 
-    python -m bench.e2e [--n 50] [--workers 1] [--interval S] [--lvef]
+    python -m bench.e2e [--n 50] [--workers 1] [--interval S] [--lvef] [--fhir-latency-ms MS] [--layout all|split|both]
+
+``--fhir-latency-ms`` puts a proxy in front of the FHIR server that holds every request
+that long, as a real EHR's FHIR API answers in 100-300 ms; ``--layout both`` measures the
+workers analysing and delivering in one process pool, then analysis workers beside a
+delivery worker (a thread pool), in the same run.
 
 ``--lvef`` routes every ECG through diagnosis + triage + LVEF with the patient's EHR
 context read from the same FHIR server (a seeded heart-failure patient), so the latency
@@ -27,6 +32,7 @@ from pynetdicom import AE
 
 from tests.support import ehr_bundles
 from tests.support.fhir_server import FhirServer, node_available
+from tests.support.http_peers import FaultProxy
 from tests.support.processes import RedisServer, wait_for
 from tests.support.stack import Stack
 
@@ -36,23 +42,64 @@ from .common import percentile
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes (analysis workers with --layout split)"
+    )
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between sends (0: back to back)")
     parser.add_argument("--lvef", action="store_true", help="diagnosis + triage + LVEF with EHR context")
+    parser.add_argument(
+        "--fhir-latency-ms", type=float, default=0.0, help="hold every FHIR request this long (a real EHR's API)"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("all", "split", "both"),
+        default="all",
+        help="all: workers analyse and deliver; split: analysis workers + one delivery worker (threads); "
+        "both: run each in turn and print them side by side",
+    )
     args = parser.parse_args()
     reason = node_available()
     if reason:
         raise SystemExit(reason)
+    layouts = ["all", "split"] if args.layout == "both" else [args.layout]
+    figures = [run_once(args, layout) for layout in layouts]
+    what = "diagnosis + triage + LVEF with EHR context" if args.lvef else "diagnosis"
+    print(
+        f"end to end ({what}), {args.n} x 12-lead ECG, "
+        f"{'back to back' if not args.interval else f'every {args.interval}s'}, "
+        f"FHIR latency {args.fhir_latency_ms:g} ms per request, {time.strftime('%Y-%m-%d')}"
+    )
+    for layout, f in zip(layouts, figures, strict=True):
+        workers = (
+            f"{args.workers} worker process(es) analysing and delivering"
+            if layout == "all"
+            else f"{args.workers} analysis worker(s) + 1 delivery worker (8 threads)"
+        )
+        print(f"- {workers}:")
+        print(
+            f"  latency C-STORE response -> DiagnosticReport created: p50 {f['p50']:.3f} s, "
+            f"p95 {f['p95']:.3f} s, max {f['max']:.3f} s"
+        )
+        print(
+            f"  of which response -> result saved: p50 {f['analysed_p50']:.3f} s; "
+            f"result saved -> report created: p50 {f['delivering_p50']:.3f} s, p95 {f['delivering_p95']:.3f} s"
+        )
+        print(f"  throughput: {f['throughput']:.2f} ECGs/s ({args.n} in {f['elapsed']:.1f} s)")
 
+
+def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
+    """One deployment, N ECGs; the latency and throughput figures."""
     with tempfile.TemporaryDirectory() as tmp_name, FhirServer() as fhir:
         redis = RedisServer().start()
+        proxy = FaultProxy(fhir.origin, delay_s=args.fhir_latency_ms / 1000).start() if args.fhir_latency_ms else None
+        fhir_url = proxy.base_url if proxy is not None else fhir.base_url  # type: ignore[attr-defined]
         extra: dict = {}
         patient = None
         if args.lvef:
             patient = ehr_bundles.seed_heart_failure(fhir.base_url)
             extra = {
                 "models": [{"name": "diagnosis"}, {"name": "triage"}, {"name": "lvef"}],
-                "ehr": [{"name": "ehr-context", "base_url": fhir.base_url}],
+                "ehr": [{"name": "ehr-context", "base_url": fhir_url}],
                 "routes": [
                     {
                         "name": "all-ecg",
@@ -62,10 +109,12 @@ def main() -> None:
                     }
                 ],
             }
-        stack = Stack(tmp=Path(tmp_name), broker_url=redis.url, fhir_base_url=fhir.base_url, extra=extra)
+        stack = Stack(tmp=Path(tmp_name), broker_url=redis.url, fhir_base_url=fhir_url, extra=extra)
         try:
             for _ in range(args.workers):
-                stack.start_worker()
+                stack.start_worker("analysis" if layout == "split" else "all")
+            if layout == "split":
+                stack.start_worker("delivery")
             stack.start_gateway()
             store = stack.store()
             ds = dcmread(get_testdata_file("waveform_ecg.dcm"))
@@ -94,7 +143,7 @@ def main() -> None:
                 if args.interval:
                     time.sleep(args.interval)
             assoc.release()
-            stack.wait_state("delivered", args.n + 1, timeout_s=60 + args.n * 5)
+            stack.wait_state("delivered", args.n + 1, timeout_s=60 + args.n * 10)
             latencies = []
             done_times = []
             analysed: list[float] = []  # C-STORE response -> result saved (queue wait + analysis + rendering)
@@ -113,22 +162,21 @@ def main() -> None:
         finally:
             stack.stop()
             redis.stop()
+            if proxy is not None:
+                proxy.stop()
     latencies.sort()
-    what = "diagnosis + triage + LVEF with EHR context" if args.lvef else "diagnosis"
-    print(
-        f"end to end ({what}), {args.n} x 12-lead ECG, {args.workers} worker process(es), "
-        f"{'back to back' if not args.interval else f'every {args.interval}s'}, {time.strftime('%Y-%m-%d')}"
-    )
-    print(
-        f"latency C-STORE response -> DiagnosticReport created: p50 {percentile(latencies, 50):.3f} s, "
-        f"p95 {percentile(latencies, 95):.3f} s, max {latencies[-1]:.3f} s"
-    )
-    print(
-        f"  of which response -> result saved: p50 {percentile(sorted(analysed), 50):.3f} s; "
-        f"result saved -> report created: p50 {percentile(sorted(delivering), 50):.3f} s, "
-        f"p95 {percentile(sorted(delivering), 95):.3f} s"
-    )
-    print(f"throughput: {args.n / elapsed:.2f} ECGs/s ({args.n} in {elapsed:.1f} s)")
+    analysed.sort()
+    delivering.sort()
+    return {
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "max": latencies[-1],
+        "analysed_p50": percentile(analysed, 50),
+        "delivering_p50": percentile(delivering, 50),
+        "delivering_p95": percentile(delivering, 95),
+        "throughput": args.n / elapsed,
+        "elapsed": elapsed,
+    }
 
 
 def _ts(dt) -> float:  # type: ignore[no-untyped-def]

@@ -107,7 +107,8 @@ class SlowPeer(HttpPeer):
 
 
 class FaultProxy(HttpPeer):
-    """Forwards to a real FHIR server, except for resource types listed in ``faults``.
+    """Forwards to a real FHIR server, except for resource types listed in ``faults``; ``delay_s``
+    holds every request that long first (a stand-in for a real EHR's FHIR API, 100-300 ms).
 
     ``faults`` maps a resource type to (status, body) answered instead; ``otherwise``, when
     given, is answered to every other request (a server that refuses everything: no upstream
@@ -124,8 +125,10 @@ class FaultProxy(HttpPeer):
         faults: Mapping[str, tuple[int, dict[str, Any]]] | None = None,
         smart_configuration: dict[str, Any] | None = None,
         otherwise: tuple[int, dict[str, Any]] | None = None,
+        delay_s: float = 0.0,
     ) -> None:
         super().__init__()
+        self.delay_s = delay_s
         self.upstream = upstream_origin.rstrip("/")
         self.base_path = base_path
         self.faults = dict(faults or {})
@@ -138,6 +141,8 @@ class FaultProxy(HttpPeer):
         return f"{self.origin}{self.base_path}"
 
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Reply:
+        if self.delay_s:  # a real EHR's FHIR API: every answer takes this long
+            time.sleep(self.delay_s)
         route = urlsplit(path).path[len(self.base_path) :].strip("/")
         if route == ".well-known/smart-configuration" and self.smart_configuration is not None:
             return json_reply(200, self.smart_configuration, "application/json")
