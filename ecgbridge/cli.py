@@ -691,8 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.set_defaults(func=cmd_prune)
 
+    from ecgbridge.cli_import import add_import_command
     from ecgbridge.cli_users import add_user_commands
 
+    add_import_command(sub, _add_config, _settings)
     add_user_commands(sub, _add_config, _settings)
 
     for name, func, what in (("train", cmd_train, "train a model"), ("evaluate", cmd_evaluate, "evaluate a model")):

@@ -38,18 +38,16 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from ecgbridge.core.intake import Arrival, Intake
+from ecgbridge.core.intake import Intake
 from ecgbridge.core.live import SettingsSource, current
 from ecgbridge.core.queue import Dispatcher
-from ecgbridge.core.routing import MessageFacts
 from ecgbridge.core.settings import InboxListener
-from ecgbridge.core.states import MessageState, Source
-from ecgbridge.core.store import MessageRow, MessageStore
-from ecgbridge.errors import EcgBridgeError, InputError, StorageError
-from ecgbridge.mapping.readers import read_ecg_bytes
+from ecgbridge.core.store import MessageStore
+from ecgbridge.errors import EcgBridgeError
+from ecgbridge.gateway.file_intake import Taken, take_file
 
 __all__ = ["InboxWatcher", "PARTIAL_SUFFIXES", "MAX_FILE_BYTES", "DONE", "FAILED"]
 
@@ -185,73 +183,16 @@ class InboxWatcher:
             return False
 
         try:
-            sha, size = self.store.save_blob(data)
-        except StorageError as exc:
+            outcome = take_file(self.intake, data, name)
+        except EcgBridgeError as exc:  # store or broker trouble before the record: nothing recorded
             log.error("inbox: a file was not stored (%s); will retry", exc)
             return False
-        tag = sha[:12]
-        remote = name[:_REMOTE_MAX]
-
-        existing = self._existing_message(sha, remote)
-        if existing is not None:
-            # Recorded before a crash, not moved: move it now, record nothing new.
-            failed = existing.state == MessageState.REJECTED
-            self._move(
-                name, FAILED if failed else DONE, error=existing.error if failed else None, message_id=existing.id
-            )
-            log.info("inbox: file %s was already message %s; moved", tag, existing.id)
-            return True
-
-        arrival = Arrival(facts=MessageFacts(source=Source.FILE), blob_sha256=sha, blob_size=size, remote=remote)
-        try:
-            ecg = read_ecg_bytes(data, hint="file")
-        except Exception as exc:
-            error = (
-                str(exc) if isinstance(exc, InputError) else f"internal error reading the file ({type(exc).__name__})"
-            )
-            kind = type(exc).__name__
-            if not isinstance(exc, InputError):
-                log.exception("inbox: reading file %s failed unexpectedly", tag)
-            try:
-                mid = self.intake.reject(arrival, error, kind)
-            except EcgBridgeError as store_exc:
-                log.error("inbox: could not record rejected file %s (%s); will retry", tag, store_exc)
-                return False
-            self._move(name, FAILED, error=f"{kind}: {error}", message_id=mid)
-            log.warning("inbox: file %s rejected as message %s: %s", tag, mid, kind)
-            return True
-
-        try:
-            admitted = self.intake.admit(
-                replace(
-                    arrival,
-                    sop_instance_uid=ecg.study.sop_instance_uid,
-                    flags=list(ecg.flags),
-                    placer_order_number=ecg.study.placer_order_number,
-                    filler_order_number=ecg.study.filler_order_number,
-                )
-            )
-        except EcgBridgeError as exc:
-            log.error("inbox: could not record file %s (%s); will retry", tag, exc)
-            return False
-        if admitted.duplicate:
-            log.info(
-                "inbox: file %s is an identical resend of message %s; not recorded again", tag, admitted.message_id
-            )
-            self._move(name, DONE, message_id=admitted.message_id)
-            return True
-        log.info(
-            "inbox: file %s stored as message %s (%s)",
-            tag,
-            admitted.message_id,
-            f"route {admitted.route.name}" if admitted.route else "unrouted",
-        )
-        self._move(name, DONE, message_id=admitted.message_id)
+        if outcome.taken is Taken.REJECTED:
+            self._move(name, FAILED, error=outcome.error, message_id=outcome.message_id)
+        else:
+            self._move(name, DONE, message_id=outcome.message_id)
+        log.info("inbox: file taken as message %s (%s); moved", outcome.message_id, outcome.taken.value)
         return True
-
-    def _existing_message(self, sha: str, remote: str) -> MessageRow | None:
-        rows = self.store.find_by_blob(sha, Source.FILE, remote=remote)
-        return rows[0] if rows else None
 
     def _move(self, name: str, folder: str, *, error: str | None = None, message_id: str | None = None) -> Path | None:
         """Rename the file into done/ or failed/ (a suffix avoids overwriting); None on failure."""

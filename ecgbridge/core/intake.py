@@ -105,13 +105,16 @@ class Intake:
         """The configuration in force now (a hot reload changes the routes of the next message)."""
         return current(self._settings)
 
-    def admit(self, arrival: Arrival, *, on_recorded: Callable[[str], None] | None = None) -> Admission:
+    def admit(
+        self, arrival: Arrival, *, on_recorded: Callable[[str], None] | None = None, route_name: str | None = None
+    ) -> Admission:
         """Route, record, enqueue; ``on_recorded(message_id)`` runs between the record and the enqueue.
 
         An identical resend of a SOP Instance records nothing (``on_recorded`` is not called);
-        see the module docstring for the resend rule.
+        see the module docstring for the resend rule. ``route_name`` takes that route whatever
+        the routing rules say (``ecgbridge import --route``: an archive run through a chosen route).
         """
-        route = match_route(self.settings.routes, arrival.facts)
+        route = self.settings.route(route_name) if route_name else match_route(self.settings.routes, arrival.facts)
         state = MessageState.RECEIVED if route else MessageState.UNROUTED
         uid = arrival.sop_instance_uid
         with _INSTANCE_LOCK if uid else nullcontext():

@@ -667,6 +667,13 @@ class Settings(_Strict):
                 return d
         raise ConfigError(f"no destination named {name!r}")
 
+    def route(self, name: str) -> Route:
+        for r in self.routes:
+            if r.name == name:
+                return r
+        known = ", ".join(r.name for r in self.routes) or "none"
+        raise ConfigError(f"no route named {name!r} (routes: {known})")
+
     def ehr_source(self, name: str) -> EhrSource:
         for e in self.ehr:
             if e.name == name:
