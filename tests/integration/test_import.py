@@ -18,7 +18,7 @@ import yaml
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.support.processes import REPO, RedisServer, free_port, wait_for
+from tests.support.processes import REPO, RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 
