@@ -53,7 +53,7 @@ from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE
 from ecgbridge.mapping.fhir_observation import observation_base
 from ecgbridge.mapping.fhir_validate import validate_resource
 
-__all__ = ["FHIR_MEASUREMENTS", "measurement_observations"]
+__all__ = ["FHIR_MEASUREMENTS", "measurement_observations", "measurement_panel"]
 
 _MS = ("ms", "ms")
 _PER_MIN = ("/min", "/min")
@@ -101,14 +101,85 @@ def measurement_observations(
     """
     if not identifier_base:
         raise ValueError("identifier_base is required (it makes re-delivery idempotent)")
+    values = _values(measurements)
+    out: list[dict[str, Any]] = []
+    for key, code, value in _measured(values):
+        obs = observation_base(
+            identifier_value=f"{identifier_base}/{key}",
+            code=code,
+            subject=subject,
+            effective=effective,
+            issued=issued,
+        )
+        obs["valueQuantity"] = _quantity(key, value)
+        obs["method"] = {"text": _METHOD}
+        obs["note"] = [{"text": label}]
+        if device_ref is not None:
+            obs["device"] = {"reference": device_ref}
+        out.append(validate_resource(obs))
+    return out
+
+
+def measurement_panel(
+    measurements: Mapping[str, Any],
+    *,
+    subject: Mapping[str, Any] | None,
+    effective: str | None,
+    device_ref: str | None,
+    identifier_base: str,
+    issued: str | None = None,
+    label: str = NOT_FOR_CLINICAL_USE,
+) -> dict[str, Any] | None:
+    """The same measurements as one validated Observation with a component each (None: none measured).
+
+    Code LOINC 34534-8 (12 lead EKG panel); each component carries the code and value its own
+    Observation would (:func:`measurement_observations`). One resource instead of up to ten:
+    a destination configured with ``measurements: panel`` writes a report with a third of the
+    requests. Identifier ``<identifier_base>/panel``.
+    """
+    if not identifier_base:
+        raise ValueError("identifier_base is required (it makes re-delivery idempotent)")
+    components = [
+        {"code": code, "valueQuantity": _quantity(key, value)} for key, code, value in _measured(_values(measurements))
+    ]
+    if not components:
+        return None
+    panel_code, panel_display = LOINC["ecg_panel"]
+    obs = observation_base(
+        identifier_value=f"{identifier_base}/panel",
+        code={
+            "coding": [{"system": SYSTEM["loinc"], "code": panel_code, "display": panel_display}],
+            "text": "ECG measurements",
+        },
+        subject=subject,
+        effective=effective,
+        issued=issued,
+    )
+    obs["note"] = [{"text": label}]
+    obs["method"] = {"text": _METHOD}
+    if device_ref is not None:
+        obs["device"] = {"reference": device_ref}
+    obs["component"] = components
+    return validate_resource(obs)
+
+
+_METHOD = "Global measurement on the median beat of all leads (ecgbridge)"
+
+
+def _values(measurements: Mapping[str, Any]) -> dict[str, float | None]:
+    """The mapped keys' values, rounded; QTc from ``qtc_interval`` or ``qtc_bazett`` (which must agree)."""
     values = {key: _number(measurements.get(key)) for key in (*FHIR_MEASUREMENTS, "qtc_bazett")}
     qtc, bazett = values.pop("qtc_interval"), values.pop("qtc_bazett")
     if qtc is not None and bazett is not None and abs(qtc - bazett) > 0.05:
         raise ValueError(f"qtc_interval {qtc} and qtc_bazett {bazett} differ: which QTc is sent?")
     values["qtc_interval"] = qtc if qtc is not None else bazett
+    return values
 
-    out: list[dict[str, Any]] = []
-    for key, (code, display, (ucum, unit)) in FHIR_MEASUREMENTS.items():
+
+def _measured(values: Mapping[str, float | None]) -> list[tuple[str, dict[str, Any], float]]:
+    """(key, CodeableConcept, value) of each measured value, in the order of :data:`FHIR_MEASUREMENTS`."""
+    found = []
+    for key, (code, display, _unit) in FHIR_MEASUREMENTS.items():
         value = values.get(key)
         if value is None:
             continue
@@ -117,17 +188,10 @@ def measurement_observations(
         if key == "qtc_interval":
             coding.append({"system": SYSTEM["loinc"], "code": _BAZETT[0], "display": _BAZETT[1]})
             text = "QTc (Bazett)"
-        obs = observation_base(
-            identifier_value=f"{identifier_base}/{key}",
-            code={"coding": coding, "text": text},
-            subject=subject,
-            effective=effective,
-            issued=issued,
-        )
-        obs["valueQuantity"] = {"value": value, "unit": unit, "system": SYSTEM["ucum"], "code": ucum}
-        obs["method"] = {"text": "Global measurement on the median beat of all leads (ecgbridge)"}
-        obs["note"] = [{"text": label}]
-        if device_ref is not None:
-            obs["device"] = {"reference": device_ref}
-        out.append(validate_resource(obs))
-    return out
+        found.append((key, {"coding": coding, "text": text}, value))
+    return found
+
+
+def _quantity(key: str, value: float) -> dict[str, Any]:
+    ucum, unit = FHIR_MEASUREMENTS[key][2]
+    return {"value": value, "unit": unit, "system": SYSTEM["ucum"], "code": ucum}

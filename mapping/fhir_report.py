@@ -80,7 +80,7 @@ from ecgbridge.mapping.ecg import (
     output_summary,
 )
 from ecgbridge.mapping.fhir_lvef import lvef_observation
-from ecgbridge.mapping.fhir_measurements import measurement_observations
+from ecgbridge.mapping.fhir_measurements import measurement_observations, measurement_panel
 from ecgbridge.mapping.fhir_observation import observation_base
 from ecgbridge.mapping.fhir_validate import validate_resource
 from ecgbridge.mapping.lvef_result import LVEF_TASK, explanation_text
@@ -445,8 +445,9 @@ def _measurement_observations(
     effective: str | None,
     issued: str,
     label: str,
+    panel: bool = False,
 ) -> list[PlannedResource]:
-    """The global measurements (LOINC, UCUM) as Observations, one per value measured."""
+    """The global measurements (LOINC, UCUM) as Observations, one per value measured, or one panel."""
     extra = output.extra if isinstance(output.extra, Mapping) else {}
     values = dict(extra.get("measurements") or {})
     raw_features = extra.get("features")
@@ -454,8 +455,9 @@ def _measurement_observations(
     for key in ("qtc_fridericia", "rr_interval"):
         if key in features and key not in values:
             values[key] = features[key]
+    build = measurement_observations if not panel else _panel_as_list
     try:
-        resources = measurement_observations(
+        resources = build(
             values,
             subject=subject,
             effective=effective,
@@ -467,6 +469,11 @@ def _measurement_observations(
     except ValueError as exc:
         raise MappingError(f"measurements of {output.model} {output.version}: {exc}") from exc
     return [_planned(r) for r in resources]
+
+
+def _panel_as_list(values: Mapping[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
+    panel = measurement_panel(values, **kwargs)
+    return [panel] if panel is not None else []
 
 
 def _lvef_observation(
@@ -602,6 +609,7 @@ def build_report(
     include_patient_name: bool = False,
     attachments_data: Mapping[str, bytes] | None = None,
     version: int = 1,
+    measurements_panel: bool = False,
 ) -> ReportBundle:
     """Map one analysis to validated FHIR R4 resources with their If-None-Exist queries.
 
@@ -611,6 +619,8 @@ def build_report(
     ``attachments_data`` maps an attachment's ``blob_sha256`` to its bytes: each of
     ``result.attachments`` found there becomes a ``presentedForm`` (PDF, then PNG).
     ``version`` >= 2 (a re-analysis) gives the same identifiers with status ``amended``.
+    ``measurements_panel``: the global measurements as one Observation with a component each
+    (:func:`mapping.fhir_measurements.measurement_panel`) instead of one Observation each.
     Raises :class:`MappingError` when the result cannot form valid FHIR.
     """
     if not result.outputs:
@@ -659,6 +669,7 @@ def build_report(
                     effective=effective,
                     issued=issued_s,
                     label=label,
+                    panel=measurements_panel,
                 )
             )
             continue

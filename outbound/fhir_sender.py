@@ -80,6 +80,7 @@ class FhirSender(Sender):
                     patient_identifier_system=dest.patient_identifier_system,
                     attachments_data=outgoing.attachments,
                     version=version,
+                    measurements_panel=dest.measurements == "panel",
                 )
             except MappingError as exc:
                 raise PermanentDeliveryError(str(exc)) from exc

@@ -464,6 +464,9 @@ class FhirDestination(DestinationConfig):
     #: individual: one conditional create per resource (works with every server);
     #: transaction: the report and its Observations in one atomic transaction Bundle.
     write_mode: Literal["individual", "transaction"] = "individual"
+    #: separate: one Observation per global measurement (heart rate, PR, QRS, QT, QTc, axes);
+    #: panel: one Observation (LOINC 34534-8) with a component each, a third of the requests.
+    measurements: Literal["separate", "panel"] = "separate"
     #: Whom to trust (CA file) and our client certificate, for https.
     tls: ClientTls | None = None
     #: Let base_url be plain http:// to another machine (test systems only).

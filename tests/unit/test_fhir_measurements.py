@@ -13,7 +13,7 @@ import math
 import pytest
 from fhir.resources.R4B.observation import Observation
 
-from ecgbridge.mapping.fhir_measurements import FHIR_MEASUREMENTS, measurement_observations
+from ecgbridge.mapping.fhir_measurements import FHIR_MEASUREMENTS, measurement_observations, measurement_panel
 from ecgbridge.mapping.fhir_report import identifier_query
 
 SUBJECT = {"type": "Patient", "identifier": {"system": "urn:ecgbridge:patient-id", "value": "MRN-0042"}}
@@ -148,3 +148,28 @@ def test_from_the_pipeline_output(waveform_ecg_path) -> None:  # type: ignore[no
     assert {"8867-4", "8625-6", "8633-0", "8634-8", "8636-3", "76634-5", "8637-1", "8626-4", "8632-2", "8638-9"} == set(
         obs
     )
+
+
+def test_the_panel_carries_what_the_separate_observations_carry() -> None:
+    """``measurements: panel``: one Observation, a component per measurement, the same codes and values."""
+    separate = build(MEASURED)
+    panel = measurement_panel(
+        MEASURED,
+        subject=SUBJECT,
+        effective="2013-01-25T10:59:19+01:00",
+        device_ref="urn:uuid:1234",
+        identifier_base=BASE,
+    )
+    assert panel is not None
+    Observation.model_validate(panel)  # R4B
+    assert panel["code"]["coding"][0]["code"] == "34534-8"
+    assert panel["identifier"][0]["value"] == f"{BASE}/panel"
+    assert [c["code"] for c in panel["component"]] == [o["code"] for o in separate]
+    assert [c["valueQuantity"] for c in panel["component"]] == [o["valueQuantity"] for o in separate]
+    assert panel["subject"] == SUBJECT and panel["device"] == {"reference": "urn:uuid:1234"}
+    assert "not for clinical use" in panel["note"][0]["text"].lower()
+    assert measurement_panel({}, subject=None, effective=None, device_ref=None, identifier_base=BASE) is None
+    with pytest.raises(ValueError, match="differ"):
+        measurement_panel(
+            {"qtc_interval": 400, "qtc_bazett": 410}, subject=None, effective=None, device_ref=None, identifier_base=BASE
+        )
