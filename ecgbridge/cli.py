@@ -311,10 +311,40 @@ def _summary(row: Any, result: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _write_csv(store: Any, rows: list[Any], out: Any) -> None:
+    """One line per message: what it is, its state, and each model's probability per class (``model:code``).
+
+    For a spreadsheet or a notebook after ``ecgbridge import``; the probabilities are the
+    result's (not for clinical use), the columns the union of every message's classes.
+    """
+    import csv
+
+    records = []
+    columns: dict[str, None] = {}
+    for row in rows:
+        res = store.get_result(row.id)
+        values: dict[str, Any] = {}
+        for output in (res.result or {}).get("outputs", []) if res else []:
+            for f in output.get("findings", []):
+                key = f"{output.get('model')}:{f['code']}"
+                values[key] = f["probability"]
+                columns.setdefault(key)
+        records.append((row, values))
+    writer = csv.writer(out)
+    fixed = ["id", "received_at", "source", "remote", "sop_instance_uid", "state", "route", "error"]
+    writer.writerow([*fixed, *columns])
+    for row, values in records:
+        head = [row.id, row.received_at.isoformat(), row.source, row.remote, row.sop_instance_uid]
+        writer.writerow([*head, row.state, row.route, row.error, *(values.get(c, "") for c in columns)])
+
+
 def cmd_messages_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = _store(settings, args)
-    rows = store.list(limit=args.limit, state=args.state)
+    rows = store.list(limit=args.limit, state=args.state, route=args.route)
+    if args.csv:
+        _write_csv(store, rows, sys.stdout)
+        return 0
     items = []
     for row in rows:
         res = store.get_result(row.id)
@@ -636,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--state", help="only this state (received, queued, analysed, delivered, failed, unrouted, rejected)"
     )
-    q.add_argument("--limit", type=int, default=100)
+    q.add_argument("--route", help="only messages this route took")
+    q.add_argument("--csv", action="store_true", help="one CSV line per message with each class's probability")
+    q.add_argument("--limit", type=int, default=100, help="at most this many, newest first (0: all)")
     q.set_defaults(func=cmd_messages_list)
     q = msub.add_parser("show", help="one message: state, findings, measurements, attachments, deliveries, errors")
     _add_config(q)

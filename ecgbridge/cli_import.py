@@ -21,15 +21,22 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ecgbridge.core.queue import Dispatcher
 from ecgbridge.core.settings import Settings
 from ecgbridge.errors import ConfigError, EcgBridgeError, StorageError
+
+if TYPE_CHECKING:  # the CLI builds its parser on every command: load the intake path only for an import
+    from ecgbridge.core.intake import Intake
+    from ecgbridge.core.queue import Dispatcher
+    from ecgbridge.core.store import MessageStore
+    from ecgbridge.gateway.file_intake import FileOutcome
 
 __all__ = ["add_import_command"]
 
@@ -39,22 +46,21 @@ _MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 def archive_files(paths: list[Path], patterns: list[str]) -> Iterator[tuple[Path, str]]:
-    """(file, name to record) for every regular file under ``paths`` matching ``patterns``, sorted.
+    """(file, name to record) for every regular file under ``paths`` matching ``patterns``.
 
-    The recorded name is ``import:`` plus the path relative to the folder given (the file's
-    own name for a file given directly), so the same archive imported again matches.
+    Streamed folder by folder in name order (an archive of any size is never listed whole in
+    memory). The recorded name is ``import:`` plus the path relative to the folder given (the
+    file's own name for a file given directly), so the same archive imported again matches.
+    Symbolic links are not followed.
     """
     for root in paths:
         if root.is_file():
-            candidates = [(root, root.name)]
+            found: Iterator[tuple[Path, str]] = iter([(root, root.name)])
         elif root.is_dir():
-            candidates = sorted(
-                ((p, p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file() and not p.is_symlink()),
-                key=lambda item: item[1],
-            )
+            found = _walk(root)
         else:
             raise ConfigError(f"{root}: no such file or folder")
-        for path, rel in candidates:
+        for path, rel in found:
             name = path.name
             if name.startswith(".") or name.lower().endswith(_SKIPPED_SUFFIXES):
                 continue
@@ -63,11 +69,22 @@ def archive_files(paths: list[Path], patterns: list[str]) -> Iterator[tuple[Path
             yield path, f"import:{rel}"
 
 
+def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.is_file() and not path.is_symlink():
+                yield path, path.relative_to(root).as_posix()
+
+
 def cmd_import(args: argparse.Namespace, load: Callable[[argparse.Namespace], Settings]) -> int:
     from ecgbridge.core.intake import Intake
-    from ecgbridge.core.queue import make_celery
+    from ecgbridge.core.queue import Dispatcher, make_celery
+    from ecgbridge.core.states import NO_DELIVERY_FLAG
     from ecgbridge.core.store import MessageStore
-    from ecgbridge.gateway.file_intake import Taken, take_file
+    from ecgbridge.gateway.file_intake import Taken
 
     settings = load(args)
     if args.route:
@@ -75,60 +92,149 @@ def cmd_import(args: argparse.Namespace, load: Callable[[argparse.Namespace], Se
     store = MessageStore(settings.database_url, settings.data_dir)
     store.create_schema()
     dispatcher = Dispatcher(make_celery(settings))
-    broker_up = dispatcher.broker_instance() is not None
+    broker_up = args.dry_run or dispatcher.broker_instance() is not None
     intake = Intake(settings, store, dispatcher if broker_up else _unreachable(dispatcher))
+    flags = (NO_DELIVERY_FLAG,) if args.no_deliver else ()
 
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     failures: list[str] = []
-    started = time.monotonic()
-    files = list(archive_files([Path(p) for p in args.paths], args.pattern))
-    for n, (path, name) in enumerate(files, 1):
-        try:
-            if path.stat().st_size > _MAX_FILE_BYTES:
-                raise OSError(f"more than {_MAX_FILE_BYTES} bytes: not an ECG")
-            data = path.read_bytes()
-            outcome = take_file(intake, data, name, route_name=args.route)
-        except (OSError, EcgBridgeError) as exc:  # not recorded: running the import again retries it
-            counts["not recorded"] += 1
-            failures.append(f"{name}: {exc}")
-            continue
-        counts[outcome.taken.value] += 1
-        if outcome.taken is Taken.REJECTED and outcome.error:
-            reasons[outcome.error.splitlines()[0][:120]] += 1
-        if not args.json and n % 100 == 0:
-            print(f"{n}/{len(files)} files ...", file=sys.stderr, flush=True)
+    progress = _Progress(quiet=args.json)
+    interrupted = False
+    try:
+        _import_all(args, store, intake, flags, counts, reasons, failures, progress)
+    except KeyboardInterrupt:  # Ctrl-C: what was recorded stays; the same command finishes the rest
+        interrupted = True
+    progress.done()
 
     summary = {
-        "files": len(files),
+        "files": sum(counts.values()),
         **{t.value: counts[t.value] for t in Taken},
         "not_recorded": counts["not recorded"],
         "rejections": dict(reasons.most_common()),
-        "not_recorded_files": failures[:50],
-        "queued": broker_up,
+        "not_recorded_files": failures,
+        "dry_run": args.dry_run,
+        "deliver": not args.no_deliver,
+        "queued": broker_up and not args.dry_run,
         "route": args.route,
-        "seconds": round(time.monotonic() - started, 1),
+        "seconds": round(progress.elapsed, 1),
+        "interrupted": interrupted,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        print(_summary_text(summary, args))
+    if interrupted:
         print(
-            f"{len(files)} file(s) in {summary['seconds']} s: {counts['stored']} stored for analysis"
-            + (f" by route {args.route}" if args.route else "")
-            + f", {counts['unrouted']} unrouted, {counts['already']} imported before, "
-            f"{counts['duplicate']} identical resends of ECGs already taken, {counts['rejected']} rejected, "
-            f"{counts['not recorded']} not recorded"
+            "interrupted: what is listed was recorded; run the same command again to import the rest", file=sys.stderr
         )
-        for reason, count in reasons.most_common(10):
-            print(f"  rejected x{count}: {reason}")
-        for line in failures[:10]:
-            print(f"  not recorded: {line}")
-        if not broker_up:
-            print(
-                "the broker was not reachable: the messages wait as 'received' and the gateway enqueues them "
-                "when it runs (its recovery sweep)"
-            )
+        return 130
     return 1 if failures else 0
+
+
+def _import_all(
+    args: argparse.Namespace,
+    store: MessageStore,
+    intake: Intake,
+    flags: tuple[str, ...],
+    counts: Counter[str],
+    reasons: Counter[str],
+    failures: list[str],
+    progress: _Progress,
+) -> None:
+    from ecgbridge.gateway.file_intake import Taken, take_file
+
+    for path, name in archive_files([Path(p) for p in args.paths], args.pattern):
+        try:
+            if path.stat().st_size > _MAX_FILE_BYTES:
+                raise OSError(f"more than {_MAX_FILE_BYTES} bytes: not an ECG")
+            data = path.read_bytes()
+            outcome = (
+                _would_take(store, data, name)
+                if args.dry_run
+                else take_file(intake, data, name, route_name=args.route, flags=flags)
+            )
+        except (OSError, EcgBridgeError) as exc:  # not recorded: running the import again retries it
+            counts["not recorded"] += 1
+            if len(failures) < 50:
+                failures.append(f"{name}: {exc}")
+            progress.tick(counts)
+            continue
+        counts[outcome.taken.value] += 1
+        if outcome.taken is Taken.REJECTED and outcome.error:
+            reasons[outcome.error.splitlines()[0][:120]] += 1
+        progress.tick(counts)
+
+
+def _summary_text(summary: dict[str, object], args: argparse.Namespace) -> str:
+    verb = "would be stored" if args.dry_run else "stored"
+    lines = [
+        f"{summary['files']} file(s) in {summary['seconds']} s: {summary['stored']} {verb} for analysis"
+        + (f" by route {args.route}" if args.route else "")
+        + (" (not delivered)" if args.no_deliver else "")
+        + f", {summary['unrouted']} unrouted, {summary['already']} imported before, "
+        f"{summary['duplicate']} identical resends of ECGs already taken, {summary['rejected']} "
+        f"{'unreadable' if args.dry_run else 'rejected'}, {summary['not_recorded']} not recorded"
+    ]
+    rejections = summary["rejections"]
+    assert isinstance(rejections, dict)
+    lines += [
+        f"  {'unreadable' if args.dry_run else 'rejected'} x{n}: {why}" for why, n in list(rejections.items())[:10]
+    ]
+    failures = summary["not_recorded_files"]
+    assert isinstance(failures, list)
+    lines += [f"  not recorded: {line}" for line in failures[:10]]
+    if not args.dry_run and not summary["queued"]:
+        lines.append(
+            "the broker was not reachable: the messages wait as 'received' and the gateway enqueues them "
+            "when it runs (its recovery sweep)"
+        )
+    return "\n".join(lines)
+
+
+def _would_take(store: MessageStore, data: bytes, name: str) -> FileOutcome:
+    """What ``take_file`` would do, writing nothing: already imported, unreadable, or stored."""
+    import hashlib
+
+    from ecgbridge.core.states import Source
+    from ecgbridge.gateway.file_intake import FileOutcome, Taken
+    from ecgbridge.mapping.readers import read_ecg_bytes
+
+    sha = hashlib.sha256(data).hexdigest()
+    existing = store.find_by_blob(sha, Source.FILE, remote=name[:128])
+    if existing:
+        return FileOutcome(Taken.ALREADY, existing[0].id)
+    try:
+        read_ecg_bytes(data, hint="file")
+    except Exception as exc:
+        return FileOutcome(Taken.REJECTED, "", f"{type(exc).__name__}: {exc}")
+    return FileOutcome(Taken.STORED, "")
+
+
+class _Progress:
+    """A progress line on stderr every second or so: files so far, by outcome, and the rate."""
+
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet or not sys.stderr.isatty() and os.environ.get("ECGBRIDGE_PROGRESS") != "1"
+        self.started = time.monotonic()
+        self._shown = self.started
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def tick(self, counts: Counter[str]) -> None:
+        now = time.monotonic()
+        if self.quiet or now - self._shown < 1.0:
+            return
+        self._shown = now
+        n = sum(counts.values())
+        by = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        print(f"\r{n} files ({by}), {n / max(self.elapsed, 1e-6):.1f}/s", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if not self.quiet:
+            print(file=sys.stderr)
 
 
 def _unreachable(dispatcher: Dispatcher) -> Dispatcher:
@@ -158,5 +264,7 @@ def add_import_command(
     p.add_argument("paths", nargs="+", help="files and folders (folders are read recursively)")
     p.add_argument("--pattern", action="append", default=[], help="only file names matching (e.g. '*.dcm'); repeatable")
     p.add_argument("--route", help="send every file through this route, whatever the routing rules say")
+    p.add_argument("--no-deliver", action="store_true", help="analyse, but deliver the results nowhere")
+    p.add_argument("--dry-run", action="store_true", help="say what would be imported; record nothing")
     p.add_argument("--json", action="store_true", help="the summary as JSON")
     p.set_defaults(func=lambda args: cmd_import(args, load))

@@ -50,8 +50,12 @@ class FileOutcome:
     route: str | None = None
 
 
-def take_file(intake: Intake, data: bytes, name: str, *, route_name: str | None = None) -> FileOutcome:
-    """Store, read, record, route and enqueue one file's bytes; ``name`` is kept as the message's remote."""
+def take_file(
+    intake: Intake, data: bytes, name: str, *, route_name: str | None = None, flags: tuple[str, ...] = ()
+) -> FileOutcome:
+    """Store, read, record, route and enqueue one file's bytes; ``name`` is kept as the message's remote.
+
+    ``flags`` are added to the message's (``NO_DELIVERY_FLAG``: analysed, delivered nowhere)."""
     store = intake.store
     sha, size = store.save_blob(data)
     tag = sha[:12]
@@ -78,7 +82,7 @@ def take_file(intake: Intake, data: bytes, name: str, *, route_name: str | None 
         replace(
             arrival,
             sop_instance_uid=ecg.study.sop_instance_uid,
-            flags=list(ecg.flags),
+            flags=[*ecg.flags, *flags],
             placer_order_number=ecg.study.placer_order_number,
             filler_order_number=ecg.study.filler_order_number,
         ),

@@ -19,7 +19,7 @@ import numpy as np
 
 from ecgbridge.core.queue import Dispatcher
 from ecgbridge.core.settings import Route, Settings, load_settings
-from ecgbridge.core.states import FINAL_MESSAGE_STATES, DeliveryState, MessageState
+from ecgbridge.core.states import FINAL_MESSAGE_STATES, NO_DELIVERY_FLAG, DeliveryState, MessageState
 from ecgbridge.core.store import MessageRow, MessageStore, TimingStage, record_timings
 from ecgbridge.errors import EcgBridgeError, InputError, ModelError
 from ecgbridge.inference.models import ModelRegistry
@@ -156,6 +156,10 @@ def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
     if row.state in (MessageState.RECEIVED, MessageState.QUEUED):
         store.set_state(message_id, MessageState.ANALYSED)
     if not route.destinations:
+        return []
+    if NO_DELIVERY_FLAG in (row.flags or []):
+        if not any(e.kind == "deliveries_skipped" for e in store.events(message_id)):  # once, redelivered or not
+            store.add_event(message_id, "deliveries_skipped", "imported with --no-deliver: analysed only", level="info")
         return []
     store.ensure_deliveries(message_id, route.destinations)
     return [d.destination for d in store.deliveries(message_id) if d.state == DeliveryState.PENDING]

@@ -64,3 +64,7 @@ class Work:
     message_id: str
     kind: WorkKind
     destination: str | None = None
+
+
+#: A message flag: analyse, but deliver to no destination (``ecgbridge import --no-deliver``).
+NO_DELIVERY_FLAG = "no_delivery"

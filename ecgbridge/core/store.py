@@ -526,11 +526,18 @@ class MessageStore:
         with self.session() as s:
             return s.get(MessageRow, message_id)
 
-    def list(self, *, limit: int = 100, state: str | None = None) -> builtins.list[MessageRow]:
+    def list(
+        self, *, limit: int = 100, state: str | None = None, route: str | None = None
+    ) -> builtins.list[MessageRow]:
+        """Messages, newest first; ``limit`` 0: all of them."""
         with self.session() as s:
-            q = select(MessageRow).order_by(MessageRow.received_at.desc()).limit(limit)
+            q = select(MessageRow).order_by(MessageRow.received_at.desc())
+            if limit:
+                q = q.limit(limit)
             if state:
                 q = q.where(MessageRow.state == state)
+            if route:
+                q = q.where(MessageRow.route == route)
             return list(s.scalars(q))
 
     def count_state(self, state: str) -> int:

@@ -18,7 +18,7 @@ import yaml
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.support.processes import REPO, RedisServer, free_port
+from tests.support.processes import REPO, RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +101,66 @@ def test_an_unknown_route_is_refused_naming_the_routes(make_stack, tmp_path: Pat
     assert out.returncode != 0
     assert "no route named 'screening'" in out.stderr and "all-ecg" in out.stderr
     assert not (stack.data_dir / "ecgbridge.db").exists(), "refused, yet it opened the store"
+
+
+def test_an_import_interrupted_halfway_is_finished_by_running_it_again(
+    make_stack, redis_server: RedisServer, waveform_ecg_path: Path, tmp_path: Path
+) -> None:
+    """SIGINT halfway, then the same command: every file once; ``--no-deliver`` keeps the results home."""
+    import signal
+    import time
+
+    from tests.support.hl7_receiver import Hl7Receiver
+
+    n = 60
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(n):
+        ds = dcmread(waveform_ecg_path)
+        ds.SOPInstanceUID = generate_uid()
+        ds.save_as(archive / f"ecg{i:03d}.dcm")
+    with Hl7Receiver("AA") as ehr:
+        stack = make_stack(
+            extra={
+                "destinations": [{"name": "ehr", "type": "hl7", "host": "127.0.0.1", "port": ehr.port}],
+                "routes": [{"name": "all-ecg", "models": ["diagnosis"], "destinations": ["ehr"]}],
+            }
+        )
+        stack.start_worker()
+        stack.start_gateway()
+
+        dry = json.loads(_import(stack.config, str(archive), "--dry-run", "--json").stdout)
+        assert (dry["files"], dry["stored"], dry["dry_run"]) == (n, n, True)
+        assert stack.store().list() == [], "a dry run recorded something"
+
+        cmd = [sys.executable, "-m", "ecgbridge", "import", "--config", str(stack.config), str(archive), "--no-deliver"]
+        first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: len(stack.store().list(limit=0)) >= 5, 60, 0.05, "the import to be under way")
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+        done_first = len(stack.store().list(limit=0))
+        assert first.returncode == 130 and "run the same command again" in err, (first.returncode, err)
+        assert done_first < n, "the import finished before it could be interrupted; make the archive larger"
+
+        second = subprocess.run(cmd + ["--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        summary = json.loads(second.stdout)
+        assert summary["stored"] + summary["already"] + summary["duplicate"] == n
+        assert summary["stored"] <= n - done_first + 1  # at most the file in hand when interrupted
+        stack.wait_state("analysed", count=n, timeout_s=300)
+        rows = stack.store().list(limit=0)
+        assert len(rows) == n and len({r.sop_instance_uid for r in rows}) == n
+        time.sleep(2)
+        assert ehr.received == [], "--no-deliver delivered"
+        assert all(not stack.store().deliveries(r.id) for r in rows)
+        assert any(e.kind == "deliveries_skipped" for e in stack.store().events(rows[0].id))
+
+    csv_out = subprocess.run(
+        [sys.executable, "-m", "ecgbridge", "messages", "list", "--config", str(stack.config)]
+        + ["--route", "all-ecg", "--csv", "--limit", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = csv_out.stdout.strip().splitlines()
+    assert len(lines) == n + 1 and "diagnosis:MI" in lines[0] and lines[0].startswith("id,received_at")

@@ -171,5 +171,9 @@ def test_the_panel_carries_what_the_separate_observations_carry() -> None:
     assert measurement_panel({}, subject=None, effective=None, device_ref=None, identifier_base=BASE) is None
     with pytest.raises(ValueError, match="differ"):
         measurement_panel(
-            {"qtc_interval": 400, "qtc_bazett": 410}, subject=None, effective=None, device_ref=None, identifier_base=BASE
+            {"qtc_interval": 400, "qtc_bazett": 410},
+            subject=None,
+            effective=None,
+            device_ref=None,
+            identifier_base=BASE,
         )
