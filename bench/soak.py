@@ -82,6 +82,7 @@ class SoakPlan:
     resend_after_s: float = 3.0
     max_sends: int = 40
     drain_timeout_s: float = 1800.0
+    claim_s: float = 120.0  # delivery.claim_s: how long a worker killed mid-send holds its delivery
     database_url: str | None = None  # None: SQLite in the data directory, so a full disk reaches it too
 
 
@@ -246,7 +247,13 @@ class Soak:
     def _config(self, fhir_url: str, hl7_port: int) -> dict[str, Any]:
         return {
             "broker": {"url": self.redis.url, "visibility_timeout_s": 30},
-            "delivery": {"max_attempts": 60, "backoff_initial_s": 1, "backoff_max_s": 20},
+            # a claim held by a worker killed mid-send lapses after claim_s (the product's default: 120 s)
+            "delivery": {
+                "max_attempts": 60,
+                "backoff_initial_s": 1,
+                "backoff_max_s": 20,
+                "claim_s": self.plan.claim_s,
+            },
             "destinations": [
                 {"name": "ehr-fhir", "type": "fhir", "base_url": fhir_url, "timeout_s": 10},
                 {"name": "ehr-hl7", "type": "hl7", "host": "127.0.0.1", "port": hl7_port, "ack_timeout_s": 10},
