@@ -23,7 +23,7 @@ from typing import Any
 from ecgbridge.broker import EmbeddedRedis
 from ecgbridge.core.accounts import AccountStore
 from ecgbridge.core.live import LiveSettings
-from ecgbridge.core.queue import QUEUES, Dispatcher, make_celery
+from ecgbridge.core.queue import DELIVERY_QUEUE, QUEUES, Dispatcher, make_celery
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.states import MessageState, WorkKind
 from ecgbridge.core.store import MessageStore
@@ -44,11 +44,16 @@ def recover(store: MessageStore, dispatcher: Dispatcher, *, include_queued: bool
 
     A delivery waiting for its backoff (``next_attempt_at`` in the future) is never taken: it
     would spend attempts early. At start-up (``include_queued``) every due delivery is taken;
-    the periodic sweep takes one only :data:`RETRY_GRACE_S` after it fell due.
+    the periodic sweep takes one only :data:`RETRY_GRACE_S` after it fell due, and only while
+    the delivery queue is empty: a delivery behind a backlog is late, not lost, and enqueuing
+    it again at every sweep would grow the backlog without end (the soak saw 26 000 copies).
     """
     count = 0
     due_by = datetime.now(UTC) - timedelta(seconds=0 if include_queued else RETRY_GRACE_S)
+    backlog = not include_queued and (dispatcher.waiting(DELIVERY_QUEUE) or 0) > 0
     for work in list(store.unfinished(due_by)):
+        if backlog and work.kind is WorkKind.DELIVER:
+            continue
         try:
             if work.kind is WorkKind.ANALYSE:
                 row = store.get(work.message_id)

@@ -63,6 +63,10 @@ def _warm_models(sender: Any = None, **_: object) -> None:
 
 _analyse_task: WorkerTask | None = None
 
+#: Retries of a delivery task that failed on something other than its receiver (the store, the
+#: broker): after these, the task fails and the gateway's recovery sweep takes the delivery.
+UNEXPECTED_RETRIES = 10
+
 
 def register(app: Celery, settings: Settings) -> None:
     """Register the analyse and deliver tasks on ``app`` for this configuration."""
@@ -111,6 +115,11 @@ def register(app: Celery, settings: Settings) -> None:
             # data, so the log gets only the kind of failure (the full text is in the store).
             safe = TransientDeliveryError(f"{destination}: {type(exc).__name__}, attempt {attempts}")
             raise self.retry(exc=safe, countdown=countdown) from None
+        except Exception as exc:  # the store (a full disk) or the broker: try again, no attempt spent
+            if self.request.retries >= UNEXPECTED_RETRIES:
+                raise  # acknowledged as failed; the gateway's sweep enqueues the delivery again later
+            log.warning("deliver %s to %s: %s; trying again", message_id, destination, type(exc).__name__)
+            raise self.retry(countdown=min(60, 2 ** min(self.request.retries, 6))) from None
 
     _analyse_task = analyse
 

@@ -76,6 +76,15 @@ class Dispatcher:
     def deliver(self, message_id: str, destination: str, countdown: float | None = None) -> None:
         self._send(DELIVER_TASK, [message_id, destination], DELIVERY_QUEUE, countdown=countdown)
 
+    def waiting(self, queue: str) -> int | None:
+        """Tasks waiting in ``queue`` now (not those a worker holds); None if unknown or unreachable."""
+        try:
+            with self.app.connection_for_write() as conn:
+                client = getattr(conn.default_channel, "client", None)  # kombu's Redis transport
+                return int(client.llen(queue)) if client is not None else None
+        except Exception:
+            return None
+
     def broker_instance(self) -> str | None:
         """Which run of the broker answers now (Redis's ``run_id``); None if unknown or unreachable.
 

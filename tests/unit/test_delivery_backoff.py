@@ -29,8 +29,12 @@ DEST = "research-share"
 class RecordingDispatcher:
     """What the sweep enqueues, without a broker."""
 
-    def __init__(self) -> None:
+    def __init__(self, backlog: int = 0) -> None:
         self.sent: list[tuple[str, ...]] = []
+        self.backlog = backlog  # tasks waiting in the delivery queue
+
+    def waiting(self, queue: str) -> int:
+        return self.backlog
 
     def analyse(self, message_id: str) -> None:
         self.sent.append(("analyse", message_id))
@@ -113,6 +117,30 @@ def test_the_retry_time_is_stored_with_the_failure_and_the_sweep_takes_it_once_o
     due(RETRY_GRACE_S + 5)  # overdue: its retry task was lost
     recover(ctx.store, dispatcher, include_queued=False)  # type: ignore[arg-type]
     assert dispatcher.sent == [("deliver", mid, DEST)] * 2
+
+
+def test_an_overdue_delivery_behind_a_backlog_is_late_not_lost(failed_once: tuple[WorkerContext, str]) -> None:
+    """The periodic sweep leaves deliveries alone while tasks wait in the delivery queue.
+
+    Found by the soak: during a long FHIR outage hundreds of deliveries were overdue only
+    because their tasks were still queued; every sweep enqueued them all again, and the queue
+    grew to 26 000 copies. A gateway start-up (and a broker restart) still takes them.
+    """
+    ctx, mid = failed_once
+    with ctx.store.session() as s, s.begin():
+        s.execute(
+            update(DeliveryRow)
+            .where(DeliveryRow.message_id == mid)
+            .values(next_attempt_at=datetime.now(UTC) - timedelta(seconds=RETRY_GRACE_S + 5))
+        )
+    busy = RecordingDispatcher(backlog=40)
+    recover(ctx.store, busy, include_queued=False)  # type: ignore[arg-type]
+    assert busy.sent == []
+    recover(ctx.store, busy, include_queued=True)  # type: ignore[arg-type]
+    assert busy.sent == [("deliver", mid, DEST)]
+    idle = RecordingDispatcher(backlog=0)
+    recover(ctx.store, idle, include_queued=False)  # type: ignore[arg-type]
+    assert idle.sent == [("deliver", mid, DEST)]
 
 
 def test_a_success_clears_the_retry_time(failed_once: tuple[WorkerContext, str]) -> None:
