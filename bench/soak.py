@@ -83,6 +83,9 @@ class SoakPlan:
     max_sends: int = 40
     drain_timeout_s: float = 1800.0
     claim_s: float = 120.0  # delivery.claim_s: how long a worker killed mid-send holds its delivery
+    #: Judge memory (growth over the second half). A short run cannot tell a leak from a cache filled
+    #: late (its FHIR outage may cover the whole first half): the CI version only prints it.
+    judge_memory: bool = True
     database_url: str | None = None  # None: SQLite in the data directory, so a full disk reaches it too
 
 
@@ -113,6 +116,8 @@ class SoakReport:
     fhir_reports_in_ehr: int = 0
     hl7_orus_accepted_by_ehr: int = 0
     duplicates: int = 0
+    #: For each ORU the EHR accepted twice: the receiver's answers and the message's events, in order.
+    duplicate_details: list[str] = field(default_factory=list)
     lost: int = 0
     dead_lettered: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
@@ -145,6 +150,7 @@ class SoakReport:
             "resident memory, MB (warm start -> halfway -> end; judged: halfway -> end, at most +20 %):",
             *(f"  {name}: {m['start']:.0f} -> {m['mid']:.0f} -> {m['end']:.0f}" for name, m in self.memory_mb.items()),
             f"workers that restarted themselves after an unrecoverable Celery error: {self.worker_self_restarts}",
+            *(f"  duplicate: {d}" for d in self.duplicate_details),
             "faults: " + "; ".join(self.faults),
             "PASSED" if self.passed else "FAILED: " + "; ".join(self.problems),
         ]
@@ -512,6 +518,8 @@ class Soak:
                 r.dead_lettered += 1
             elif oru_keys[control_id(row.id, "ehr-hl7")] == 1 and self._one_report_for(row, report_keys):
                 r.delivered_exactly_once += 1
+            if oru_keys[control_id(row.id, "ehr-hl7")] > 1 and len(r.duplicate_details) < 20:
+                r.duplicate_details.append(self._story(row.id, control_id(row.id, "ehr-hl7")))
         r.dead_letter_reasons = dict(reasons)
 
         full_answers = [a for e in ecgs for a in e.during_disk_full]
@@ -519,6 +527,16 @@ class Soak:
         r.acked_while_disk_full_not_stored = sum(
             1 for e in ecgs if any(_is_ack(e.transport, a) for a in e.during_disk_full) and e.placer not in per_placer
         )
+
+    def _story(self, message_id: str, msh10: str) -> str:
+        """Why an ORU reached the EHR twice: what the EHR answered each time, and what the store recorded."""
+        answers = [a for m, a in zip(self.receiver.received, self.receiver.answers, strict=True) if _msh10(m) == msh10]
+        events = [
+            f"{e.at:%H:%M:%S} {e.kind}: {(e.detail or '')[:70]}"
+            for e in reversed(self.store.events(message_id, limit=50))
+            if e.kind not in ("ehr_context",)
+        ]
+        return f"{msh10} answered {answers}; events: {' | '.join(events) or 'none'}"
 
     def _one_report_for(self, row: Any, report_keys: Counter[tuple[str, str]]) -> bool:
         """Exactly one DiagnosticReport in the EHR carries this message's report identifier.
@@ -557,7 +575,7 @@ class Soak:
             r.memory_mb[key] = {"start": m["start"], "mid": mid, "end": m["end"]}
             # A leak keeps growing; a cache filled on first use (fhir.resources loads each resource's
             # model when it is first validated, matplotlib its fonts) stops. Judged: the second half.
-            if "not judged" not in name and m["end"] > mid * (1 + MAX_GROWTH):
+            if self.plan.judge_memory and "not judged" not in name and m["end"] > mid * (1 + MAX_GROWTH):
                 r.leaks.append(f"{key} grew {mid:.0f} -> {m['end']:.0f} MB over the second half of the run")
         if r.lost:
             r.problems.append(f"{r.lost} acknowledged ECG(s) lost")

@@ -12,7 +12,10 @@ attempt), so the gateway's recovery sweep does not run it again before its backo
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.states import DeliveryState, MessageState
@@ -27,6 +30,7 @@ __all__ = ["deliver_message", "dead_letter", "backoff_s", "retry_countdown"]
 log = logging.getLogger("ecgbridge.worker")
 
 _DONE = (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.DEAD)
+T = TypeVar("T")
 
 
 class DeliveryClaimed(Exception):
@@ -93,8 +97,13 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str, claim
         store.add_event(message_id, "delivery_failed", f"{label}: {exc}")
         log.warning("delivery of %s to %s failed permanently", message_id, destination)
         return None
-    settled = store.update_delivery(
-        message_id, destination, state=DeliveryState.DELIVERED, remote_ref=ref, version=version
+    # The receiver has it now: if the store cannot say so yet (a full disk), keep trying here rather
+    # than fail the task, whose retry would send it a second time.
+    settled = _until_recorded(
+        lambda: store.update_delivery(
+            message_id, destination, state=DeliveryState.DELIVERED, remote_ref=ref, version=version
+        ),
+        patience_s=ctx.settings.delivery.claim_s / 2,  # the claim outlasts the wait
     )
     if (settled.version or 1) != version:
         _superseded(store, message_id, f"{label}: delivered as {ref}", settled.version)
@@ -102,6 +111,19 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str, claim
     log.info("delivered message %s to %s as %s (result version %d)", message_id, destination, ref, version)
     _finish_message(store, message_id)
     return ref
+
+
+def _until_recorded(record: Callable[[], T], patience_s: float) -> T:
+    """``record()``, tried again every second for up to ``patience_s`` while the store fails to write."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return record()
+        except Exception as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("delivered, but the store did not record it (%s); trying again", type(exc).__name__)
+            time.sleep(1.0)
 
 
 def _superseded(store: MessageStore, message_id: str, what: str, now: int | None) -> None:
