@@ -36,13 +36,8 @@ if TYPE_CHECKING:  # the CLI builds its parser on every command: load the intake
     from ecgbridge.core.intake import Intake
     from ecgbridge.core.queue import Dispatcher
     from ecgbridge.core.store import MessageStore
-    from ecgbridge.gateway.file_intake import FileOutcome
 
 __all__ = ["add_import_command"]
-
-#: Names an exporter uses while still writing, and files never taken (as in the inbox).
-_SKIPPED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp", "~")
-_MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 def archive_files(paths: list[Path], patterns: list[str]) -> Iterator[tuple[Path, str]]:
@@ -53,6 +48,8 @@ def archive_files(paths: list[Path], patterns: list[str]) -> Iterator[tuple[Path
     file's own name for a file given directly), so the same archive imported again matches.
     Symbolic links are not followed.
     """
+    from ecgbridge.gateway.inbox import PARTIAL_SUFFIXES  # what the inbox never takes either
+
     for root in paths:
         if root.is_file():
             found: Iterator[tuple[Path, str]] = iter([(root, root.name)])
@@ -62,7 +59,7 @@ def archive_files(paths: list[Path], patterns: list[str]) -> Iterator[tuple[Path
             raise ConfigError(f"{root}: no such file or folder")
         for path, rel in found:
             name = path.name
-            if name.startswith(".") or name.lower().endswith(_SKIPPED_SUFFIXES):
+            if name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES):
                 continue
             if patterns and not any(fnmatch.fnmatch(name.lower(), p.lower()) for p in patterns):
                 continue
@@ -142,15 +139,16 @@ def _import_all(
     failures: list[str],
     progress: _Progress,
 ) -> None:
-    from ecgbridge.gateway.file_intake import Taken, take_file
+    from ecgbridge.gateway.file_intake import Taken, take_file, would_take
+    from ecgbridge.gateway.inbox import MAX_FILE_BYTES
 
     for path, name in archive_files([Path(p) for p in args.paths], args.pattern):
         try:
-            if path.stat().st_size > _MAX_FILE_BYTES:
-                raise OSError(f"more than {_MAX_FILE_BYTES} bytes: not an ECG")
+            if path.stat().st_size > MAX_FILE_BYTES:
+                raise OSError(f"more than {MAX_FILE_BYTES} bytes: not an ECG")
             data = path.read_bytes()
             outcome = (
-                _would_take(store, data, name)
+                would_take(store, data, name)
                 if args.dry_run
                 else take_file(intake, data, name, route_name=args.route, flags=flags)
             )
@@ -190,25 +188,6 @@ def _summary_text(summary: dict[str, object], args: argparse.Namespace) -> str:
             "when it runs (its recovery sweep)"
         )
     return "\n".join(lines)
-
-
-def _would_take(store: MessageStore, data: bytes, name: str) -> FileOutcome:
-    """What ``take_file`` would do, writing nothing: already imported, unreadable, or stored."""
-    import hashlib
-
-    from ecgbridge.core.states import Source
-    from ecgbridge.gateway.file_intake import FileOutcome, Taken
-    from ecgbridge.mapping.readers import read_ecg_bytes
-
-    sha = hashlib.sha256(data).hexdigest()
-    existing = store.find_by_blob(sha, Source.FILE, remote=name[:128])
-    if existing:
-        return FileOutcome(Taken.ALREADY, existing[0].id)
-    try:
-        read_ecg_bytes(data, hint="file")
-    except Exception as exc:
-        return FileOutcome(Taken.REJECTED, "", f"{type(exc).__name__}: {exc}")
-    return FileOutcome(Taken.STORED, "")
 
 
 class _Progress:

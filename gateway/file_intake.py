@@ -14,6 +14,7 @@ recorded, and the caller tries the file again later.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -21,10 +22,11 @@ from enum import StrEnum
 from ecgbridge.core.intake import Arrival, Intake
 from ecgbridge.core.routing import MessageFacts
 from ecgbridge.core.states import MessageState, Source
+from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import InputError
 from ecgbridge.mapping.readers import read_ecg_bytes
 
-__all__ = ["FileOutcome", "Taken", "take_file"]
+__all__ = ["FileOutcome", "Taken", "take_file", "would_take"]
 
 log = logging.getLogger("ecgbridge.file_intake")
 
@@ -60,11 +62,9 @@ def take_file(
     sha, size = store.save_blob(data)
     tag = sha[:12]
     remote = name[:_REMOTE_MAX]
-    existing = store.find_by_blob(sha, Source.FILE, remote=remote)
-    if existing:
-        row = existing[0]
-        rejected = row.state == MessageState.REJECTED
-        return FileOutcome(Taken.REJECTED if rejected else Taken.ALREADY, row.id, row.error, row.route)
+    earlier = _recorded_before(store, sha, remote)
+    if earlier is not None:
+        return earlier
 
     arrival = Arrival(facts=MessageFacts(source=Source.FILE), blob_sha256=sha, blob_size=size, remote=remote)
     try:
@@ -94,3 +94,28 @@ def take_file(
         return FileOutcome(Taken.DUPLICATE, admitted.message_id, route=route)
     log.info("file %s stored as message %s (%s)", tag, admitted.message_id, f"route {route}" if route else "unrouted")
     return FileOutcome(Taken.STORED if route else Taken.UNROUTED, admitted.message_id, route=route)
+
+
+def would_take(store: MessageStore, data: bytes, name: str) -> FileOutcome:
+    """What :func:`take_file` would do with these bytes, writing nothing (``ecgbridge import --dry-run``).
+
+    ``stored`` stands for "would be admitted": routing, and whether it is a resend, are not tried.
+    """
+    earlier = _recorded_before(store, hashlib.sha256(data).hexdigest(), name[:_REMOTE_MAX])
+    if earlier is not None:
+        return earlier
+    try:
+        read_ecg_bytes(data, hint="file")
+    except Exception as exc:
+        return FileOutcome(Taken.REJECTED, "", f"{type(exc).__name__}: {exc}")
+    return FileOutcome(Taken.STORED, "")
+
+
+def _recorded_before(store: MessageStore, sha: str, remote: str) -> FileOutcome | None:
+    """This very file (content and name) recorded earlier: what became of it then."""
+    existing = store.find_by_blob(sha, Source.FILE, remote=remote)
+    if not existing:
+        return None
+    row = existing[0]
+    rejected = row.state == MessageState.REJECTED
+    return FileOutcome(Taken.REJECTED if rejected else Taken.ALREADY, row.id, row.error, row.route)

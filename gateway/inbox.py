@@ -59,7 +59,6 @@ FAILED = "failed"
 PARTIAL_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp", "~")
 #: Larger files are not ECGs; they go to failed/ unread.
 MAX_FILE_BYTES = 64 * 1024 * 1024
-_REMOTE_MAX = 128  # MessageRow.remote column width
 
 
 @dataclass

@@ -11,6 +11,8 @@ it loads no model runtime.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from celery import Celery
 
@@ -78,12 +80,8 @@ class Dispatcher:
 
     def waiting(self, queue: str) -> int | None:
         """Tasks waiting in ``queue`` now (not those a worker holds); None if unknown or unreachable."""
-        try:
-            with self.app.connection_for_write() as conn:
-                client = getattr(conn.default_channel, "client", None)  # kombu's Redis transport
-                return int(client.llen(queue)) if client is not None else None
-        except Exception:
-            return None
+        length = self._ask_redis(lambda client: client.llen(queue))
+        return int(length) if length is not None else None
 
     def broker_instance(self) -> str | None:
         """Which run of the broker answers now (Redis's ``run_id``); None if unknown or unreachable.
@@ -92,14 +90,18 @@ class Dispatcher:
         every second) or all of them (no persistence); a new run id tells the gateway to
         re-enqueue every queued message, not only the ones its periodic sweep takes.
         """
+        info = self._ask_redis(lambda client: client.info("server"))
+        run_id = info.get("run_id") if isinstance(info, dict) else None
+        return str(run_id) if run_id else None
+
+    def _ask_redis(self, question: Callable[[Any], Any]) -> Any:
+        """``question(client)`` on the broker's Redis client; None for another broker, or one not answering now."""
         try:
             with self.app.connection_for_write() as conn:
                 client = getattr(conn.default_channel, "client", None)  # kombu's Redis transport
-                info = client.info("server") if client is not None else None
+                return question(client) if client is not None else None
         except Exception:  # unreachable now: the next sweep asks again
             return None
-        run_id = info.get("run_id") if isinstance(info, dict) else None
-        return str(run_id) if run_id else None
 
     def _send(self, name: str, args: list[str], queue: str, countdown: float | None = None) -> None:
         try:
