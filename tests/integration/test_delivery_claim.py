@@ -20,7 +20,7 @@ from ecgbridge.core.queue import Dispatcher, make_celery
 from ecgbridge.core.settings import load_settings
 from tests.support.hl7_receiver import Hl7Receiver
 from tests.support.processes import RedisServer, wait_for
-from tests.support.stack import send_dicom
+from tests.support.stack import hl7_ehr, send_dicom
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +31,7 @@ def test_a_second_task_for_a_delivery_being_sent_does_not_send_it_again(
     make_stack, redis_server: RedisServer, waveform_ecg_path: Path
 ) -> None:
     with Hl7Receiver("AA", ack_delay_s=ACK_DELAY_S) as ehr:
-        stack = make_stack(
-            extra={
-                "destinations": [
-                    {"name": "ehr", "type": "hl7", "host": "127.0.0.1", "port": ehr.port, "ack_timeout_s": 30}
-                ],
-                "routes": [{"name": "all-ecg", "models": ["diagnosis"], "destinations": ["ehr"]}],
-            }
-        )
+        stack = make_stack(extra=hl7_ehr(ehr.port, ack_timeout_s=30))
         stack.start_worker()
         stack.start_worker()
         stack.start_gateway()

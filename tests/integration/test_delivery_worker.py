@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from ecgbridge.core.queue import DELIVERY_QUEUE, QUEUE
 from tests.support.hl7_receiver import Hl7Receiver
 from tests.support.processes import RedisServer
-from tests.support.stack import send_dicom
+from tests.support.stack import hl7_ehr, send_dicom
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +28,7 @@ def test_a_slow_ehr_is_waited_on_by_delivery_threads_while_analysis_goes_on(
     make_stack, redis_server: RedisServer, waveform_ecg_path: Path
 ) -> None:
     with Hl7Receiver("AA", ack_delay_s=ACK_DELAY_S) as ehr:
-        stack = make_stack(
-            extra={
-                "destinations": [
-                    {"name": "ehr", "type": "hl7", "host": "127.0.0.1", "port": ehr.port, "ack_timeout_s": 60}
-                ],
-                "routes": [{"name": "all-ecg", "models": ["diagnosis"], "destinations": ["ehr"]}],
-                "workers": {"delivery_threads": ECGS},
-            }
-        )
+        stack = make_stack(extra={**hl7_ehr(ehr.port, ack_timeout_s=60), "workers": {"delivery_threads": ECGS}})
         analysis = stack.start_worker("analysis")
         delivery = stack.start_worker("delivery")
         stack.start_gateway()

@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests.support.processes import REPO, RedisServer, free_port, wait_for
+from tests.support.stack import hl7_ehr
 
 pytestmark = pytest.mark.integration
 
@@ -120,12 +121,7 @@ def test_an_import_interrupted_halfway_is_finished_by_running_it_again(
         ds.SOPInstanceUID = generate_uid()
         ds.save_as(archive / f"ecg{i:03d}.dcm")
     with Hl7Receiver("AA") as ehr:
-        stack = make_stack(
-            extra={
-                "destinations": [{"name": "ehr", "type": "hl7", "host": "127.0.0.1", "port": ehr.port}],
-                "routes": [{"name": "all-ecg", "models": ["diagnosis"], "destinations": ["ehr"]}],
-            }
-        )
+        stack = make_stack(extra=hl7_ehr(ehr.port))
         stack.start_worker()
         stack.start_gateway()
 

@@ -12,7 +12,7 @@ from pynetdicom import AE
 
 from .processes import EcgbridgeProcess, free_port, wait_for, write_config
 
-__all__ = ["Stack", "send_dicom"]
+__all__ = ["Stack", "send_dicom", "hl7_ehr"]
 
 
 def send_dicom(
@@ -32,6 +32,14 @@ def send_dicom(
         return statuses
     finally:
         assoc.release()
+
+
+def hl7_ehr(port: int, **destination: Any) -> dict[str, Any]:
+    """``Stack(extra=...)`` for one HL7 destination "ehr" on ``port`` and the route "all-ecg" (diagnosis) to it."""
+    return {
+        "destinations": [{"name": "ehr", "type": "hl7", "host": "127.0.0.1", "port": port, **destination}],
+        "routes": [{"name": "all-ecg", "models": ["diagnosis"], "destinations": ["ehr"]}],
+    }
 
 
 @dataclass
