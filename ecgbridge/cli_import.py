@@ -12,6 +12,11 @@ interrupted import is finished by running it again. ``--route NAME`` sends every
 through that route whatever the routing rules say (a screening route whose destinations are
 a research share rather than the EHR, say). The archive is only read, never moved.
 
+A WFDB record (PhysioNet: a ``.hea`` header and the ``.dat``/``.mat`` signal files it names)
+is one ECG: its header is taken as the record, stored with its signal files as one blob
+(:func:`ecgbridge.gateway.file_intake.file_bytes`), and its signal files are not taken on
+their own. A header whose signal file is missing is rejected, naming the file.
+
 If the broker cannot be reached, the files are still recorded (``received``) and the
 gateway's recovery sweep enqueues them once it runs; the summary says so.
 """
@@ -47,11 +52,20 @@ def archive_files(paths: list[Path], patterns: list[str]) -> Iterator[tuple[Path
     memory). The recorded name is ``import:`` plus the path relative to the folder given (the
     file's own name for a file given directly), so the same archive imported again matches.
     Symbolic links are not followed.
+
+    A WFDB record is yielded once, as its ``.hea`` header (which is taken with the signal files
+    it names): its signal files beside it are not yielded, whatever the patterns, and a signal
+    file given directly stands for its header (once, however many of the record's files are given).
     """
     from ecgbridge.gateway.inbox import PARTIAL_SUFFIXES  # what the inbox never takes either
 
+    given: set[Path] = set()
     for root in paths:
         if root.is_file():
+            root = _header_of(root)
+            if root.resolve() in given:
+                continue
+            given.add(root.resolve())
             found: Iterator[tuple[Path, str]] = iter([(root, root.name)])
         elif root.is_dir():
             found = _walk(root)
@@ -66,11 +80,29 @@ def archive_files(paths: list[Path], patterns: list[str]) -> Iterator[tuple[Path
             yield path, f"import:{rel}"
 
 
+def _header_of(path: Path) -> Path:
+    """The WFDB header beside ``path`` (same stem) when it names ``path`` as a signal file; else ``path``."""
+    from ecgbridge.gateway.file_intake import is_wfdb_header, record_parts
+
+    if is_wfdb_header(path):
+        return path
+    for suffix in (".hea", ".HEA"):
+        header = path.with_suffix(suffix)
+        if header.is_file() and not header.is_symlink() and record_parts(path.parent, [header.name, path.name]):
+            return header
+    return path
+
+
 def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+    from ecgbridge.gateway.file_intake import record_parts
+
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        parts = record_parts(Path(folder), files)  # a WFDB record's signal files: taken with its header
         for name in sorted(files):
+            if name in parts:
+                continue
             path = Path(folder) / name
             if path.is_file() and not path.is_symlink():
                 yield path, path.relative_to(root).as_posix()
@@ -139,14 +171,12 @@ def _import_all(
     failures: list[str],
     progress: _Progress,
 ) -> None:
-    from ecgbridge.gateway.file_intake import Taken, take_file, would_take
+    from ecgbridge.gateway.file_intake import Taken, file_bytes, take_file, would_take
     from ecgbridge.gateway.inbox import MAX_FILE_BYTES
 
     for path, name in archive_files([Path(p) for p in args.paths], args.pattern):
         try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                raise OSError(f"more than {MAX_FILE_BYTES} bytes: not an ECG")
-            data = path.read_bytes()
+            data = file_bytes(path, max_bytes=MAX_FILE_BYTES)  # a WFDB header: its record, packed as one
             outcome = (
                 would_take(store, data, name)
                 if args.dry_run
@@ -240,8 +270,15 @@ def add_import_command(
         "The files are only read.",
     )
     add_config(p)
-    p.add_argument("paths", nargs="+", help="files and folders (folders are read recursively)")
-    p.add_argument("--pattern", action="append", default=[], help="only file names matching (e.g. '*.dcm'); repeatable")
+    p.add_argument(
+        "paths", nargs="+", help="files and folders (folders are read recursively; a WFDB record by its .hea header)"
+    )
+    p.add_argument(
+        "--pattern",
+        action="append",
+        default=[],
+        help="only file names matching (e.g. '*.dcm'; '*.hea' for WFDB records); repeatable",
+    )
     p.add_argument("--route", help="send every file through this route, whatever the routing rules say")
     p.add_argument("--no-deliver", action="store_true", help="analyse, but deliver the results nowhere")
     p.add_argument("--dry-run", action="store_true", help="say what would be imported; record nothing")

@@ -8,6 +8,15 @@ error records a ``rejected`` message with its reason); otherwise the message is 
 (:meth:`ecgbridge.core.intake.Intake.admit`: routed, recorded, enqueued; an identical resend
 of a SOP Instance taken before records nothing).
 
+A WFDB record (PhysioNet: a ``.hea`` header and the signal files it names, ``.dat`` or
+``.mat``) is several files, while a message keeps one blob: :func:`file_bytes` takes the
+header as the record and returns the header and its signal files packed as one container
+(:func:`ecgbridge.mapping.wfdb_record.pack_wfdb_record`), which is stored, hashed and read
+like any other file; :func:`record_parts` names the signal files that are taken with a
+header beside them, never alone. Only ``ecgbridge import`` takes WFDB records: the inbox
+takes one file at a time, and would need a header and all its signal files settled, and
+moved together, before taking a record.
+
 Store or broker trouble raises (an :class:`~ecgbridge.errors.EcgBridgeError`): nothing was
 recorded, and the caller tries the file again later.
 """
@@ -16,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from pathlib import Path
 
 from ecgbridge.core.intake import Arrival, Intake
 from ecgbridge.core.routing import MessageFacts
@@ -26,11 +37,13 @@ from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import InputError
 from ecgbridge.mapping.readers import read_ecg_bytes
 
-__all__ = ["FileOutcome", "Taken", "take_file", "would_take"]
+__all__ = ["FileOutcome", "Taken", "file_bytes", "is_wfdb_header", "record_parts", "take_file", "would_take"]
 
 log = logging.getLogger("ecgbridge.file_intake")
 
 _REMOTE_MAX = 128  # MessageRow.remote column width
+#: The most of a WFDB header read to find its signal files (they are named before any comment).
+_HEADER_SCAN_BYTES = 1 << 20
 
 
 class Taken(StrEnum):
@@ -119,3 +132,49 @@ def _recorded_before(store: MessageStore, sha: str, remote: str) -> FileOutcome 
     row = existing[0]
     rejected = row.state == MessageState.REJECTED
     return FileOutcome(Taken.REJECTED if rejected else Taken.ALREADY, row.id, row.error, row.route)
+
+
+def is_wfdb_header(path: Path) -> bool:
+    """A WFDB header (``.hea``): taken as its whole record."""
+    return path.name.lower().endswith(".hea")
+
+
+def record_parts(folder: Path, names: Iterable[str]) -> set[str]:
+    """Those of ``names`` (files in ``folder``) that a WFDB header among them names as its signal files.
+
+    They are part of that record (:func:`file_bytes` of the header packs them) and are not
+    taken on their own. A header that cannot be read claims nothing (taking it says why).
+    """
+    from ecgbridge.mapping.wfdb_record import wfdb_signal_files
+
+    present = set(names)
+    parts: set[str] = set()
+    for name in present:
+        if not is_wfdb_header(Path(name)):
+            continue
+        try:
+            with open(folder / name, "rb") as f:
+                head = f.read(_HEADER_SCAN_BYTES)
+        except OSError:
+            continue
+        parts.update(part for part in wfdb_signal_files(head) if part in present and part != name)
+    return parts
+
+
+def file_bytes(path: Path, *, max_bytes: int) -> bytes:
+    """The bytes to take for the file at ``path``: its own, or for a WFDB header its record's container.
+
+    Raises :class:`OSError` when it cannot be read or is larger than ``max_bytes`` (a record:
+    its files together). A header naming a signal file that is not beside it still gives a
+    container: reading it rejects the record, naming the missing file.
+    """
+    if is_wfdb_header(path):
+        from ecgbridge.mapping.wfdb_record import pack_wfdb_record
+
+        data = pack_wfdb_record(path, max_bytes=max_bytes)
+        if len(data) > max_bytes:
+            raise OSError(f"more than {max_bytes} bytes with its signal files: not an ECG")
+        return data
+    if path.stat().st_size > max_bytes:
+        raise OSError(f"more than {max_bytes} bytes: not an ECG")
+    return path.read_bytes()

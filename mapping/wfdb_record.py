@@ -15,13 +15,25 @@ file's name as the record name, the date before the time, month by name), which 
 refuses. :func:`standard_record_line` rewrites such a line to standard WFDB
 (``E07938 12 500 5000 09:49:17 05/05/2020``) and :func:`read_wfdb_record` reads the
 record through it; the product's reader and the training data sets share that rule.
+
+A record as one blob (what ``ecgbridge import`` stores, since the store keeps one blob per
+message while a record is a header and its signal files): :func:`pack_wfdb_record` writes
+an uncompressed POSIX (ustar) tar whose first member is the ``.hea`` header and whose other
+members are the signal files the header names, under their original names, with fixed
+metadata (mtime 0, mode 0644, owner 0), so the same record always packs to the same bytes
+(its content hash recognises a re-import). ``tar -xf`` unpacks it; :func:`read_wfdb_bytes`
+reads it back through :func:`read_wfdb` (unpacked into a temporary folder), and
+:func:`looks_like_wfdb_container` recognises it (the ustar magic, a ``.hea`` first member).
+A signal file the header names but the container lacks is a :class:`DecodeError` naming it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -33,7 +45,18 @@ from ecgbridge.mapping.codes import LEAD_BY_MEANING
 from ecgbridge.mapping.dicom_waveform import standardise_leads
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
 
-__all__ = ["read_wfdb", "read_wfdb_record", "standard_record_line", "lead_name", "WFDB_UNITS_TO_MV"]
+__all__ = [
+    "read_wfdb",
+    "read_wfdb_record",
+    "read_wfdb_bytes",
+    "pack_wfdb_record",
+    "pack_wfdb_members",
+    "looks_like_wfdb_container",
+    "wfdb_signal_files",
+    "standard_record_line",
+    "lead_name",
+    "WFDB_UNITS_TO_MV",
+]
 
 #: WFDB units (lower-cased) -> factor to mV. "zscore" is dimensionless, kept as is.
 WFDB_UNITS_TO_MV: dict[str, float] = {
@@ -51,6 +74,9 @@ _SEX = {"male": "male", "m": "male", "female": "female", "f": "female"}
 _NAME_WITH_SIGNAL_SUFFIX = re.compile(r"([-\w]+)\.(?:mat|dat)", re.IGNORECASE)
 #: A date with the month by name (challenge dialect: ``05-May-2020``).
 _DAY_MONTH_NAME_YEAR = re.compile(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})")
+#: A signal file name a header may name: a plain file beside it (no folder, never ``..``).
+_PLAIN_NAME = re.compile(r"[\w][\w.+-]*")
+_TAR_BLOCK = 512
 _MONTHS = {m: i for i, m in enumerate(("jan feb mar apr may jun jul aug sep oct nov dec").split(), start=1)}
 
 
@@ -191,3 +217,122 @@ def _sex_from_comments(comments: list[str]) -> str | None:
         if sep and key.strip().lower() == "sex":
             return _SEX.get(value.strip().lower(), "unknown")
     return None
+
+
+# ----- a record as one blob ------------------------------------------------------------------
+def wfdb_signal_files(header: bytes | str) -> list[str]:
+    """The signal files a WFDB header names, in order, each once.
+
+    ``~`` (a signal with no file) is left out, and so is everything of a multi-segment record
+    (its record line names ``NAME/SEGMENTS``; its lines are segment records, not signal files).
+    A header that is not WFDB names none (the reader then says what is wrong with it).
+    """
+    text = header.decode("ascii", errors="ignore") if isinstance(header, bytes) else header
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        return []
+    fields = lines[0].split()
+    if "/" in fields[0]:
+        return []
+    try:
+        nsig = int(fields[1]) if len(fields) > 1 else 0
+    except ValueError:
+        return []
+    names: list[str] = []
+    for line in lines[1 : 1 + max(nsig, 0)]:
+        name = line.split()[0]
+        if name != "~" and name not in names:
+            names.append(name)
+    return names
+
+
+def _plain(name: str) -> bool:
+    return _PLAIN_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
+def pack_wfdb_members(members: list[tuple[str, bytes]]) -> bytes:
+    """``(name, bytes)`` pairs, the header first, as the record's container (see the module docstring)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def pack_wfdb_record(header: Path | str, *, max_bytes: int | None = None) -> bytes:
+    """The record whose header is ``header`` (a ``.hea`` file) as one container.
+
+    The signal files the header names are taken from beside it; one that is not there (or is
+    not a plain file name, or a symbolic link) is left out, and reading the container then
+    says which is missing. Raises :class:`OSError` when a file cannot be read or the record is
+    larger than ``max_bytes`` in all.
+    """
+    path = Path(header)
+    text = path.read_bytes()
+    members = [(path.name, text)]
+    total = len(text)
+    for name in wfdb_signal_files(text):
+        source = path.parent / name
+        if not _plain(name) or name == path.name or source.is_symlink() or not source.is_file():
+            continue
+        total += source.stat().st_size
+        if max_bytes is not None and total > max_bytes:
+            raise OSError(f"WFDB record {path.name}: more than {max_bytes} bytes with its signal files: not an ECG")
+        members.append((name, source.read_bytes()))
+    return pack_wfdb_members(members)
+
+
+def looks_like_wfdb_container(data: bytes) -> bool:
+    """A container :func:`pack_wfdb_record` wrote: ustar magic and a ``.hea`` header first."""
+    if len(data) < 2 * _TAR_BLOCK or data[257:262] != b"ustar":
+        return False
+    first = data[:100].split(b"\0", 1)[0]
+    return first.lower().endswith(b".hea") and not data[345:500].strip(b"\0")
+
+
+def read_wfdb_bytes(data: bytes) -> Ecg:
+    """A record's container (:func:`pack_wfdb_record`) -> Ecg, read as :func:`read_wfdb` reads its files."""
+    members = _unpack(data)
+    header_name = members[0][0]
+    record = header_name[: -len(".hea")]
+    present = {name for name, _ in members}
+    for name in wfdb_signal_files(members[0][1]):
+        if not _plain(name):
+            raise DecodeError(f"WFDB record {record}: signal file {name!r} is not a file beside the header")
+        if name not in present:
+            raise DecodeError(
+                f"WFDB record {record}: signal file {name} is missing (it must be beside the header {header_name})"
+            )
+    with tempfile.TemporaryDirectory(prefix="ecgbridge-wfdb-") as tmp:
+        (Path(tmp) / f"{record}.hea").write_bytes(members[0][1])  # read_wfdb looks for a lower-case .hea
+        for name, content in members[1:]:
+            (Path(tmp) / name).write_bytes(content)
+        return read_wfdb(Path(tmp) / record)
+
+
+def _unpack(data: bytes) -> list[tuple[str, bytes]]:
+    """The container's members, header first; DecodeError when it is not one."""
+    if not looks_like_wfdb_container(data):
+        raise DecodeError("not a WFDB record container (a ustar tar with the .hea header first)")
+    members: list[tuple[str, bytes]] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isreg() or not _plain(info.name) or any(info.name == n for n, _ in members):
+                    raise DecodeError(f"WFDB record container: member {info.name!r} is not a plain file of the record")
+                extracted = tar.extractfile(info)
+                if extracted is None:  # pragma: no cover - isreg() members always extract
+                    raise DecodeError(f"WFDB record container: member {info.name!r} cannot be read")
+                members.append((info.name, extracted.read()))
+    except (tarfile.TarError, EOFError) as exc:
+        raise DecodeError(f"WFDB record container could not be read ({type(exc).__name__})", detail=str(exc)) from exc
+    if not members or not members[0][0].lower().endswith(".hea") or len(members[0][0]) <= len(".hea"):
+        raise DecodeError("WFDB record container: the first member is not a .hea header")
+    return members
