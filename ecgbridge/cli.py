@@ -10,11 +10,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ecgbridge import __version__
 from ecgbridge.core.settings import Settings, load_settings, redact_url
 from ecgbridge.errors import ConfigError, EcgBridgeError, InputError
+
+if TYPE_CHECKING:
+    from ecgbridge.core.store import MessageStore
 
 __all__ = ["main", "build_parser"]
 
@@ -465,9 +468,13 @@ def cmd_messages_attachment(args: argparse.Namespace) -> int:
         print(f"no message with id {args.id}", file=sys.stderr)
         return 1
     attachments = (view.result or {}).get("attachments") or []
+    if not attachments and view.result is not None:
+        attachments = _draw_report(settings, store, view.message["id"])
     if not attachments:
         print(
-            f"message {view.message['id']} has no attachments (not analysed yet, or rendering failed)", file=sys.stderr
+            f"message {view.message['id']} has no attachments (not analysed yet, or drawing its report failed: "
+            "see its render_failed event)",
+            file=sys.stderr,
         )
         return 1
     if not 1 <= args.n <= len(attachments):
@@ -487,6 +494,16 @@ def cmd_messages_attachment(args: argparse.Namespace) -> int:
     target.write_bytes(data)
     print(f"wrote {target} ({a['content_type']}, {len(data)} bytes): {a['title']}")
     return 0
+
+
+def _draw_report(settings: Settings, store: MessageStore, message_id: str) -> list[dict[str, Any]]:
+    """Draw the report of a result no destination wanted one for, here (reports are drawn only when wanted)."""
+    from ecgbridge.worker.jobs import WorkerContext, render_report
+
+    print(f"message {message_id}: drawing its report (no destination of its route carries one)", file=sys.stderr)
+    ctx = WorkerContext.create(settings)
+    ctx.store = store
+    return [a.__dict__.copy() for a in render_report(ctx, message_id)]
 
 
 # ----- routes ---------------------------------------------------------------------------------

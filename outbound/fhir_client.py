@@ -370,6 +370,16 @@ class FhirClient:
                 return f"{rtype}/{existing['id']}", False
         raise FhirPermanentError(f"FHIR POST {rtype} -> {status} without a resource id", status=status)
 
+    def capabilities(self) -> dict[str, Any]:
+        """GET ``metadata``: the server's CapabilityStatement."""
+        response = self._request("GET", "CapabilityStatement", "metadata")
+        body = self._resource_body(response, "FHIR GET metadata")
+        if body.get("resourceType") != "CapabilityStatement":
+            raise FhirPermanentError(
+                "FHIR GET metadata: the answer is not a CapabilityStatement", status=response.status_code
+            )
+        return body
+
     def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """POST a transaction (or batch) Bundle to the base; returns the response Bundle."""
         response = self._request("POST", "Bundle", "", json=bundle)

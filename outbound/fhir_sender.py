@@ -8,13 +8,15 @@ place (:func:`deliver_revision`).
 
 from __future__ import annotations
 
+import logging
 import ssl
+import threading
 from collections.abc import Mapping
 from typing import Any, cast
 
 import httpx
 
-from ecgbridge.core.settings import DEFAULT_SMART_WRITE_SCOPE, FhirDestination
+from ecgbridge.core.settings import DEFAULT_SMART_WRITE_SCOPE, DestinationConfig, FhirDestination
 from ecgbridge.core.tls import connection_context
 from ecgbridge.errors import MappingError, PermanentDeliveryError
 from ecgbridge.mapping.ecg import Patient
@@ -29,17 +31,32 @@ from ecgbridge.outbound.fhir_client import (
 )
 from ecgbridge.outbound.sender import Outgoing, Sender, register_sender
 
-__all__ = ["FhirSender", "deliver_report", "deliver_revision", "resolve_patient"]
+__all__ = ["FhirSender", "deliver_report", "deliver_revision", "resolve_patient", "supports_transactions"]
+
+log = logging.getLogger("ecgbridge.outbound")
 
 
 @register_sender
 class FhirSender(Sender):
-    """A FHIR R4 server: patient looked up by identifier, then the report bundle written idempotently."""
+    """A FHIR R4 server: patient looked up by identifier, then the report bundle written idempotently.
+
+    One HTTP client per sender (per destination and worker process), shared by the delivery
+    threads, so consecutive reports reuse its connections (and TLS sessions). With
+    ``write_mode: auto`` the server's CapabilityStatement is read once: a server that lists
+    the ``transaction`` interaction gets each report as one transaction Bundle.
+    """
 
     type = "fhir"
     config_class = FhirDestination
     _auth_obj: httpx.Auth | None = None
     _tls_context: ssl.SSLContext | None = None
+    _client: FhirClient | None = None
+    #: What the CapabilityStatement said about transactions; None until it has been read.
+    _transactions: bool | None = None
+
+    def __init__(self, config: DestinationConfig) -> None:
+        super().__init__(config)
+        self._lock = threading.Lock()
 
     def _auth(self) -> httpx.Auth | None:
         """Bearer or SMART Backend Services; one per sender, so a SMART token is reused until it expires."""
@@ -60,33 +77,80 @@ class FhirSender(Sender):
             self._tls_context = connection_context(dest.tls, f"destination {dest.name}")
         return self._tls_context
 
+    def client(self) -> FhirClient:
+        """The sender's FHIR client, made on first use (httpx's client is safe to share between threads)."""
+        with self._lock:
+            if self._client is None:
+                dest = cast(FhirDestination, self.config)
+                self._client = FhirClient(dest.base_url, auth=self._auth(), timeout_s=dest.timeout_s, tls=self._tls())
+            return self._client
+
     def close(self) -> None:
-        closer = getattr(self._auth_obj, "close", None)
-        if callable(closer):
-            closer()
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()  # closes the auth's own connection too
+        else:
+            closer = getattr(self._auth_obj, "close", None)
+            if callable(closer):
+                closer()
+
+    def use_transaction(self, client: FhirClient) -> bool:
+        """Whether this report goes as one transaction Bundle (``write_mode``, or the server's word for ``auto``)."""
+        mode = cast(FhirDestination, self.config).write_mode
+        if mode != "auto":
+            return mode == "transaction"
+        if self._transactions is None:
+            try:
+                said = supports_transactions(client.capabilities())
+            except FhirTransientError as exc:  # not now: individual requests this time, ask again next time
+                log.info("destination %s: CapabilityStatement not read (%s)", self.config.name, type(exc).__name__)
+                return False
+            except FhirPermanentError as exc:  # no usable /metadata: individual requests from now on
+                log.info("destination %s: no CapabilityStatement (%s): one request per resource", self.config.name, exc)
+                said = False
+            self._transactions = said
+            log.info(
+                "destination %s: %s",
+                self.config.name,
+                "transaction Bundles (the server lists the transaction interaction)"
+                if said
+                else "one conditional create per resource (the server lists no transaction interaction)",
+            )
+        return self._transactions
 
     def send(self, outgoing: Outgoing) -> str:
         dest = cast(FhirDestination, self.config)
         version = outgoing.version
-        with FhirClient(dest.base_url, auth=self._auth(), timeout_s=dest.timeout_s, tls=self._tls()) as client:
-            patient_ref = resolve_patient(client, outgoing.ecg.patient, dest.patient_identifier_system)
-            try:
-                bundle = build_report(
-                    outgoing.result,
-                    patient=outgoing.ecg.patient,
-                    study=outgoing.ecg.study,
-                    message_id=outgoing.message_id,
-                    patient_reference=patient_ref,
-                    patient_identifier_system=dest.patient_identifier_system,
-                    attachments_data=outgoing.attachments,
-                    version=version,
-                    measurements_panel=dest.measurements == "panel",
-                )
-            except MappingError as exc:
-                raise PermanentDeliveryError(str(exc)) from exc
-            if version > 1:
-                return deliver_revision(client, bundle)
-            return deliver_report(client, bundle, transaction=dest.write_mode == "transaction")
+        client = self.client()
+        patient_ref = resolve_patient(client, outgoing.ecg.patient, dest.patient_identifier_system)
+        try:
+            bundle = build_report(
+                outgoing.result,
+                patient=outgoing.ecg.patient,
+                study=outgoing.ecg.study,
+                message_id=outgoing.message_id,
+                patient_reference=patient_ref,
+                patient_identifier_system=dest.patient_identifier_system,
+                attachments_data=outgoing.attachments if dest.presented_form else None,
+                version=version,
+                measurements_panel=dest.measurements == "panel",
+            )
+        except MappingError as exc:
+            raise PermanentDeliveryError(str(exc)) from exc
+        if version > 1:
+            return deliver_revision(client, bundle)
+        return deliver_report(client, bundle, transaction=self.use_transaction(client))
+
+
+def supports_transactions(capability: Mapping[str, Any]) -> bool:
+    """Whether a CapabilityStatement lists the system-level ``transaction`` interaction of a server."""
+    for rest in capability.get("rest") or []:
+        if isinstance(rest, Mapping) and rest.get("mode", "server") == "server":
+            codes = {i.get("code") for i in rest.get("interaction") or [] if isinstance(i, Mapping)}
+            if "transaction" in codes:
+                return True
+    return False
 
 
 def deliver_report(client: FhirClient, bundle: ReportBundle, *, transaction: bool = False) -> str:

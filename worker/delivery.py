@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -23,7 +24,7 @@ from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import EcgBridgeError, PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.mapping.ecg import AnalysisResult
 from ecgbridge.outbound.sender import Outgoing
-from ecgbridge.worker.jobs import WorkerContext, attachment_bytes, load_ecg
+from ecgbridge.worker.jobs import WorkerContext, attachment_bytes, load_ecg, render_failed, render_report
 
 __all__ = ["deliver_message", "dead_letter", "backoff_s", "retry_countdown"]
 
@@ -66,6 +67,9 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str, claim
         return None
     dest = ctx.settings.destination(destination)
     result = AnalysisResult.from_dict(stored.result)
+    if dest.wants_report() and not result.attachments and not render_failed(store, message_id, version):
+        # its render task has not run (the sweep sent this delivery first): draw it here, once
+        result = replace(result, attachments=render_report(ctx, message_id, version))
     order = store.order_for_message(row.id)
     outgoing = Outgoing(
         message_id=row.id,

@@ -11,16 +11,18 @@ import json
 import logging
 import math
 import os
+import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ecgbridge.core.queue import Dispatcher
 from ecgbridge.core.settings import Route, Settings, load_settings
 from ecgbridge.core.states import FINAL_MESSAGE_STATES, NO_DELIVERY_FLAG, DeliveryState, MessageState
-from ecgbridge.core.store import MessageRow, MessageStore, TimingStage, record_timings
+from ecgbridge.core.store import MessageRow, MessageStore, ResultVersion, TimingStage, record_timings
 from ecgbridge.errors import EcgBridgeError, InputError, ModelError
 from ecgbridge.inference.models import ModelRegistry
 from ecgbridge.inference.pipeline import analyse_ecg, needs_ehr_context
@@ -30,12 +32,19 @@ from ecgbridge.mapping.readers import read_ecg_bytes
 from ecgbridge.outbound.ehr_fetch import EhrFetcher
 from ecgbridge.worker.senders import SenderPool
 
+if TYPE_CHECKING:
+    from ecgbridge.inference.explain import CamSet
+
 __all__ = [
     "WorkerContext",
     "analyse_message",
     "reanalyse_message",
-    "attach_explanations",
     "attachment_bytes",
+    "pending_deliveries",
+    "render_failed",
+    "report_pending",
+    "render_report",
+    "save_heatmaps",
     "ehr_context_for",
     "load_ecg",
 ]
@@ -179,7 +188,7 @@ def _analysis(
     result = analyse_ecg(ecg, ctx.registry, route.models, message_id=row.id, ehr=ehr, timings=model_seconds)
     stages[TimingStage.ANALYSIS] = time.perf_counter() - t
     t = time.perf_counter()
-    result = attach_explanations(ctx, row.id, ecg, result)
+    save_heatmaps(ctx, row.id, ecg, result)
     stages[TimingStage.EXPLANATIONS] = time.perf_counter() - t
     return result
 
@@ -269,87 +278,166 @@ def ehr_context_for(ctx: WorkerContext, route: Route, ecg: Ecg, message_id: str)
 #: (content type, title) of the rendered explanations, in the order they are attached.
 REPORT_PDF = ("application/pdf", "AI ECG analysis report (not for clinical use)")
 REPORT_PNG = ("image/png", "12-lead ECG with model heatmap (not for clinical use)")
+#: Event kind of a report that could not be drawn (its detail starts with the result version).
+RENDER_FAILED = "render_failed"
+
+#: One drawing at a time per process: matplotlib's font cache is not made for threads (a delivery
+#: worker's threads may draw a report a sweep sent them before its render task ran).
+_DRAWING = threading.Lock()
 
 
-def attach_explanations(ctx: WorkerContext, message_id: str, ecg: Ecg, result: AnalysisResult) -> AnalysisResult:
-    """Render the PDF report and the PNG page, store both as blobs, list them on the result.
+def _cams(ctx: WorkerContext, message_id: str, ecg: Ecg, result: AnalysisResult) -> CamSet | None:
+    """The class activation maps of the result's first model, when its graph has them and it is still that version."""
+    from ecgbridge.inference.explain import cams_for
 
-    Runs once per message (before the result is saved), whether or not the route has
-    destinations, so ``ecgbridge messages show`` can point at the files. The heatmap
-    is the first output's model's CAM when its graph has one. Rendering is best
-    effort: any failure is recorded as a ``render_failed`` event and the result is
-    returned without attachments; the analysis itself never fails here.
+    if not result.outputs:
+        return None
+    first = result.outputs[0]
+    try:
+        cams = cams_for(ctx.registry.signal_model(first.model), ecg)
+    except ModelError as exc:
+        log.info("no CAM for message %s: %s", message_id, exc)
+        return None
+    if cams is not None and cams.version != first.version:
+        log.info(
+            "no CAM for message %s: %s is now version %s, not %s", message_id, first.model, cams.version, first.version
+        )
+        return None
+    return cams
 
-    The same CAMs are also stored as the message's ``heatmaps`` artifact for the console's
-    ECG viewer (the gateway cannot run models): every class's map on the ECG's time axis
-    (step ``j`` covers ``t0_s + [j, j + 1) * step_s`` seconds of the recording), cut where
-    the recording (or the 10 s shown) ends and normalised 0..1 by the PNG's rule (positive
-    evidence above the map's median, scaled to its maximum), so the viewer and the page
-    shade the same steps. Best effort too: a failure is a ``heatmaps_failed`` event.
+
+def save_heatmaps(ctx: WorkerContext, message_id: str, ecg: Ecg, result: AnalysisResult) -> None:
+    """Store the first model's CAMs as the message's ``heatmaps`` artifact, for the console's ECG viewer.
+
+    Every class's map on the ECG's time axis (step ``j`` covers ``t0_s + [j, j + 1) * step_s``
+    seconds of the recording), cut where the recording (or the 10 s shown) ends and normalised
+    0..1 by the report page's rule (positive evidence above the map's median, scaled to its
+    maximum), so the viewer and the page shade the same steps. Computed with the analysis (the
+    gateway cannot run models); the PDF / PNG report is drawn later, only when wanted
+    (:func:`render_report`). Best effort: a failure is a ``heatmaps_failed`` event.
     """
-    from ecgbridge.inference.explain import cams_for, explained_output, render_both, top_finding
+    from ecgbridge.inference.explain import explained_output, top_finding
 
+    try:
+        cams = _cams(ctx, message_id, ecg, result)
+        if cams is None:
+            return
+        output = explained_output(result, cams)
+        findings = {f.code: f for f in output.findings} if output is not None else {}
+        top = top_finding(output) if output is not None else None
+        n_steps = int(cams.maps.shape[1])
+        step_s = cams.window_s / n_steps  # the model input is the recording's first window_s seconds
+        shown_s = min(cams.window_s, ecg.duration_s, 10.0)  # as the PNG: the viewer shows 10 s too
+        n_shown = max(1, min(n_steps, math.ceil(shown_s / step_s - 1e-9)))
+        classes: dict[str, dict[str, object]] = {}
+        for code, cam in zip(cams.classes, cams.maps):
+            shown = np.nan_to_num(np.asarray(cam[:n_shown], dtype=np.float64))
+            values = np.clip(shown - max(float(np.median(shown)), 0.0), 0.0, None)
+            peak = float(values.max())
+            finding = findings.get(code)
+            classes[code] = {
+                "display": finding.display if finding is not None else code,
+                "probability": round(float(finding.probability), 4) if finding is not None else None,
+                "present": bool(finding.present) if finding is not None else None,
+                "t0_s": 0.0,
+                "step_s": round(step_s, 6),
+                "values": [round(v, 3) for v in (values / peak if peak > 0 else values).tolist()],
+            }
+        heatmaps = {
+            "model": cams.model,
+            "version": cams.version,
+            "window_s": round(cams.window_s, 6),
+            "top": top.code if top is not None else None,
+            "classes": classes,
+        }
+        ctx.store.save_artifact(message_id, "heatmaps", json.dumps(heatmaps, separators=(",", ":")).encode())
+    except Exception as exc:
+        ctx.store.add_event(message_id, "heatmaps_failed", f"{type(exc).__name__}: {exc}"[:500], level="warning")
+        log.warning("storing the heatmaps of %s failed: %s", message_id, type(exc).__name__)
+
+
+def _latest_version(store: MessageStore, message_id: str) -> ResultVersion | None:
+    saved = [v for v in store.result_versions(message_id) if v.result is not None]
+    return saved[-1] if saved else None
+
+
+def render_failed(store: MessageStore, message_id: str, version: int) -> bool:
+    """Whether drawing result ``version``'s report already failed (it is not tried again by deliveries)."""
+    prefix = f"result version {version}:"
+    return any(e.kind == RENDER_FAILED and e.detail.startswith(prefix) for e in store.events(message_id))
+
+
+def render_report(ctx: WorkerContext, message_id: str, version: int | None = None) -> tuple[Attachment, ...]:
+    """Draw the PDF report and the PNG page of a saved result once, store both, list them on the result.
+
+    Runs only when wanted: before the deliveries of a route whose destinations carry the
+    report (``presented_form``, ``include_report_pdf``), or when a person asks for it in the
+    console. ``version``: the result version (default: the latest saved). Idempotent: a
+    result that lists its report already is returned as it is. The heatmap is the first
+    output's model's CAM, when that model is still the version that made the result.
+    Best effort: a failure is a ``render_failed`` event and no attachments are returned;
+    the deliveries go on without the report.
+    """
+    from ecgbridge.inference.explain import render_both
+
+    store = ctx.store
+    stored = _latest_version(store, message_id) if version is None else store.result_version(message_id, version)
+    if stored is None or stored.result is None:
+        return ()
+    result = AnalysisResult.from_dict(stored.result)
+    if result.attachments:
+        return result.attachments
+    row = store.get(message_id)
+    if row is None:
+        return ()
     started = time.perf_counter()
     try:
-        cams = None
-        if result.outputs:
-            try:
-                cams = cams_for(ctx.registry.signal_model(result.outputs[0].model), ecg)
-            except ModelError as exc:
-                log.info("no CAM for message %s: %s", message_id, exc)
-        if cams is not None:
-            try:
-                output = explained_output(result, cams)
-                findings = {f.code: f for f in output.findings} if output is not None else {}
-                top = top_finding(output) if output is not None else None
-                n_steps = int(cams.maps.shape[1])
-                step_s = cams.window_s / n_steps  # the model input is the recording's first window_s seconds
-                shown_s = min(cams.window_s, ecg.duration_s, 10.0)  # as the PNG: the viewer shows 10 s too
-                n_shown = max(1, min(n_steps, math.ceil(shown_s / step_s - 1e-9)))
-                classes: dict[str, dict[str, object]] = {}
-                for code, cam in zip(cams.classes, cams.maps):
-                    shown = np.nan_to_num(np.asarray(cam[:n_shown], dtype=np.float64))
-                    values = np.clip(shown - max(float(np.median(shown)), 0.0), 0.0, None)
-                    peak = float(values.max())
-                    finding = findings.get(code)
-                    classes[code] = {
-                        "display": finding.display if finding is not None else code,
-                        "probability": round(float(finding.probability), 4) if finding is not None else None,
-                        "present": bool(finding.present) if finding is not None else None,
-                        "t0_s": 0.0,
-                        "step_s": round(step_s, 6),
-                        "values": [round(v, 3) for v in (values / peak if peak > 0 else values).tolist()],
-                    }
-                heatmaps = {
-                    "model": cams.model,
-                    "version": cams.version,
-                    "window_s": round(cams.window_s, 6),
-                    "top": top.code if top is not None else None,
-                    "classes": classes,
-                }
-                ctx.store.save_artifact(message_id, "heatmaps", json.dumps(heatmaps, separators=(",", ":")).encode())
-            except Exception as exc:
-                ctx.store.add_event(
-                    message_id, "heatmaps_failed", f"{type(exc).__name__}: {exc}"[:500], level="warning"
-                )
-                log.warning("storing the heatmaps of %s failed: %s", message_id, type(exc).__name__)
-        png, pdf = render_both(ecg, result, cams)  # measurements: those the outputs carry
+        ecg = load_ecg(store, row)
+        with _DRAWING:
+            png, pdf = render_both(ecg, result, _cams(ctx, message_id, ecg, result))  # measurements: the outputs'
+
         attachments = []
         for (content_type, title), data in ((REPORT_PDF, pdf), (REPORT_PNG, png)):
-            sha, size = ctx.store.save_blob(data)
+            sha, size = store.save_blob(data)
             attachments.append(Attachment(content_type=content_type, title=title, blob_sha256=sha, size=size))
+        store.attach_to_result(message_id, stored.version, [a.__dict__.copy() for a in attachments])
     except Exception as exc:
-        ctx.store.add_event(message_id, "render_failed", f"{type(exc).__name__}: {exc}"[:500], level="warning")
-        log.warning("rendering the explanation of %s failed: %s", message_id, type(exc).__name__)
-        return result
-    log.debug(
-        "rendered message %s in %.0f ms (pdf %d B, png %d B)",
-        message_id,
-        (time.perf_counter() - started) * 1000,
-        len(pdf),
-        len(png),
-    )
-    return replace(result, attachments=result.attachments + tuple(attachments))
+        detail = f"result version {stored.version}: {type(exc).__name__}: {exc}"
+        store.add_event(message_id, RENDER_FAILED, detail[:500], level="warning")
+        log.warning("drawing the report of %s failed: %s", message_id, type(exc).__name__)
+        return ()
+    log.debug("drew the report of message %s in %.0f ms", message_id, (time.perf_counter() - started) * 1000)
+    saved = store.result_version(message_id, stored.version)  # the first render's list, if two raced
+    return AnalysisResult.from_dict(saved.result).attachments if saved and saved.result else tuple(attachments)
+
+
+def pending_deliveries(ctx: WorkerContext, message_id: str) -> list[str]:
+    """Destinations of the message whose delivery of its latest result version is still to do."""
+    stored = _latest_version(ctx.store, message_id)
+    version = stored.version if stored is not None else 1
+    known = {d.name for d in ctx.settings.destinations}
+    return [
+        d.destination
+        for d in ctx.store.deliveries(message_id)
+        if d.state == DeliveryState.PENDING and (d.version or 1) == version and d.destination in known
+    ]
+
+
+def report_pending(ctx: WorkerContext, message_id: str, destinations: list[str]) -> list[str]:
+    """Those of ``destinations`` that carry the report when the latest result does not list it yet."""
+    wanting = []
+    for name in destinations:
+        try:
+            if ctx.settings.destination(name).wants_report():
+                wanting.append(name)
+        except EcgBridgeError:  # left the configuration: its delivery job says so
+            continue
+    if not wanting:
+        return []
+    stored = _latest_version(ctx.store, message_id)
+    if stored is None or stored.result is None or stored.result.get("attachments"):
+        return []
+    return wanting
 
 
 def attachment_bytes(store: MessageStore, result: AnalysisResult) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_process_init
 
-from ecgbridge.core.queue import ANALYSE_TASK, DELIVER_TASK, Dispatcher, make_celery
+from ecgbridge.core.queue import ANALYSE_TASK, DELIVER_TASK, RENDER_TASK, Dispatcher, make_celery
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.states import MessageState
 from ecgbridge.errors import TransientDeliveryError
@@ -94,8 +94,28 @@ def register(app: Celery, settings: Settings) -> None:
                 raise
             raise self.retry(exc=exc, countdown=2**self.request.retries) from exc
         assert ctx.dispatcher is not None  # the task's context always has one
+        held = jobs.report_pending(ctx, message_id, destinations)
         for dest in destinations:
-            ctx.dispatcher.deliver(message_id, dest)
+            if dest not in held:
+                ctx.dispatcher.deliver(message_id, dest)
+        if held:  # drawn in its own task, then those deliveries go
+            ctx.dispatcher.render(message_id, then_deliver=True)
+
+    @app.task(name=RENDER_TASK, bind=True, base=WorkerTask, max_retries=5)  # type: ignore[untyped-decorator]
+    def render(self: WorkerTask, message_id: str, then_deliver: bool = False) -> None:
+        """Draw the report of the latest result (once); then, if asked, send the deliveries that carry it."""
+        ctx = self.context
+        try:
+            jobs.render_report(ctx, message_id)
+            destinations = jobs.pending_deliveries(ctx, message_id) if then_deliver else []
+        except Exception as exc:  # store or broker trouble: retry; the deliveries' own jobs draw it otherwise
+            if self.request.retries >= (self.max_retries or 0):
+                raise
+            raise self.retry(exc=exc, countdown=2**self.request.retries) from exc
+        assert ctx.dispatcher is not None
+        for dest in destinations:
+            if ctx.settings.destination(dest).wants_report():
+                ctx.dispatcher.deliver(message_id, dest)
 
     @app.task(name=DELIVER_TASK, bind=True, base=WorkerTask, max_retries=None)  # type: ignore[untyped-decorator]
     def deliver(self: WorkerTask, message_id: str, destination: str) -> None:

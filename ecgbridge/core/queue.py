@@ -19,13 +19,24 @@ from celery import Celery
 from ecgbridge.core.settings import Settings
 from ecgbridge.errors import StorageError
 
-__all__ = ["ANALYSE_TASK", "DELIVER_TASK", "DELIVERY_QUEUE", "QUEUE", "QUEUES", "Dispatcher", "make_celery"]
+__all__ = [
+    "ANALYSE_TASK",
+    "DELIVER_TASK",
+    "DELIVERY_QUEUE",
+    "QUEUE",
+    "QUEUES",
+    "RENDER_TASK",
+    "Dispatcher",
+    "make_celery",
+]
 
 log = logging.getLogger("ecgbridge.dispatch")
 
 #: Celery task names: stable across releases, so tasks queued before an upgrade still run.
 ANALYSE_TASK = "ecgbridge.analyse"
 DELIVER_TASK = "ecgbridge.deliver"
+#: Draws a result's PDF / PNG report (CPU work, on the analysis queue), then sends the deliveries waiting for it.
+RENDER_TASK = "ecgbridge.render"
 #: The analysis queue (CPU-bound work), and the queue of every task enqueued before deliveries had their own.
 QUEUE = "ecgbridge"
 #: Deliveries: network I/O that waits on the receiver, served by a thread pool
@@ -75,6 +86,10 @@ class Dispatcher:
     def analyse(self, message_id: str) -> None:
         self._send(ANALYSE_TASK, [message_id], QUEUE)
 
+    def render(self, message_id: str, *, then_deliver: bool = False) -> None:
+        """Draw the report of the message's latest result; ``then_deliver``: enqueue the deliveries that carry it."""
+        self._send(RENDER_TASK, [message_id, then_deliver], QUEUE)
+
     def deliver(self, message_id: str, destination: str, countdown: float | None = None) -> None:
         self._send(DELIVER_TASK, [message_id, destination], DELIVERY_QUEUE, countdown=countdown)
 
@@ -103,7 +118,7 @@ class Dispatcher:
         except Exception:  # unreachable now: the next sweep asks again
             return None
 
-    def _send(self, name: str, args: list[str], queue: str, countdown: float | None = None) -> None:
+    def _send(self, name: str, args: list[Any], queue: str, countdown: float | None = None) -> None:
         try:
             self.app.send_task(
                 name,

@@ -452,6 +452,14 @@ class DestinationConfig(_Strict):
     name: str
     type: str
 
+    def wants_report(self) -> bool:
+        """Whether what this destination is sent carries the rendered PDF / PNG report.
+
+        The report is drawn only for results a destination (or a person) wants it for: a
+        route whose destinations all say no analyses without rendering anything.
+        """
+        return False
+
 
 class FhirDestination(DestinationConfig):
     type: Literal["fhir"] = "fhir"
@@ -461,9 +469,14 @@ class FhirDestination(DestinationConfig):
     timeout_s: float = Field(10.0, gt=0)
     #: Identifier system of DICOM PatientID values in this EHR (used to find the Patient).
     patient_identifier_system: str = "urn:ecgbridge:patient-id"
+    #: auto: transaction when the server's CapabilityStatement lists the transaction
+    #: interaction, else individual (asked once per worker process and destination);
     #: individual: one conditional create per resource (works with every server);
     #: transaction: the report and its Observations in one atomic transaction Bundle.
-    write_mode: Literal["individual", "transaction"] = "individual"
+    write_mode: Literal["auto", "individual", "transaction"] = "auto"
+    #: Send the rendered report (PDF, then the PNG page) as the DiagnosticReport's presentedForm.
+    #: false: the report is not drawn for this destination (nor is the analysis held for it).
+    presented_form: bool = True
     #: separate: one Observation per global measurement (heart rate, PR, QRS, QT, QTc, axes);
     #: panel: one Observation (LOINC 34534-8) with a component each, a third of the requests.
     measurements: Literal["separate", "panel"] = "separate"
@@ -482,6 +495,9 @@ class FhirDestination(DestinationConfig):
         _require_https(self.base_url, self.allow_insecure_http)
         return self
 
+    def wants_report(self) -> bool:
+        return self.presented_form
+
 
 class Hl7Destination(DestinationConfig):
     """An HL7 v2 receiver (the EHR's interface engine) that takes ORU^R01 over MLLP."""
@@ -496,10 +512,13 @@ class Hl7Destination(DestinationConfig):
     sending_facility: str = ""
     receiving_application: str = ""
     receiving_facility: str = ""
-    #: Attach the PDF report (OBX ED) when one exists.
+    #: Attach the PDF report (OBX ED); false: the report is not drawn for this destination.
     include_report_pdf: bool = True
     #: MLLP over TLS to the receiver; null: plain TCP.
     tls: ClientTls | None = None
+
+    def wants_report(self) -> bool:
+        return self.include_report_pdf
 
 
 class EhrSource(_Strict):

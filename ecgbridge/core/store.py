@@ -691,6 +691,28 @@ class MessageStore:
             )
             return bool(getattr(done, "rowcount", 0))
 
+    def attach_to_result(self, message_id: str, version: int, attachments: builtins.list[dict[str, Any]]) -> bool:
+        """List the rendered report files on a saved result version; False when it already lists some.
+
+        The report is drawn after the analysis (when a destination or a person asks for it), so
+        its files join the stored result afterwards; a second render of the same version (a
+        redelivered task, two people opening it at once) leaves the first one's list alone.
+        """
+        with self.session() as s, s.begin():
+            row: ResultRow | ResultVersionRow | None
+            if version <= 1:
+                row = s.get(ResultRow, message_id, with_for_update=True)
+            else:
+                row = s.scalar(
+                    select(ResultVersionRow)
+                    .where(ResultVersionRow.message_id == message_id, ResultVersionRow.version == version)
+                    .with_for_update()
+                )
+            if row is None or row.result is None or row.result.get("attachments"):
+                return False
+            row.result = {**row.result, "attachments": attachments}  # a new dict: JSON columns track assignment
+            return True
+
     def fail_version(self, message_id: str, version: int, error: str) -> None:
         """Mark a waiting re-analysis failed; the next request asks for the same version again."""
         with self.session() as s, s.begin():

@@ -12,14 +12,14 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from ecgbridge.core.accounts import Principal, Role
 from ecgbridge.core.operations import ActionError, Reanalysis, reanalyse, replay_dead_letters, retry_delivery
 from ecgbridge.core.queries import MessageFilter, search_messages
 from ecgbridge.core.retention import PRUNED_DETAIL, is_pruned
 from ecgbridge.core.store import MessageRow, MessageStore
-from ecgbridge.errors import EcgBridgeError
+from ecgbridge.errors import EcgBridgeError, StorageError
 from ecgbridge.gateway.console.auth import require
 from ecgbridge.gateway.console.context import ConsoleContext, context_of
 
@@ -209,6 +209,36 @@ def get_attachment(message_id: str, index: int, request: Request, ctx: Ctx, who:
     return Response(
         data, media_type=kind, headers={"Content-Disposition": f'inline; filename="{row.id}-{index}.{ext}"'}
     )
+
+
+def request_report(ctx: ConsoleContext, who: Principal, request: Request, message_id: str) -> bool:
+    """Have the report of the message's latest result drawn (a worker's render task); True if already drawn.
+
+    Reports are drawn only when a destination or a person wants one: this is the person.
+    Audited as ``draw_report``; a message not analysed (or pruned) is a 409 / 410 problem.
+    """
+    row = _row_or_404(ctx.store, message_id[:64])
+    if is_pruned(row):
+        raise HTTPException(410, PRUNED_DETAIL)
+    stored = ctx.store.get_result(row.id)
+    if stored is None:
+        raise HTTPException(409, f"message {row.id} has no result to draw a report of (state {row.state})")
+    if stored.result.get("attachments"):
+        return True
+    try:
+        ctx.dispatcher.render(row.id)
+    except StorageError as exc:
+        ctx.audit(who, "draw_report", request, target=row.id, outcome="failed", note=str(exc))
+        raise HTTPException(503, f"the report could not be asked for: {exc}") from exc
+    ctx.audit(who, "draw_report", request, target=row.id)
+    return False
+
+
+@router.post("/messages/{message_id}/report", summary="Have the result's PDF / PNG report drawn (viewer)")
+def post_report(message_id: str, request: Request, ctx: Ctx, who: Viewer) -> JSONResponse:
+    """202 while a worker draws it (its files then appear in the message's ``result.attachments``); 200 when drawn."""
+    drawn = request_report(ctx, who, request, message_id)
+    return JSONResponse({"drawn": drawn}, status_code=200 if drawn else 202)
 
 
 def _action(ctx: ConsoleContext, who: Principal, request: Request, action: str, target: str, run: Any) -> Any:

@@ -19,7 +19,7 @@ from ecgbridge.core.routing import route_criteria
 from ecgbridge.core.states import DeliveryState, MessageState, Source
 from ecgbridge.errors import EcgBridgeError
 from ecgbridge.gateway.console import dashboard
-from ecgbridge.gateway.console.api import message_detail, message_filter, request_reanalysis
+from ecgbridge.gateway.console.api import message_detail, message_filter, request_reanalysis, request_report
 from ecgbridge.gateway.console.auth import SESSION_COOKIE, LoginThrottle, Sessions, require
 from ecgbridge.gateway.console.context import ConsoleContext, context_of
 from ecgbridge.gateway.console.oidc import sign_in_options
@@ -177,6 +177,7 @@ def message_page(message_id: str, request: Request, ctx: Ctx, who: Viewer) -> HT
         message_id=row.id,
         show_viewer=patient is not None,
         can_operate=who.allows(Role.OPERATOR),
+        drawing=request.query_params.get("drawing") == "1",
     )
 
 
@@ -190,6 +191,12 @@ def retry_page(message_id: str, destination: str, request: Request, ctx: Ctx, wh
         raise HTTPException(exc.status, str(exc)) from exc
     ctx.audit(who, "retry_delivery", request, target=target)
     return RedirectResponse(f"/messages/{message_id[:64]}", status_code=303)
+
+
+@router.post("/messages/{message_id}/report", response_class=HTMLResponse)
+def report_page(message_id: str, request: Request, ctx: Ctx, who: Viewer) -> Response:
+    drawn = request_report(ctx, who, request, message_id)
+    return RedirectResponse(f"/messages/{message_id[:64]}" + ("" if drawn else "?drawing=1"), status_code=303)
 
 
 @router.post("/messages/{message_id}/reanalyse", response_class=HTMLResponse)

@@ -1,7 +1,7 @@
 """The ECG viewer's data: a message's samples, study facts and stored heatmaps, as JSON.
 
 The gateway cannot run models, so the heatmaps are what the worker stored with the analysis
-(the ``heatmaps`` artifact, see ``ecgbridge.worker.jobs.attach_explanations``); the samples are
+(the ``heatmaps`` artifact, see ``ecgbridge.worker.jobs.save_heatmaps``); the samples are
 read from the stored bytes with the same reader the worker uses. Samples are patient data:
 every call is audited (``view_ecg``), and nothing but ids and error types is logged.
 """

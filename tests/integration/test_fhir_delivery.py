@@ -174,3 +174,42 @@ def test_the_measurements_panel_is_one_observation_and_stays_idempotent(server: 
         else:
             assert len(observations) == 9 and "34534-8" not in codes
     assert posts[True] == posts[False] - 7, posts  # eight measurement Observations became one
+
+
+def test_auto_write_mode_follows_the_servers_capability_statement(server: Any, monkeypatch: Any) -> None:
+    """``write_mode: auto`` (the default): transactions where /metadata lists them, asked once; else one by one."""
+    from ecgbridge.core.settings import FhirDestination
+    from ecgbridge.outbound.fhir_sender import FhirSender
+    from tests.support.http_peers import FaultProxy
+
+    monkeypatch.setenv("FHIR_TEST_TOKEN", TOKEN)
+    auth = {"type": "bearer", "token_env": "FHIR_TEST_TOKEN"}
+    assert FhirDestination(name="ehr", base_url=server.base_url).write_mode == "auto"
+
+    def sender_for(base_url: str) -> FhirSender:
+        return FhirSender(FhirDestination(name="ehr", base_url=base_url, auth=auth))
+
+    medplum = sender_for(server.base_url)
+    try:
+        assert medplum.use_transaction(medplum.client()) is True  # its CapabilityStatement lists transaction
+    finally:
+        medplum.close()
+    batch_only = {
+        "resourceType": "CapabilityStatement",
+        "rest": [{"mode": "server", "interaction": [{"code": "batch"}]}],
+    }
+    missing = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]}
+    for answer in ((200, batch_only), (404, missing)):
+        with FaultProxy(server.origin, faults={"metadata": answer}) as proxy:
+            sender = sender_for(proxy.base_url)
+            try:
+                assert sender.use_transaction(sender.client()) is False
+                asked = len(proxy.requests)
+                assert sender.use_transaction(sender.client()) is False  # the answer is kept, not asked again
+                assert len(proxy.requests) == asked == 1
+            finally:
+                sender.close()
+    explicit = FhirSender(
+        FhirDestination(name="ehr", base_url="http://127.0.0.1:9/fhir", write_mode="individual", auth=auth)
+    )
+    assert explicit.use_transaction(explicit.client()) is False  # a configured mode asks nothing (port 9: no server)

@@ -252,6 +252,34 @@ def test_messages_attachment_saves_the_file(capsys, tmp_path):
     assert "has no attachments" in capsys.readouterr().err
 
 
+def test_messages_attachment_draws_a_report_no_destination_wanted(capsys, tmp_path):
+    """Reports are drawn only when wanted: asking for one here draws it, once, and lists it on the result."""
+    from ecgbridge.core.settings import load_settings
+    from ecgbridge.core.store import MessageStore
+    from ecgbridge.inference.models import ModelRegistry
+    from ecgbridge.inference.pipeline import analyse_ecg
+    from ecgbridge.mapping.readers import read_ecg_file
+
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text("data_dir: ./data\n")
+    settings = load_settings(cfg)
+    store = MessageStore(settings.database_url, settings.data_dir)
+    store.create_schema()
+    sha, size = store.save_blob(DICOM_MI.read_bytes())
+    mid = store.record_message(source="dicom", blob_sha256=sha, blob_size=size, route="all-ecg", state="analysed")
+    result = analyse_ecg(read_ecg_file(DICOM_MI), ModelRegistry(), ["diagnosis", "triage"], message_id=mid)
+    store.save_result(mid, result.to_dict(), "diagnosis,triage")
+    target = tmp_path / "report.pdf"
+    assert main(["messages", "attachment", mid, "1", "--out", str(target), "--config", str(cfg)]) == 0
+    assert target.read_bytes().startswith(b"%PDF-")
+    assert "drawing its report" in capsys.readouterr().err
+    listed = store.get_result(mid).result["attachments"]
+    assert [a["content_type"] for a in listed] == ["application/pdf", "image/png"]
+    assert main(["messages", "attachment", mid, "2", "--out", str(tmp_path / "p.png"), "--config", str(cfg)]) == 0
+    assert "drawing" not in capsys.readouterr().err  # drawn once
+    assert store.get_result(mid).result["attachments"] == listed
+
+
 # ----- analyse -------------------------------------------------------------------------------------
 def test_analyse_prints_measurements_with_units(capsys):
     assert main(["analyse", str(DICOM_MI)]) == 0

@@ -277,8 +277,10 @@ def test_without_a_map_there_is_no_artifact_and_the_analysis_is_whole(tmp_path, 
     monkeypatch.setattr(ecgbridge.inference.explain, "cams_for", lambda model, ecg: None)
     ctx, mid = _analysed(tmp_path, "dicom/ptbxl_00024_norm_12lead.dcm", "dicom")
     assert ctx.store.artifact(mid, "heatmaps") is None and viewer_payload(ctx.store, mid)["heatmaps"] is None
-    stored = ctx.store.get_result(mid).result
-    assert [a["content_type"] for a in stored["attachments"]] == ["application/pdf", "image/png"]
+    assert ctx.store.get_result(mid).result["outputs"]
+    from ecgbridge.worker.jobs import render_report
+
+    assert [a.content_type for a in render_report(ctx, mid)] == ["application/pdf", "image/png"]  # drawn without one
 
 
 def test_a_heatmap_failure_does_not_fail_the_analysis_or_the_page(tmp_path, monkeypatch) -> None:
@@ -293,7 +295,7 @@ def test_a_heatmap_failure_does_not_fail_the_analysis_or_the_page(tmp_path, monk
     mid = _record(ctx.store, _fixture("dicom/ptbxl_00024_norm_12lead.dcm"), "dicom")
     analyse_message(ctx, mid)
     stored = ctx.store.get_result(mid)
-    assert stored is not None and stored.result["outputs"] and len(stored.result["attachments"]) == 2
+    assert stored is not None and stored.result["outputs"]
     assert ctx.store.get(mid).state == "analysed"
     model = ctx.registry.signal_model(stored.result["outputs"][0]["model"])
     if "cams" in model.manifest.outputs:

@@ -409,27 +409,32 @@ def _context(tmp_path: Path, registry: ModelRegistry | None = None):
     return ctx
 
 
-def test_analyse_message_renders_and_stores_the_attachments(tmp_path) -> None:
-    from ecgbridge.worker.jobs import analyse_message, attachment_bytes
+def test_the_analysis_draws_nothing_and_render_report_draws_once(tmp_path) -> None:
+    from ecgbridge.worker.jobs import analyse_message, attachment_bytes, render_report
 
     ctx = _context(tmp_path)
     data = (FIXTURES / "dicom" / "ptbxl_00024_norm_12lead.dcm").read_bytes()
     sha, size = ctx.store.save_blob(data)
     mid = ctx.store.record_message(source="dicom", blob_sha256=sha, blob_size=size, route="all-ecg")
     analyse_message(ctx, mid)
+    assert ctx.store.get_result(mid).result["attachments"] == []  # the report is drawn only when wanted
+    assert ctx.store.artifact(mid, "heatmaps") is not None  # the viewer's maps come with the analysis
+    drawn = render_report(ctx, mid)
     result = AnalysisResult.from_dict(ctx.store.get_result(mid).result)
+    assert result.attachments == drawn
     assert [a.content_type for a in result.attachments] == ["application/pdf", "image/png"]
     blobs = attachment_bytes(ctx.store, result)
     pdf = blobs[result.attachments[0].blob_sha256]
     assert pdf.startswith(b"%PDF-") and pdf_pages(pdf) == 1 and len(pdf) == result.attachments[0].size
     assert blobs[result.attachments[1].blob_sha256].startswith(b"\x89PNG")
-    analyse_message(ctx, mid)  # a redelivered task renders nothing new
+    analyse_message(ctx, mid)  # a redelivered task draws nothing new
+    assert render_report(ctx, mid) == drawn  # nor does a second render
     assert AnalysisResult.from_dict(ctx.store.get_result(mid).result).attachments == result.attachments
 
 
 def test_a_render_failure_does_not_fail_the_analysis(tmp_path, monkeypatch) -> None:
     import ecgbridge.inference.explain
-    from ecgbridge.worker.jobs import analyse_message
+    from ecgbridge.worker.jobs import analyse_message, render_failed, render_report
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts on this machine")
@@ -440,22 +445,28 @@ def test_a_render_failure_does_not_fail_the_analysis(tmp_path, monkeypatch) -> N
     sha, size = ctx.store.save_blob(data)
     mid = ctx.store.record_message(source="dicom", blob_sha256=sha, blob_size=size, route="all-ecg")
     analyse_message(ctx, mid)
+    assert render_report(ctx, mid) == ()
     stored = ctx.store.get_result(mid)
     assert stored is not None and stored.result["attachments"] == [] and stored.result["outputs"]
     assert ctx.store.get(mid).state == "analysed"
     (event,) = [e for e in ctx.store.events(mid) if e.kind == "render_failed"]
     assert "no fonts on this machine" in event.detail and event.level == "warning"
+    assert event.detail.startswith("result version 1: ") and render_failed(ctx.store, mid, 1)
 
 
 def test_deliveries_get_the_bytes_from_the_store(tmp_path) -> None:
     from ecgbridge.core.settings import Hl7Destination
     from ecgbridge.mapping.fhir_report import build_report
     from ecgbridge.mapping.hl7_oru import build_oru_r01
-    from ecgbridge.worker.jobs import attach_explanations, attachment_bytes
+    from ecgbridge.worker.jobs import attachment_bytes, render_report
 
     ctx = _context(tmp_path)
+    data = (FIXTURES / "dicom" / "ptbxl_00024_norm_12lead.dcm").read_bytes()
     ecg = load("dicom/ptbxl_00024_norm_12lead.dcm")
-    result = attach_explanations(ctx, "m-9", ecg, result_with({"NORM": 0.9}, model="diagnosis"))
+    sha, size = ctx.store.save_blob(data)
+    mid = ctx.store.record_message(source="dicom", blob_sha256=sha, blob_size=size, route="all-ecg")
+    ctx.store.save_result(mid, result_with({"NORM": 0.9}, model="diagnosis").to_dict(), "diagnosis")
+    result = replace(result_with({"NORM": 0.9}, model="diagnosis"), attachments=render_report(ctx, mid))
     data = attachment_bytes(ctx.store, result)
     report = build_report(
         result, patient=ecg.patient, study=ecg.study, message_id="m-9", attachments_data=data
