@@ -28,6 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 #: name -> (what it measures, full arguments, --quick arguments, binaries it needs)
 BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
     "inference": ("ONNX Runtime vs PyTorch, per ECG, by batch size", [], ["--seconds", "1"], ()),
+    "render": (
+        "per-ECG analysis and report drawing on one core, beside matplotlib drawing the page alone",
+        ["--rounds", "5"],
+        ["--rounds", "1"],
+        (),
+    ),
     "ingest": (
         "DICOM C-STORE objects/s: ecgbridge vs DCMTK storescp (and a bare pynetdicom SCP)",
         ["--n", "200"],

@@ -539,15 +539,29 @@ def _title(result: AnalysisResult) -> str:
 
 
 def _png_bytes(fig: Figure, dpi: int, title: str) -> bytes:
-    """Draw on Agg and write an 8-bit palette PNG (a quarter of the RGBA size, faster to encode)."""
+    """Draw on Agg (the text by Pillow, :mod:`.raster_text`) and write an 8-bit palette PNG.
+
+    A palette PNG is a quarter of the RGBA size and faster to encode.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image, PngImagePlugin
 
+    from ecgbridge.inference.raster_text import draw_text_with_pillow, pillow_drawable
+
     fig.set_dpi(dpi)
     canvas = FigureCanvasAgg(fig)
-    canvas.draw()  # type: ignore[no-untyped-call]  # matplotlib's backend_agg is unannotated
+    texts = pillow_drawable(fig)
+    for t in texts:
+        t.set_visible(False)
+    try:
+        canvas.draw()  # type: ignore[no-untyped-call]  # matplotlib's backend_agg is unannotated
+    finally:
+        for t in texts:
+            t.set_visible(True)
     image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)  # type: ignore[no-untyped-call]  # as above
-    paletted = image.convert("RGB").quantize(colors=96, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    rgb = image.convert("RGB")
+    draw_text_with_pillow(rgb, texts, dpi)
+    paletted = rgb.quantize(colors=96, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     info = PngImagePlugin.PngInfo()
     info.add_text("Title", title)
     info.add_text("Software", "ecgbridge")
@@ -556,15 +570,44 @@ def _png_bytes(fig: Figure, dpi: int, title: str) -> bytes:
     return buf.getvalue()
 
 
+def _core_fonts_can_write(figures: tuple[Figure, ...]) -> bool:
+    """Whether every text of the pages is in the PDF core fonts' encoding (Windows-1252)."""
+    from matplotlib.text import Text
+
+    try:
+        for page in figures:
+            for t in page.findobj(Text):
+                t.get_text().encode("cp1252")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _pdf_bytes(fig: Figure, title: str, extra_pages: tuple[Figure, ...] = ()) -> bytes:
-    """One PDF: the 12-lead page, then any extra pages (the LVEF page)."""
+    """One PDF: the 12-lead page, then any extra pages (the LVEF page).
+
+    Text is set in the PDF core font Helvetica (not embedded: every reader has it, and
+    subsetting and embedding DejaVu Sans took half of the PDF's time) unless some text is
+    outside its encoding (a patient name in another script): then DejaVu Sans is embedded.
+    """
+    import logging
+
+    import matplotlib
     from matplotlib.backends.backend_pdf import PdfPages
 
+    pages = (fig, *extra_pages)
+    core = _core_fonts_can_write(pages)
     buf = io.BytesIO()
     metadata = {"Title": title, "Creator": "ecgbridge", "Producer": "ecgbridge", "CreationDate": None}
-    with PdfPages(buf, metadata=metadata) as pdf:
-        for page in (fig, *extra_pages):
-            pdf.savefig(page, facecolor="white")
+    font_log = logging.getLogger("matplotlib.font_manager")
+    level = font_log.level
+    font_log.setLevel(logging.ERROR)  # "Helvetica: using medium for normal" on every text, otherwise
+    try:
+        with matplotlib.rc_context({"pdf.use14corefonts": core}), PdfPages(buf, metadata=metadata) as pdf:
+            for page in pages:
+                pdf.savefig(page, facecolor="white")
+    finally:
+        font_log.setLevel(level)
     return buf.getvalue()
 
 

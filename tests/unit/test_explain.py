@@ -189,6 +189,47 @@ def test_png_and_pdf_for_a_real_fixture(cam_model) -> None:
     )  # deterministic
 
 
+def test_the_pngs_text_drawn_by_pillow_sits_where_matplotlib_puts_it() -> None:
+    """The PNG's text is written by Pillow (fast); each artist's ink must fall inside the box matplotlib lays out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    from ecgbridge.inference.explain import PNG_DPI
+    from ecgbridge.inference.raster_text import draw_text_with_pillow, pillow_drawable
+
+    ecg = load("dicom/ptbxl_00622_mi_12lead.dcm")
+    fig = render_figure(ecg, result_with({"MI": 0.8}), None, {"heart_rate": 71, "qrs_duration": 96})
+    fig.set_dpi(PNG_DPI)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    texts = pillow_drawable(fig)
+    assert {"AI ECG ANALYSIS - NOT FOR CLINICAL USE", "V4 (wander)"} <= {t.get_text() for t in texts}
+    renderer = canvas.get_renderer()
+    width, height = canvas.get_width_height()
+    for artist in texts:
+        box = artist.get_window_extent(renderer)
+        blank = Image.new("RGB", (width, height), "white")
+        draw_text_with_pillow(blank, [artist], PNG_DPI)
+        ink = np.argwhere(np.asarray(blank.convert("L")) < 200)
+        assert len(ink), artist.get_text()
+        top, left = ink.min(axis=0)
+        bottom, right = ink.max(axis=0)
+        slack = 0.35 * artist.get_fontsize() * PNG_DPI / 72  # glyph outlines differ from the layout box by a little
+        assert left >= box.x0 - slack and right <= box.x1 + slack, artist.get_text()
+        assert top >= height - box.y1 - slack and bottom <= height - box.y0 + slack, artist.get_text()
+
+
+def test_the_pdf_uses_the_core_font_unless_a_text_is_outside_its_encoding() -> None:
+    ecg = load("dicom/ptbxl_00622_mi_12lead.dcm")
+    latin = render_pdf(ecg, result_with({"MI": 0.8}))
+    assert b"/BaseFont /Helvetica" in latin and b"DejaVu" not in latin  # not embedded: every reader has it
+    foreign = replace(
+        ecg, patient=replace(ecg.patient, id="\u03a9-0042")
+    )  # a patient id with a Greek letter (outside Windows-1252)
+    embedded = render_pdf(foreign, result_with({"MI": 0.8}))
+    assert b"DejaVu" in embedded and b"/BaseFont /Helvetica" not in embedded
+
+
 def test_page_names_patient_id_and_time_but_not_the_name() -> None:
     ecg = load("dicom/ptbxl_00622_mi_12lead.dcm")
     assert ecg.patient.name and ecg.patient.id
