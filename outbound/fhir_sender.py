@@ -12,7 +12,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import httpx
 
@@ -20,7 +20,7 @@ from ecgbridge.core.settings import DEFAULT_SMART_WRITE_SCOPE, DestinationConfig
 from ecgbridge.core.tls import connection_context
 from ecgbridge.errors import MappingError, PermanentDeliveryError
 from ecgbridge.mapping.ecg import Patient
-from ecgbridge.mapping.fhir_report import ReportBundle, build_report, resolve_references
+from ecgbridge.mapping.fhir_report import ReportBundle, build_report, operation_outcome_text, resolve_references
 from ecgbridge.outbound.fhir_auth import build_auth
 from ecgbridge.outbound.fhir_client import (
     FhirClient,
@@ -31,9 +31,26 @@ from ecgbridge.outbound.fhir_client import (
 )
 from ecgbridge.outbound.sender import Outgoing, Sender, register_sender
 
-__all__ = ["FhirSender", "deliver_report", "deliver_revision", "resolve_patient", "supports_transactions"]
+__all__ = ["FhirSender", "deliver_report", "deliver_revision", "resolve_patient", "system_interactions"]
 
 log = logging.getLogger("ecgbridge.outbound")
+
+
+class FhirBundleRefused(FhirPermanentError):
+    """The server refused a whole transaction or batch Bundle (a 4xx to its POST): nothing of it was written."""
+
+
+def _post_bundle(client: FhirClient, body: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        return client.transaction(body)
+    except FhirBundleRefused:
+        raise
+    except FhirPermanentError as exc:
+        raise FhirBundleRefused(str(exc), status=exc.status, outcome=exc.outcome) from exc
+
+
+#: How a report is written to a FHIR server (``destinations[].write_mode`` less ``auto``).
+WriteMode = Literal["individual", "batch", "transaction"]
 
 
 @register_sender
@@ -43,7 +60,8 @@ class FhirSender(Sender):
     One HTTP client per sender (per destination and worker process), shared by the delivery
     threads, so consecutive reports reuse its connections (and TLS sessions). With
     ``write_mode: auto`` the server's CapabilityStatement is read once: a server that lists
-    the ``transaction`` interaction gets each report as one transaction Bundle.
+    the ``transaction`` interaction gets each report as one transaction Bundle, one that
+    lists ``batch`` a batch Bundle per layer of references (Devices, Observations, the report).
     """
 
     type = "fhir"
@@ -51,8 +69,8 @@ class FhirSender(Sender):
     _auth_obj: httpx.Auth | None = None
     _tls_context: ssl.SSLContext | None = None
     _client: FhirClient | None = None
-    #: What the CapabilityStatement said about transactions; None until it has been read.
-    _transactions: bool | None = None
+    #: The write modes the server offers, best first (from its CapabilityStatement); None until read.
+    _modes: list[str] | None = None
 
     def __init__(self, config: DestinationConfig) -> None:
         super().__init__(config)
@@ -95,29 +113,46 @@ class FhirSender(Sender):
             if callable(closer):
                 closer()
 
-    def use_transaction(self, client: FhirClient) -> bool:
-        """Whether this report goes as one transaction Bundle (``write_mode``, or the server's word for ``auto``)."""
+    def write_mode(self, client: FhirClient) -> WriteMode:
+        """How this report is written: ``write_mode``, or for ``auto`` what the server's CapabilityStatement lists.
+
+        ``auto`` takes ``transaction`` when the statement lists it, else ``batch``, else
+        ``individual``; it is read once per sender (asked again after a transient failure).
+        """
         mode = cast(FhirDestination, self.config).write_mode
         if mode != "auto":
-            return mode == "transaction"
-        if self._transactions is None:
+            return mode
+        if self._modes is None:
             try:
-                said = supports_transactions(client.capabilities())
-            except FhirTransientError as exc:  # not now: individual requests this time, ask again next time
+                capability = client.capabilities()
+            except FhirTransientError as exc:  # not now: one by one this time, ask again next time
                 log.info("destination %s: CapabilityStatement not read (%s)", self.config.name, type(exc).__name__)
-                return False
-            except FhirPermanentError as exc:  # no usable /metadata: individual requests from now on
-                log.info("destination %s: no CapabilityStatement (%s): one request per resource", self.config.name, exc)
-                said = False
-            self._transactions = said
-            log.info(
-                "destination %s: %s",
-                self.config.name,
-                "transaction Bundles (the server lists the transaction interaction)"
-                if said
-                else "one conditional create per resource (the server lists no transaction interaction)",
-            )
-        return self._transactions
+                return "individual"
+            except FhirPermanentError as exc:  # no usable /metadata: one by one from now on
+                log.info("destination %s: no CapabilityStatement (%s)", self.config.name, exc)
+                capability = {}
+            self._modes = [m for m in ("transaction", "batch") if m in system_interactions(capability)] + ["individual"]
+            log.info("destination %s: reports written as %s", self.config.name, " or ".join(self._modes))
+        return cast(WriteMode, self._modes[0])
+
+    def _refused(self, mode: str, exc: FhirBundleRefused) -> bool:
+        """In ``auto``, a server that refuses a whole transaction or batch (4xx) gets the next mode from now on.
+
+        Safe to fall back at once: a refused transaction wrote nothing, and a batch's entries
+        are conditional creates the next mode finds. Medplum, for one, lists transactions
+        but refuses those of more than 8 conditional entries.
+        """
+        if cast(FhirDestination, self.config).write_mode != "auto" or self._modes is None or mode not in self._modes:
+            return False
+        self._modes = [m for m in self._modes if m != mode]
+        log.warning(
+            "destination %s refused a %s (%s): reports are written as %s from now on",
+            self.config.name,
+            mode,
+            exc.status or "?",
+            self._modes[0],
+        )
+        return True
 
     def send(self, outgoing: Outgoing) -> str:
         dest = cast(FhirDestination, self.config)
@@ -140,34 +175,45 @@ class FhirSender(Sender):
             raise PermanentDeliveryError(str(exc)) from exc
         if version > 1:
             return deliver_revision(client, bundle)
-        return deliver_report(client, bundle, transaction=self.use_transaction(client))
+        while True:
+            mode = self.write_mode(client)
+            try:
+                return deliver_report(client, bundle, mode=mode)
+            except FhirBundleRefused as exc:
+                if not self._refused(mode, exc):
+                    raise
 
 
-def supports_transactions(capability: Mapping[str, Any]) -> bool:
-    """Whether a CapabilityStatement lists the system-level ``transaction`` interaction of a server."""
+def system_interactions(capability: Mapping[str, Any]) -> set[str]:
+    """The system-level interactions (transaction, batch, ...) a CapabilityStatement lists for the server."""
+    codes: set[str] = set()
     for rest in capability.get("rest") or []:
         if isinstance(rest, Mapping) and rest.get("mode", "server") == "server":
-            codes = {i.get("code") for i in rest.get("interaction") or [] if isinstance(i, Mapping)}
-            if "transaction" in codes:
-                return True
-    return False
+            codes |= {str(i.get("code")) for i in rest.get("interaction") or [] if isinstance(i, Mapping)}
+    return codes
 
 
-def deliver_report(client: FhirClient, bundle: ReportBundle, *, transaction: bool = False) -> str:
+def deliver_report(client: FhirClient, bundle: ReportBundle, *, mode: WriteMode = "individual") -> str:
     """Write ``bundle`` to the server idempotently; returns "DiagnosticReport/<id>".
 
-    ``transaction``: Devices, Observations and the report go in one FHIR transaction (one
-    POST, atomic, each entry a conditional create), then the Provenance as below; for
-    servers that support transactions. Otherwise one request per resource:
+    ``mode``:
+
+    * ``transaction``: Devices, Observations and the report in one FHIR transaction (one
+      POST, atomic, each entry a conditional create), then the Provenance as below;
+    * ``batch``: one batch Bundle per layer of references (the Devices, then the
+      Observations that point at them, then the report), each entry a conditional create:
+      3 requests instead of one per resource, on servers without (large) transactions;
+    * ``individual``: one conditional create per resource.
 
     Order follows the references: Devices, Observations (device -> server id), the
     report (results -> server ids), then a Provenance unless one already targets the
     report. Each step is a conditional create, so a retry after a crash anywhere
-    finishes the job without duplicates (two workers racing on one message can still
-    both create; delivery runs once per message id).
+    finishes the job without duplicates (delivery claims keep two tasks from racing).
     """
-    if transaction:
+    if mode == "transaction":
         return _provenance(client, bundle, _transaction(client, bundle))
+    if mode == "batch":
+        return _provenance(client, bundle, _batches(client, bundle))
     refs: dict[str, str] = {}
     for planned in bundle.all_planned():
         resource = resolve_references(planned.resource, refs)
@@ -264,26 +310,96 @@ def _transaction(client: FhirClient, bundle: ReportBundle) -> dict[str, str]:
             for p in planned
         ],
     }
-    response = client.transaction(body)
+    response = _post_bundle(client, body)
     answers = response.get("entry") or []
     if response.get("type") != "transaction-response" or len(answers) != len(planned):
         raise FhirPermanentError(
             f"FHIR transaction: expected a transaction-response with {len(planned)} entries, got "
             f"{response.get('type')!r} with {len(answers)}"
         )
+    return {p.placeholder: _entry_ref(p.resource_type, answer, "transaction") for p, answer in zip(planned, answers)}
+
+
+def _batches(client: FhirClient, bundle: ReportBundle) -> dict[str, str]:
+    """POST the planned resources as batch Bundles, one per layer of references; placeholder -> "Type/id".
+
+    A batch does not resolve ``urn:uuid:`` references between its entries (FHIR R4 batch
+    rules), so each layer goes once the ids it refers to are known. An entry the server
+    refused fails the delivery like a single request would (retried for 408 / 429 / 5xx);
+    the entries it took are found again by their conditional creates on the retry.
+    """
+    pending = list(bundle.all_planned())
     refs: dict[str, str] = {}
-    for p, answer in zip(planned, answers):
-        result = answer.get("response") or {}
-        status = str(result.get("status", "")).split(" ", 1)[0]
-        ref = ref_from_location(result["location"], p.resource_type) if result.get("location") else None
-        if ref is None and isinstance(answer.get("resource"), dict) and answer["resource"].get("id"):
-            ref = f"{p.resource_type}/{answer['resource']['id']}"
-        if status not in ("200", "201") or ref is None:
+    while pending:
+        layer = [p for p in pending if _placeholders_in(p.resource) <= refs.keys()]
+        if not layer:
+            raise FhirPermanentError("FHIR batch: the report's resources refer to each other in a circle")
+        resources = [resolve_references(p.resource, refs) for p in layer]
+        body = {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [
+                {
+                    "resource": resource,
+                    "request": {
+                        "method": "POST",
+                        "url": p.resource_type,
+                        **({"ifNoneExist": p.if_none_exist} if p.if_none_exist else {}),
+                    },
+                }
+                for p, resource in zip(layer, resources)
+            ],
+        }
+        response = _post_bundle(client, body)
+        answers = response.get("entry") or []
+        if response.get("type") != "batch-response" or len(answers) != len(layer):
             raise FhirPermanentError(
-                f"FHIR transaction: the {p.resource_type} entry answered {status or '?'} without a resource id"
+                f"FHIR batch: expected a batch-response with {len(layer)} entries, got "
+                f"{response.get('type')!r} with {len(answers)}"
             )
-        refs[p.placeholder] = ref
+        for p, answer in zip(layer, answers):
+            refs[p.placeholder] = _entry_ref(p.resource_type, answer, "batch")
+        pending = [p for p in pending if p.placeholder not in refs]
     return refs
+
+
+def _entry_ref(resource_type: str, answer: Mapping[str, Any], kind: str) -> str:
+    """ "Type/id" from one entry of a batch-response; a refused entry raises as its status says."""
+    result = answer.get("response") or {}
+    status = str(result.get("status", "")).split(" ", 1)[0]
+    ref = ref_from_location(result["location"], resource_type) if result.get("location") else None
+    if ref is None and isinstance(answer.get("resource"), Mapping) and answer["resource"].get("id"):
+        ref = f"{resource_type}/{answer['resource']['id']}"
+    if status in ("200", "201") and ref is not None:
+        return ref
+    outcome = result.get("outcome") if isinstance(result.get("outcome"), Mapping) else None
+    detail = operation_outcome_text(outcome) if outcome else None
+    message = f"FHIR {kind}: the {resource_type} entry answered {status or '?'}" + (
+        f": {detail}" if detail else " without a resource id"
+    )
+    code = int(status) if status.isdigit() else None
+    if code is not None and (code in (408, 429) or code >= 500):
+        raise FhirTransientError(message, status=code)
+    raise FhirPermanentError(message, status=code)
+
+
+def _placeholders_in(resource: Mapping[str, Any]) -> set[str]:
+    """The ``urn:uuid:`` references a planned resource makes to others of its bundle."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            ref = node.get("reference")
+            if isinstance(ref, str) and ref.startswith("urn:uuid:"):
+                found.add(ref)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(resource)
+    return found
 
 
 def _no_placeholders(resource: Mapping[str, Any]) -> None:

@@ -6,8 +6,19 @@ for send + ACK) is the whole job; python-hl7's asyncio client would need an even
 loop per send for no gain, and its blocking ``MLLPClient`` has no timeouts at all and
 does one ``send()`` and one ``recv()`` (a partial send or an ACK split across TCP
 segments is lost). python-hl7 stays a test dependency: it plays the EHR.
-One connection per message: nothing to keep alive between retries that may be
-minutes apart, and a receiver that closed an idle connection cannot eat a message.
+
+Connections: :func:`send_message` opens one per message. :class:`MllpConnection` keeps
+one open per destination for the messages that follow (the HL7 sender's default), one
+message at a time under a lock, so frames and ACKs never interleave and the messages to
+a receiver go out in order. It is checked before each reuse; when the receiver had
+closed it (an idle timeout on its side), the message goes out on a new connection. A
+send on a reused connection that fails before a byte of an answer came back (the
+receiver had closed or reset it just then) is sent once more on a new connection: the
+receiver never acknowledged it, and the same MSH-10 lets it drop a duplicate. A timeout,
+an answer cut short, something that is not an ACK or an ACK for another message drop the
+connection (the stream can no longer be trusted) and fail the send as usual, for the
+delivery retries; nothing is resent within the call. An idle connection is closed after
+``idle_close_s``.
 
 Outcomes (original and enhanced acknowledgment codes alike)::
 
@@ -26,6 +37,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,7 +49,7 @@ from ecgbridge.mapping.hl7_common import START_BLOCK, Separators, frame, read_he
 if TYPE_CHECKING:
     from ecgbridge.core.settings import Hl7Destination
 
-__all__ = ["Ack", "parse_ack", "send_oru", "send_message", "MAX_ACK_BYTES"]
+__all__ = ["Ack", "parse_ack", "send_oru", "send_message", "MllpConnection", "MAX_ACK_BYTES"]
 
 log = logging.getLogger("ecgbridge.mllp_client")
 
@@ -148,10 +160,18 @@ def _control_id(message: str) -> str:
     return control
 
 
+class _ConnectionLost(TransientDeliveryError):
+    """The connection failed before a byte of an answer came back: while sending, or closed / reset by the peer."""
+
+
 def _read_frame(sock: socket.socket, deadline: float, where: str, timeout_s: float) -> bytes:
-    """One MLLP block before ``deadline``; bytes before 0x0B are ignored."""
+    """One MLLP block before ``deadline``; bytes before 0x0B are ignored.
+
+    A connection closed or reset before any byte arrived raises :class:`_ConnectionLost`.
+    """
     buffer = bytearray()
     started = False
+    got_any = False
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -162,10 +182,13 @@ def _read_frame(sock: socket.socket, deadline: float, where: str, timeout_s: flo
         except TimeoutError:
             raise TransientDeliveryError(f"no ACK from {where} within {timeout_s:g} s") from None
         except OSError as exc:
-            raise TransientDeliveryError(f"connection to {where} failed while waiting for the ACK: {exc}") from exc
+            error = _ConnectionLost if not got_any else TransientDeliveryError
+            raise error(f"connection to {where} failed while waiting for the ACK: {exc}") from exc
         if not chunk:
             state = "in the middle of the ACK" if started else "before an ACK"
-            raise TransientDeliveryError(f"{where} closed the connection {state}")
+            error = _ConnectionLost if not got_any else TransientDeliveryError
+            raise error(f"{where} closed the connection {state}")
+        got_any = True
         buffer += chunk
         if not started:
             index = buffer.find(START_BLOCK)
@@ -181,6 +204,72 @@ def _read_frame(sock: socket.socket, deadline: float, where: str, timeout_s: flo
             raise TransientDeliveryError(f"{where} sent more than {MAX_ACK_BYTES} bytes without ending the ACK frame")
 
 
+def _encode(message: str) -> bytes:
+    try:
+        return frame(message.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise PermanentDeliveryError(f"the message cannot be encoded as UTF-8 at position {exc.start}") from exc
+
+
+def _connect(host: str, port: int, connect_timeout_s: float, tls: ssl.SSLContext | None) -> socket.socket:
+    """A new connection (TLS handshake done when ``tls``); failures are transient."""
+    where = f"{host}:{port}"
+    raw: socket.socket | None = None
+    try:
+        raw = socket.create_connection((host, port), timeout=connect_timeout_s)
+        return raw if tls is None else tls.wrap_socket(raw, server_hostname=host)
+    except TimeoutError:
+        _close_quietly(raw)
+        raise TransientDeliveryError(f"could not connect to {where} within {connect_timeout_s:g} s") from None
+    except ssl.SSLError as exc:
+        _close_quietly(raw)
+        raise TransientDeliveryError(f"TLS with {where} failed: {exc.reason or type(exc).__name__}") from exc
+    except OSError as exc:
+        _close_quietly(raw)
+        reason = exc.strerror or type(exc).__name__
+        raise TransientDeliveryError(f"could not connect to {where}: {reason}") from exc
+
+
+def _close_quietly(sock: socket.socket | None) -> None:
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def _round_trip(sock: socket.socket, data_out: bytes, where: str, ack_timeout_s: float) -> Ack:
+    """Send one framed message on ``sock`` and read its ACK, within ``ack_timeout_s`` in all."""
+    deadline = time.monotonic() + ack_timeout_s
+    try:
+        sock.settimeout(ack_timeout_s)
+        sock.sendall(data_out)
+    except TimeoutError:
+        raise TransientDeliveryError(f"sending to {where} did not finish within {ack_timeout_s:g} s") from None
+    except OSError as exc:
+        raise _ConnectionLost(f"connection to {where} failed while sending: {exc.strerror or exc}") from exc
+    data = _read_frame(sock, deadline, where, ack_timeout_s)
+    try:
+        return parse_ack(data)
+    except ValueError as exc:
+        raise TransientDeliveryError(f"{where} answered with something that is not an ACK: {exc}") from exc
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Whether an idle connection is still usable: nothing to read yet (no close, no reset, no stray bytes)."""
+    try:
+        sock.setblocking(False)
+        try:
+            sock.recv(1)  # b"": closed by the receiver; a byte: an answer nobody asked for (out of step)
+        finally:
+            sock.setblocking(True)
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return True  # nothing arrived: open (a TLS 1.3 session ticket read on the way is fine too)
+    except OSError:
+        return False  # reset, or a TLS alert
+    return False
+
+
 def send_message(
     host: str,
     port: int,
@@ -190,62 +279,193 @@ def send_message(
     ack_timeout_s: float,
     tls: ssl.SSLContext | None = None,
 ) -> Ack:
-    """Send one MLLP-framed message and return the parsed ACK (transport errors are transient).
+    """Send one MLLP-framed message on a new connection and return the parsed ACK (transport errors are transient).
 
     With ``tls``, MLLP over TLS: the receiver's certificate is verified (a failed handshake is
     transient: a certificate renewed on the receiver's side fixes it without a resend).
     """
-    where = f"{host}:{port}"
-    try:
-        data_out = frame(message.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise PermanentDeliveryError(f"the message cannot be encoded as UTF-8 at position {exc.start}") from exc
-    try:
-        sock = socket.create_connection((host, port), timeout=connect_timeout_s)
-        if tls is not None:
-            sock = tls.wrap_socket(sock, server_hostname=host)
-    except TimeoutError:
-        raise TransientDeliveryError(f"could not connect to {where} within {connect_timeout_s:g} s") from None
-    except ssl.SSLError as exc:
-        raise TransientDeliveryError(f"TLS with {where} failed: {exc.reason or type(exc).__name__}") from exc
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise TransientDeliveryError(f"could not connect to {where}: {reason}") from exc
+    data_out = _encode(message)
+    sock = _connect(host, port, connect_timeout_s, tls)
     with sock:
-        deadline = time.monotonic() + ack_timeout_s
+        return _round_trip(sock, data_out, f"{host}:{port}", ack_timeout_s)
+
+
+class MllpConnection:
+    """One MLLP connection to a receiver, kept open across messages and used by one send at a time.
+
+    Thread-safe: :meth:`exchange` holds a lock for the whole send and ACK, so threads
+    sharing the connection take turns (in the order the lock grants it). Opened on first
+    use, checked before each reuse, closed after ``idle_close_s`` unused and by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout_s: float,
+        ack_timeout_s: float,
+        idle_close_s: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout_s = connect_timeout_s
+        self.ack_timeout_s = ack_timeout_s
+        self.idle_close_s = idle_close_s
+        self.tls = tls
+        self.where = f"{host}:{port}"
+        #: Connections opened so far (for tests and logs).
+        self.opened = 0
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._last_used = 0.0
+        self._closed = False
+        self._timer: threading.Timer | None = None
+        self._timer_generation = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
+
+    def exchange(self, message: str, control: str) -> Ack:
+        """Send ``message`` (MSH-10 ``control``) and return its ACK; transport failures are transient.
+
+        An ACK for another message (MSA-2 is not ``control``) drops the connection and is transient.
+        """
+        data_out = _encode(message)
+        # Bounded: a delivery's claim (delivery.claim_s, 120 s) must outlast the wait and the send.
+        wait_s = self.connect_timeout_s + self.ack_timeout_s
+        if not self._lock.acquire(timeout=wait_s):
+            raise TransientDeliveryError(f"{self.where}: the connection was busy with other sends for {wait_s:.0f} s")
         try:
-            sock.settimeout(ack_timeout_s)
-            sock.sendall(data_out)
-        except TimeoutError:
-            raise TransientDeliveryError(f"sending to {where} did not finish within {ack_timeout_s:g} s") from None
-        except OSError as exc:
-            raise TransientDeliveryError(f"connection to {where} failed while sending: {exc.strerror or exc}") from exc
-        data = _read_frame(sock, deadline, where, ack_timeout_s)
-    try:
-        return parse_ack(data)
-    except ValueError as exc:
-        raise TransientDeliveryError(f"{where} answered with something that is not an ACK: {exc}") from exc
+            try:
+                ack = self._exchange(data_out)
+                if ack.acked_control_id != control:
+                    raise TransientDeliveryError(
+                        f"ACK for another message: MSA-2 is {ack.acked_control_id!r}, we sent {control!r}"
+                    )
+            except BaseException:
+                self._drop()  # a connection out of step, timed out or broken is never used again
+                raise
+            self._last_used = time.monotonic()
+            if self._closed:
+                self._drop()
+            else:
+                self._schedule_idle_close(self.idle_close_s)
+            return ack
+        finally:
+            self._lock.release()
+
+    def _exchange(self, data_out: bytes) -> Ack:
+        sock, reused = self._ready_socket()
+        try:
+            return _round_trip(sock, data_out, self.where, self.ack_timeout_s)
+        except _ConnectionLost as exc:
+            if not reused:
+                raise
+            # Nothing came back on a connection that had served before: the receiver closed or reset it
+            # just now. It did not acknowledge the message, so it goes out once more on a new connection.
+            log.info("connection to %s was lost before an answer (%s); sending again on a new one", self.where, exc)
+            self._drop()
+            sock = self._open()
+            return _round_trip(sock, data_out, self.where, self.ack_timeout_s)
+
+    def _ready_socket(self) -> tuple[socket.socket, bool]:
+        """The open connection if it is still usable (and whether it is a reused one), else a new one."""
+        sock = self._sock
+        if sock is not None:
+            idle = time.monotonic() - self._last_used
+            if idle < self.idle_close_s and _still_open(sock):
+                return sock, True
+            log.debug("connection to %s closed by the receiver or idle for %.0f s; opening a new one", self.where, idle)
+            self._drop()
+        return self._open(), False
+
+    def _open(self) -> socket.socket:
+        sock = _connect(self.host, self.port, self.connect_timeout_s, self.tls)
+        self._sock = sock
+        self.opened += 1
+        log.debug("MLLP connection %d to %s opened", self.opened, self.where)
+        return sock
+
+    def _drop(self) -> None:
+        sock, self._sock = self._sock, None
+        self._cancel_timer()
+        _close_quietly(sock)
+
+    # ----- idle close ----------------------------------------------------------------
+    # One timer thread per idle period, not per message: it fires idle_close_s after it was set,
+    # and closes the connection if it was unused since, else sets itself for the time left.
+    def _schedule_idle_close(self, delay_s: float) -> None:
+        if self._timer is not None:
+            return
+        timer = threading.Timer(delay_s, self._idle_check, args=(self._timer_generation,))
+        timer.daemon = True
+        timer.name = f"mllp-idle-{self.where}"
+        self._timer = timer
+        timer.start()
+
+    def _cancel_timer(self) -> None:
+        self._timer_generation += 1  # a timer already running finds itself outdated
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _idle_check(self, generation: int) -> None:
+        with self._lock:  # waits for a send under way
+            if generation != self._timer_generation:
+                return  # cancelled: the connection was dropped (and maybe opened again with its own timer)
+            self._timer = None
+            if self._sock is None:
+                return
+            idle = time.monotonic() - self._last_used
+            if self._closed or idle >= self.idle_close_s:
+                log.debug("MLLP connection to %s idle for %.0f s: closed", self.where, idle)
+                self._drop()
+            else:
+                self._schedule_idle_close(self.idle_close_s - idle)
+
+    def close(self) -> None:
+        """Close the connection now, or when the send under way is done; a later send opens a new one."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop()
+            finally:
+                self._lock.release()
 
 
-def send_oru(destination: Hl7Destination, message: str, *, tls: ssl.SSLContext | None = None) -> str:
+def send_oru(
+    destination: Hl7Destination,
+    message: str,
+    *,
+    tls: ssl.SSLContext | None = None,
+    connection: MllpConnection | None = None,
+) -> str:
     """Deliver ``message`` to an HL7 destination; ``"ACK:<receiver MSH-10>"`` on AA / CA.
 
     Raises TransientDeliveryError (retry) or PermanentDeliveryError (AR / CR) as the
     module docstring tabulates. ``tls``: the destination's TLS context (MLLP over TLS).
+    ``connection``: the destination's persistent connection (its own TLS context applies);
+    None: a new connection for this message.
     """
     control = _control_id(message)
     name = destination.name
     try:
-        ack = send_message(
-            destination.host,
-            destination.port,
-            message,
-            connect_timeout_s=destination.connect_timeout_s,
-            ack_timeout_s=destination.ack_timeout_s,
-            tls=tls,
-        )
+        if connection is not None:
+            ack = connection.exchange(message, control)
+        else:
+            ack = send_message(
+                destination.host,
+                destination.port,
+                message,
+                connect_timeout_s=destination.connect_timeout_s,
+                ack_timeout_s=destination.ack_timeout_s,
+                tls=tls,
+            )
     except TransientDeliveryError as exc:
-        log.warning("ORU %s to %s: no ACK (%s)", control, name, exc)
+        log.warning("ORU %s to %s: no usable ACK (%s)", control, name, exc)
         raise
     if ack.acked_control_id != control:
         log.warning("ORU %s to %s: ACK %s is for message %r", control, name, ack.code, ack.acked_control_id)

@@ -1,4 +1,10 @@
-"""One sender per destination in a worker process, rebuilt when the destination's configuration changes."""
+"""One sender per destination in a worker process, rebuilt when the destination's configuration changes.
+
+The sender is what a process holds per destination: its connections (an HL7 destination's
+persistent MLLP connection) and its ``max_in_flight`` slots (:meth:`Sender.in_flight_slot`),
+so both are per process. Replacing a sender closes the old one; a send still under way on
+it finishes first (an HL7 connection is closed when that send is done).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ __all__ = ["SenderPool"]
 
 
 class SenderPool:
-    """Keeps senders (and their connections) across messages; thread-safe."""
+    """Keeps senders (and their connections) across messages; thread-safe (a delivery worker's threads share it)."""
 
     def __init__(self) -> None:
         self._senders: dict[str, tuple[DestinationConfig, Sender]] = {}

@@ -451,6 +451,9 @@ class DestinationConfig(_Strict):
 
     name: str
     type: str
+    #: Sends to this destination at once, at most, in each worker process (a delivery worker's
+    #: threads share it); null: as many as the delivery threads. Per process, not cluster-wide.
+    max_in_flight: int | None = Field(None, ge=1)
 
     def wants_report(self) -> bool:
         """Whether what this destination is sent carries the rendered PDF / PNG report.
@@ -469,11 +472,13 @@ class FhirDestination(DestinationConfig):
     timeout_s: float = Field(10.0, gt=0)
     #: Identifier system of DICOM PatientID values in this EHR (used to find the Patient).
     patient_identifier_system: str = "urn:ecgbridge:patient-id"
-    #: auto: transaction when the server's CapabilityStatement lists the transaction
-    #: interaction, else individual (asked once per worker process and destination);
+    #: auto: what the server's CapabilityStatement lists, best first: transaction, batch,
+    #: individual (read once per worker process; a server refusing a whole transaction or
+    #: batch gets the next mode from then on);
     #: individual: one conditional create per resource (works with every server);
+    #: batch: one batch Bundle per layer of references (Devices, Observations, the report);
     #: transaction: the report and its Observations in one atomic transaction Bundle.
-    write_mode: Literal["auto", "individual", "transaction"] = "auto"
+    write_mode: Literal["auto", "individual", "batch", "transaction"] = "auto"
     #: Send the rendered report (PDF, then the PNG page) as the DiagnosticReport's presentedForm.
     #: false: the report is not drawn for this destination (nor is the analysis held for it).
     presented_form: bool = True
@@ -516,6 +521,12 @@ class Hl7Destination(DestinationConfig):
     include_report_pdf: bool = True
     #: MLLP over TLS to the receiver; null: plain TCP.
     tls: ClientTls | None = None
+    #: persistent: one MLLP connection per worker process, kept open for the next message and
+    #: used by one send at a time (messages to this receiver go out one after another, in order);
+    #: per_message: a new connection for every message (several at once with delivery threads).
+    connection: Literal["persistent", "per_message"] = "persistent"
+    #: A persistent connection unused this many seconds is closed (opened again on the next message).
+    idle_close_s: float = Field(60.0, gt=0)
 
     def wants_report(self) -> bool:
         return self.include_report_pdf

@@ -120,9 +120,9 @@ def test_transaction_mode_writes_the_report_in_one_post_and_stays_idempotent(ser
     bundle = make_bundle(uid=uid, message_id="msg-int-tx")
     with fhir_client(server) as client:
         log_mark = len(server.logs().splitlines())
-        first = deliver_report(client, bundle, transaction=True)
+        first = deliver_report(client, bundle, mode="transaction")
         first_run = server.logs().splitlines()[log_mark:]
-        second = deliver_report(client, bundle, transaction=True)
+        second = deliver_report(client, bundle, mode="transaction")
         individually = deliver_report(client, bundle)  # the other mode finds the same resources
     assert first == second == individually
     posts = [line for line in first_run if " POST " in line]
@@ -177,7 +177,7 @@ def test_the_measurements_panel_is_one_observation_and_stays_idempotent(server: 
 
 
 def test_auto_write_mode_follows_the_servers_capability_statement(server: Any, monkeypatch: Any) -> None:
-    """``write_mode: auto`` (the default): transactions where /metadata lists them, asked once; else one by one."""
+    """``write_mode: auto`` (the default): what /metadata lists, best first (transaction, batch, one by one), asked once."""
     from ecgbridge.core.settings import FhirDestination
     from ecgbridge.outbound.fhir_sender import FhirSender
     from tests.support.http_peers import FaultProxy
@@ -191,7 +191,7 @@ def test_auto_write_mode_follows_the_servers_capability_statement(server: Any, m
 
     medplum = sender_for(server.base_url)
     try:
-        assert medplum.use_transaction(medplum.client()) is True  # its CapabilityStatement lists transaction
+        assert medplum.write_mode(medplum.client()) == "transaction"  # its CapabilityStatement lists transaction
     finally:
         medplum.close()
     batch_only = {
@@ -199,17 +199,83 @@ def test_auto_write_mode_follows_the_servers_capability_statement(server: Any, m
         "rest": [{"mode": "server", "interaction": [{"code": "batch"}]}],
     }
     missing = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]}
-    for answer in ((200, batch_only), (404, missing)):
+    for answer, mode in (((200, batch_only), "batch"), ((404, missing), "individual")):
         with FaultProxy(server.origin, faults={"metadata": answer}) as proxy:
             sender = sender_for(proxy.base_url)
             try:
-                assert sender.use_transaction(sender.client()) is False
+                assert sender.write_mode(sender.client()) == mode
                 asked = len(proxy.requests)
-                assert sender.use_transaction(sender.client()) is False  # the answer is kept, not asked again
+                assert sender.write_mode(sender.client()) == mode  # the answer is kept, not asked again
                 assert len(proxy.requests) == asked == 1
             finally:
                 sender.close()
     explicit = FhirSender(
         FhirDestination(name="ehr", base_url="http://127.0.0.1:9/fhir", write_mode="individual", auth=auth)
     )
-    assert explicit.use_transaction(explicit.client()) is False  # a configured mode asks nothing (port 9: no server)
+    assert explicit.write_mode(explicit.client()) == "individual"  # a configured mode asks nothing (port 9: no server)
+
+
+def _two_model_result(message_id: str) -> AnalysisResult:
+    """Two models' findings: 10 Observations, 2 Devices and the report, more than Medplum takes in one transaction."""
+    probs = {"NORM": 0.07, "MI": 0.91, "STTC": 0.55, "CD": 0.2, "HYP": 0.1}
+    findings = tuple(
+        Finding(code, SUPERCLASS_DISPLAY[code], p, 0.5, p >= 0.5, snomed=SUPERCLASS_SNOMED[code][0])
+        for code, p in probs.items()
+    )
+    outputs = (
+        ModelOutput(MODEL, VERSION, "diagnosis", findings),
+        ModelOutput(MODEL + "-b", VERSION, "diagnosis", findings),
+    )
+    return AnalysisResult(message_id, outputs)
+
+
+def test_batch_mode_writes_a_layer_per_request_and_stays_idempotent(server: Any) -> None:
+    from ecgbridge.mapping.fhir_report import build_report
+
+    uid = UID + ".88"
+    bundle = build_report(
+        _two_model_result("msg-int-batch"),
+        patient=Patient(id="MRN-INT-1", id_issuer="HOSP"),
+        study=Study(sop_instance_uid=uid, acquired_at=datetime(2024, 5, 2, 8, 30, tzinfo=UTC)),
+        message_id="msg-int-batch",
+        issued=datetime(2024, 5, 2, 8, 31, tzinfo=UTC),
+    )
+    with fhir_client(server) as client:
+        log_mark = len(server.logs().splitlines())
+        first = deliver_report(client, bundle, mode="batch")
+        first_run = server.logs().splitlines()[log_mark:]
+        assert deliver_report(client, bundle, mode="batch") == first == deliver_report(client, bundle)
+    posts = [line for line in first_run if " POST " in line]
+    assert len(posts) == 4, first_run  # Devices, Observations, the report, then the Provenance
+    (report,) = entries(server.search("DiagnosticReport", identifier=f"urn:dicom:uid|urn:oid:{uid}"))
+    refs = [r["reference"] for r in report["result"]]
+    assert len(refs) == 10 and all(r.startswith("Observation/") for r in refs)
+    devices = {server.read(*ref.split("/"))["device"]["reference"] for ref in refs}
+    assert len(devices) == 2 and all(d.startswith("Device/") for d in devices)
+
+
+def test_auto_falls_back_to_batch_when_the_server_refuses_the_transaction(server: Any, monkeypatch: Any) -> None:
+    """Medplum lists transactions but refuses one of more than 8 conditional entries: the report goes as batches."""
+    from ecgbridge.core.settings import FhirDestination
+    from ecgbridge.mapping.readers import read_ecg_file
+    from ecgbridge.outbound.fhir_sender import FhirSender
+    from ecgbridge.outbound.sender import Outgoing
+    from tests.conftest import FIXTURES
+
+    monkeypatch.setenv("FHIR_TEST_TOKEN", TOKEN)
+    dest = FhirDestination(
+        name="ehr", base_url=server.base_url, auth={"type": "bearer", "token_env": "FHIR_TEST_TOKEN"}
+    )
+    sender = FhirSender(dest)
+    ecg = read_ecg_file(FIXTURES / "dicom" / "ptbxl_00024_norm_12lead.dcm")
+    try:
+        for n in (1, 2):
+            mid = f"msg-auto-{n}"
+            ref = sender.send(Outgoing(message_id=mid, result=_two_model_result(mid), ecg=ecg, attachments={}))
+            assert ref.startswith("DiagnosticReport/")
+            assert sender.write_mode(sender.client()) == "batch"  # the refusal is remembered
+    finally:
+        sender.close()
+    uid = ecg.study.sop_instance_uid
+    (report,) = entries(server.search("DiagnosticReport", identifier=f"urn:dicom:uid|urn:oid:{uid}"))
+    assert len(report["result"]) == 10 and ref == f"DiagnosticReport/{report['id']}"

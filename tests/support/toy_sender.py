@@ -19,6 +19,11 @@ from ecgbridge.outbound.sender import Outgoing, Sender, register_sender
 class ToyDestination(DestinationConfig):
     type: Literal["toy"] = "toy"
     folder: Path
+    #: Write the rendered report's files' hashes too (the report is drawn for this destination).
+    with_report: bool = True
+
+    def wants_report(self) -> bool:
+        return self.with_report
 
 
 @register_sender

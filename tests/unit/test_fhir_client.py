@@ -423,7 +423,7 @@ def test_transaction_answers_that_do_not_match_the_request_are_permanent_errors(
         return httpx.Response(200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
 
     with pytest.raises(PermanentDeliveryError, match=f"transaction-response with {planned} entries"):
-        deliver_report(client(short), make_bundle(), transaction=True)
+        deliver_report(client(short), make_bundle(), mode="transaction")
     (body,) = sent
     assert body["type"] == "transaction" and len(body["entry"]) == planned
     assert all(e["fullUrl"].startswith("urn:uuid:") and e["request"]["method"] == "POST" for e in body["entry"])
@@ -433,4 +433,4 @@ def test_transaction_answers_that_do_not_match_the_request_are_permanent_errors(
         return httpx.Response(400, json=oo("Transaction requires strict isolation but has too many entries"))
 
     with pytest.raises(PermanentDeliveryError, match="too many entries"):
-        deliver_report(client(refused), make_bundle(), transaction=True)
+        deliver_report(client(refused), make_bundle(), mode="transaction")
