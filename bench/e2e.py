@@ -6,11 +6,20 @@ time the FHIR delivery was recorded in the store minus the time the C-STORE
 success came back to the sender.
 
     python -m bench.e2e [--n 50] [--workers 1] [--interval S] [--lvef] [--fhir-latency-ms MS] [--layout all|split|both]
+                        [--write-mode auto|individual|batch|transaction] [--no-report] [--delivery-threads N]
+                        [--drain-deliveries] [--plots DIR]
 
 ``--fhir-latency-ms`` puts a proxy in front of the FHIR server that holds every request
 that long, as a real EHR's FHIR API answers in 100-300 ms; ``--layout both`` measures the
 workers analysing and delivering in one process pool, then analysis workers beside a
 delivery worker (a thread pool), in the same run.
+
+``--no-report``: the FHIR destination takes no ``presentedForm`` (so no report is drawn);
+``--write-mode``: how each report is written (default ``auto``: what the server's
+CapabilityStatement offers). ``--drain-deliveries`` (split layout): the delivery worker
+starts only once every ECG is analysed, so its throughput (reports written per second) is
+measured alone. ``--plots DIR`` writes the latency distribution and the reports delivered
+over time as PNGs.
 
 ``--lvef`` routes every ECG through diagnosis + triage + LVEF with the patient's EHR
 context read from the same FHIR server (a seeded heart-failure patient), so the latency
@@ -57,7 +66,16 @@ def main() -> None:
         help="all: workers analyse and deliver; split: analysis workers + one delivery worker (threads); "
         "both: run each in turn and print them side by side",
     )
+    parser.add_argument("--write-mode", choices=("auto", "individual", "batch", "transaction"), default="auto")
+    parser.add_argument("--no-report", action="store_true", help="no presentedForm: no PDF / PNG drawn")
+    parser.add_argument("--delivery-threads", type=int, default=8, help="threads of the delivery worker (split)")
+    parser.add_argument(
+        "--drain-deliveries", action="store_true", help="split: start the delivery worker once all are analysed"
+    )
+    parser.add_argument("--plots", type=Path, default=None, help="write the latency and throughput plots here")
     args = parser.parse_args()
+    if args.drain_deliveries and args.layout != "split":
+        parser.error("--drain-deliveries needs --layout split")
     reason = node_available()
     if reason:
         raise SystemExit(reason)
@@ -67,13 +85,15 @@ def main() -> None:
     print(
         f"end to end ({what}), {args.n} x 12-lead ECG, "
         f"{'back to back' if not args.interval else f'every {args.interval}s'}, "
-        f"FHIR latency {args.fhir_latency_ms:g} ms per request, {time.strftime('%Y-%m-%d')}"
+        f"FHIR latency {args.fhir_latency_ms:g} ms per request, write mode {args.write_mode} "
+        f"({', '.join(sorted(set(f['modes'] for f in figures)))}), "
+        f"{'no report drawn' if args.no_report else 'PDF + PNG report in presentedForm'}, {time.strftime('%Y-%m-%d')}"
     )
     for layout, f in zip(layouts, figures, strict=True):
         workers = (
             f"{args.workers} worker process(es) analysing and delivering"
             if layout == "all"
-            else f"{args.workers} analysis worker(s) + 1 delivery worker (8 threads)"
+            else f"{args.workers} analysis worker(s) + 1 delivery worker ({args.delivery_threads} threads)"
         )
         print(f"- {workers}:")
         print(
@@ -85,6 +105,44 @@ def main() -> None:
             f"result saved -> report created: p50 {f['delivering_p50']:.3f} s, p95 {f['delivering_p95']:.3f} s"
         )
         print(f"  throughput: {f['throughput']:.2f} ECGs/s ({args.n} in {f['elapsed']:.1f} s)")
+        if args.drain_deliveries:
+            print(
+                f"  deliveries alone (the delivery worker started after all {args.n} were analysed): "
+                f"{f['delivery_rate']:.2f} reports/s ({args.n + 1} in {f['delivery_elapsed']:.1f} s, from its start)"
+            )
+    if args.plots is not None:
+        for path in _plots(args, layouts, figures):
+            print(f"plot: {path}")
+
+
+def _plots(args: argparse.Namespace, layouts: list[str], figures: list[dict]) -> list[Path]:  # type: ignore[type-arg]
+    """The latency distribution and the reports delivered over time, one line per layout, as PNGs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    args.plots.mkdir(parents=True, exist_ok=True)
+    tag = f"e2e-{args.fhir_latency_ms:g}ms-{args.write_mode}" + ("-noreport" if args.no_report else "")
+    written = []
+    for kind in ("latency", "throughput"):
+        fig = Figure(figsize=(6.4, 3.6), dpi=100)
+        ax = fig.add_subplot()
+        for layout, f in zip(layouts, figures, strict=True):
+            if kind == "latency":
+                ax.hist(f["latencies"], bins=20, alpha=0.6, label=layout)
+                ax.set_xlabel("C-STORE response -> DiagnosticReport created (s)")
+                ax.set_ylabel("ECGs")
+            else:
+                done = sorted(f["done_offsets"])
+                ax.step(done, range(1, len(done) + 1), where="post", label=layout)
+                ax.set_xlabel("seconds since the first ECG was sent")
+                ax.set_ylabel("reports delivered")
+        ax.set_title(f"{kind}: {args.n} ECGs, FHIR +{args.fhir_latency_ms:g} ms/request, {args.write_mode}")
+        ax.legend()
+        fig.tight_layout()
+        path = args.plots / f"{tag}-{kind}.png"
+        FigureCanvasAgg(fig).print_png(str(path))
+        written.append(path)
+    return written
 
 
 def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
@@ -109,11 +167,22 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
                     }
                 ],
             }
+        extra["destinations"] = [
+            {
+                "name": "ehr",
+                "base_url": fhir_url,
+                "timeout_s": 30,
+                "write_mode": args.write_mode,
+                "presented_form": not args.no_report,
+            }
+        ]
+        extra["workers"] = {"delivery_threads": args.delivery_threads}
         stack = Stack(tmp=Path(tmp_name), broker_url=redis.url, fhir_base_url=fhir_url, extra=extra)
+        delivery_started = 0.0
         try:
             for _ in range(args.workers):
                 stack.start_worker("analysis" if layout == "split" else "all")
-            if layout == "split":
+            if layout == "split" and not args.drain_deliveries:
                 stack.start_worker("delivery")
             stack.start_gateway()
             store = stack.store()
@@ -132,7 +201,7 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
             # warm-up: the first ECG loads the model in the worker
             ds.SOPInstanceUID = generate_uid()
             assoc.send_c_store(ds)
-            stack.wait_state("delivered", 1, timeout_s=120)
+            stack.wait_state(("analysed", "delivered") if args.drain_deliveries else "delivered", 1, timeout_s=120)
             acked: dict[str, float] = {}
             t0 = time.time()
             for _ in range(args.n):
@@ -143,6 +212,10 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
                 if args.interval:
                     time.sleep(args.interval)
             assoc.release()
+            if args.drain_deliveries:
+                stack.wait_state(("analysed", "delivered"), args.n + 1, timeout_s=60 + args.n * 10)
+                stack.start_worker("delivery")
+                delivery_started = time.time()
             stack.wait_state("delivered", args.n + 1, timeout_s=60 + args.n * 10)
             latencies = []
             done_times = []
@@ -159,6 +232,11 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
                 delivering.append(done - saved)
                 done_times.append(done)
             elapsed = max(done_times) - t0
+            modes = [  # what the FHIR sender chose (auto), and what it fell back to
+                line.split(" written as ", 1)[1].split()[0]
+                for line in stack.full_logs().splitlines()
+                if "reports written as " in line or "reports are written as " in line
+            ]
         finally:
             stack.stop()
             redis.stop()
@@ -176,6 +254,12 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
         "delivering_p95": percentile(delivering, 95),
         "throughput": args.n / elapsed,
         "elapsed": elapsed,
+        "latencies": latencies,
+        "done_offsets": [t - t0 for t in done_times],
+        # the warm-up ECG is delivered in the drain too
+        "delivery_rate": (args.n + 1) / (max(done_times) - delivery_started) if delivery_started else 0.0,
+        "delivery_elapsed": max(done_times) - delivery_started if delivery_started else 0.0,
+        "modes": " then ".join(dict.fromkeys(modes)) or "?",
     }
 
 

@@ -142,16 +142,18 @@ class FhirSender(Sender):
         are conditional creates the next mode finds. Medplum, for one, lists transactions
         but refuses those of more than 8 conditional entries.
         """
-        if cast(FhirDestination, self.config).write_mode != "auto" or self._modes is None or mode not in self._modes:
+        if cast(FhirDestination, self.config).write_mode != "auto" or self._modes is None:
             return False
-        self._modes = [m for m in self._modes if m != mode]
-        log.warning(
-            "destination %s refused a %s (%s): reports are written as %s from now on",
-            self.config.name,
-            mode,
-            exc.status or "?",
-            self._modes[0],
-        )
+        with self._lock:
+            if mode in self._modes:  # else another thread's report was refused first and dropped it
+                self._modes = [m for m in self._modes if m != mode]
+                log.warning(
+                    "destination %s refused a %s (%s): reports are written as %s from now on",
+                    self.config.name,
+                    mode,
+                    exc.status or "?",
+                    self._modes[0],
+                )
         return True
 
     def send(self, outgoing: Outgoing) -> str:

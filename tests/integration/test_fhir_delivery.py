@@ -7,6 +7,7 @@ server that implements them; the unit tests fake the transport.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -268,14 +269,18 @@ def test_auto_falls_back_to_batch_when_the_server_refuses_the_transaction(server
     )
     sender = FhirSender(dest)
     ecg = read_ecg_file(FIXTURES / "dicom" / "ptbxl_00024_norm_12lead.dcm")
+    def send(n: int) -> str:
+        mid = f"msg-auto-{n}"
+        return sender.send(Outgoing(message_id=mid, result=_two_model_result(mid), ecg=ecg, attachments={}))
+
     try:
-        for n in (1, 2):
-            mid = f"msg-auto-{n}"
-            ref = sender.send(Outgoing(message_id=mid, result=_two_model_result(mid), ecg=ecg, attachments={}))
-            assert ref.startswith("DiagnosticReport/")
-            assert sender.write_mode(sender.client()) == "batch"  # the refusal is remembered
+        with ThreadPoolExecutor(4) as pool:  # the delivery worker's threads: all refused at once, all fall back
+            refs = list(pool.map(send, range(4)))
+        ref = send(5)
+        assert sender.write_mode(sender.client()) == "batch"  # the refusal is remembered
     finally:
         sender.close()
+    assert set(refs) == {ref}  # one study: the same report, found by its conditional create
     uid = ecg.study.sop_instance_uid
     (report,) = entries(server.search("DiagnosticReport", identifier=f"urn:dicom:uid|urn:oid:{uid}"))
     assert len(report["result"]) == 10 and ref == f"DiagnosticReport/{report['id']}"
