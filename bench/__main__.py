@@ -10,6 +10,8 @@ peers it measured in the same run; this runs them one after another as subproces
 one's processes never share the machine with another's) and writes their output under the
 machine's description: cores, CPU model, memory, Python, and the date. A benchmark whose
 peer is missing (DCMTK, Node.js for the FHIR server) is listed with the reason instead.
+The end-to-end and delivery benchmarks also draw their latency distribution and reports
+delivered over time as PNGs, kept beside the page (``docs/performance/``) and shown in it.
 """
 
 from __future__ import annotations
@@ -47,9 +49,71 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
         (),
     ),
     "e2e": (
-        "C-STORE -> DiagnosticReport latency and throughput, FHIR requests held 100 ms, both worker layouts",
+        "C-STORE -> DiagnosticReport latency and throughput, FHIR requests held 100 ms, both worker layouts, "
+        "PDF + PNG report in every DiagnosticReport",
         ["--n", "40", "--workers", "2", "--fhir-latency-ms", "100", "--layout", "both"],
         ["--n", "8", "--workers", "1", "--fhir-latency-ms", "100", "--layout", "both"],
+        ("node",),
+    ),
+    "delivery": (
+        "reports written per second by the delivery worker alone (32 threads), FHIR requests held 100 ms, "
+        "write mode auto (what the server offers)",
+        [
+            "--n",
+            "100",
+            "--layout",
+            "split",
+            "--drain-deliveries",
+            "--no-report",
+            "--delivery-threads",
+            "32",
+            "--fhir-latency-ms",
+            "100",
+        ],
+        [
+            "--n",
+            "15",
+            "--layout",
+            "split",
+            "--drain-deliveries",
+            "--no-report",
+            "--delivery-threads",
+            "8",
+            "--fhir-latency-ms",
+            "100",
+        ],
+        ("node",),
+    ),
+    "delivery-individual": (
+        "the same, one conditional create per resource (the peer: how every report was written before)",
+        [
+            "--n",
+            "100",
+            "--layout",
+            "split",
+            "--drain-deliveries",
+            "--no-report",
+            "--delivery-threads",
+            "32",
+            "--fhir-latency-ms",
+            "100",
+            "--write-mode",
+            "individual",
+        ],
+        [
+            "--n",
+            "15",
+            "--layout",
+            "split",
+            "--drain-deliveries",
+            "--no-report",
+            "--delivery-threads",
+            "8",
+            "--fhir-latency-ms",
+            "100",
+            "--write-mode",
+            "individual",
+        ],
         ("node",),
     ),
     "archive": (
@@ -84,14 +148,26 @@ def machine() -> list[str]:
     ]
 
 
-def run(name: str, args: list[str], log: list[str]) -> None:
+#: Benchmarks that draw plots (``--plots DIR``); their PNGs go beside performance.md.
+PLOTTING = ("e2e", "delivery", "delivery-individual")
+
+
+def run(name: str, args: list[str], log: list[str], plots: Path | None = None) -> None:
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=REPO, capture_output=True, text=True)
+    module = "e2e" if name.startswith("delivery") else name
+    if plots is not None and name in PLOTTING:
+        args = [*args, "--plots", str(plots)]
+    out = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=REPO, capture_output=True, text=True)
     took = time.monotonic() - started
     text = out.stdout.strip() or "(no output)"
     if out.returncode != 0:
         text += f"\n(exit status {out.returncode})\n" + out.stderr.strip()[-2000:]
-    log += [f"`python -m bench.{name} {' '.join(args)}` ({took:.0f} s)", "", "```", text, "```", ""]
+    shown = [line for line in text.splitlines() if not line.startswith("plot: ")]
+    log += [f"`python -m bench.{module} {' '.join(args)}` ({took:.0f} s)", "", "```", *shown, "```", ""]
+    for line in text.splitlines():
+        if line.startswith("plot: ") and plots is not None:
+            png = Path(line[len("plot: ") :])
+            log += [f"![{png.stem}]({plots.name}/{png.name})", ""]
     print(f"bench.{name}: {took:.0f} s, exit {out.returncode}", file=sys.stderr, flush=True)
 
 
@@ -119,7 +195,7 @@ def main() -> int:
         if missing:
             log += [f"Not run: {', '.join(missing)} not found.", ""]
             continue
-        run(name, quick if args.quick else full, log)
+        run(name, quick if args.quick else full, log, plots=args.out.parent / args.out.stem)
     if args.with_soak:
         log += [f"## soak: {SOAK[0]}", ""]
         run("soak", [], log)
