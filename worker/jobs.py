@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ecgbridge.core.promotions import models_in_force
 from ecgbridge.core.queue import Dispatcher
 from ecgbridge.core.settings import Route, Settings, load_settings
 from ecgbridge.core.states import FINAL_MESSAGE_STATES, NO_DELIVERY_FLAG, DeliveryState, MessageState
@@ -44,6 +45,7 @@ __all__ = [
     "render_failed",
     "report_pending",
     "render_report",
+    "run_shadow_models",
     "save_heatmaps",
     "ehr_context_for",
     "load_ecg",
@@ -179,18 +181,55 @@ def _analysis(
 ) -> AnalysisResult:
     """The route's models on the stored ECG, with its explanations; raises InputError / ModelError."""
     ecg = load_ecg(ctx.store, row)
+    models = models_in_force(ctx.store, route)  # the route's, with any promotion of a shadow model
     ehr: EhrContext | None = None
-    if needs_ehr_context(ctx.registry, route.models):
+    if needs_ehr_context(ctx.registry, list(models.live)) or _shadows_need_ehr(ctx, models.shadow):
         t = time.perf_counter()
         ehr = ehr_context_for(ctx, route, ecg, row.id)
         stages[TimingStage.EHR_CONTEXT] = time.perf_counter() - t
     t = time.perf_counter()
-    result = analyse_ecg(ecg, ctx.registry, route.models, message_id=row.id, ehr=ehr, timings=model_seconds)
+    result = analyse_ecg(ecg, ctx.registry, list(models.live), message_id=row.id, ehr=ehr, timings=model_seconds)
     stages[TimingStage.ANALYSIS] = time.perf_counter() - t
     t = time.perf_counter()
     save_heatmaps(ctx, row.id, ecg, result)
     stages[TimingStage.EXPLANATIONS] = time.perf_counter() - t
+    if models.shadow:
+        run_shadow_models(ctx, row.id, ecg, ehr, models.shadow)
     return result
+
+
+def _shadows_need_ehr(ctx: WorkerContext, shadow: tuple[str, ...]) -> bool:
+    """Whether a shadow model reads the EHR context; one that cannot load is reported by its own run."""
+    try:
+        return bool(shadow) and needs_ehr_context(ctx.registry, list(shadow))
+    except ModelError:
+        return False
+
+
+#: The message's artifact holding its shadow models' results (never delivered).
+SHADOW_ARTIFACT = "shadow"
+
+
+def run_shadow_models(
+    ctx: WorkerContext, message_id: str, ecg: Ecg, ehr: EhrContext | None, shadow: tuple[str, ...]
+) -> None:
+    """Run the route's shadow models on the ECG and store their outputs as the ``shadow`` artifact.
+
+    Same input and EHR context as the live models; the result is kept apart from the one that
+    is delivered (``ecgbridge validate`` and the console read it). A shadow model that fails
+    never touches the live result: it is a ``shadow_failed`` event.
+    """
+    try:
+        result = analyse_ecg(ecg, ctx.registry, list(shadow), message_id=message_id, ehr=ehr)
+        outputs = tuple(o for o in result.outputs if o.task != "measurements")  # the live result has them
+        data = {
+            "models": list(shadow),
+            "result": AnalysisResult(message_id, outputs, result.quality_flags, result.ecg_flags).to_dict(),
+        }
+        ctx.store.save_artifact(message_id, SHADOW_ARTIFACT, json.dumps(data, separators=(",", ":")).encode())
+    except Exception as exc:
+        ctx.store.add_event(message_id, "shadow_failed", f"{type(exc).__name__}: {exc}"[:500], level="warning")
+        log.warning("shadow models of message %s failed: %s", message_id, type(exc).__name__)
 
 
 def reanalyse_message(ctx: WorkerContext, row: MessageRow, route: Route, version: int) -> list[str]:

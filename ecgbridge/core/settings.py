@@ -638,9 +638,19 @@ class Route(_Strict):
     name: str
     match: RouteMatch = Field(default_factory=RouteMatch)
     models: list[str] = Field(default_factory=lambda: ["diagnosis"])
+    #: Candidate models run on every ECG of the route beside ``models``: stored and shown, never
+    #: delivered (``ecgbridge validate`` compares them; ``ecgbridge models promote`` makes one live).
+    shadow_models: list[str] = Field(default_factory=list)
     destinations: list[str] = Field(default_factory=list)
     #: Name of an ``ehr`` source to read patient context from (LVEF model); null = ECG only.
     ehr_context: str | None = None
+
+    @model_validator(mode="after")
+    def _shadows_apart(self) -> Route:
+        both = sorted(set(self.models) & set(self.shadow_models))
+        if both:
+            raise ValueError(f"{', '.join(map(repr, both))} cannot be both a live and a shadow model of the route")
+        return self
 
 
 def _default_routes() -> list[Route]:
@@ -671,7 +681,7 @@ class Settings(_Strict):
             [m.name for m in self.models],
             [d.name for d in self.destinations],
             [e.name for e in self.ehr],
-            [(r.name, r.models, r.destinations, r.ehr_context) for r in self.routes],
+            [(r.name, r.models, r.shadow_models, r.destinations, r.ehr_context) for r in self.routes],
         )
         if problems:
             raise ValueError("; ".join(problems))
@@ -718,7 +728,7 @@ def _reference_problems(
     model_names: list[str],
     dest_names: list[str],
     ehr_names: list[str],
-    routes: list[tuple[str, list[str], list[str], str | None]],
+    routes: list[tuple[str, list[str], list[str], list[str], str | None]],
 ) -> list[str]:
     """Names that must be unique and routes naming a model, destination or EHR source not listed.
 
@@ -731,10 +741,15 @@ def _reference_problems(
         if repeated:
             problems.append(f"{key}: names must be unique ({', '.join(map(repr, repeated))} used more than once)")
     models = set(model_names)
-    for i, (_name, route_models, route_dests, ehr_context) in enumerate(routes):
+    for i, (_name, route_models, shadows, route_dests, ehr_context) in enumerate(routes):
         for m in route_models:
             if m not in models:
                 problems.append(f"routes[{i}].models: {m!r} is not a model listed under models ({sorted(models)})")
+        for m in shadows:
+            if m not in models:
+                problems.append(
+                    f"routes[{i}].shadow_models: {m!r} is not a model listed under models ({sorted(models)})"
+                )
         for d in route_dests:
             if d not in dest_names:
                 problems.append(
@@ -764,7 +779,7 @@ def _lenient_references(raw: dict[str, Any]) -> list[str]:
     field is valid; this pass lets ``config check`` report them with the field errors.
     """
     models = _raw_names(raw["models"]) if "models" in raw else ["diagnosis"]
-    routes: list[tuple[str, list[str], list[str], str | None]] = []
+    routes: list[tuple[str, list[str], list[str], list[str], str | None]] = []
     raw_routes = raw.get("routes", [{"name": "all-ecg"}])
     for i, r in enumerate(raw_routes if isinstance(raw_routes, list) else []):
         if not isinstance(r, dict):
@@ -774,6 +789,7 @@ def _lenient_references(raw: dict[str, Any]) -> list[str]:
             (
                 str(r.get("name", f"#{i}")),
                 _raw_strings(r.get("models", ["diagnosis"])),
+                _raw_strings(r.get("shadow_models")),
                 _raw_strings(r.get("destinations", [])),
                 str(ehr_context) if isinstance(ehr_context, str | int) else None,
             )

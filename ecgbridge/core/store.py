@@ -229,6 +229,22 @@ class ArtifactRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+class PromotionRow(Base):
+    """A shadow model made live in a route, and the live one it replaced (``ecgbridge.core.promotions``)."""
+
+    __tablename__ = "model_promotions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    route: Mapped[str] = mapped_column(String(128), index=True)
+    promoted: Mapped[str] = mapped_column(String(128))  # the model entry that was a shadow
+    demoted: Mapped[str] = mapped_column(String(128))  # the live model entry it replaced
+    promoted_by: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    promoted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    rolled_back_by: Mapped[str | None] = mapped_column(String(64))
+    rolled_back_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename into ``path`` durable (the directory entry, not only the file)."""
     dir_fd = os.open(path, os.O_RDONLY)
