@@ -9,6 +9,8 @@ operation that raised it is worth retrying::
     │   ├── DecodeError            bytes are not a decodable object (DIMSE 0xC210)
     │   ├── WaveformError          decodable, but not a usable ECG (DIMSE 0xC211)
     │   ├── UnsupportedInputError  a format/SOP class we do not take (DIMSE 0xA900)
+    │   ├── ReportError            a clinician's report (over-read) that cannot be read, e.g. a
+    │   │                          structured report whose content tree is malformed (DIMSE 0xA900)
     │   └── Hl7Error               an HL7 message refused: table-0357 code + ERR location (AR/AE)
     ├── StorageError               the durable store failed (DIMSE 0xA700 when out of space)
     ├── ModelError                 a model is missing, malformed or failed to run
@@ -27,6 +29,7 @@ __all__ = [
     "DecodeError",
     "WaveformError",
     "UnsupportedInputError",
+    "ReportError",
     "Hl7Error",
     "StorageError",
     "ModelError",
@@ -86,6 +89,17 @@ class WaveformError(InputError):
 
 
 class UnsupportedInputError(InputError):
+    dimse_status = 0xA900
+
+
+class ReportError(InputError):
+    """A cardiologist's read (over-read) we cannot take: its structure is broken, not its ECG.
+
+    A DICOM SR whose content tree violates the SR IOD (no root CONTAINER, an item without a
+    value type, a CODE item without its code) is answered 0xA900: the data set does not
+    match its SOP class.
+    """
+
     dimse_status = 0xA900
 
 

@@ -8,6 +8,13 @@ answer 0x0000. Every exception becomes a DIMSE failure status with an error comm
 so the association survives. An identical resend of a SOP Instance is answered 0x0000
 and recorded as a ``duplicate_received`` event only (the rule is in :mod:`ecgbridge.core.intake`).
 
+Over-reads (:mod:`ecgbridge.gateway.overread_intake`): Basic Text, Enhanced and Comprehensive
+SR are negotiated too; each SR object from a calling AE named in
+``overreads.dicom_calling_ae_titles`` is stored as a cardiologist's read, from any other AE it
+is refused 0x0122, and a malformed content tree 0xA900, each with an error record. An ECG
+from such an AE whose WaveformAnnotationSequence holds statements is analysed as usual and
+its statements are stored as a read of that ECG.
+
 Size: pynetdicom writes each incoming data set to a file as it arrives
 (``STORE_RECV_CHUNKED_DATASET``), in the blob store's staging folder, and the PDUs we
 accept are bounded, so no object is ever held whole in memory. One larger than
@@ -40,8 +47,10 @@ from ecgbridge.core.states import Source
 from ecgbridge.core.store import MessageStore
 from ecgbridge.core.tls import listener_context
 from ecgbridge.errors import EcgBridgeError, InputError, StorageError
-from ecgbridge.mapping.codes import ECG_STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
+from ecgbridge.gateway.overread_intake import accept_sr, record_self_read
+from ecgbridge.mapping.codes import ECG_STORAGE_SOP_CLASSES, SR_STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
 from ecgbridge.mapping.dicom_waveform import read_bytes, to_ecg
+from ecgbridge.mapping.overread_readers import read_ecg_annotations
 
 __all__ = ["handle_store", "handle_echo", "DicomGateway", "TRANSFER_SYNTAXES"]
 
@@ -156,6 +165,8 @@ def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
         sop_class_uid=sop_class,
         sop_instance_uid=sop_instance,
     )
+    if sop_class in SR_STORAGE_SOP_CLASSES:
+        return _store_sr(intake, data, arrival, calling)
     try:
         ds = read_bytes(data)
         ecg = to_ecg(ds)
@@ -176,8 +187,14 @@ def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
                 flags=list(ecg.flags),
                 placer_order_number=ecg.study.placer_order_number,
                 filler_order_number=ecg.study.filler_order_number,
+                acquired_at=ecg.study.acquired_at,
+                accession_number=ecg.study.accession_number,
             )
         )
+        if intake.settings.overreads.dicom_source(calling):
+            read = read_ecg_annotations(ds)
+            if read is not None:  # the over-read source's confirmed statements: a read of this ECG
+                record_self_read(intake, admitted.message_id, read, ecg, source=Source.DICOM, sender=calling)
         if admitted.duplicate:
             log.info("C-STORE %s: identical resend of message %s; not stored again", sop_instance, admitted.message_id)
             return 0x0000
@@ -194,6 +211,19 @@ def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
     except Exception as exc:
         log.exception("C-STORE %s failed unexpectedly", sop_instance)
         return _status(0xC001, f"internal error: {type(exc).__name__}")
+
+
+def _store_sr(intake: Intake, data: bytes, arrival: Arrival, calling: str) -> int | Dataset:
+    """A structured report: a cardiologist's read (``gateway.overread_intake.accept_sr``)."""
+    try:
+        outcome = accept_sr(intake, data, arrival, calling)
+    except EcgBridgeError as exc:
+        log.error("SR %s failed: %s", arrival.sop_instance_uid, exc)
+        return _status(exc.dimse_status, str(exc))
+    except Exception as exc:
+        log.exception("SR %s failed unexpectedly", arrival.sop_instance_uid)
+        return _status(0xC001, f"internal error: {type(exc).__name__}")
+    return 0x0000 if outcome.status == 0x0000 else _status(outcome.status, outcome.comment)
 
 
 class _AllowlistServer(ThreadedAssociationServer):
@@ -237,6 +267,8 @@ class DicomGateway:
             self.ae.require_calling_aet = list(self.config.allowed_calling_ae_titles)
         self.ae.add_supported_context(VERIFICATION_SOP_CLASS, TRANSFER_SYNTAXES)
         for uid in ECG_STORAGE_SOP_CLASSES:
+            self.ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        for uid in SR_STORAGE_SOP_CLASSES:  # over-reads; from an AE not named in overreads: 0x0122 per object
             self.ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         self.server: _AllowlistServer | None = None
         self._thread: threading.Thread | None = None

@@ -35,7 +35,8 @@ from ecgbridge.core.routing import MessageFacts
 from ecgbridge.core.states import MessageState, Source
 from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import InputError
-from ecgbridge.mapping.readers import read_ecg_bytes
+from ecgbridge.mapping.ecg import Ecg
+from ecgbridge.mapping.readers import looks_like_xml, read_ecg_bytes
 
 __all__ = ["FileOutcome", "Taken", "file_bytes", "is_wfdb_header", "record_parts", "take_file", "would_take"]
 
@@ -66,17 +67,27 @@ class FileOutcome:
 
 
 def take_file(
-    intake: Intake, data: bytes, name: str, *, route_name: str | None = None, flags: tuple[str, ...] = ()
+    intake: Intake,
+    data: bytes,
+    name: str,
+    *,
+    route_name: str | None = None,
+    flags: tuple[str, ...] = (),
+    overreads: bool = False,
 ) -> FileOutcome:
     """Store, read, record, route and enqueue one file's bytes; ``name`` is kept as the message's remote.
 
-    ``flags`` are added to the message's (``NO_DELIVERY_FLAG``: analysed, delivered nowhere)."""
+    ``flags`` are added to the message's (``NO_DELIVERY_FLAG``: analysed, delivered nowhere).
+    ``overreads``: the folder is an over-read source (``overreads.inbox``): a confirmed vendor XML
+    export's statements are also stored as a read of its ECG (``gateway.overread_intake``)."""
     store = intake.store
     sha, size = store.save_blob(data)
     tag = sha[:12]
     remote = name[:_REMOTE_MAX]
     earlier = _recorded_before(store, sha, remote)
     if earlier is not None:
+        if overreads and earlier.taken is not Taken.REJECTED:
+            _take_overread(intake, data, earlier.message_id, None)  # a crash may have come before the read
         return earlier
 
     arrival = Arrival(facts=MessageFacts(source=Source.FILE), blob_sha256=sha, blob_size=size, remote=remote)
@@ -98,15 +109,37 @@ def take_file(
             flags=[*ecg.flags, *flags],
             placer_order_number=ecg.study.placer_order_number,
             filler_order_number=ecg.study.filler_order_number,
+            acquired_at=ecg.study.acquired_at,
+            accession_number=ecg.study.accession_number,
         ),
         route_name=route_name,
     )
     route = admitted.route.name if admitted.route else None
+    if overreads:
+        _take_overread(intake, data, admitted.message_id, ecg)
     if admitted.duplicate:
         log.info("file %s is an identical resend of message %s; not recorded again", tag, admitted.message_id)
         return FileOutcome(Taken.DUPLICATE, admitted.message_id, route=route)
     log.info("file %s stored as message %s (%s)", tag, admitted.message_id, f"route {route}" if route else "unrouted")
     return FileOutcome(Taken.STORED if route else Taken.UNROUTED, admitted.message_id, route=route)
+
+
+def _take_overread(intake: Intake, data: bytes, message_id: str, ecg: Ecg | None) -> None:
+    """The confirmed read a Philips / GE MUSE export carries, stored once as a read of its own ECG."""
+    if not looks_like_xml(data):
+        return
+    from ecgbridge.gateway.overread_intake import record_self_read
+    from ecgbridge.mapping.overread_readers import read_vendor_xml
+    from ecgbridge.mapping.vendor._xml import parse
+
+    try:
+        read = read_vendor_xml(parse(data))
+        if read is not None and ecg is None:
+            ecg = read_ecg_bytes(data, hint="file")
+    except InputError:
+        return  # the ECG itself was read above; a read that cannot be is no read
+    if read is not None and ecg is not None:
+        record_self_read(intake, message_id, read, ecg, source=Source.FILE, sender=None)
 
 
 def would_take(store: MessageStore, data: bytes, name: str) -> FileOutcome:

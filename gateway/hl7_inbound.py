@@ -12,6 +12,11 @@
      is answered AE naming the OBX before it ever reaches a worker; the message is
      recorded, routed (sending application / facility, message type, OBX-3 codes)
      and its id enqueued; ``unrouted`` when no route matches (still AA: kept);
+   - ``ORU^R01`` *without* waveform from a sending application named in
+     ``overreads.hl7_sending_applications``: a cardiologist's read (over-read), recorded
+     ``processed`` and stored as a label by :mod:`ecgbridge.core.labels` (AA; a preliminary
+     read is stored, not a label). From any other sender it is refused as before (AR,
+     "carries no waveform");
    - ``ORM^O01`` / ``OML^O21``: each ORC/OBR order is upserted, ECG messages that
      arrived before it get an ``order_linked`` event; the message is ``processed``;
    - ``ADT^A01`` / ``A04`` / ``A08``: recorded as ``processed`` (demographics stay in
@@ -328,6 +333,8 @@ def _accept_oru(msg: _Inbound, segments: list[Any], ctx: InboundContext) -> str:
     except DecodeError as exc:
         raise _decode_failure(exc) from exc
     except UnsupportedInputError as exc:
+        if _is_overread(msg, obxs, ctx):
+            return _accept_overread(msg, ctx)
         where = error_location(exc)
         raise Hl7Error(
             str(exc), code=207, location=_erl(where) if where else ("OBX",), ack="AR", kind="UnsupportedInputError"
@@ -353,6 +360,8 @@ def _accept_oru(msg: _Inbound, segments: list[Any], ctx: InboundContext) -> str:
         placer_order_number=msg.placer,
         filler_order_number=msg.filler,
         message_type="ORU^R01",
+        acquired_at=ecg.study.acquired_at,
+        accession_number=ecg.study.accession_number,
     )
 
     def recorded(message_id: str) -> None:
@@ -369,6 +378,64 @@ def _accept_oru(msg: _Inbound, segments: list[Any], ctx: InboundContext) -> str:
         msg.peer,
         admitted.message_id,
         f"route {admitted.route.name}" if admitted.route else "unrouted",
+    )
+    return "AA"
+
+
+# ----- ORU^R01 without waveform from an over-read source: a cardiologist's read ----------------------------
+#: OBX value types that carry a waveform: an ORU with one is an ECG, whoever sends it.
+_WAVEFORM_TYPES = frozenset({"CD", "NA", "MA"})
+
+
+def _is_overread(msg: _Inbound, obxs: list[Any], ctx: InboundContext) -> bool:
+    """An ORU^R01 with no waveform OBX from a sending application named in ``overreads``."""
+    header = msg.header
+    assert header is not None
+    if not ctx.settings.overreads.hl7_source(header.component(3)):
+        return False
+    return not any((_first(obx, 2) or "").upper() in _WAVEFORM_TYPES for obx in obxs)
+
+
+def _accept_overread(msg: _Inbound, ctx: InboundContext) -> str:
+    """Record the message, then the read (:func:`ecgbridge.core.labels.record_overread`); AA after both.
+
+    The message is ``received`` until the read is stored, then ``processed``: a sender that got
+    no ACK and resends finds no accepted copy and the read is taken again (never lost).
+    Preliminary reads (status P) are stored too, not as labels (AA all the same).
+    """
+    from ecgbridge.core.labels import record_overread
+    from ecgbridge.mapping.overread_readers import read_oru
+
+    header = msg.header
+    assert header is not None
+    read = read_oru(msg.text)
+    msg.flags.append("overread")
+    msg.message_id = ctx.store.record_message(
+        source=Source.HL7,
+        remote=msg.remote,
+        blob_sha256=msg.sha,
+        blob_size=msg.size,
+        state=MessageState.RECEIVED,
+        flags=msg.flags,
+        message_type=msg.message_type,
+    )
+    _note_charset(msg, ctx)
+    recorded = record_overread(
+        ctx.store,
+        read,
+        message_id=msg.message_id,
+        source=Source.HL7,
+        sender=header.component(3),
+        window_min=ctx.settings.overreads.link_window_min,
+    )
+    ctx.store.set_state(msg.message_id, MessageState.PROCESSED)
+    log.info(
+        "HL7 ORU^R01 %s from %s stored as message %s: over-read %d (%s)",
+        msg.control_id,
+        msg.peer,
+        msg.message_id,
+        recorded.overread.id,
+        recorded.outcome,
     )
     return "AA"
 

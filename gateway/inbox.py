@@ -11,7 +11,10 @@ not changed for ``settle_s`` (the exporter finished writing), then, in this orde
    recorded with source ``file`` and remote = the file's name, enqueued) and the file
    goes to ``done/``. An identical resend of a SOP Instance already taken (any
    listener) records nothing new: the first message gets a ``duplicate_received``
-   event and the file goes to ``done/`` (the rule is in :mod:`ecgbridge.core.intake`).
+   event and the file goes to ``done/`` (the rule is in :mod:`ecgbridge.core.intake`);
+4. with ``overreads.inbox``, a confirmed Philips or GE MUSE export is also a cardiologist's
+   read of its own ECG: its statements are stored as a label (``gateway.overread_intake``)
+   before the file is moved. An unconfirmed export is an ECG only, as before.
 
 Why nothing is lost or doubled on restart: a file is moved only after its message is
 recorded, and before recording, a message with the same content hash and file name
@@ -182,7 +185,7 @@ class InboxWatcher:
             return False
 
         try:
-            outcome = take_file(self.intake, data, name)
+            outcome = take_file(self.intake, data, name, overreads=self.intake.settings.overreads.inbox)
         except EcgBridgeError as exc:  # store or broker trouble before the record: nothing recorded
             log.error("inbox: a file was not stored (%s); will retry", exc)
             return False

@@ -11,6 +11,10 @@ __all__ = [
     "SOP_GENERAL_ECG",
     "SOP_AMBULATORY_ECG",
     "ECG_STORAGE_SOP_CLASSES",
+    "SOP_BASIC_TEXT_SR",
+    "SOP_ENHANCED_SR",
+    "SOP_COMPREHENSIVE_SR",
+    "SR_STORAGE_SOP_CLASSES",
     "VERIFICATION_SOP_CLASS",
     "SCPECG_LEAD_CODES",
     "MDC_LEAD_CODES",
@@ -29,6 +33,7 @@ __all__ = [
     "SEVERITY_SNOMED",
     "SEVERITY_INTERPRETATION",
     "SCP_SEVERITY",
+    "SCP_SUPERCLASS",
     "SNOMED_SEVERITY",
     "MIN_LIKELIHOOD",
     "severity4_of_scp",
@@ -41,6 +46,11 @@ SOP_GENERAL_ECG = "1.2.840.10008.5.1.4.1.1.9.1.2"
 SOP_AMBULATORY_ECG = "1.2.840.10008.5.1.4.1.1.9.1.3"
 ECG_STORAGE_SOP_CLASSES: tuple[str, ...] = (SOP_12_LEAD_ECG, SOP_GENERAL_ECG, SOP_AMBULATORY_ECG)
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+#: Structured reports a cardiologist's read (over-read) may come in (``ecgbridge.core.labels``).
+SOP_BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+SOP_ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+SOP_COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+SR_STORAGE_SOP_CLASSES: tuple[str, ...] = (SOP_BASIC_TEXT_SR, SOP_ENHANCED_SR, SOP_COMPREHENSIVE_SR)
 
 #: SCP-ECG lead codes (coding scheme "SCPECG", DICOM CID 3001) -> lead name.
 SCPECG_LEAD_CODES: dict[str, str] = {
@@ -395,6 +405,47 @@ SCP_SEVERITY: dict[str, tuple[int, str]] = {
     "QWAVE": (_MINOR, "m-FORM"),
     "ABQRS": (_MINOR, "m-FORM"),
 }
+
+#: PTB-XL's 44 diagnostic SCP-ECG statements -> their superclass (``diagnostic_class`` of
+#: ``scp_statements.csv``, as ``training.datasets.ptbxl`` labels records). Form and rhythm
+#: statements (SR, AFIB, PVC, LOWT, ...) have no superclass: they name no diagnosis.
+_SCP_BY_SUPERCLASS: dict[str, tuple[str, ...]] = {
+    "NORM": ("NORM",),
+    "MI": (
+        "IMI",
+        "ASMI",
+        "ILMI",
+        "AMI",
+        "ALMI",
+        "INJAS",
+        "LMI",
+        "INJAL",
+        "IPLMI",
+        "IPMI",
+        "INJIN",
+        "INJLA",
+        "PMI",
+        "INJIL",
+    ),
+    "STTC": (
+        "NDT",
+        "NST_",
+        "DIG",
+        "LNGQT",
+        "ISC_",
+        "ISCAL",
+        "ISCIN",
+        "ISCIL",
+        "ISCAS",
+        "ISCLA",
+        "ANEUR",
+        "EL",
+        "ISCAN",
+    ),
+    "CD": ("LAFB", "IRBBB", "1AVB", "IVCD", "CRBBB", "CLBBB", "LPFB", "WPW", "ILBBB", "3AVB", "2AVB"),
+    "HYP": ("LVH", "LAO/LAE", "RVH", "RAO/RAE", "SEHYP"),
+}
+SCP_SUPERCLASS: dict[str, str] = {code: cls for cls, codes in _SCP_BY_SUPERCLASS.items() for code in codes}
 
 #: SNOMED CT codes of the PhysioNet/CinC 2020-2021 challenge (its Dx map, scored and unscored,
 #: plus the codes of ``SNOMED_TO_SUPERCLASS``) -> (4-tier level, rule, description).

@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select
 
@@ -47,6 +48,7 @@ from ecgbridge.core.settings import Route, Settings
 from ecgbridge.core.states import MessageState, Source
 from ecgbridge.core.store import MessageRow, MessageStore
 from ecgbridge.errors import StorageError
+from ecgbridge.mapping.ecg import acquisition_time
 
 __all__ = ["Arrival", "Admission", "Intake"]
 
@@ -71,6 +73,9 @@ class Arrival:
     placer_order_number: str | None = None
     filler_order_number: str | None = None
     message_type: str | None = None
+    #: When the ECG was recorded (UTC) and its Accession Number: how an over-read finds it.
+    acquired_at: datetime | None = None
+    accession_number: str | None = None
 
     @property
     def source(self) -> str:
@@ -201,6 +206,8 @@ class Intake:
             placer_order_number=arrival.placer_order_number,
             filler_order_number=arrival.filler_order_number,
             message_type=arrival.message_type,
+            acquired_at=acquisition_time(arrival.acquired_at)[0],  # a cart's naive time: local, as the writers read it
+            accession_number=arrival.accession_number,
         )
 
 

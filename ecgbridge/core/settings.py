@@ -59,6 +59,7 @@ __all__ = [
     "EhrSource",
     "RouteMatch",
     "Route",
+    "OverreadSettings",
     "load_settings",
     "default_settings",
     "check_config",
@@ -611,6 +612,32 @@ class Delivery(_Strict):
     claim_s: float = Field(120.0, gt=0)
 
 
+class OverreadSettings(_Strict):
+    """Which senders' messages are cardiologists' confirmed reads (over-reads), and how they find their ECG.
+
+    Deny by default: nothing is an over-read until a source is named here. An ORU^R01 without
+    waveform from a sending application not listed stays refused as before (AR, "carries no
+    waveform"); a DICOM SR from a calling AE title not listed is refused (0x0122). The rules
+    are in ``ecgbridge.core.labels``.
+    """
+
+    #: MSH-3 sending applications (namespace id) whose ORU^R01 without waveform are over-reads.
+    hl7_sending_applications: list[str] = Field(default_factory=list)
+    #: Calling AE titles whose DICOM SR (and whose ECGs' annotations) are over-reads.
+    dicom_calling_ae_titles: list[str] = Field(default_factory=list)
+    #: Take the confirmed statements of vendor XML exports (Philips, GE MUSE) in the inbox as over-reads.
+    inbox: bool = False
+    #: Minutes either side of the read's acquisition time within which an ECG of the same patient
+    #: is its ECG (the third linking rule: used when no SOP Instance UID or order number links it).
+    link_window_min: float = Field(10.0, gt=0, le=24 * 60)
+
+    def hl7_source(self, sending_application: str | None) -> bool:
+        return bool(sending_application) and sending_application in self.hl7_sending_applications
+
+    def dicom_source(self, calling_ae_title: str | None) -> bool:
+        return bool(calling_ae_title) and (calling_ae_title or "").strip() in self.dicom_calling_ae_titles
+
+
 SourceName = Literal["dicom", "hl7", "file"]
 _ALL_SOURCES: tuple[SourceName, ...] = ("dicom", "hl7", "file")
 
@@ -671,6 +698,8 @@ class Settings(_Strict):
     ehr: list[EhrSource] = Field(default_factory=list)
     delivery: Delivery = Field(default_factory=Delivery)
     routes: list[Route] = Field(default_factory=_default_routes)
+    #: Cardiologists' confirmed reads: which sources send them (``ecgbridge.core.labels``).
+    overreads: OverreadSettings = Field(default_factory=OverreadSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Where this configuration came from (set by the loader, not by the file).
     source_file: Path | None = Field(default=None, exclude=True)

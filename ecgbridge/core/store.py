@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -62,6 +63,7 @@ __all__ = [
     "ResultVersionRow",
     "ResultVersion",
     "OrderRow",
+    "OverreadRow",
     "DeliveryRow",
     "EventRow",
     "BlobStore",
@@ -120,6 +122,11 @@ class MessageRow(Base):
     placer_order_number: Mapped[str | None] = mapped_column(String(ORDER_NUMBER_MAX), index=True)
     filler_order_number: Mapped[str | None] = mapped_column(String(ORDER_NUMBER_MAX), index=True)
     message_type: Mapped[str | None] = mapped_column(String(32))  # HL7 MSH-9, e.g. ORU^R01
+    #: When the ECG was recorded (UTC), as the listener read it: an over-read finds its ECG by it
+    #: (``ecgbridge.core.labels``). Added in place; None for ECGs recorded before, and for non-ECGs.
+    acquired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    #: The DICOM Accession Number the ECG carries (an order identifier, like the order numbers). Added in place.
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class OrderRow(Base):
@@ -141,6 +148,48 @@ class OrderRow(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class OverreadRow(Base):
+    """A cardiologist's read (over-read) of an ECG: a label for the models, versioned.
+
+    ``message_id`` is the message that carried the read (an ORU, an SR, an ECG object or
+    file with confirmed statements); ``ecg_message_id`` the ECG it reads, None when it could
+    not be linked (``unlinked_reason`` says why). A corrected or later read of the same ECG
+    sets ``superseded_by`` on the one it replaces; a repeat of a read already taken is kept
+    with ``duplicate_of``. ``content_key`` (unique, None for duplicates) makes the first of a
+    flood win even across processes. No patient identifiers: statements are clinical text, the
+    reader is the clinician. The API is :mod:`ecgbridge.core.labels`.
+    """
+
+    __tablename__ = "overreads"
+    __table_args__ = (Index("ix_overreads_ecg_label", "ecg_message_id", "is_label", "superseded_by"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(36), index=True)
+    ecg_message_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    #: self | sop_instance_uid | order | patient_time
+    link_rule: Mapped[str | None] = mapped_column(String(24), nullable=True)
+    unlinked_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    source: Mapped[str] = mapped_column(String(16))  # dicom | hl7 | file
+    kind: Mapped[str] = mapped_column(String(24))  # oru | sr | ecg_annotations | philips_xml | muse_xml
+    sender: Mapped[str | None] = mapped_column(String(64), nullable=True)  # MSH-3 or calling AE title
+    reader: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    read_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    status: Mapped[str] = mapped_column(String(4))  # F | C | P | ...
+    is_label: Mapped[bool] = mapped_column(Boolean, default=False)
+    statements: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    refs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    uncertain: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    severity4: Mapped[str | None] = mapped_column(String(24), nullable=True)
+    severity3: Mapped[str | None] = mapped_column(String(24), nullable=True)
+    findings: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    unmatched: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    content_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    duplicate_of: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    superseded_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
 
 
 class ResultRow(Base):
@@ -493,6 +542,8 @@ class MessageStore:
         placer_order_number: str | None = None,
         filler_order_number: str | None = None,
         message_type: str | None = None,
+        acquired_at: datetime | None = None,
+        accession_number: str | None = None,
     ) -> str:
         message_id = str(uuid.uuid4())
         row = MessageRow(
@@ -510,6 +561,8 @@ class MessageStore:
             placer_order_number=placer_order_number,
             filler_order_number=filler_order_number,
             message_type=message_type,
+            acquired_at=acquired_at.astimezone(UTC) if acquired_at and acquired_at.tzinfo else acquired_at,
+            accession_number=accession_number[:64] if accession_number else None,
         )
         try:
             with self.session() as s, s.begin():
@@ -1117,6 +1170,8 @@ ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
     ("deliveries", "next_attempt_at"),
     ("deliveries", "claimed_by"),
     ("deliveries", "claimed_until"),
+    ("messages", "acquired_at"),
+    ("messages", "accession_number"),
 )
 
 

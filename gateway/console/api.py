@@ -23,7 +23,7 @@ from ecgbridge.errors import EcgBridgeError, StorageError
 from ecgbridge.gateway.console.auth import require
 from ecgbridge.gateway.console.context import ConsoleContext, context_of
 
-__all__ = ["router", "message_summary", "message_detail", "message_filter", "request_reanalysis"]
+__all__ = ["router", "message_summary", "message_detail", "message_filter", "request_reanalysis", "overread_detail"]
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -85,6 +85,22 @@ def _row_or_404(store: MessageStore, message_id: str) -> MessageRow:
     return row
 
 
+def overread_detail(store: MessageStore, message_id: str) -> dict[str, Any] | None:
+    """The cardiologists' reads of this ECG (current label and history), or the read this message carried."""
+    from ecgbridge.core.labels import current_label, history, overread_of_message
+
+    carried = overread_of_message(store, message_id)
+    reads = history(store, message_id)
+    if carried is None and not reads:
+        return None
+    current = current_label(store, message_id)
+    return {
+        "current": current.to_dict() if current is not None else None,
+        "history": [r.to_dict() for r in reads],
+        "carried": carried.to_dict() if carried is not None else None,
+    }
+
+
 def message_detail(ctx: ConsoleContext, row: MessageRow) -> dict[str, Any]:
     """Everything IT staff look at for one message: timeline, flags, findings, deliveries, order."""
     view = ctx.store.view(row.id)
@@ -118,6 +134,7 @@ def message_detail(ctx: ConsoleContext, row: MessageRow) -> dict[str, Any]:
         )
     analysed = [v for v in view.versions if v["state"] == "analysed"]
     return {
+        "overreads": overread_detail(ctx.store, row.id),
         "message": message_summary(row),
         "events": view.events,
         "deliveries": view.deliveries,
@@ -437,6 +454,7 @@ def get_audit(
 
 @router.get("/stats", summary="Counts by state per listener, route and destination; queues; throughput; latency")
 def get_stats(ctx: Ctx, who: Viewer) -> dict[str, Any]:
+    from ecgbridge.core.labels import counts
     from ecgbridge.core.stats import collect_stats
 
-    return collect_stats(ctx.store)
+    return {**collect_stats(ctx.store), "overreads": counts(ctx.store)}

@@ -173,6 +173,7 @@ def message_page(message_id: str, request: Request, ctx: Ctx, who: Viewer) -> HT
         deliveries=detail["deliveries"],
         events=detail["events"],
         versions=detail["versions"],
+        overreads=detail["overreads"],
         patient=patient,
         message_id=row.id,
         show_viewer=patient is not None,
