@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from ecgbridge.inference.metrics import ece
+
 __all__ = [
     "sigmoid",
     "nll",
@@ -127,31 +129,6 @@ def fit_calibration(
         "cv": f"{n_splits}-fold cross-validated NLL within the validation fold (seed {seed})",
         "nll_before": nll(y, z),
         "nll_after": nll(y, (z - offset[None]) / temperature[None]),
-    }
-
-
-def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
-    """Expected calibration error per class, their mean, and pooled over all labels."""
-    y = np.asarray(y, dtype=np.float64)
-    p = np.asarray(p, dtype=np.float64)
-
-    def one(yy: np.ndarray, pp: np.ndarray) -> float:
-        if yy.size == 0:
-            return float("nan")
-        bins = np.minimum((pp * n_bins).astype(int), n_bins - 1)
-        total = 0.0
-        for b in range(n_bins):
-            m = bins == b
-            if m.any():
-                total += m.sum() * abs(yy[m].mean() - pp[m].mean())
-        return float(total / yy.size)
-
-    per_class = [one(y[:, k], p[:, k]) for k in range(y.shape[1])]
-    return {
-        "per_class": per_class,
-        "mean": float(np.nanmean(per_class)) if per_class else float("nan"),
-        "pooled": one(y.ravel(), p.ravel()),
-        "bins": n_bins,
     }
 
 

@@ -33,18 +33,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
+from ecgbridge.inference.metrics import (
+    auroc,
+    bootstrap_auroc,
+    macro_auroc,
+    macro_auroc_defined,
+    patient_groups,
+    patient_resamples,
+    threshold_metrics,
+)
 from ecgbridge.inference.models import ModelRegistry, load_manifest, prepare_input
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
 from ecgbridge.training.calibration import ece, sigmoid
 from ecgbridge.training.datasets.challenge import is_challenge_dir, load_challenge, ptbxl_overlap
 from ecgbridge.training.datasets.ptbxl import load_ptbxl
+
+_patient_groups = patient_groups  # the name lvef_evaluate imports
 
 __all__ = [
     "auroc",
@@ -53,6 +63,7 @@ __all__ = [
     "threshold_metrics",
     "best_f1_threshold",
     "macro_auroc_defined",
+    "patient_resamples",
     "predict_fold",
     "predict_outputs",
     "metrics_for",
@@ -62,115 +73,6 @@ __all__ = [
     "to_jsonable",
     "main",
 ]
-
-
-def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve via ranks; NaN when only one class is present."""
-    y = np.asarray(y_true).astype(bool)
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(np.asarray(score, dtype=np.float64))
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def macro_auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Mean of per-class AUROCs (NaN if any class is undefined)."""
-    return float(np.mean([auroc(y_true[:, k], scores[:, k]) for k in range(y_true.shape[1])]))
-
-
-def macro_auroc_defined(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, list[bool]]:
-    """Mean AUROC over the classes that have both positives and negatives, and which those are."""
-    values = [auroc(y_true[:, k], scores[:, k]) for k in range(y_true.shape[1])]
-    defined = [not np.isnan(v) for v in values]
-    kept = [v for v, d in zip(values, defined) if d]
-    return (float(np.mean(kept)) if kept else float("nan")), defined
-
-
-def _patient_groups(patient_ids: np.ndarray) -> list[np.ndarray]:
-    _, inverse = np.unique(patient_ids, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.flatnonzero(np.diff(inverse[order])) + 1
-    return np.split(order, bounds)
-
-
-def patient_resamples(patient_ids: np.ndarray, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
-    """Row indices of each patient-level bootstrap replicate (a patient's records are drawn together).
-
-    The same ``seed`` gives the same replicates, so statistics bootstrapped in separate
-    passes (AUROC here, kappa in ``training.lvef_evaluate``) share their resamples.
-    """
-    rng = np.random.default_rng(seed)
-    groups = _patient_groups(np.asarray(patient_ids))
-    for _ in range(n_bootstrap):
-        drawn = rng.integers(0, len(groups), size=len(groups))
-        yield np.concatenate([groups[g] for g in drawn])
-
-
-def bootstrap_auroc(
-    y_true: np.ndarray,
-    scores: np.ndarray,
-    patient_ids: np.ndarray,
-    *,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    macro_classes: Sequence[bool] | None = None,
-) -> dict[str, Any]:
-    """Patient-level percentile bootstrap of per-class and macro AUROC.
-
-    ``macro_classes`` (default: all) says which classes the macro averages; a
-    replicate counts for the macro only when all of those are defined in it.
-    """
-    mask = list(macro_classes) if macro_classes is not None else [True] * y_true.shape[1]
-    n_classes = y_true.shape[1]
-    per_class: list[list[float]] = [[] for _ in range(n_classes)]
-    macro: list[float] = []
-    for idx in patient_resamples(patient_ids, n_bootstrap, seed):
-        values = [auroc(y_true[idx, k], scores[idx, k]) for k in range(n_classes)]
-        for k, v in enumerate(values):
-            if not np.isnan(v):
-                per_class[k].append(v)
-        chosen = [v for v, m in zip(values, mask) if m]
-        if chosen and not np.any(np.isnan(chosen)):
-            macro.append(float(np.mean(chosen)))
-
-    def interval(samples: list[float]) -> tuple[float, float] | None:
-        if not samples:
-            return None
-        lo, hi = np.percentile(samples, [2.5, 97.5])
-        return float(lo), float(hi)
-
-    return {
-        "macro_ci": interval(macro),
-        "macro_valid": len(macro),
-        "class_ci": [interval(s) for s in per_class],
-        "class_valid": [len(s) for s in per_class],
-    }
-
-
-def threshold_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Confusion counts, sensitivity, specificity, PPV and F1 at ``score >= threshold``."""
-    y = np.asarray(y_true).astype(bool)
-    pred = np.asarray(score) >= threshold
-    tp = int(np.sum(pred & y))
-    fp = int(np.sum(pred & ~y))
-    fn = int(np.sum(~pred & y))
-    tn = int(np.sum(~pred & ~y))
-
-    def ratio(a: int, b: int) -> float:
-        return float(a / b) if b else float("nan")
-
-    return {
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "tn": tn,
-        "sensitivity": ratio(tp, tp + fn),
-        "specificity": ratio(tn, tn + fp),
-        "ppv": ratio(tp, tp + fp),
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
-    }
 
 
 def best_f1_threshold(y_true: np.ndarray, score: np.ndarray) -> float:
