@@ -744,10 +744,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ecgbridge.cli_models import add_model_commands
     from ecgbridge.cli_overreads import add_overread_commands
     from ecgbridge.cli_users import add_user_commands
+    from ecgbridge.cli_validate import add_validate_command
 
     add_import_command(sub, _add_config, _settings)
     add_user_commands(sub, _add_config, _settings)
     add_model_commands(sub, _add_config, _settings)
+    add_validate_command(sub, _add_config, _settings)
     add_overread_commands(sub, _add_config, _settings)
 
     for name, func, what in (("train", cmd_train, "train a model"), ("evaluate", cmd_evaluate, "evaluate a model")):
