@@ -1,8 +1,10 @@
-"""``ecgbridge validate``: the models on this site's own patients, against the cardiologists' over-reads.
+"""``ecgbridge validate`` and ``ecgbridge drift``: the models on this site's own patients, and its inputs over time.
 
     ecgbridge validate [--since 30d | 2026-11-01] [--until DATE] [--route NAME] [--bootstrap 1000] [--json]
+    ecgbridge drift [--reference-since DATE --reference-until DATE | --reference-weeks 4] [--since 8w] [--json]
 
-What it computes and the rules it follows are in :mod:`ecgbridge.core.validation`.
+What they compute and the rules they follow are in :mod:`ecgbridge.core.validation` and
+:mod:`ecgbridge.core.drift`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ecgbridge.core.settings import Settings
 from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import ConfigError
 
-__all__ = ["add_validate_command", "parse_when"]
+__all__ = ["add_validate_command", "parse_when", "cmd_drift", "cmd_validate"]
 
 _AGO = re.compile(r"^(\d+)\s*([dhw])$")
 
@@ -56,6 +58,22 @@ def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(settings: Settings, args: argparse.Namespace) -> int:
+    from ecgbridge.core.drift import drift_report, format_drift
+
+    store = MessageStore(settings.database_url, settings.data_dir)
+    store.create_schema()
+    report = drift_report(
+        store,
+        reference_since=parse_when(args.reference_since),
+        reference_until=parse_when(args.reference_until),
+        reference_weeks=args.reference_weeks,
+        since=parse_when(args.since),
+    )
+    print(json.dumps(report, indent=2, default=str) if args.json else format_drift(report))
+    return 0
+
+
 def add_validate_command(
     sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     add_config: Callable[[argparse.ArgumentParser], None],
@@ -72,3 +90,12 @@ def add_validate_command(
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (default 1000)")
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.set_defaults(func=lambda args: cmd_validate(load(args), args))
+
+    p = sub.add_parser("drift", help="input statistics and positive rates per week against reference weeks (PSI)")
+    add_config(p)
+    p.add_argument("--reference-since", help="start of the reference window (default: the first week with data)")
+    p.add_argument("--reference-until", help="end of the reference window (default: --reference-weeks later)")
+    p.add_argument("--reference-weeks", type=int, default=4, help="length of the default reference window (4)")
+    p.add_argument("--since", help="only the weeks from this date (30d, 2026-11-01)")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=lambda args: cmd_drift(load(args), args))

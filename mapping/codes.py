@@ -23,6 +23,9 @@ __all__ = [
     "SUPERCLASS_SNOMED",
     "SUPERCLASS_DISPLAY",
     "SYSTEM",
+    "ORDER_IDENTIFIER_TYPE",
+    "RISK_TIER_SYSTEM",
+    "RISK_TIER_DISPLAY",
     "SNOMED_TO_SUPERCLASS",
     "SEVERITY3",
     "SEVERITY4",
@@ -156,10 +159,33 @@ SYSTEM: dict[str, str] = {
     "v2_0074": "http://terminology.hl7.org/CodeSystem/v2-0074",
     "obs_category": "http://terminology.hl7.org/CodeSystem/observation-category",
     "obs_interpretation": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+    "v2_0203": "http://terminology.hl7.org/CodeSystem/v2-0203",
     "security": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "dicom_uid": "urn:dicom:uid",
     "ecgbridge_result": "urn:ecgbridge:result",
     "ecgbridge_model": "urn:ecgbridge:model",
+}
+
+#: Kind of order number -> its identifier type (HL7 table 0203, ``SYSTEM["v2_0203"]``), as a
+#: FHIR report's ``basedOn`` names the order it answers (``mapping.fhir_report``).
+ORDER_IDENTIFIER_TYPE: dict[str, tuple[str, str]] = {
+    "placer": ("PLAC", "Placer Identifier"),
+    "filler": ("FILL", "Filler Identifier"),
+    "accession": ("ACSN", "Accession ID"),
+}
+
+#: Code system of a finding's risk tier (``Finding.tier``: where the class probability falls among
+#: the model's ``tiers`` cut-offs, ``inference.models.Manifest.tier``). The tier grades how likely
+#: the class is, not how abnormal the ECG is (NORM has tiers too), so no v3 ObservationInterpretation
+#: code (H / HH are "above the reference range" of a measured value) fits it; FHIR carries it in this
+#: system (an ``interpretation`` and a ``component``), HL7 as the CWE tier OBX.
+RISK_TIER_SYSTEM = "urn:ecgbridge:risk-tier"
+
+#: Risk tier code -> display. A tier code not listed (a model's own tier names) is sent as it is.
+RISK_TIER_DISPLAY: dict[str, str] = {
+    "low": "Low risk tier",
+    "moderate": "Moderate risk tier",
+    "high": "High risk tier",
 }
 
 

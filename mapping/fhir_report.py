@@ -52,6 +52,40 @@ Decisions, and why:
 * **times**: FHIR dateTime with a time needs an offset. An aware acquisition time keeps
   its offset; a naive one is read in ``assume_tz`` (default: this machine's local
   zone, i.e. the hospital's), converted to UTC and flagged.
+* **the order** (:class:`OrderLink`): ``basedOn`` names the ServiceRequest the ECG was
+  recorded for, so the EHR can join the order, this AI result and the cardiologist's
+  over-read. The sender searches the EHR once per report for a ServiceRequest carrying any
+  of the order's identifiers (:func:`order_search_query`); exactly one match (not
+  ``entered-in-error``, same patient) gives a literal ``ServiceRequest/<id>``, anything else
+  a logical reference by the order's identifier (placer number first: it is the order's own;
+  then filler, then the DICOM accession number), typed PLAC / FILL / ACSN from HL7 table
+  0203. The literal reference carries that identifier too, so the link survives a merged or
+  re-keyed order. Several matches or a ServiceRequest of another patient are flagged
+  (``order_ambiguous``, ``order_patient_differs``), never linked. The order numbers are not
+  added to ``DiagnosticReport.identifier``: two ECGs recorded for one order (a repeat ECG)
+  would then share a business identifier, and the report's identity (its conditional-create
+  key) stays the ECG's alone.
+* **risk tiers** (``Finding.tier``, the model's ``tiers`` cut-offs of a class probability)
+  are coded, not only written in the note: a second ``interpretation`` and a ``component``
+  (code ``<CLASS>-tier`` of the model's system, as HL7's tier OBX-3) whose
+  ``valueCodeableConcept`` is in :data:`~mapping.codes.RISK_TIER_SYSTEM`, which a search
+  finds (``Observation?component-value-concept=urn:ecgbridge:risk-tier|high``). The tier
+  grades how likely the class is (NORM has tiers too), so no v3 interpretation code (H / HH
+  mean above a reference range) is borrowed for it; POS / NEG stays the first
+  interpretation. The triage severity is coded on its own Observation (LOINC 8601-7).
+  The codes:
+
+  =======================  ======================================  ==========================================
+  system                   code                                    where
+  =======================  ======================================  ==========================================
+  urn:ecgbridge:risk-tier  low, moderate, high                     finding Observation: interpretation,
+                                                                   component value
+  urn:ecgbridge:severity   normal, abnormal_nonurgent, urgent      8601-7 Observation value (3-tier,
+                                                                   interpretation N / A / AA), conclusionCode
+  urn:ecgbridge:severity   4tier-normal, 4tier-minor_abnormality,  the same, 4-tier triage models
+                           4tier-major_nonurgent, 4tier-urgent
+  urn:ecgbridge:lvef-tier  LVEF_GT50 ... LVEF_LT30                 LVEF Observation (mapping.fhir_lvef)
+  =======================  ======================================  ==========================================
 """
 
 from __future__ import annotations
@@ -61,14 +95,21 @@ import copy
 import hashlib
 import math
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from ecgbridge.errors import MappingError
-from ecgbridge.mapping.codes import LOINC, SUPERCLASS_SNOMED, SYSTEM
+from ecgbridge.mapping.codes import (
+    LOINC,
+    ORDER_IDENTIFIER_TYPE,
+    RISK_TIER_DISPLAY,
+    RISK_TIER_SYSTEM,
+    SUPERCLASS_SNOMED,
+    SYSTEM,
+)
 from ecgbridge.mapping.ecg import (
     AnalysisResult,
     Attachment,
@@ -92,6 +133,11 @@ __all__ = [
     "DEFAULT_PATIENT_ID_SYSTEM",
     "PlannedResource",
     "ReportBundle",
+    "OrderIdentifier",
+    "OrderLink",
+    "order_identifiers",
+    "order_search_query",
+    "link_order",
     "build_report",
     "resolve_references",
     "revision_note",
@@ -220,6 +266,134 @@ class ReportBundle:
     def all_planned(self) -> list[PlannedResource]:
         """Devices, then Observations, then the report: the order references allow."""
         return [*self.devices, *self.observations, self.report]
+
+
+# --------------------------------------------------------------------------- the order
+
+#: Order number kinds, in the order a logical ``basedOn`` prefers them: the placer number is the
+#: order's own (the EHR issued it); the filler number is the ECG department's; the accession
+#: number is what a DICOM cart copied from the worklist.
+ORDER_KINDS: tuple[str, ...] = ("placer", "filler", "accession")
+
+
+@dataclass(frozen=True)
+class OrderIdentifier:
+    """One identifier of the order an ECG was recorded for (PHI-bearing: never log ``value``)."""
+
+    kind: str  # placer | filler | accession (:data:`ORDER_KINDS`)
+    system: str
+    value: str
+
+    def as_identifier(self) -> dict[str, Any]:
+        """The FHIR Identifier, typed PLAC / FILL / ACSN (HL7 table 0203)."""
+        code, display = ORDER_IDENTIFIER_TYPE[self.kind]
+        return {
+            "type": {"coding": [{"system": SYSTEM["v2_0203"], "code": code, "display": display}]},
+            "system": self.system,
+            "value": self.value,
+        }
+
+
+@dataclass(frozen=True)
+class OrderLink:
+    """What the report's ``basedOn`` says about its order (:func:`link_order` decides it).
+
+    ``identifiers`` are the order's, best first; ``reference`` is ``ServiceRequest/<id>`` when
+    the EHR's ServiceRequest was found, unambiguously; ``flag`` says why a ServiceRequest that
+    was found is not linked (it goes to the report's ``Flags:`` line).
+    """
+
+    identifiers: tuple[OrderIdentifier, ...]
+    reference: str | None = None
+    flag: str | None = None
+
+    def based_on(self) -> list[dict[str, Any]]:
+        """``DiagnosticReport.basedOn``: one Reference, literal when found, else by identifier."""
+        if not self.identifiers and self.reference is None:
+            return []
+        ref: dict[str, Any] = {}
+        if self.reference is not None:
+            ref["reference"] = self.reference
+        ref["type"] = "ServiceRequest"
+        if self.identifiers:
+            ref["identifier"] = self.identifiers[0].as_identifier()
+        return [ref]
+
+
+def order_identifiers(
+    order: Mapping[str, Any] | None,
+    study: Study,
+    *,
+    placer_system: str,
+    filler_system: str,
+    accession_system: str,
+) -> tuple[OrderIdentifier, ...]:
+    """The order's identifiers, placer, filler, accession: the linked order's numbers, else the ECG's.
+
+    ``order`` is the stored order's details (``Outgoing.order``: ``placer_order_number``,
+    ``filler_order_number``); the ECG's own numbers (HL7 OBR-2 / OBR-3, DICOM order attributes)
+    stand in for a number the order lacks, as in the HL7 ORU. The accession number is the
+    ECG's (DICOM Accession Number). Empty when the ECG has no order at all.
+    """
+    order = order or {}
+    values = {
+        "placer": order.get("placer_order_number") or study.placer_order_number,
+        "filler": order.get("filler_order_number") or study.filler_order_number,
+        "accession": study.accession_number,
+    }
+    systems = {"placer": placer_system, "filler": filler_system, "accession": accession_system}
+    out: list[OrderIdentifier] = []
+    for kind in ORDER_KINDS:
+        value = str(values[kind] or "").strip()
+        if value:
+            out.append(OrderIdentifier(kind, systems[kind], value))
+    return tuple(out)
+
+
+def order_search_query(identifiers: Sequence[OrderIdentifier]) -> str:
+    """``identifier=<system>|<value>,...``: one search finds a ServiceRequest by any of the order's identifiers.
+
+    A comma between token values is FHIR's OR; each system and value is escaped, so a comma
+    inside an order number stays part of it.
+    """
+    if not identifiers:
+        raise ValueError("an order search needs at least one identifier")
+    joined = ",".join(f"{_escape_search(i.system)}|{_escape_search(i.value)}" for i in identifiers)
+    return urlencode({"identifier": joined})
+
+
+def _same_reference(a: str, b: str) -> bool:
+    """``Patient/1`` and ``https://ehr/fhir/Patient/1`` name the same resource (type and id)."""
+    return a.rstrip("/").split("/")[-2:] == b.rstrip("/").split("/")[-2:]
+
+
+def link_order(
+    identifiers: Sequence[OrderIdentifier],
+    matches: Sequence[Mapping[str, Any]] | None,
+    *,
+    patient_reference: str | None = None,
+    complete: bool = True,
+) -> OrderLink:
+    """Decide ``basedOn`` from the ServiceRequests a search by the order's identifiers found.
+
+    ``matches`` None: the EHR could not be searched (the reference is by identifier).
+    Exactly one match, not ``entered-in-error``, gives its literal reference, unless it
+    belongs to another patient than the report's (``patient_reference``, when the patient was
+    resolved): then ``order_patient_differs``. Several (or ``complete`` False: the search had
+    more pages) are ``order_ambiguous``. Either way the identifier stays, so the link by order
+    number is never lost.
+    """
+    idents = tuple(identifiers)
+    found = {str(m["id"]): m for m in matches or [] if m.get("id") and m.get("status") != "entered-in-error"}
+    if matches is None or not found:
+        return OrderLink(idents)
+    if len(found) > 1 or not complete:
+        return OrderLink(idents, flag="order_ambiguous")
+    rid, service_request = next(iter(found.items()))
+    subject = (service_request.get("subject") or {}).get("reference")
+    if patient_reference and isinstance(subject, str) and not _same_reference(subject, patient_reference):
+        return OrderLink(idents, flag="order_patient_differs")
+    return OrderLink(idents, reference=f"ServiceRequest/{rid}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -419,11 +593,33 @@ def _observation(
     ]
     obs["note"] = [{"text": note}]
     obs["device"] = {"reference": device_placeholder, "display": f"{output.model} {output.version}"}
+    if finding.tier:
+        _add_risk_tier(obs, finding, output)
     return PlannedResource(
         resource=validate_resource(obs),
         if_none_exist=identifier_query(system, value),
         placeholder=_placeholder("Observation", system, value),
     )
+
+
+def _add_risk_tier(obs: dict[str, Any], finding: Finding, output: ModelOutput) -> None:
+    """The finding's risk tier, coded: a second interpretation (what a results view shows beside
+    the value) and a component (what ``component-value-concept`` searches find); the code is the
+    tier as the model names it, the same code as HL7's tier OBX-5."""
+    tier = str(finding.tier)
+    display = RISK_TIER_DISPLAY.get(tier, tier.replace("_", " "))
+    coding = {"system": RISK_TIER_SYSTEM, "code": tier, "display": display}
+    obs["interpretation"].append({"coding": [dict(coding)], "text": f"{finding.display}: {display.lower()}"})
+    what = f"{finding.display} risk tier"
+    obs["component"] = [
+        {
+            "code": {
+                "coding": [{"system": _local_system(output), "code": f"{finding.code}-tier", "display": what}],
+                "text": what,
+            },
+            "valueCodeableConcept": {"coding": [coding], "text": display},
+        }
+    ]
 
 
 def _planned(resource: dict[str, Any]) -> PlannedResource:
@@ -610,6 +806,7 @@ def build_report(
     attachments_data: Mapping[str, bytes] | None = None,
     version: int = 1,
     measurements_panel: bool = False,
+    order: OrderLink | None = None,
 ) -> ReportBundle:
     """Map one analysis to validated FHIR R4 resources with their If-None-Exist queries.
 
@@ -621,6 +818,9 @@ def build_report(
     ``version`` >= 2 (a re-analysis) gives the same identifiers with status ``amended``.
     ``measurements_panel``: the global measurements as one Observation with a component each
     (:func:`mapping.fhir_measurements.measurement_panel`) instead of one Observation each.
+    ``order``: the order the ECG was recorded for, as ``basedOn`` (:class:`OrderLink`; the
+    caller searched the EHR for it); None or no identifiers: no ``basedOn``. It never
+    changes the report's identifier, so re-delivery stays idempotent.
     Raises :class:`MappingError` when the result cannot form valid FHIR.
     """
     if not result.outputs:
@@ -649,6 +849,8 @@ def build_report(
     if time_flag:
         report_flags.append(time_flag)
     presented = _presented_form(result.attachments, attachments_data, report_flags)
+    if order is not None and order.flag:
+        report_flags.append(order.flag)
     flags = _dedupe([*result.quality_flags, *result.ecg_flags, *report_flags])
 
     devices: dict[str, PlannedResource] = {}
@@ -725,6 +927,11 @@ def build_report(
         "resourceType": "DiagnosticReport",
         "meta": {"security": [dict(AI_SECURITY_LABEL)], "tag": tags},
         "identifier": [{"system": id_system, "value": id_value}],
+    }
+    based_on = order.based_on() if order is not None else []
+    if based_on:
+        report["basedOn"] = based_on
+    report |= {
         "status": "preliminary" if version == 1 else "amended",
         "category": [{"coding": [{"system": SYSTEM["v2_0074"], "code": "EC", "display": "Electrocardiac"}]}],
         "code": {

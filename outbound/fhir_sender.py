@@ -3,7 +3,8 @@
 Every resource is a conditional create keyed by identifiers derived from the message
 id, so a retried or redelivered task finishes the job without a duplicate report. A
 re-analysis (result version 2, 3, ...) updates that same report and its Observations in
-place (:func:`deliver_revision`).
+place (:func:`deliver_revision`). The report's ``basedOn`` names the order the ECG was
+recorded for, found by one ServiceRequest search per report (:meth:`FhirSender.find_order`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from ecgbridge.core.settings import DEFAULT_SMART_WRITE_SCOPE, DestinationConfig
 from ecgbridge.core.tls import connection_context
 from ecgbridge.errors import MappingError, PermanentDeliveryError
 from ecgbridge.mapping.ecg import Patient
-from ecgbridge.mapping.fhir_report import ReportBundle, build_report, operation_outcome_text, resolve_references
+from ecgbridge.mapping.fhir_report import (
+    OrderLink,
+    ReportBundle,
+    build_report,
+    link_order,
+    operation_outcome_text,
+    order_identifiers,
+    order_search_query,
+    resolve_references,
+)
 from ecgbridge.outbound.fhir_auth import build_auth
 from ecgbridge.outbound.fhir_client import (
     FhirClient,
@@ -71,6 +81,8 @@ class FhirSender(Sender):
     _client: FhirClient | None = None
     #: The write modes the server offers, best first (from its CapabilityStatement); None until read.
     _modes: list[str] | None = None
+    #: The server refused a ServiceRequest search as unsupported or not allowed: not asked again.
+    _no_order_search: bool = False
 
     def __init__(self, config: DestinationConfig) -> None:
         super().__init__(config)
@@ -161,6 +173,7 @@ class FhirSender(Sender):
         version = outgoing.version
         client = self.client()
         patient_ref = resolve_patient(client, outgoing.ecg.patient, dest.patient_identifier_system)
+        order = self.find_order(client, outgoing, patient_ref)
         try:
             bundle = build_report(
                 outgoing.result,
@@ -172,6 +185,7 @@ class FhirSender(Sender):
                 attachments_data=outgoing.attachments if dest.presented_form else None,
                 version=version,
                 measurements_panel=dest.measurements == "panel",
+                order=order,
             )
         except MappingError as exc:
             raise PermanentDeliveryError(str(exc)) from exc
@@ -184,6 +198,60 @@ class FhirSender(Sender):
             except FhirBundleRefused as exc:
                 if not self._refused(mode, exc):
                     raise
+
+    def find_order(self, client: FhirClient, outgoing: Outgoing, patient_ref: str | None) -> OrderLink | None:
+        """The order the report is ``basedOn``: one ServiceRequest search by all its identifiers; None without one.
+
+        A transient failure (network, 5xx, 429) fails the delivery to be retried like any FHIR
+        error. A server that refuses the search (any other 4xx, or 501) gets a reference by
+        identifier: the order link must not cost the report. 403 / 404 / 405 / 501 say the server
+        has no ServiceRequest search for us (no such type, or no scope), so this sender (one per
+        destination and worker process) does not ask again. Logs name the status only: order
+        numbers are PHI-bearing, and a server's OperationOutcome may quote the query.
+        """
+        systems = cast(FhirDestination, self.config).order_identifier_systems
+        identifiers = order_identifiers(
+            outgoing.order,
+            outgoing.ecg.study,
+            placer_system=systems.placer,
+            filler_system=systems.filler,
+            accession_system=systems.accession,
+        )
+        if not identifiers:
+            return None
+        if self._no_order_search:
+            return link_order(identifiers, None)
+        try:
+            found = client.search("ServiceRequest", order_search_query(identifiers))
+        except (FhirPermanentError, FhirTransientError) as exc:
+            if isinstance(exc, FhirTransientError) and exc.status != 501:
+                raise
+            if exc.status in _ORDER_SEARCH_UNSUPPORTED:
+                self._no_order_search = True
+                log.warning(
+                    "destination %s: ServiceRequest search refused (%s); reports name their order by identifier "
+                    "from now on",
+                    self.config.name,
+                    exc.status,
+                )
+            else:
+                log.info(
+                    "destination %s: ServiceRequest search refused (%s); this report names its order by identifier",
+                    self.config.name,
+                    exc.status or "?",
+                )
+            return link_order(identifiers, None)
+        more = any(isinstance(link, Mapping) and link.get("relation") == "next" for link in found.get("link") or [])
+        return link_order(
+            identifiers,
+            search_matches(found, "ServiceRequest"),
+            patient_reference=patient_ref,
+            complete=not more,
+        )
+
+
+#: Answers to the ServiceRequest search that mean the server will not search orders for this sender.
+_ORDER_SEARCH_UNSUPPORTED = frozenset({403, 404, 405, 501})
 
 
 def system_interactions(capability: Mapping[str, Any]) -> set[str]:

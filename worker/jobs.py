@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ecgbridge.core.drift import record_ecg_stats
 from ecgbridge.core.promotions import models_in_force
 from ecgbridge.core.queue import Dispatcher
 from ecgbridge.core.settings import Route, Settings, load_settings
@@ -195,6 +196,10 @@ def _analysis(
     stages[TimingStage.EXPLANATIONS] = time.perf_counter() - t
     if models.shadow:
         run_shadow_models(ctx, row.id, ecg, ehr, models.shadow)
+    try:  # what the ECG looked like, for drift; statistics never fail an analysis
+        record_ecg_stats(ctx.store, row.id, ecg, result, route.name)
+    except Exception as exc:
+        log.warning("could not record the input statistics of %s: %s", row.id, type(exc).__name__)
     return result
 
 

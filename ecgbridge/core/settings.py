@@ -51,6 +51,7 @@ __all__ = [
     "ModelEntry",
     "EhrAuth",
     "FhirDestination",
+    "OrderIdentifierSystems",
     "Hl7Destination",
     "MllpListener",
     "InboxListener",
@@ -373,9 +374,11 @@ class ModelEntry(_Strict):
 
 #: SMART Backend Services scopes that cover every query the EHR context fetch makes.
 DEFAULT_SMART_SCOPE = "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationStatement.rs"
-#: SMART scopes a FHIR destination needs: find the patient, write the report and what it references.
+#: SMART scopes a FHIR destination needs: find the patient and the order (ServiceRequest), write the
+#: report and what it references. Without ServiceRequest read the report names its order by identifier.
 DEFAULT_SMART_WRITE_SCOPE = (
-    "system/Patient.rs system/DiagnosticReport.cru system/Observation.cru system/Device.cru system/Provenance.crs"
+    "system/Patient.rs system/ServiceRequest.rs system/DiagnosticReport.cru system/Observation.cru "
+    "system/Device.cru system/Provenance.crs"
 )
 
 _AUTH_FIELDS: dict[str, tuple[str, ...]] = {
@@ -465,6 +468,21 @@ class DestinationConfig(_Strict):
         return False
 
 
+class OrderIdentifierSystems(_Strict):
+    """The identifier systems under which the EHR's ServiceRequests carry an ECG's order numbers.
+
+    A report's ``basedOn`` finds its order by them (``ServiceRequest?identifier=<system>|<number>``)
+    and names them when it refers to the order by identifier. One system each, because three
+    parties issue the numbers (the ordering EHR the placer number, the ECG department the
+    filler number, the worklist the accession number): under one system a placer number could
+    match another order's filler number. Set them to the EHR's own (often ``urn:oid:...``).
+    """
+
+    placer: str = Field("urn:ecgbridge:placer-order", min_length=1)
+    filler: str = Field("urn:ecgbridge:filler-order", min_length=1)
+    accession: str = Field("urn:ecgbridge:accession", min_length=1)
+
+
 class FhirDestination(DestinationConfig):
     type: Literal["fhir"] = "fhir"
     base_url: str
@@ -473,6 +491,9 @@ class FhirDestination(DestinationConfig):
     timeout_s: float = Field(10.0, gt=0)
     #: Identifier system of DICOM PatientID values in this EHR (used to find the Patient).
     patient_identifier_system: str = "urn:ecgbridge:patient-id"
+    #: Identifier systems of the order numbers (placer, filler, accession) on the EHR's
+    #: ServiceRequests: the report's ``basedOn`` finds its order by them.
+    order_identifier_systems: OrderIdentifierSystems = Field(default_factory=OrderIdentifierSystems)
     #: auto: what the server's CapabilityStatement lists, best first: transaction, batch,
     #: individual (read once per worker process; a server refusing a whole transaction or
     #: batch gets the next mode from then on);

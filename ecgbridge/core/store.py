@@ -278,6 +278,25 @@ class ArtifactRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+class EcgStatsRow(Base):
+    """What an analysed ECG looked like, for input drift (``ecgbridge.core.drift``): no patient data."""
+
+    __tablename__ = "ecg_stats"
+
+    message_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    analysed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    route: Mapped[str | None] = mapped_column(String(128))
+    fs: Mapped[float] = mapped_column(Float)
+    n_leads: Mapped[int] = mapped_column(Integer)
+    duration_s: Mapped[float] = mapped_column(Float)
+    #: The cart's manufacturer / model as the ECG names it (a device, not a person).
+    device: Mapped[str | None] = mapped_column(String(128))
+    source_format: Mapped[str | None] = mapped_column(String(32))
+    #: Median over the leads of the 2nd-98th percentile range, mV (a robust QRS amplitude).
+    amplitude_mv: Mapped[float | None] = mapped_column(Float)
+    quality_flags: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
 class PromotionRow(Base):
     """A shadow model made live in a route, and the live one it replaced (``ecgbridge.core.promotions``)."""
 

@@ -234,13 +234,26 @@ def validation_report(
                 },
             }
         )
-    return {
-        "window": {"since": since.isoformat() if since else None, "until": until.isoformat() if until else None},
-        "route": route,
-        "coverage": {**_coverage(store, labels, since, until, route), "used": used},
-        "models": models,
-        "comparisons": _comparisons(scores, n_bootstrap),
-    }
+    return _finite(
+        {
+            "window": {"since": since.isoformat() if since else None, "until": until.isoformat() if until else None},
+            "route": route,
+            "coverage": {**_coverage(store, labels, since, until, route), "used": used},
+            "models": models,
+            "comparisons": _comparisons(scores, n_bootstrap),
+        }
+    )
+
+
+def _finite(value: Any) -> Any:
+    """NaN (a metric with no denominator: no positives, no calls) as None, so the report is valid JSON."""
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _comparisons(scores: dict[tuple[str, str], ModelScores], n_bootstrap: int) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry
@@ -23,7 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ecgbridge import __version__
-from ecgbridge.core import stats
+from ecgbridge.core import drift, stats
 from ecgbridge.core.states import DeliveryState, MessageState, Source
 from ecgbridge.core.store import TimingStage
 from ecgbridge.gateway.console.context import ConsoleContext, context_of
@@ -122,6 +123,36 @@ class StoreCollector(Collector):
             ehr.add_metric([status], ever)
         yield ehr
         yield from _durations(stats.duration_histograms(store))
+        yield from self._drift(now)
+
+    #: Seconds the drift figures are kept between scrapes (they read every analysed ECG's statistics).
+    DRIFT_CACHE_S = 300.0
+    _drift_cache: tuple[float, dict[str, Any]] | None = None
+
+    def _drift(self, now: datetime) -> Iterator[Metric]:
+        cached = self._drift_cache
+        if cached is None or time.monotonic() - cached[0] > self.DRIFT_CACHE_S:
+            cached = (time.monotonic(), drift.last_days(self.ctx.store, now=now))
+            self._drift_cache = cached
+        values = cached[1]
+        psi = GaugeMetricFamily(
+            "ecgbridge_drift_psi",
+            "Population stability index of an input statistic or output rate, last 7 days vs the reference weeks.",
+            labels=["statistic"],
+        )
+        rate = GaugeMetricFamily(
+            "ecgbridge_output_positive_rate",
+            "Share of the last 7 days' ECGs a model called positive for a class.",
+            labels=["model", "class"],
+        )
+        for name, v in sorted(values.items()):
+            if v["psi"] == v["psi"]:  # not NaN
+                psi.add_metric([name], v["psi"])
+            if name.startswith("positive:") and v.get("current") == v.get("current"):
+                model, _, cls = name[len("positive:") :].partition("/")
+                rate.add_metric([model, cls], v["current"])
+        yield psi
+        yield rate
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

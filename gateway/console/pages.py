@@ -14,6 +14,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from ecgbridge.core.accounts import Principal, Role
 from ecgbridge.core.operations import ActionError, dead_letters, replay_dead_letters, retry_delivery
+from ecgbridge.core.promotions import active_promotions
+from ecgbridge.core.promotions import apply as apply_promotions
 from ecgbridge.core.queries import search_messages
 from ecgbridge.core.routing import route_criteria
 from ecgbridge.core.states import DeliveryState, MessageState, Source
@@ -252,19 +254,56 @@ def replay_page(
     return _dead_letters_page(request, ctx, who, outcome={"error": bool(replay.failed), "text": text})
 
 
+# ----- validation -------------------------------------------------------------------------------
+#: (monotonic time, report) of the validation page: its bootstrap takes a moment on a big site.
+_VALIDATION_CACHE: dict[int, tuple[float, dict[str, Any], dict[str, Any]]] = {}
+VALIDATION_CACHE_S = 60.0
+
+
+@router.get("/validation", response_class=HTMLResponse)
+def validation_page(request: Request, ctx: Ctx, who: Viewer) -> HTMLResponse:
+    """The models on this site's over-read ECGs and the drift of their inputs: aggregates only, no patient data."""
+    import time
+
+    from ecgbridge.core.drift import PSI_ALERT, drift_report
+    from ecgbridge.core.validation import validation_report
+
+    cached = _VALIDATION_CACHE.get(id(ctx.store))
+    if cached is None or time.monotonic() - cached[0] > VALIDATION_CACHE_S:
+        report = validation_report(ctx.store, ctx.settings, n_bootstrap=200)
+        cached = (time.monotonic(), report, drift_report(ctx.store))
+        _VALIDATION_CACHE[id(ctx.store)] = cached
+    ctx.audit(who, "view_validation", request)
+    drift = cached[2]
+    return render(
+        request,
+        "validation.html",
+        active="validation",
+        report=cached[1],
+        drift_reference=drift["reference"],
+        drift_weeks=drift["weeks"][-8:],
+        psi_alert=PSI_ALERT,
+    )
+
+
 # ----- routes ---------------------------------------------------------------------------------
 def _routes_page(request: Request, ctx: ConsoleContext, who: Principal, **extra: Any) -> HTMLResponse:
     settings = ctx.settings
-    routes = [
-        {
-            "name": r.name,
-            "criteria": route_criteria(r),
-            "models": r.models,
-            "destinations": r.destinations,
-            "ehr_context": r.ehr_context,
-        }
-        for r in settings.routes
-    ]
+    promotions = active_promotions(ctx.store)
+    routes = []
+    for r in settings.routes:
+        now = apply_promotions(r, promotions)
+        routes.append(
+            {
+                "name": r.name,
+                "criteria": route_criteria(r),
+                "models": list(now.live),
+                "shadow_models": list(now.shadow),
+                "promoted": [f"{p.promoted} over {p.demoted} ({p.promoted_by})" for p in now.applied],
+                "destinations": r.destinations,
+                "ehr_context": r.ehr_context,
+            }
+        )
     unrouted = ctx.store.count_state(MessageState.UNROUTED)
     return render(
         request,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -269,18 +270,19 @@ def test_auto_falls_back_to_batch_when_the_server_refuses_the_transaction(server
     )
     sender = FhirSender(dest)
     ecg = read_ecg_file(FIXTURES / "dicom" / "ptbxl_00024_norm_12lead.dcm")
+
     def send(n: int) -> str:
         mid = f"msg-auto-{n}"
-        return sender.send(Outgoing(message_id=mid, result=_two_model_result(mid), ecg=ecg, attachments={}))
+        study = replace(ecg.study, sop_instance_uid=f"{UID}.55{n}")  # one report per thread
+        own = replace(ecg, study=study)
+        return sender.send(Outgoing(message_id=mid, result=_two_model_result(mid), ecg=own, attachments={}))
 
     try:
         with ThreadPoolExecutor(4) as pool:  # the delivery worker's threads: all refused at once, all fall back
             refs = list(pool.map(send, range(4)))
-        ref = send(5)
         assert sender.write_mode(sender.client()) == "batch"  # the refusal is remembered
     finally:
         sender.close()
-    assert set(refs) == {ref}  # one study: the same report, found by its conditional create
-    uid = ecg.study.sop_instance_uid
-    (report,) = entries(server.search("DiagnosticReport", identifier=f"urn:dicom:uid|urn:oid:{uid}"))
-    assert len(report["result"]) == 10 and ref == f"DiagnosticReport/{report['id']}"
+    for n, ref in enumerate(refs):
+        (report,) = entries(server.search("DiagnosticReport", identifier=f"urn:dicom:uid|urn:oid:{UID}.55{n}"))
+        assert len(report["result"]) == 10 and ref == f"DiagnosticReport/{report['id']}"
