@@ -69,6 +69,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
             "32",
             "--fhir-latency-ms",
             "100",
+            "--postgres",
         ],
         [
             "--n",
@@ -99,6 +100,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
             "100",
             "--write-mode",
             "individual",
+            "--postgres",
         ],
         [
             "--n",
@@ -195,7 +197,13 @@ def main() -> int:
         if missing:
             log += [f"Not run: {', '.join(missing)} not found.", ""]
             continue
-        run(name, quick if args.quick else full, log, plots=args.out.parent / args.out.stem)
+        plots = args.out.parent / args.out.stem
+        run(
+            name,
+            quick if args.quick else full,
+            log,
+            plots=plots.relative_to(REPO) if plots.is_relative_to(REPO) else plots,
+        )
     if args.with_soak:
         log += [f"## soak: {SOAK[0]}", ""]
         run("soak", [], log)

@@ -6,8 +6,9 @@ N copies of the real Mortara 12-lead DICOM ECG (each its own SOP Instance UID) i
 a real redis-server, W ``ecgbridge worker --queues analysis`` processes and an ``ecgbridge
 gateway``; ``ecgbridge import --no-deliver`` run as a user would. Beside it, in the same run:
 copying the same files with ``cp`` and fsync (what storing them costs at the least) and the
-same worker count analysing the same ECG with ``ecgbridge analyse`` in parallel processes
-(what the models cost at the least).
+same number of bare processes doing the workers' analysis of the same ECGs (decode, the
+diagnosis model with the quality gate and measurements, the CAMs; no store, no broker): what
+the analysis costs at the least. No report is drawn in either (``--no-deliver``).
 """
 
 from __future__ import annotations
@@ -62,9 +63,15 @@ def main() -> None:
         f"import of {args.n} DICOM ECGs (284 kB each), {args.workers} analysis worker(s), {time.strftime('%Y-%m-%d')}"
     )
     print(f"  ecgbridge import: {summary['stored']} stored in {stored_s:.1f} s = {args.n / stored_s:.1f} files/s")
-    print(f"  all analysed after {analysed_s:.1f} s = {args.n / analysed_s:.1f} ECG/s (diagnosis, PNG + PDF)")
+    print(
+        f"  all analysed after {analysed_s:.1f} s = {args.n / analysed_s:.1f} ECG/s "
+        "(diagnosis and its heatmaps; no report drawn: --no-deliver, no destination wants one)"
+    )
     print(f"  peer, cp + fsync of the same files: {args.n / copied:.1f} files/s")
-    print(f"  peer, `ecgbridge analyse` in {args.workers} parallel process(es), warm: {analyse_only:.1f} ECG/s")
+    print(
+        f"  peer, the same analysis in {args.workers} bare process(es) (decode, diagnosis, CAMs; no store, "
+        f"no broker), warm: {analyse_only:.1f} ECG/s"
+    )
 
 
 def _copy_with_fsync(files: list[Path], folder: Path) -> float:
@@ -88,9 +95,9 @@ def _analyse_processes(files: list[Path], processes: int) -> float:
     code = (
         "import sys,time; from pathlib import Path; from ecgbridge.mapping.readers import read_ecg_file; "
         "from ecgbridge.inference.models import ModelRegistry; from ecgbridge.inference.pipeline import analyse_ecg; "
-        "from ecgbridge.inference.explain import cams_for, render_both; r=ModelRegistry(); "
+        "from ecgbridge.inference.explain import cams_for; r=ModelRegistry(); "
         "e=read_ecg_file(Path(sys.argv[1])); analyse_ecg(e, r, ['diagnosis']); t=time.perf_counter(); "
-        "[render_both(x, analyse_ecg(x, r, ['diagnosis']), cams_for(r.signal_model('diagnosis'), x)) "
+        "[(analyse_ecg(x, r, ['diagnosis']), cams_for(r.signal_model('diagnosis'), x)) "
         "for x in (read_ecg_file(Path(p)) for p in sys.argv[1:])]; print(time.perf_counter()-t)"
     )
     procs = [

@@ -73,6 +73,11 @@ def main() -> None:
         "--drain-deliveries", action="store_true", help="split: start the delivery worker once all are analysed"
     )
     parser.add_argument("--plots", type=Path, default=None, help="write the latency and throughput plots here")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="the store in a fresh database on PostgreSQL at 127.0.0.1:5432 (default: SQLite in the data directory)",
+    )
     args = parser.parse_args()
     if args.drain_deliveries and args.layout != "split":
         parser.error("--drain-deliveries needs --layout split")
@@ -87,7 +92,8 @@ def main() -> None:
         f"{'back to back' if not args.interval else f'every {args.interval}s'}, "
         f"FHIR latency {args.fhir_latency_ms:g} ms per request, write mode {args.write_mode} "
         f"({', '.join(sorted(set(f['modes'] for f in figures)))}), "
-        f"{'no report drawn' if args.no_report else 'PDF + PNG report in presentedForm'}, {time.strftime('%Y-%m-%d')}"
+        f"{'no report drawn' if args.no_report else 'PDF + PNG report in presentedForm'}, "
+        f"store {'PostgreSQL' if args.postgres else 'SQLite'}, {time.strftime('%Y-%m-%d')}"
     )
     for layout, f in zip(layouts, figures, strict=True):
         workers = (
@@ -177,7 +183,10 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
             }
         ]
         extra["workers"] = {"delivery_threads": args.delivery_threads}
-        stack = Stack(tmp=Path(tmp_name), broker_url=redis.url, fhir_base_url=fhir_url, extra=extra)
+        database_url = _fresh_postgres() if args.postgres else None
+        stack = Stack(
+            tmp=Path(tmp_name), broker_url=redis.url, fhir_base_url=fhir_url, extra=extra, database_url=database_url
+        )
         delivery_started = 0.0
         try:
             for _ in range(args.workers):
@@ -240,6 +249,8 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
         finally:
             stack.stop()
             redis.stop()
+            if database_url is not None:
+                _drop_postgres(database_url)
             if proxy is not None:
                 proxy.stop()
     latencies.sort()
@@ -261,6 +272,29 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
         "delivery_elapsed": max(done_times) - delivery_started if delivery_started else 0.0,
         "modes": " then ".join(dict.fromkeys(modes)) or "?",
     }
+
+
+def _fresh_postgres() -> str:
+    """A new database on the local PostgreSQL (trust auth), as the tests make one."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def _drop_postgres(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+    admin.dispose()
 
 
 def _ts(dt) -> float:  # type: ignore[no-untyped-def]
