@@ -740,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.set_defaults(func=cmd_prune)
 
+    from ecgbridge.cli_export import add_export_commands
     from ecgbridge.cli_import import add_import_command
     from ecgbridge.cli_models import add_model_commands
     from ecgbridge.cli_overreads import add_overread_commands
@@ -751,6 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub, _add_config, _settings)
     add_validate_command(sub, _add_config, _settings)
     add_overread_commands(sub, _add_config, _settings)
+    add_export_commands(sub, _add_config, _settings)
 
     for name, func, what in (("train", cmd_train, "train a model"), ("evaluate", cmd_evaluate, "evaluate a model")):
         p = sub.add_parser(

@@ -797,7 +797,17 @@ def train_diagnosis(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--from-store" in given:  # retraining on the site's over-read ECGs: training.from_store
+        from ecgbridge.training.from_store import main as from_store_main
+
+        return from_store_main([a for a in given if a != "--from-store"])
     parser = argparse.ArgumentParser(prog="ecgbridge train diagnosis", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--from-store",
+        action="store_true",
+        help="instead: fine-tune on this site's over-read ECGs (options: ecgbridge train diagnosis --from-store --help)",
+    )
     parser.add_argument(
         "--data", "--data-dir", dest="data_dir", type=Path, required=True, help="PTB-XL root (holds ptbxl_database.csv)"
     )

@@ -234,7 +234,7 @@ def validation_report(
                 },
             }
         )
-    return _finite(
+    report: dict[str, Any] = _finite(
         {
             "window": {"since": since.isoformat() if since else None, "until": until.isoformat() if until else None},
             "route": route,
@@ -243,6 +243,7 @@ def validation_report(
             "comparisons": _comparisons(scores, n_bootstrap),
         }
     )
+    return report
 
 
 def _finite(value: Any) -> Any:
