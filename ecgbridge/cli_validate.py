@@ -11,32 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.store import MessageStore
-from ecgbridge.errors import ConfigError
+from ecgbridge.core.training_set import parse_when
 
-__all__ = ["add_validate_command", "parse_when", "cmd_drift", "cmd_validate"]
-
-_AGO = re.compile(r"^(\d+)\s*([dhw])$")
-
-
-def parse_when(value: str | None) -> datetime | None:
-    """``30d`` / ``12h`` / ``2w`` ago, or an ISO date / date-time (UTC when it names no zone)."""
-    if value is None:
-        return None
-    m = _AGO.match(value.strip())
-    if m:
-        unit = {"d": "days", "h": "hours", "w": "weeks"}[m[2]]
-        return datetime.now(UTC) - timedelta(**{unit: int(m[1])})
-    try:
-        when = datetime.fromisoformat(value.strip())
-    except ValueError as exc:
-        raise ConfigError(f"{value!r} is neither a duration (30d, 12h, 2w) nor a date (2026-11-01)") from exc
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+__all__ = ["add_validate_command", "cmd_drift", "cmd_validate"]
 
 
 def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
