@@ -281,6 +281,8 @@ def _comparisons(scores: dict[tuple[str, str], ModelScores], n_bootstrap: int) -
                     np.array(both),
                     n_bootstrap=n_bootstrap,
                 )
+                if np.isnan(result["difference"]):
+                    continue  # one label only among these ECGs: no AUROC to compare
                 classes[code] = {"n": len(both), "shadow_minus_live": result["difference"], "ci": result["ci"]}
             if classes:
                 out.append({"live": live_key, "shadow": shadow_key, "classes": classes})

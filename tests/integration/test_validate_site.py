@@ -69,10 +69,10 @@ def _serving_probabilities(ecg: Ecg) -> np.ndarray:
 
 
 def _site(
-    make_stack, ecgs: dict[str, Ecg], statements: dict[str, list[str]], tmp: Path
+    make_stack, ecgs: dict[str, Ecg], statements: dict[str, list[str]], tmp: Path, extra: dict | None = None
 ) -> tuple[object, dict[str, str]]:
     """Every ECG in by C-STORE, analysed; then each one's read back by MLLP; SOP UID per record."""
-    stack = make_stack(extra={"overreads": {"hl7_sending_applications": ["MUSE"]}})
+    stack = make_stack(extra={"overreads": {"hl7_sending_applications": ["MUSE"]}, **(extra or {})})
     stack.start_worker()
     stack.start_gateway()
     uids, datasets = {}, []
@@ -112,7 +112,13 @@ def test_validate_on_a_small_site_reproduces_the_serving_path_of_evaluate(
     from ecgbridge.mapping.wfdb_record import read_wfdb
 
     ecgs = {name: read_wfdb(FIXTURES / "wfdb" / name) for name in RECORDS}
-    stack, uids = _site(make_stack, ecgs, RECORDS, tmp_path)
+    from tests.unit.test_shadow_models import _candidate
+
+    shadow = {  # a candidate beside the live model: the shipped network under another version
+        "models": [{"name": "diagnosis"}, {"name": "diagnosis-candidate", "path": str(_candidate(tmp_path))}],
+        "routes": [{"name": "all-ecg", "models": ["diagnosis"], "shadow_models": ["diagnosis-candidate"]}],
+    }
+    stack, uids = _site(make_stack, ecgs, RECORDS, tmp_path, shadow)
     store = stack.store()
     from ecgbridge.core.labels import labelled_ecgs
 
@@ -140,11 +146,20 @@ def test_validate_on_a_small_site_reproduces_the_serving_path_of_evaluate(
             assert got == pytest.approx(want, abs=1e-6), code
         assert live["classes"][code]["positives"] == int(y.sum())
     assert live["classes"]["NORM"]["card"]["auroc"] == pytest.approx(0.954)  # beside the card's fold-10 figure
+    (shadow,) = [m for m in report["models"] if m["role"] == "shadow"]
+    assert shadow["version"] == "0.1.1-candidate" and shadow["classes"]["MI"]["n"] == 3
+    (comparison,) = report["comparisons"]
+    assert (comparison["live"], comparison["shadow"]) == ("diagnosis@0.1.1", "diagnosis@0.1.1-candidate")
+    assert comparison["classes"]["NORM"]["shadow_minus_live"] == 0.0  # the same network: no difference
+    assert "HYP" not in comparison["classes"]  # no positive among the three: nothing to compare
 
-    text = subprocess.run(
+    shown = subprocess.run(
         [sys.executable, "-m", "ecgbridge", "validate", "--config", str(stack.config)], capture_output=True, text=True
-    ).stdout
+    )
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
     assert "live model diagnosis 0.1.1" in text and "ECGs analysed: 3; with an over-read: 3" in text
+    assert "shadow model diagnosis 0.1.1-candidate" in text and "shadow diagnosis@0.1.1-candidate vs live" in text
 
 
 @pytest.mark.skipif(not (PTBXL / "ptbxl_database.csv").exists(), reason="needs ../shared/data/ptbxl-subset")
