@@ -144,5 +144,15 @@ class TransientDeliveryError(DeliveryError):
     retry = True
 
 
+class DestinationBusy(TransientDeliveryError):
+    """This process's sends to the destination were all busy for longer than a send may wait.
+
+    Nothing was sent: the delivery is tried again later without spending an attempt (the
+    receiver is slow, not failing; its own errors count).
+    """
+
+    retry_after_s = 5.0
+
+
 class PermanentDeliveryError(DeliveryError):
     pass

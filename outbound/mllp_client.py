@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ecgbridge.errors import Hl7Error, PermanentDeliveryError, TransientDeliveryError
+from ecgbridge.errors import DestinationBusy, Hl7Error, PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.mapping.hl7_common import FRAME_END as _FRAME_END
 from ecgbridge.mapping.hl7_common import START_BLOCK, Separators, frame, read_header, unescape
 
@@ -337,7 +337,7 @@ class MllpConnection:
         # Bounded: a delivery's claim (delivery.claim_s, 120 s) must outlast the wait and the send.
         wait_s = self.connect_timeout_s + self.ack_timeout_s
         if not self._lock.acquire(timeout=wait_s):
-            raise TransientDeliveryError(f"{self.where}: the connection was busy with other sends for {wait_s:.0f} s")
+            raise DestinationBusy(f"{self.where}: the connection was busy with other sends for {wait_s:.0f} s")
         try:
             try:
                 ack = self._exchange(data_out)

@@ -37,7 +37,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, TypeVar
 
 from ecgbridge.core.settings import DestinationConfig, register_destination_type
-from ecgbridge.errors import ConfigError, TransientDeliveryError
+from ecgbridge.errors import ConfigError, DestinationBusy
 from ecgbridge.mapping.ecg import AnalysisResult, Ecg
 
 __all__ = ["Outgoing", "Sender", "register_sender", "sender_class", "create_sender", "load_senders"]
@@ -127,7 +127,7 @@ class Sender(ABC):
             log.debug("destination %s: %d sends in flight, waiting for one to finish", self.config.name, limit)
             # bounded, so the delivery's claim (delivery.claim_s) outlasts the wait and the send
             if not slots.semaphore.acquire(timeout=SLOT_WAIT_S):
-                raise TransientDeliveryError(
+                raise DestinationBusy(
                     f"destination {self.config.name}: {limit} sends in flight for {SLOT_WAIT_S:.0f} s (max_in_flight)"
                 )
         slots.local.held = True

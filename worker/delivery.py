@@ -21,7 +21,7 @@ from typing import TypeVar
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.states import DeliveryState, MessageState
 from ecgbridge.core.store import MessageStore
-from ecgbridge.errors import EcgBridgeError, PermanentDeliveryError, TransientDeliveryError
+from ecgbridge.errors import DestinationBusy, EcgBridgeError, PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.mapping.ecg import AnalysisResult
 from ecgbridge.outbound.sender import Outgoing
 from ecgbridge.worker.jobs import WorkerContext, attachment_bytes, load_ecg, render_failed, render_report
@@ -35,7 +35,8 @@ T = TypeVar("T")
 
 
 class DeliveryClaimed(Exception):
-    """Another task is sending this delivery now; try again once its claim may have lapsed."""
+    """Another task is sending this delivery now (or the destination's sends are all busy): try again
+    once that may have passed, without spending an attempt."""
 
     def __init__(self, retry_after_s: float) -> None:
         super().__init__(f"claimed by another task for {retry_after_s:.0f} s more")
@@ -82,6 +83,8 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str, claim
     label = f"{destination}" + (f" (result version {version})" if version > 1 else "")
     try:
         ref = ctx.senders.get(dest).send(outgoing)
+    except DestinationBusy as exc:  # nothing sent: later, without spending an attempt
+        raise DeliveryClaimed(exc.retry_after_s) from exc
     except TransientDeliveryError as exc:
         attempts = ((current.attempts or 0) if current is not None else 0) + 1
         due = datetime.now(UTC) + timedelta(seconds=retry_countdown(ctx.settings, attempts, exc))

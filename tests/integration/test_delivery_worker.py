@@ -28,7 +28,13 @@ def test_a_slow_ehr_is_waited_on_by_delivery_threads_while_analysis_goes_on(
     make_stack, redis_server: RedisServer, waveform_ecg_path: Path
 ) -> None:
     with Hl7Receiver("AA", ack_delay_s=ACK_DELAY_S) as ehr:
-        stack = make_stack(extra={**hl7_ehr(ehr.port, ack_timeout_s=60), "workers": {"delivery_threads": ECGS}})
+        # per_message: a persistent connection would send one at a time (its ordering), not side by side
+        stack = make_stack(
+            extra={
+                **hl7_ehr(ehr.port, ack_timeout_s=60, connection="per_message"),
+                "workers": {"delivery_threads": ECGS},
+            }
+        )
         analysis = stack.start_worker("analysis")
         delivery = stack.start_worker("delivery")
         stack.start_gateway()

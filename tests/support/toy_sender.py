@@ -2,7 +2,7 @@
 
 ``type: toy`` destinations write each result as a JSON file into ``folder``; a file
 named ``fail-next`` in that folder makes the next send fail transiently (and is removed),
-``refuse`` makes every send fail for good.
+``refuse`` makes every send fail for good, ``busy-next`` makes the next one find the destination busy.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from ecgbridge.core.settings import DestinationConfig
-from ecgbridge.errors import PermanentDeliveryError, TransientDeliveryError
+from ecgbridge.errors import DestinationBusy, PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.outbound.sender import Outgoing, Sender, register_sender
 
 
@@ -35,6 +35,10 @@ class ToySender(Sender):
         folder = cast(ToyDestination, self.config).folder
         if (folder / "refuse").exists():
             raise PermanentDeliveryError("the toy receiver refuses everything")
+        busy = folder / "busy-next"
+        if busy.exists():
+            busy.unlink()
+            raise DestinationBusy("the toy receiver's slots are all taken")
         fail = folder / "fail-next"
         if fail.exists():
             fail.unlink()

@@ -131,3 +131,18 @@ def test_a_claim_whose_task_died_lapses(analysed: tuple[WorkerContext, str, Path
     time.sleep(1.6)
     assert deliver_message(ctx, mid, "research-share", claim="task-B") == f"toy:{mid}.json"
     assert (outbox / f"{mid}.json").exists()
+
+
+def test_a_busy_destination_is_tried_again_later_without_spending_an_attempt(
+    analysed: tuple[WorkerContext, str, Path],
+) -> None:
+    from ecgbridge.worker.delivery import DeliveryClaimed
+
+    ctx, mid, outbox = analysed
+    (outbox / "busy-next").touch()
+    with pytest.raises(DeliveryClaimed):
+        deliver_message(ctx, mid, "research-share", claim="task-A")
+    row = ctx.store.delivery(mid, "research-share")
+    assert (row.state, row.attempts) == (DeliveryState.PENDING, 0)  # nothing sent, nothing spent
+    assert deliver_message(ctx, mid, "research-share", claim="task-A") == f"toy:{mid}.json"
+    assert ctx.store.delivery(mid, "research-share").attempts == 1
