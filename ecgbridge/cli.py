@@ -605,6 +605,7 @@ TRAINING_ENTRIES: dict[str, tuple[str, str]] = {
     "diagnosis": ("ecgbridge.training.train", "ecgbridge.training.evaluate"),
     "triage": ("ecgbridge.training.triage", "ecgbridge.training.triage_evaluate"),
     "lvef": ("ecgbridge.training.lvef_model", "ecgbridge.training.lvef_evaluate"),
+    "kt": ("ecgbridge.training.kt", "ecgbridge.training.evaluate"),  # issue #14; its export is a diagnosis model
 }
 
 

@@ -87,7 +87,7 @@ def _has_cam_head(model: nn.Module) -> bool:
 class ServingGraph(nn.Module):
     """Members (GAP + linear head) -> (probabilities, cams, logits); see the module docstring."""
 
-    output_names = ("probabilities", "cams", "logits")
+    output_names: tuple[str, ...] = ("probabilities", "cams", "logits")
     temperature: torch.Tensor  # buffers (registered in __init__)
     offset: torch.Tensor
 
@@ -139,7 +139,7 @@ def as_serving_graph(model: nn.Module) -> nn.Module:
 
 
 def _output_names(wrapped: nn.Module) -> list[str]:
-    return list(ServingGraph.output_names) if isinstance(wrapped, ServingGraph) else ["probabilities"]
+    return list(wrapped.output_names) if isinstance(wrapped, ServingGraph) else ["probabilities"]
 
 
 def _torch_outputs(wrapped: nn.Module, batch: np.ndarray) -> dict[str, np.ndarray]:
