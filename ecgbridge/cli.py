@@ -586,13 +586,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Apply retention once, from the shell (cron, or before a disk fills); audited as ``prune``."""
-    from ecgbridge.cli_users import _actor
+    from ecgbridge.cli_common import cli_actor
     from ecgbridge.core.retention import prune
 
     settings = _settings(args)
     _setup_logging("WARNING")
     store = _store(settings, args)
-    report = prune(store, settings, dry_run=args.dry_run, actor=_actor())
+    report = prune(store, settings, dry_run=args.dry_run, actor=cli_actor())
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -12,25 +12,22 @@ the export is refused. Prints counts and the folder, never an identifier.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ecgbridge.core.settings import Settings, redact_url
+from ecgbridge.cli_common import open_store
+from ecgbridge.core.settings import Settings
 
 __all__ = ["add_export_commands"]
 
 
 def cmd_export_training_set(settings: Settings, args: argparse.Namespace) -> int:
     from ecgbridge.core.deid import export_training_set, secret_from_env
-    from ecgbridge.core.store import MessageStore
     from ecgbridge.core.training_set import parse_when
 
     secret = secret_from_env(args.secret_env)  # first: no store is opened without a secret
     since, until = parse_when(args.since), parse_when(args.until)
-    store = MessageStore(settings.database_url, settings.data_dir)
-    store.create_schema()
-    print(f"store: {redact_url(settings.database_url)}", file=sys.stderr)
+    store = open_store(settings, announce=True)
     report = export_training_set(store, Path(args.out), secret=secret, since=since, until=until, fmt=args.format)
     print("\n".join(report.lines()))
     return 0

@@ -10,31 +10,17 @@ no restart: workers read the promotions every few seconds (:mod:`ecgbridge.core.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ecgbridge.cli_common import cli_actor, open_store, settings_command
 from ecgbridge.core.accounts import AccountStore
 from ecgbridge.core.promotions import active_promotions, apply, promote, rollback
 from ecgbridge.core.settings import Route, Settings
-from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import ConfigError
 
 __all__ = ["add_model_commands"]
-
-
-def _actor() -> str:
-    try:
-        return "cli:" + getpass.getuser()
-    except (KeyError, OSError):
-        return "cli"
-
-
-def _store(settings: Settings) -> MessageStore:
-    store = MessageStore(settings.database_url, settings.data_dir)
-    store.create_schema()
-    return store
 
 
 def _task_of(settings: Settings, name: str) -> str:
@@ -50,7 +36,7 @@ def _task_of(settings: Settings, name: str) -> str:
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
-    store = _store(settings)
+    store = open_store(settings)
     promotions = active_promotions(store)
     for route in settings.routes:
         now = apply(route, promotions)
@@ -69,7 +55,7 @@ def _routes(settings: Settings, name: str | None) -> list[Route]:
 
 
 def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
-    store = _store(settings)
+    store = open_store(settings)
     task = _task_of(settings, args.name)
     promoted_in = []
     for route in _routes(settings, args.route):
@@ -86,9 +72,9 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
                 f"route {route.name}: {len(candidates)} live model(s) of task {task!r} ({', '.join(candidates) or '-'}); "
                 "name the one to replace with --replaces"
             )
-        made = promote(store, route, args.name, candidates[0], by=_actor(), reason=args.reason)
+        made = promote(store, route, args.name, candidates[0], by=cli_actor(), reason=args.reason)
         AccountStore(store).audit(
-            _actor(),
+            cli_actor(),
             "promote_model",
             target=f"{route.name}:{args.name}",
             detail={"route": route.name, "promoted": args.name, "demoted": candidates[0], "promotion": made.id},
@@ -103,14 +89,14 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
-    store = _store(settings)
+    store = open_store(settings)
     undone_any = False
     for route in _routes(settings, args.route):
-        undone = rollback(store, route.name, by=_actor())
+        undone = rollback(store, route.name, by=cli_actor())
         if undone is None:
             continue
         AccountStore(store).audit(
-            _actor(),
+            cli_actor(),
             "rollback_model",
             target=f"{route.name}:{undone.promoted}",
             detail={
@@ -138,8 +124,7 @@ def add_model_commands(
     """Add ``models list|promote|rollback`` to the CLI's sub-commands."""
 
     def bind(parser: argparse.ArgumentParser, func: Callable[[Settings, argparse.Namespace], int]) -> None:
-        add_config(parser)
-        parser.set_defaults(func=lambda args: func(load(args), args))
+        settings_command(parser, func, add_config, load)
 
     p = sub.add_parser("models", help="the models each route runs; make a shadow model live, or undo it")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")

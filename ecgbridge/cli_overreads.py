@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 
+from ecgbridge.cli_common import open_store, settings_command
 from ecgbridge.core import labels
-from ecgbridge.core.settings import Settings, redact_url
-from ecgbridge.core.store import MessageStore
+from ecgbridge.core.settings import Settings
 
 __all__ = ["add_overread_commands"]
 
 
-def _store(settings: Settings) -> MessageStore:
-    store = MessageStore(settings.database_url, settings.data_dir)
-    store.create_schema()
-    print(f"store: {redact_url(settings.database_url)}", file=sys.stderr)
-    return store
-
-
 def _list(settings: Settings, args: argparse.Namespace) -> int:
-    reads = labels.overreads(_store(settings), unlinked=True if args.unlinked else None, limit=args.limit)
+    reads = labels.overreads(
+        open_store(settings, announce=True), unlinked=True if args.unlinked else None, limit=args.limit
+    )
     if args.json:
         print(json.dumps([r.to_dict() for r in reads], indent=2, default=str))
         return 0
@@ -46,7 +40,7 @@ def _list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _unmatched(settings: Settings, args: argparse.Namespace) -> int:
-    found = labels.unmatched_statements(_store(settings))
+    found = labels.unmatched_statements(open_store(settings, announce=True))
     if args.json:
         print(json.dumps([{"statement": text, "reads": n} for text, n in found], indent=2))
         return 0
@@ -60,7 +54,7 @@ def _unmatched(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _relink(settings: Settings, args: argparse.Namespace) -> int:
-    done = labels.relink(_store(settings), window_min=settings.overreads.link_window_min)
+    done = labels.relink(open_store(settings, announce=True), window_min=settings.overreads.link_window_min)
     print(f"{len(done)} over-read(s) linked" + (f": {', '.join(map(str, done))}" if done else ""))
     return 0
 
@@ -73,8 +67,7 @@ def add_overread_commands(
     """Add ``overreads`` (list, unmatched, relink) to the CLI's sub-commands."""
 
     def bind(parser: argparse.ArgumentParser, func: Callable[[Settings, argparse.Namespace], int]) -> None:
-        add_config(parser)
-        parser.set_defaults(func=lambda args: func(load(args), args))
+        settings_command(parser, func, add_config, load)
 
     p = sub.add_parser("overreads", help="cardiologists' confirmed reads (labels): list, unmatched statements, relink")
     osub = p.add_subparsers(dest="overreads_command", required=True, metavar="ACTION")

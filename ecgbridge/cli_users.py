@@ -13,19 +13,13 @@ import getpass
 import sys
 from collections.abc import Callable
 
+from ecgbridge.cli_common import cli_actor, settings_command
 from ecgbridge.core.accounts import AccountStore, Role
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.store import MessageStore
 from ecgbridge.errors import ConfigError
 
 __all__ = ["add_user_commands"]
-
-
-def _actor() -> str:
-    try:
-        return "cli:" + getpass.getuser()
-    except (KeyError, OSError):
-        return "cli"
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -50,7 +44,7 @@ def _accounts(settings: Settings) -> AccountStore:
 def _users_add(settings: Settings, args: argparse.Namespace) -> int:
     accounts = _accounts(settings)
     accounts.create_user(args.name, _password(args), Role(args.role))
-    accounts.audit(_actor(), "user_created", target=args.name, detail={"role": args.role})
+    accounts.audit(cli_actor(), "user_created", target=args.name, detail={"role": args.role})
     print(
         f"user {args.name} ({args.role}) created; sign in at the console "
         f"(http://{settings.console.host}:{settings.console.port}/)"
@@ -67,7 +61,7 @@ def _users_list(settings: Settings, args: argparse.Namespace) -> int:
 def _users_passwd(settings: Settings, args: argparse.Namespace) -> int:
     accounts = _accounts(settings)
     accounts.set_password(args.name, _password(args))
-    accounts.audit(_actor(), "password_changed", target=args.name)
+    accounts.audit(cli_actor(), "password_changed", target=args.name)
     print(f"password of {args.name} changed")
     return 0
 
@@ -80,7 +74,7 @@ def _users_set(settings: Settings, args: argparse.Namespace) -> int:
     role = args.role or user.role
     disabled = True if args.disable else False if args.enable else None
     accounts.set_role(args.name, role, disabled=disabled)
-    accounts.audit(_actor(), "user_changed", target=args.name, detail={"role": role, "disabled": disabled})
+    accounts.audit(cli_actor(), "user_changed", target=args.name, detail={"role": role, "disabled": disabled})
     print(f"user {args.name}: role {role}" + ("" if disabled is None else (", disabled" if disabled else ", enabled")))
     return 0
 
@@ -88,7 +82,7 @@ def _users_set(settings: Settings, args: argparse.Namespace) -> int:
 def _tokens_create(settings: Settings, args: argparse.Namespace) -> int:
     accounts = _accounts(settings)
     secret = accounts.create_token(args.user, args.name, args.role)
-    accounts.audit(_actor(), "token_created", target=f"{args.name}@{args.user}", detail={"role": args.role})
+    accounts.audit(cli_actor(), "token_created", target=f"{args.name}@{args.user}", detail={"role": args.role})
     print(secret)
     print("shown once: send it as 'Authorization: Bearer <token>'", file=sys.stderr)
     return 0
@@ -98,7 +92,7 @@ def _tokens_revoke(settings: Settings, args: argparse.Namespace) -> int:
     accounts = _accounts(settings)
     if not accounts.revoke_token(args.name, args.user):
         raise ConfigError(f"user {args.user} has no token named {args.name!r}")
-    accounts.audit(_actor(), "token_revoked", target=f"{args.name}@{args.user}")
+    accounts.audit(cli_actor(), "token_revoked", target=f"{args.name}@{args.user}")
     print(f"token {args.name} of {args.user} revoked")
     return 0
 
@@ -112,8 +106,7 @@ def add_user_commands(
     roles = [r.value for r in Role]
 
     def bind(parser: argparse.ArgumentParser, func: Callable[[Settings, argparse.Namespace], int]) -> None:
-        add_config(parser)
-        parser.set_defaults(func=lambda args: func(load(args), args))
+        settings_command(parser, func, add_config, load)
 
     p = sub.add_parser("users", help="console users (the first admin is made here)")
     usub = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")

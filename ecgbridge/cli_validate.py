@@ -13,8 +13,8 @@ import argparse
 import json
 from collections.abc import Callable
 
+from ecgbridge.cli_common import open_store
 from ecgbridge.core.settings import Settings
-from ecgbridge.core.store import MessageStore
 from ecgbridge.core.training_set import parse_when
 
 __all__ = ["add_validate_command", "cmd_drift", "cmd_validate"]
@@ -25,8 +25,7 @@ def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.route is not None:
         settings.route(args.route)  # an unknown route is a clear error, not an empty report
-    store = MessageStore(settings.database_url, settings.data_dir)
-    store.create_schema()
+    store = open_store(settings)
     report = validation_report(
         store,
         settings,
@@ -42,8 +41,7 @@ def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_drift(settings: Settings, args: argparse.Namespace) -> int:
     from ecgbridge.core.drift import drift_report, format_drift
 
-    store = MessageStore(settings.database_url, settings.data_dir)
-    store.create_schema()
+    store = open_store(settings)
     report = drift_report(
         store,
         reference_since=parse_when(args.reference_since),
