@@ -170,6 +170,15 @@ def _monday(when: datetime) -> datetime:
     return day - timedelta(days=day.weekday())
 
 
+def _reference(
+    rows: list[dict[str, Any]], since: datetime | None, until: datetime | None, weeks: int
+) -> tuple[datetime, datetime, list[dict[str, Any]]]:
+    """The reference window (default: ``weeks`` weeks from the Monday of the first analysis) and its ECGs."""
+    start = since or _monday(rows[0]["at"])
+    end = until or start + timedelta(weeks=weeks)
+    return start, end, [x for x in rows if start <= x["at"] < end]
+
+
 def drift_report(
     store: MessageStore,
     *,
@@ -184,9 +193,7 @@ def drift_report(
     rows = _rows(store, None, None)
     if not rows:
         return {"reference": None, "weeks": []}
-    ref_start = reference_since or _monday(rows[0]["at"])
-    ref_end = reference_until or ref_start + timedelta(weeks=reference_weeks)
-    reference = [x for x in rows if ref_start <= x["at"] < ref_end]
+    ref_start, ref_end, reference = _reference(rows, reference_since, reference_until, reference_weeks)
     weeks: dict[datetime, list[dict[str, Any]]] = defaultdict(list)
     for x in rows:
         if x["at"] >= ref_end and (since is None or x["at"] >= since) and x["at"] < now:
@@ -208,9 +215,7 @@ def last_days(
     rows = _rows(store, None, None)
     if not rows:
         return {}
-    ref_start = _monday(rows[0]["at"])
-    ref_end = ref_start + timedelta(weeks=reference_weeks)
-    reference = [x for x in rows if ref_start <= x["at"] < ref_end]
+    _, ref_end, reference = _reference(rows, None, None, reference_weeks)
     current = [x for x in rows if x["at"] >= max(ref_end, now - timedelta(days=days))]
     return window_values(reference, current) if reference and current else {}
 

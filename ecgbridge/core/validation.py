@@ -34,9 +34,9 @@ from ecgbridge.core.settings import Settings
 from ecgbridge.core.store import MessageStore, ResultRow
 from ecgbridge.inference.metrics import (
     auroc,
+    bootstrap_auroc,
     ece,
     paired_auroc_difference,
-    patient_resamples,
     reliability,
     threshold_metrics,
 )
@@ -101,25 +101,16 @@ def collect_scores(
     return scores, used
 
 
-def _interval(samples: list[float]) -> list[float] | None:
-    if not samples:
-        return None
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
 def _class_metrics(cases: list[tuple[str, int, float, float, str | None]], n_bootstrap: int) -> dict[str, Any]:
     ids = np.array([c[0] for c in cases])
     y = np.array([c[1] for c in cases], dtype=np.int64)
     p = np.array([c[2] for c in cases], dtype=np.float64)
     threshold = float(np.median([c[3] for c in cases]))
     value = auroc(y, p)
-    boots = []
-    if not np.isnan(value):
-        for idx in patient_resamples(ids, n_bootstrap, 0):
-            v = auroc(y[idx], p[idx])
-            if not np.isnan(v):
-                boots.append(v)
+    ci, valid = None, 0
+    if not np.isnan(value):  # the replicates of a class with one label only are all undefined
+        boot = bootstrap_auroc(y.reshape(-1, 1), p.reshape(-1, 1), ids, n_bootstrap=n_bootstrap, seed=0)
+        ci, valid = boot["class_ci"][0], boot["class_valid"][0]
     tiers: dict[str, dict[str, Any]] = {}
     for tier in sorted({c[4] for c in cases if c[4]}):
         chosen = [c[1] for c in cases if c[4] == tier]
@@ -129,8 +120,8 @@ def _class_metrics(cases: list[tuple[str, int, float, float, str | None]], n_boo
         "n": int(y.size),
         "positives": int(y.sum()),
         "auroc": None if np.isnan(value) else value,
-        "auroc_ci": _interval(boots),
-        "bootstrap_valid": len(boots),
+        "auroc_ci": list(ci) if ci is not None else None,
+        "bootstrap_valid": valid,
         "threshold": threshold,
         **threshold_metrics(y, p, threshold),
         "ece": calibration["per_class"][0],
