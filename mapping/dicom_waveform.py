@@ -48,6 +48,7 @@ from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Patient, Study
 
 __all__ = [
     "read_bytes",
+    "parse_dicom_dt",
     "to_ecg",
     "median_beat",
     "validate_for_storage",
@@ -563,12 +564,12 @@ def _order_number(ds: Dataset, keyword: str) -> str | None:
 
 def _acquired_at(ds: Dataset) -> datetime | None:
     """AcquisitionDateTime, else ContentDate + ContentTime; aware when an offset is known."""
-    when = _parse_dt(_text(ds.get("AcquisitionDateTime")))
+    when = parse_dicom_dt(_text(ds.get("AcquisitionDateTime")))
     if when is None:
         date = _text(ds.get("ContentDate"))
         time = (_text(ds.get("ContentTime")) or "").replace(":", "")
         if date:
-            when = _parse_dt(date.replace("-", "") + time)
+            when = parse_dicom_dt(date.replace("-", "") + time)
     if when is None:
         return None
     if when.tzinfo is None:
@@ -578,7 +579,8 @@ def _acquired_at(ds: Dataset) -> datetime | None:
     return when
 
 
-def _parse_dt(value: str | None) -> datetime | None:
+def parse_dicom_dt(value: str | None) -> datetime | None:
+    """A DICOM DT value (date, time, optional UTC offset) as a plain datetime; None if empty or invalid."""
     if not value:
         return None
     try:

@@ -49,9 +49,9 @@ from typing import Any
 from xml.etree.ElementTree import Element
 
 from pydicom.dataset import Dataset
-from pydicom.valuerep import DT
 
 from ecgbridge.errors import ReportError
+from ecgbridge.mapping.dicom_waveform import parse_dicom_dt
 from ecgbridge.mapping.ecg import acquisition_time
 from ecgbridge.mapping.hl7_common import field_text, parse_hl7_timestamp, read_er7, segments
 from ecgbridge.mapping.overread import Statement
@@ -267,21 +267,8 @@ def _dicom_dt(date: Any, time: Any = None, offset: Any = None) -> datetime | Non
     if not text:
         return None
     text += (_str(time) or "").replace(":", "")
-    try:
-        parsed = DT(text + (_str(offset) or ""))
-    except (ValueError, TypeError, OverflowError):
-        return None
-    plain = datetime(
-        parsed.year,
-        parsed.month,
-        parsed.day,
-        parsed.hour,
-        parsed.minute,
-        parsed.second,
-        parsed.microsecond,
-        tzinfo=parsed.tzinfo,
-    )
-    return utc(plain)
+    plain = parse_dicom_dt(text + (_str(offset) or ""))
+    return utc(plain) if plain is not None else None
 
 
 def _code_of(item: Dataset, keyword: str) -> tuple[str | None, str | None, str | None]:
