@@ -501,8 +501,7 @@ def _draw_report(settings: Settings, store: MessageStore, message_id: str) -> li
     from ecgbridge.worker.jobs import WorkerContext, render_report
 
     print(f"message {message_id}: drawing its report (no destination of its route carries one)", file=sys.stderr)
-    ctx = WorkerContext.create(settings)
-    ctx.store = store
+    ctx = WorkerContext.create(settings, store=store)
     return [a.__dict__.copy() for a in render_report(ctx, message_id)]
 
 

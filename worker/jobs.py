@@ -73,8 +73,11 @@ class WorkerContext:
     config_stamp: tuple[int, int] | None = None
 
     @classmethod
-    def create(cls, settings: Settings, dispatcher: Dispatcher | None = None) -> WorkerContext:
-        store = MessageStore(settings.database_url, settings.data_dir)
+    def create(
+        cls, settings: Settings, dispatcher: Dispatcher | None = None, store: MessageStore | None = None
+    ) -> WorkerContext:
+        """``store``: one the caller has open already (the CLI drawing a report); else the configuration's."""
+        store = store or MessageStore(settings.database_url, settings.data_dir)
         paths = {m.name: Path(m.path) for m in settings.models if m.path is not None}
         ctx = cls(settings=settings, store=store, registry=ModelRegistry(paths=paths), dispatcher=dispatcher)
         ctx.config_stamp = _stamp(settings.source_file)
