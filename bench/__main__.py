@@ -27,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: bench.e2e measuring the delivery worker alone: it starts once every ECG is analysed, no report drawn.
+_DRAIN = ["--layout", "split", "--drain-deliveries", "--no-report", "--fhir-latency-ms", "100"]
+
 #: name -> (what it measures, full arguments, --quick arguments, binaries it needs)
 BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
     "inference": ("ONNX Runtime vs PyTorch, per ECG, by batch size", [], ["--seconds", "1"], ()),
@@ -58,64 +61,14 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
     "delivery": (
         "reports written per second by the delivery worker alone (32 threads), FHIR requests held 100 ms, "
         "write mode auto (what the server offers)",
-        [
-            "--n",
-            "100",
-            "--layout",
-            "split",
-            "--drain-deliveries",
-            "--no-report",
-            "--delivery-threads",
-            "32",
-            "--fhir-latency-ms",
-            "100",
-            "--postgres",
-        ],
-        [
-            "--n",
-            "15",
-            "--layout",
-            "split",
-            "--drain-deliveries",
-            "--no-report",
-            "--delivery-threads",
-            "8",
-            "--fhir-latency-ms",
-            "100",
-        ],
+        [*_DRAIN, "--n", "100", "--delivery-threads", "32", "--postgres"],
+        [*_DRAIN, "--n", "15", "--delivery-threads", "8"],
         ("node",),
     ),
     "delivery-individual": (
         "the same, one conditional create per resource (the peer: how every report was written before)",
-        [
-            "--n",
-            "100",
-            "--layout",
-            "split",
-            "--drain-deliveries",
-            "--no-report",
-            "--delivery-threads",
-            "32",
-            "--fhir-latency-ms",
-            "100",
-            "--write-mode",
-            "individual",
-            "--postgres",
-        ],
-        [
-            "--n",
-            "15",
-            "--layout",
-            "split",
-            "--drain-deliveries",
-            "--no-report",
-            "--delivery-threads",
-            "8",
-            "--fhir-latency-ms",
-            "100",
-            "--write-mode",
-            "individual",
-        ],
+        [*_DRAIN, "--n", "100", "--delivery-threads", "32", "--write-mode", "individual", "--postgres"],
+        [*_DRAIN, "--n", "15", "--delivery-threads", "8", "--write-mode", "individual"],
         ("node",),
     ),
     "archive": (
