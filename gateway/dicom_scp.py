@@ -189,6 +189,7 @@ def handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
                 filler_order_number=ecg.study.filler_order_number,
                 acquired_at=ecg.study.acquired_at,
                 accession_number=ecg.study.accession_number,
+                patient_key=intake.patient_key(ecg.patient),
             )
         )
         if intake.settings.overreads.dicom_source(calling):

@@ -362,6 +362,7 @@ def _accept_oru(msg: _Inbound, segments: list[Any], ctx: InboundContext) -> str:
         message_type="ORU^R01",
         acquired_at=ecg.study.acquired_at,
         accession_number=ecg.study.accession_number,
+        patient_key=ctx.patient_key(ecg.patient),
     )
 
     def recorded(message_id: str) -> None:

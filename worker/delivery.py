@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from ecgbridge.core.settings import Settings
 from ecgbridge.core.states import DeliveryState, MessageState
-from ecgbridge.core.store import MessageStore
+from ecgbridge.core.store import MessageRow, MessageStore
 from ecgbridge.errors import DestinationBusy, EcgBridgeError, PermanentDeliveryError, TransientDeliveryError
 from ecgbridge.mapping.ecg import AnalysisResult
 from ecgbridge.outbound.sender import Outgoing
@@ -35,8 +35,9 @@ T = TypeVar("T")
 
 
 class DeliveryClaimed(Exception):
-    """Another task is sending this delivery now (or the destination's sends are all busy): try again
-    once that may have passed, without spending an attempt."""
+    """Another task is sending this delivery now (or the destination's sends are all busy, or an
+    earlier ECG of the patient is still to go there first): try again once that may have passed,
+    without spending an attempt."""
 
     def __init__(self, retry_after_s: float) -> None:
         super().__init__(f"claimed by another task for {retry_after_s:.0f} s more")
@@ -67,6 +68,8 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str, claim
         log.error("deliver: message %s has no stored result version %d", message_id, version)
         return None
     dest = ctx.settings.destination(destination)
+    if dest.ordering == "per_patient":
+        _wait_for_earlier(ctx, row, destination, dest.ordering_max_wait_s)
     result = AnalysisResult.from_dict(stored.result)
     if dest.wants_report() and not result.attachments and not render_failed(store, message_id, version):
         # its render task has not run (the sweep sent this delivery first): draw it here, once
@@ -118,6 +121,42 @@ def deliver_message(ctx: WorkerContext, message_id: str, destination: str, claim
     log.info("delivered message %s to %s as %s (result version %d)", message_id, destination, ref, version)
     _finish_message(store, message_id)
     return ref
+
+
+#: Seconds between looks at whether the earlier ECG a delivery waits behind has gone.
+ORDER_RECHECK_S = 1.0
+
+
+def _wait_for_earlier(ctx: WorkerContext, row: MessageRow, destination: str, max_wait_s: float) -> None:
+    """Raise :class:`DeliveryClaimed` while an earlier ECG of the same patient may still be sent first.
+
+    An earlier ECG received more than ``max_wait_s`` ago no longer holds this one: it goes, and an
+    event on it says which ECG it went ahead of (once). The first wait is an event too.
+    """
+    routes = [r.name for r in ctx.settings.routes if destination in r.destinations]
+    ahead = ctx.store.ahead_in_order(row, destination, routes)
+    if ahead is None:
+        return
+    earlier, received_at = ahead
+    waited_s = (datetime.now(UTC) - received_at).total_seconds()
+    kinds = {e.kind for e in ctx.store.events(row.id)}
+    if waited_s <= max_wait_s:
+        if "delivery_waiting" not in kinds:
+            ctx.store.add_event(
+                row.id,
+                "delivery_waiting",
+                f"{destination}: waiting for message {earlier}, an earlier ECG of the same patient, to be sent first",
+                level="info",
+            )
+        raise DeliveryClaimed(ORDER_RECHECK_S)
+    if "delivery_out_of_order" not in kinds:
+        ctx.store.add_event(
+            row.id,
+            "delivery_out_of_order",
+            f"{destination}: sent ahead of message {earlier}, an earlier ECG of the same patient still unsent "
+            f"{waited_s:.0f} s after it was received (ordering_max_wait_s {max_wait_s:.0f})",
+            level="warning",
+        )
 
 
 def _until_recorded(record: Callable[[], T], patience_s: float) -> T:

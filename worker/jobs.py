@@ -168,15 +168,19 @@ def analyse_message(ctx: WorkerContext, message_id: str) -> list[str]:
             except Exception as exc:  # statistics never fail an analysis
                 log.warning("could not record the timings of message %s: %s", message_id, type(exc).__name__)
         store.add_flags(message_id, list(result.ecg_flags + result.quality_flags))
+    skip_deliveries = NO_DELIVERY_FLAG in (row.flags or [])
+    if route.destinations and not skip_deliveries:
+        # Before the state moves on, so that to a later ECG of the same patient this one is never
+        # "analysed with nothing pending" while its deliveries are still to be made (core.ordering).
+        store.ensure_deliveries(message_id, route.destinations)
     if row.state in (MessageState.RECEIVED, MessageState.QUEUED):
         store.set_state(message_id, MessageState.ANALYSED)
     if not route.destinations:
         return []
-    if NO_DELIVERY_FLAG in (row.flags or []):
+    if skip_deliveries:
         if not any(e.kind == "deliveries_skipped" for e in store.events(message_id)):  # once, redelivered or not
             store.add_event(message_id, "deliveries_skipped", "imported with --no-deliver: analysed only", level="info")
         return []
-    store.ensure_deliveries(message_id, route.destinations)
     return [d.destination for d in store.deliveries(message_id) if d.state == DeliveryState.PENDING]
 
 
@@ -185,6 +189,10 @@ def _analysis(
 ) -> AnalysisResult:
     """The route's models on the stored ECG, with its explanations; raises InputError / ModelError."""
     ecg = load_ecg(ctx.store, row)
+    if row.patient_key is None:  # a file or an older row: keyed here, for the order of deliveries
+        key = ctx.store.patient_keys.key_for(ecg.patient.id, ecg.patient.id_issuer)
+        if key is not None:
+            ctx.store.set_patient_key(row.id, key)
     models = models_in_force(ctx.store, route)  # the route's, with any promotion of a shadow model
     ehr: EhrContext | None = None
     if needs_ehr_context(ctx.registry, list(models.live)) or _shadows_need_ehr(ctx, models.shadow):

@@ -48,7 +48,7 @@ from ecgbridge.core.settings import Route, Settings
 from ecgbridge.core.states import MessageState, Source
 from ecgbridge.core.store import MessageRow, MessageStore
 from ecgbridge.errors import StorageError
-from ecgbridge.mapping.ecg import acquisition_time
+from ecgbridge.mapping.ecg import Patient, acquisition_time
 
 __all__ = ["Arrival", "Admission", "Intake"]
 
@@ -76,6 +76,8 @@ class Arrival:
     #: When the ECG was recorded (UTC) and its Accession Number: how an over-read finds it.
     acquired_at: datetime | None = None
     accession_number: str | None = None
+    #: The keyed patient pseudonym that orders deliveries (:meth:`Intake.patient_key`), never the identifier.
+    patient_key: str | None = None
 
     @property
     def source(self) -> str:
@@ -109,6 +111,10 @@ class Intake:
     def settings(self) -> Settings:
         """The configuration in force now (a hot reload changes the routes of the next message)."""
         return current(self._settings)
+
+    def patient_key(self, patient: Patient) -> str | None:
+        """The pseudonym of the ECG's patient for the message row (:mod:`ecgbridge.core.ordering`)."""
+        return self.store.patient_keys.key_for(patient.id, patient.id_issuer)
 
     def admit(
         self, arrival: Arrival, *, on_recorded: Callable[[str], None] | None = None, route_name: str | None = None
@@ -208,6 +214,7 @@ class Intake:
             message_type=arrival.message_type,
             acquired_at=acquisition_time(arrival.acquired_at)[0],  # a cart's naive time: local, as the writers read it
             accession_number=arrival.accession_number,
+            patient_key=arrival.patient_key,
         )
 
 

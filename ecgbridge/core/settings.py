@@ -458,6 +458,13 @@ class DestinationConfig(_Strict):
     #: Sends to this destination at once, at most, in each worker process (a delivery worker's
     #: threads share it); null: as many as the delivery threads. Per process, not cluster-wide.
     max_in_flight: int | None = Field(None, ge=1)
+    #: per_patient: a later ECG of a patient is not sent here while an earlier one of the same patient
+    #: (received before it) still may be (not yet analysed, or its delivery here pending), across every
+    #: worker process (:mod:`ecgbridge.core.ordering`); none: each delivery goes when it is ready.
+    ordering: Literal["none", "per_patient"] = "none"
+    #: A later ECG waits behind an earlier one at most this long after the earlier one was received;
+    #: then it is sent anyway (an event on it names the ECG it went ahead of).
+    ordering_max_wait_s: float = Field(600.0, gt=0)
 
     def wants_report(self) -> bool:
         """Whether what this destination is sent carries the rendered PDF / PNG report.
@@ -549,6 +556,8 @@ class Hl7Destination(DestinationConfig):
     connection: Literal["persistent", "per_message"] = "persistent"
     #: A persistent connection unused this many seconds is closed (opened again on the next message).
     idle_close_s: float = Field(60.0, gt=0)
+    #: An HL7 interface files results in the order they come: per patient by default.
+    ordering: Literal["none", "per_patient"] = "per_patient"
 
     def wants_report(self) -> bool:
         return self.include_report_pdf

@@ -51,6 +51,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.schema import CreateIndex
 
+from ecgbridge.core.ordering import PATIENT_KEY_LENGTH, PatientKeys
 from ecgbridge.core.states import DeliveryState, MessageState, Work, WorkKind
 from ecgbridge.errors import StorageError
 
@@ -127,6 +128,9 @@ class MessageRow(Base):
     acquired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     #: The DICOM Accession Number the ECG carries (an order identifier, like the order numbers). Added in place.
     accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    #: The keyed patient pseudonym (:mod:`ecgbridge.core.ordering`) that holds a later ECG's delivery
+    #: behind an earlier one of the same patient; no identifier. Added in place.
+    patient_key: Mapped[str | None] = mapped_column(String(PATIENT_KEY_LENGTH), nullable=True, index=True)
 
 
 class OrderRow(Base):
@@ -500,6 +504,8 @@ class MessageStore:
     def __init__(self, database_url: str, data_dir: Path) -> None:
         self.url = database_url
         self.blobs = BlobStore(Path(data_dir) / "blobs")
+        #: The site key of the patient pseudonyms that order deliveries (beside the blobs, not in the database).
+        self.patient_keys = PatientKeys(Path(data_dir))
         # hide_parameters: a database error's text then names the statement, never the values
         # (order numbers, file names) that its traceback would otherwise carry into the logs.
         kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
@@ -563,6 +569,7 @@ class MessageStore:
         message_type: str | None = None,
         acquired_at: datetime | None = None,
         accession_number: str | None = None,
+        patient_key: str | None = None,
     ) -> str:
         message_id = str(uuid.uuid4())
         row = MessageRow(
@@ -582,6 +589,7 @@ class MessageStore:
             message_type=message_type,
             acquired_at=acquired_at.astimezone(UTC) if acquired_at and acquired_at.tzinfo else acquired_at,
             accession_number=accession_number[:64] if accession_number else None,
+            patient_key=patient_key,
         )
         try:
             with self.session() as s, s.begin():
@@ -838,6 +846,52 @@ class MessageStore:
             return None
 
     # ----- deliveries -------------------------------------------------------
+    def set_patient_key(self, message_id: str, key: str) -> None:
+        """Keep the patient pseudonym of a message the listener could not key (a file, an older row)."""
+        with self.session() as s, s.begin():
+            s.execute(
+                update(MessageRow)
+                .where(MessageRow.id == message_id, MessageRow.patient_key.is_(None))
+                .values(patient_key=key)
+                .execution_options(synchronize_session=False)
+            )
+
+    def ahead_in_order(
+        self, row: MessageRow, destination: str, routes: builtins.list[str]
+    ) -> tuple[str, datetime] | None:
+        """The earliest ECG of ``row``'s patient, received before it, that may still be sent to ``destination``.
+
+        "May still be sent": it is on one of ``routes`` (those that deliver there) and is not yet
+        analysed (received, queued), or its delivery there is pending. Delivered, failed,
+        dead-lettered, unrouted or rejected ECGs hold nothing up. Returns (message id, received
+        at), or None. See :mod:`ecgbridge.core.ordering`.
+        """
+        if not row.patient_key or not routes:
+            return None
+        pending = (
+            select(DeliveryRow.id)
+            .where(
+                DeliveryRow.message_id == MessageRow.id,
+                DeliveryRow.destination == destination,
+                DeliveryRow.state == DeliveryState.PENDING.value,
+            )
+            .exists()
+        )
+        with self.session() as s:
+            found = s.execute(
+                select(MessageRow.id, MessageRow.received_at)
+                .where(
+                    MessageRow.patient_key == row.patient_key,
+                    MessageRow.id != row.id,
+                    MessageRow.received_at < row.received_at,
+                    MessageRow.route.in_(routes),
+                    or_(MessageRow.state.in_([MessageState.RECEIVED.value, MessageState.QUEUED.value]), pending),
+                )
+                .order_by(MessageRow.received_at)
+                .limit(1)
+            ).first()
+        return (str(found[0]), _aware(found[1])) if found is not None else None
+
     def ensure_deliveries(self, message_id: str, destinations: builtins.list[str]) -> None:
         for dest in destinations:
             try:
@@ -1191,6 +1245,7 @@ ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
     ("deliveries", "claimed_until"),
     ("messages", "acquired_at"),
     ("messages", "accession_number"),
+    ("messages", "patient_key"),
 )
 
 

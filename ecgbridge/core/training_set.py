@@ -28,8 +28,6 @@ callers keep it in memory and write only what they have de-identified.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 from collections import Counter
@@ -41,6 +39,7 @@ from typing import Literal
 from sqlalchemy import select
 
 from ecgbridge.core.labels import EcgLabel, labelled_ecgs
+from ecgbridge.core.ordering import patient_key
 from ecgbridge.core.store import MessageRow, MessageStore
 from ecgbridge.errors import ConfigError, EcgBridgeError
 from ecgbridge.mapping.ecg import Ecg
@@ -95,15 +94,6 @@ def parse_when(value: str | None) -> datetime | None:
     except ValueError as exc:
         raise ConfigError(f"{value!r} is neither a duration (30d, 12h, 2w) nor a date (2026-11-01)") from exc
     return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def patient_key(key: bytes, identifier: str | None, issuer: str | None) -> str | None:
-    """``HMAC-SHA256(key, "patient|issuer|identifier")`` hex; None without an identifier."""
-    ident = (identifier or "").strip()
-    if not ident:
-        return None
-    message = f"patient|{(issuer or '').strip()}|{ident}".encode()
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def iter_site_records(

@@ -107,6 +107,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "aa": {"mode": "AA"},
     "order": {"mode": "AA"},
     "retry": {"mode": "AA", "first": ["AE", "AE"]},
+    "ordered": {"mode": "AA", "first": ["AE", "AE"]},
     "ar": {"mode": "AR", "error_text": AR_TEXT},
     "silent": {"mode": "silent"},
     "close": {"mode": "close"},
@@ -312,6 +313,21 @@ def test_ar_fails_the_delivery_with_the_err_text(deployment: Deployment) -> None
     assert delivery["state"] == "failed" and delivery["attempts"] == 1
     assert AR_TEXT in delivery["last_error"]
     assert any(e["kind"] == "delivery_failed" for e in shown["errors"])
+
+
+def test_a_later_ecg_of_the_patient_waits_while_the_earlier_one_is_retried(deployment: Deployment) -> None:
+    """The EHR refuses the first ORU twice (AE: retried after a backoff); the patient's next ECG, analysed
+    meanwhile, must not overtake it (``ordering: per_patient``, the HL7 default)."""
+    ehr = deployment.receivers["ordered"]
+    first = deployment.send("ordered", PatientID="MRN-ORDER-1")
+    second = deployment.send("ordered", PatientID="MRN-ORDER-1")
+    rows = [deployment.wait(first, "delivered"), deployment.wait(second, "delivered")]
+    assert rows[0].patient_key and rows[0].patient_key == rows[1].patient_key  # keyed by the DICOM listener
+    assert "MRN-ORDER-1" not in rows[0].patient_key
+    ids = [str(hl7.parse(raw).segment("MSH")(10)) for raw in ehr.received]
+    assert ids == [control_id(rows[0].id, "ehr-ordered")] * 3 + [control_id(rows[1].id, "ehr-ordered")], ehr.answers
+    kinds = [e.kind for e in deployment.stack.store().events(rows[1].id)]
+    assert "delivery_waiting" in kinds and "delivery_retry" not in kinds
 
 
 @pytest.mark.parametrize(("key", "why"), [("silent", "no ACK"), ("close", "closed the connection")])
