@@ -80,13 +80,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
 from typing import Any, cast
 
 import numpy as np
 from scipy.ndimage import uniform_filter1d
-from scipy.signal import butter, find_peaks, resample_poly, sosfiltfilt
+from scipy.signal import find_peaks, resample_poly
 
+from ecgbridge.inference.filters import butter_sos, zero_phase
 from ecgbridge.mapping.ecg import Ecg
 
 __all__ = [
@@ -95,6 +95,7 @@ __all__ = [
     "MEASUREMENTS_MODEL",
     "Fiducials",
     "Measurements",
+    "SignalViews",
     "detect_beats",
     "measure",
 ]
@@ -235,26 +236,11 @@ class Measurements:
 # --------------------------------------------------------------------------- filters
 
 
-@lru_cache(maxsize=64)
-def _sos(fs: float, lo: float | None, hi: float | None, order: int) -> np.ndarray | None:
-    nyq = fs / 2.0
-    if hi is not None and hi >= 0.9 * nyq:
-        hi = None
-    if lo is not None and hi is not None:
-        return cast(np.ndarray, butter(order, [lo, hi], btype="bandpass", fs=fs, output="sos"))
-    if lo is not None:
-        return cast(np.ndarray, butter(order, lo, btype="highpass", fs=fs, output="sos"))
-    if hi is not None:
-        return cast(np.ndarray, butter(order, hi, btype="lowpass", fs=fs, output="sos"))
-    return None
-
-
 def _filter(x: np.ndarray, fs: float, lo: float | None, hi: float | None, order: int = 2) -> np.ndarray:
-    sos = _sos(float(fs), lo, hi, order)
+    sos = butter_sos(float(fs), lo, hi, order)
     if sos is None:
         return x
-    padlen = min(x.shape[-1] - 1, 3 * (2 * len(sos) + 1) * 4)
-    return cast(np.ndarray, sosfiltfilt(sos, x, axis=-1, padlen=padlen))
+    return zero_phase(x, fs, lo, hi, order, padlen=min(x.shape[-1] - 1, 3 * (2 * len(sos) + 1) * 4))
 
 
 # --------------------------------------------------------------------------- beats
@@ -516,28 +502,58 @@ def _detection(x: np.ndarray, fs: float, leads: list[str]) -> tuple[list[int], n
     return ind, clean, det, _detect_beats(det, fs)
 
 
+class SignalViews:
+    """One ECG's samples as the quality gate and the measurements both read them, prepared once.
+
+    ``x``: float64 (leads, samples), non-finite samples zeroed; ``finite``: where they were
+    finite. :meth:`detection` (the measurement filter and the QRS fiducials) is computed on
+    first use and kept: the gate's limb-lead check and the measurements share one QRS detector.
+    """
+
+    def __init__(self, ecg: Ecg) -> None:
+        self.ecg = ecg
+        raw = np.asarray(ecg.signals, dtype=np.float64)
+        self.finite = np.isfinite(raw)
+        self.all_finite = bool(self.finite.all())
+        self.x = raw if self.all_finite else np.where(self.finite, raw, 0.0)
+        self._detection: tuple[list[int], np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def detection(self) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+        """(independent-lead rows, measurement-filtered signals, detection signal, QRS fiducials)."""
+        if self._detection is None:
+            self._detection = _detection(self.x, float(self.ecg.fs), list(self.ecg.leads))
+        return self._detection
+
+    @property
+    def qrs_fiducials(self) -> np.ndarray:
+        """QRS fiducials (sample indices) as :func:`measure` finds them."""
+        return self.detection()[3]
+
+
 def detect_beats(ecg: Ecg) -> np.ndarray:
     """QRS fiducials (sample indices) exactly as :func:`measure` finds them (for agreement benchmarks)."""
-    x = np.asarray(ecg.signals, dtype=np.float64)
-    return _detection(np.where(np.isfinite(x), x, 0.0), float(ecg.fs), list(ecg.leads))[3]
+    return SignalViews(ecg).qrs_fiducials
 
 
-def measure(ecg: Ecg) -> Measurements:
-    """Global measurements of ``ecg`` (see the module docstring for what and how)."""
+def measure(ecg: Ecg, views: SignalViews | None = None) -> Measurements:
+    """Global measurements of ``ecg`` (see the module docstring for what and how).
+
+    ``views``: the ECG's :class:`SignalViews` when the caller (the analysis) shares them with
+    the quality gate; made here otherwise.
+    """
+    views = views if views is not None and views.ecg is ecg else SignalViews(ecg)
     fs = float(ecg.fs)
     flags: list[str] = []
     zscore = "units:zscore" in ecg.flags
     if zscore:
         flags.append("amplitudes_unavailable:zscore")
-    x = np.asarray(ecg.signals, dtype=np.float64)
-    if not np.all(np.isfinite(x)):
+    if not views.all_finite:
         flags.append("nonfinite_samples_zeroed")
-        x = np.where(np.isfinite(x), x, 0.0)
     leads = list(ecg.leads)
     missing = [lead for lead in (*_LIMB, *_PRECORDIAL) if lead not in leads]
     if missing:
         flags.append("missing_leads:" + ",".join(missing))
-    ind, clean, det, beats = _detection(x, fs, leads)
+    ind, clean, det, beats = views.detection()
     empty = Measurements(fs=fs, n_beats=int(beats.size), n_beats_median=0, flags=())
     if beats.size < 2:
         return _with_flags(empty, flags + ["too_few_beats"])

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Any
 
-from ecgbridge.inference.features import FEATURES_VERSION, MEASUREMENTS_MODEL, measure
+from ecgbridge.inference.features import FEATURES_VERSION, MEASUREMENTS_MODEL, SignalViews, measure
 from ecgbridge.inference.models import LoadedModel, ModelRegistry
 from ecgbridge.inference.quality import assess, cap_for_quality
 from ecgbridge.mapping.ecg import AnalysisResult, Ecg, ModelOutput
@@ -38,9 +38,9 @@ MEASUREMENTS_FAILED = "measurements_failed"
 log = logging.getLogger(__name__)
 
 
-def measurement_output(ecg: Ecg) -> ModelOutput:
+def measurement_output(ecg: Ecg, views: SignalViews | None = None) -> ModelOutput:
     """The global measurements of ``ecg`` as a ModelOutput (raises what measure raises)."""
-    m = measure(ecg)
+    m = measure(ecg, views)
     return ModelOutput(
         model=MEASUREMENTS_MODEL,
         version=FEATURES_VERSION,
@@ -71,7 +71,8 @@ def analyse_ecg(
     def timed(name: str, started: float) -> None:
         spent[name] = spent.get(name, 0.0) + (time.perf_counter() - started)
 
-    report = assess(ecg)
+    views = SignalViews(ecg)  # the gate and the measurements share the zeroed samples and one QRS detection
+    report = assess(ecg, views)
     flags = report.flags
     models = [(name, registry.get(name)) for name in model_names]
     # A poor-quality ECG never gets a "high" tier or a "normal" call from noise alone.
@@ -84,7 +85,7 @@ def analyse_ecg(
     features: dict[str, Any] | None = None
     started = time.perf_counter()
     try:
-        measured = measurement_output(ecg)
+        measured = measurement_output(ecg, views)
         outputs.append(measured)
         features = measured.extra["features"]
     except Exception as exc:

@@ -33,7 +33,9 @@ they work on z-scored sources too::
                           ``units:zscore``)
     limb-lead reversal    LA/RA: lead I with negative P and dominant negative     suspected_limb_lead_reversal:LA/RA
                           QRS, aVR with dominant positive QRS, V6 upright (so
-                          dextrocardia does not fire); needs >= 4 detected beats
+                          dextrocardia does not fire); needs >= 4 beats, found
+                          by the measurements' QRS detector (one detection per
+                          ECG, shared through ``features.SignalViews``)
     duration              < 2.5 s                                                 too_short:2.0s
                           < 8 s (the models read 10 s; the rest is zero-padded)    short_recording:5.0s
 
@@ -56,7 +58,9 @@ high-frequency and wander checks). 6 of the 50 challenge records are poor (zeroe
 precordial leads, one plausible LA/RA reversal, noisy Chapman records). Every noisy
 normal fixture the shipped model mis-calls is poor, except short motion bursts
 (an xfail in the tests documents the one measured miss). About 40 ms
-per 12-lead 10 s ECG at 500 Hz, 11 ms at 100 Hz, on one core.
+per 12-lead 10 s ECG at 500 Hz, 11 ms at 100 Hz, on one core. Since the gate uses the
+measurements' QRS detection instead of its own (2026-12-07), the flags of all 889 records
+above are unchanged (the check: old and new ``assess`` side by side).
 
 What poor quality changes (:func:`cap_for_quality`), and why:
 
@@ -82,12 +86,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from typing import Any, cast
 
 import numpy as np
 from scipy import signal as sps
 
+from ecgbridge.inference.features import SignalViews
+from ecgbridge.inference.filters import zero_phase
 from ecgbridge.mapping.codes import SUPERCLASS_SNOMED
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
 
@@ -211,18 +216,6 @@ def _clip_metrics(x: np.ndarray, fs: float) -> tuple[int, float]:
     return runs_hi + runs_lo, (n_hi + n_lo) / x.size
 
 
-@lru_cache(maxsize=64)
-def _sos(order: int, low_hz: float | None, high_hz: float | None, fs: float) -> np.ndarray:
-    """Butterworth sections (cached: the same few filters run on every ECG)."""
-    nyquist = fs / 2.0
-    if low_hz is None:
-        assert high_hz is not None  # every caller gives at least one edge
-        return cast(np.ndarray, sps.butter(order, high_hz / nyquist, btype="low", output="sos"))
-    if high_hz is None:
-        return cast(np.ndarray, sps.butter(order, low_hz / nyquist, btype="high", output="sos"))
-    return cast(np.ndarray, sps.butter(order, [low_hz / nyquist, high_hz / nyquist], btype="band", output="sos"))
-
-
 def _nan_where(values: np.ndarray, bad: np.ndarray) -> np.ndarray:
     return np.where(bad, np.nan, values)
 
@@ -244,7 +237,7 @@ def _wander_ratios(x: np.ndarray, fs: float) -> np.ndarray:
     if x.shape[1] < int(2 * fs):
         return np.full(x.shape[0], np.nan)
     centred = x - np.median(x, axis=1, keepdims=True)
-    low = sps.sosfiltfilt(_sos(2, None, WANDER_CUTOFF_HZ, fs), centred, axis=-1)
+    low = zero_phase(centred, fs, None, WANDER_CUTOFF_HZ)
     rest = centred - low
     t = np.arange(x.shape[1], dtype=np.float64) - (x.shape[1] - 1) / 2.0
     slope = (low @ t) / float(t @ t)
@@ -259,28 +252,13 @@ def _burst_ratios(x: np.ndarray, fs: float) -> np.ndarray:
     w, hop = int(BURST_WINDOW_S * fs), int(fs)
     if x.shape[1] < w + 2 * hop:
         return np.full(x.shape[0], np.nan)  # fewer than three windows: nothing to compare with
-    y = sps.sosfiltfilt(_sos(2, 0.5, min(40.0, 0.45 * fs), fs), x, axis=-1)
+    y = zero_phase(x, fs, 0.5, min(40.0, 0.45 * fs))
     ranges = np.stack([np.ptp(y[:, s : s + w], axis=1) for s in range(0, y.shape[1] - w + 1, hop)], axis=1)
     typical = np.median(ranges, axis=1)
     return _nan_where(ranges.max(axis=1) / np.where(typical > 0, typical, 1.0), typical <= 0)
 
 
 # --------------------------------------------------------------------------- limb-lead reversal
-
-
-def _beats(x: np.ndarray, fs: float) -> np.ndarray:
-    """QRS fiducials (sample indices) from all leads: peaks of the summed slope energy."""
-    if x.shape[1] < int(2 * fs):
-        return np.zeros(0, dtype=int)
-    y = sps.sosfiltfilt(_sos(2, 5.0, min(25.0, 0.45 * fs), fs), x, axis=-1)
-    scale = np.percentile(np.abs(y), 99, axis=1, keepdims=True)
-    energy = (np.diff(y / np.where(scale > 0, scale, 1.0), axis=1) ** 2).sum(axis=0)
-    smooth = np.convolve(energy, np.ones(max(int(0.04 * fs), 1)), mode="same")
-    height = 0.3 * np.percentile(smooth, 99)
-    if height <= 0:
-        return np.zeros(0, dtype=int)
-    peaks, _ = sps.find_peaks(smooth, height=height, distance=int(0.3 * fs))
-    return cast(np.ndarray, peaks)
 
 
 def _median_beat(lead: np.ndarray, beats: np.ndarray, fs: float) -> np.ndarray | None:
@@ -302,11 +280,12 @@ def _qrs_net(beat: np.ndarray, fs: float) -> tuple[float, float]:
     return net, float(p_wave.mean())
 
 
-def _limb_reversal(ecg: Ecg, x: np.ndarray, usable: set[str]) -> bool:
-    """Conservative LA/RA reversal test (see the module docstring)."""
+def _limb_reversal(ecg: Ecg, views: SignalViews, usable: set[str]) -> bool:
+    """Conservative LA/RA reversal test (see the module docstring), on the measurements' QRS fiducials."""
     if not {"I", "aVR", "V6"} <= usable:
         return False
-    beats = _beats(x, ecg.fs)
+    x = views.x
+    beats = views.qrs_fiducials
     if beats.size < 4:
         return False
     stats = {}
@@ -326,13 +305,16 @@ def _leads_flag(name: str, leads: list[str]) -> str:
     return f"{name}:{','.join(leads)}"
 
 
-def assess(ecg: Ecg) -> QualityReport:
-    """Check ``ecg`` (see the module docstring for every check and threshold)."""
+def assess(ecg: Ecg, views: SignalViews | None = None) -> QualityReport:
+    """Check ``ecg`` (see the module docstring for every check and threshold).
+
+    ``views``: the ECG's :class:`~inference.features.SignalViews` when the analysis shares
+    them with the measurements (one QRS detection for both); made here otherwise.
+    """
+    views = views if views is not None and views.ecg is ecg else SignalViews(ecg)
     fs = float(ecg.fs)
     zscore = "units:zscore" in ecg.flags or ecg.units.lower() == "zscore"
-    raw = np.asarray(ecg.signals, dtype=np.float64)
-    finite = np.isfinite(raw)
-    x = np.where(finite, raw, 0.0)
+    finite, x = views.finite, views.x
     leads: dict[str, LeadQuality] = {}
     by_issue: dict[str, list[str]] = {}
     hf, burst, wander = _hf_ratios(x, fs), _burst_ratios(x, fs), _wander_ratios(x, fs)
@@ -406,7 +388,7 @@ def assess(ecg: Ecg) -> QualityReport:
             if len(names) >= poor_at:
                 reasons.append(flag)
     usable = {name for name, q in leads.items() if q.status not in ("missing", "nonfinite", "flat")}
-    if duration >= TOO_SHORT_S and _limb_reversal(ecg, x, usable):
+    if duration >= TOO_SHORT_S and _limb_reversal(ecg, views, usable):
         flags.append("suspected_limb_lead_reversal:LA/RA")
         reasons.append("suspected_limb_lead_reversal")
     overall = "poor" if reasons else "acceptable"
