@@ -28,7 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 #: bench.e2e measuring the delivery worker alone: it starts once every ECG is analysed, no report drawn.
-_DRAIN = ["--layout", "split", "--drain-deliveries", "--no-report", "--fhir-latency-ms", "100"]
+_DRAIN_NOW = ["--layout", "split", "--drain-deliveries", "--no-report"]
+_DRAIN = [*_DRAIN_NOW, "--fhir-latency-ms", "100"]
 
 #: name -> (what it measures, full arguments, --quick arguments, binaries it needs)
 BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
@@ -63,6 +64,12 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
         "write mode auto (what the server offers)",
         [*_DRAIN, "--n", "100", "--delivery-threads", "32", "--postgres"],
         [*_DRAIN, "--n", "15", "--delivery-threads", "8"],
+        ("node",),
+    ),
+    "delivery-nodelay": (
+        "the same with nothing held: straight to the indexed FHIR peer (what the engine itself can write)",
+        [*_DRAIN_NOW, "--n", "200", "--delivery-threads", "32", "--postgres"],
+        [*_DRAIN_NOW, "--n", "15", "--delivery-threads", "8"],
         ("node",),
     ),
     "delivery-individual": (
@@ -104,7 +111,7 @@ def machine() -> list[str]:
 
 
 #: Benchmarks that draw plots (``--plots DIR``); their PNGs go beside performance.md.
-PLOTTING = ("e2e", "delivery", "delivery-individual")
+PLOTTING = ("e2e", "delivery", "delivery-nodelay", "delivery-individual")
 
 
 def run(name: str, args: list[str], log: list[str], plots: Path | None = None) -> None:
