@@ -6,7 +6,11 @@ would not fit its row: the gain is printed and the calibration pulse drawn at it
 3 x 4 layout (I II III | aVR aVL aVF | V1 V2 V3 | V4 V5 V6, 2.5 s per column, the columns
 consecutive in time) and a 10 s lead II rhythm strip. Above the grid: model name and
 version, every finding with probability, threshold and tier, the quality flags and any
-measurements; the "NOT FOR CLINICAL USE" label is printed on the page twice.
+measurements; the "NOT FOR CLINICAL USE" label is printed on the page twice. Under the
+findings, a model with explanations (the knowledge-transfer model) gets a short section
+"Predicted from the ECG (not measured)": each clinical abnormality its ECG pattern is
+associated with, with its probability, in the words of :mod:`mapping.abnormality_result`
+(or that a poor-quality ECG withheld them); up to four lines, the findings shortened first.
 
 **Heatmap.** Behind the traces, in blue, the class activation map (CAM) of the *top
 finding*: the present finding with the highest probability, else the finding with the
@@ -44,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import signal as sps
 
+from ecgbridge.mapping.abnormality_result import SECTION_TITLE, predicted_abnormalities, withheld_reason
 from ecgbridge.mapping.ecg import NOT_FOR_CLINICAL_USE, AnalysisResult, Ecg, Finding, ModelOutput
 from ecgbridge.mapping.lvef_result import LVEF_TASK, predicted_tier
 
@@ -74,6 +79,7 @@ LAYOUT: tuple[tuple[str, ...], ...] = (
 )
 RHYTHM_LEAD = "II"
 _MAX_LINES = 9  # header lines per column
+_PREDICTED_LINES = 4  # of them at most for the predicted clinical abnormalities
 PNG_DPI = 150  #: 1 mm = 5.9 px: the minor grid stays visible
 
 # Page geometry in millimetres (A4 landscape).
@@ -356,6 +362,21 @@ def _finding_line(f: Finding, top: Finding | None, withheld: Mapping[str, Any] |
     return f"{mark} {f.display} ({f.code}): p={f.probability:.2f} (threshold {f.threshold:.2f}){tier}{gate}{star}"
 
 
+def _predicted_lines(result: AnalysisResult) -> list[str]:
+    """The "Predicted from the ECG (not measured)" section: one paragraph per model that has one."""
+    lines: list[str] = []
+    for o in result.outputs:
+        reason = withheld_reason(o)
+        if reason is not None:
+            lines.append(f"{SECTION_TITLE}: withheld ({reason.replace('_', ' ')} ECG).")
+            continue
+        found = predicted_abnormalities(o, strict=False)
+        if found:
+            listed = "; ".join(f"{a.display} p={a.probability:.2f}" for a in found)
+            lines += [f"{SECTION_TITLE}:", f"ECG pattern associated with {listed}."]
+    return lines
+
+
 def render_figure(
     ecg: Ecg,
     result: AnalysisResult,
@@ -476,8 +497,13 @@ def render_figure(
             continue
         finding_lines.extend(_finding_line(f, top if shaded and o is output else None, withheld) for f in o.findings)
     finding_lines = _wrap(finding_lines, 78)
-    if len(finding_lines) > _MAX_LINES:
-        finding_lines = finding_lines[: _MAX_LINES - 1] + [f"... {len(finding_lines) - _MAX_LINES + 1} more"]
+    predicted = _wrap(_predicted_lines(result), 78)
+    if len(predicted) > _PREDICTED_LINES:
+        predicted = predicted[: _PREDICTED_LINES - 1] + [predicted[_PREDICTED_LINES - 1][:74] + " ..."]
+    room = _MAX_LINES - len(predicted)
+    if len(finding_lines) > room:
+        finding_lines = finding_lines[: room - 1] + [f"... {len(finding_lines) - room + 1} more"]
+    finding_lines += predicted
     text(95.0, head_y, "Findings (+ above threshold)", fontsize=8, fontweight="bold")
     text(95.0, body_y, "\n".join(finding_lines) or "none", linespacing=1.3)
 

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ecgbridge.errors import ModelError
 from ecgbridge.inference.preprocess import Pipeline
 from ecgbridge.inference.triage import severity_extra
+from ecgbridge.mapping.abnormality_result import ABNORMALITIES_OUTPUT, PREDICTED_KEY
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ __all__ = [
     "sha256_file",
     "Manifest",
     "ModelClass",
+    "Explanation",
+    "HEAD_WORDING",
+    "explanations_from_heads",
     "LoadedModel",
     "ModelRegistry",
     "prepare_input",
@@ -58,6 +62,88 @@ class ModelClass(BaseModel):
     snomed: str | None = None
 
 
+#: How the stage-3 heads of ``training.clinical.ABNORMALITIES`` read, by head code: (the
+#: abnormality as it completes "ECG pattern associated with ...", the clinical variable, the
+#: cut-off in words). Used for manifests that name their heads only under
+#: ``architecture.abnormality_heads`` (:func:`explanations_from_heads`) and by the KT export.
+HEAD_WORDING: dict[str, tuple[str, str, str]] = {
+    "age_over_65": ("age over 65 years", "Age", "above 65 years"),
+    "bmi_over_30": ("body mass index over 30 kg/m2", "Body mass index", "above 30 kg/m2"),
+    "male_sex": ("male sex", "Sex", "male (a sanity check of the heads, not an abnormality)"),
+    "nt_probnp_high": ("elevated NT-proBNP", "NT-proBNP", "above 300 pg/mL"),
+    "troponin_t_high": ("elevated troponin T", "Troponin T", "above 0.014 ng/mL"),
+    "potassium_abnormal": ("abnormal potassium", "Potassium", "outside 3.5-5.0 mmol/L"),
+    "creatinine_high": ("elevated creatinine", "Creatinine", "above 1.3 mg/dL"),
+    "hemoglobin_low": ("low hemoglobin", "Hemoglobin", "below 12 g/dL"),
+}
+
+
+class Explanation(BaseModel):
+    """One column of the ``abnormalities`` output: a clinical abnormality predicted from the ECG.
+
+    The knowledge-transfer model (``training.kt``) explains its findings by the clinical
+    abnormalities its ECG embedding predicts ("ECG pattern associated with elevated
+    NT-proBNP"). ``loinc`` names the clinical variable the head was trained against and
+    ``criterion`` its cut-off, so a reader knows what the probability is a probability of;
+    neither is ever a value of the patient. ``display`` completes the sentence "ECG pattern
+    associated with ..."; ``index`` is the column in ``outputs["abnormalities"]``; the pattern
+    is called present at ``probability >= threshold``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    display: str = Field(min_length=1, max_length=120)
+    loinc: str = Field(pattern=r"^[0-9]{1,8}-[0-9]$")
+    variable: str = Field(min_length=1, max_length=80)
+    criterion: str = Field(min_length=1, max_length=120)
+    index: int = Field(ge=0)
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+def explanations_from_heads(heads: Any) -> list[Explanation] | None:
+    """``architecture.abnormality_heads`` (``[{code, display, loinc, above, below}]``, column order)
+    as :class:`Explanation` entries; None when they are not that shape.
+
+    Known head codes get :data:`HEAD_WORDING`; another head keeps its own display as both the
+    abnormality and the criterion.
+    """
+    if not isinstance(heads, list) or not heads:
+        return None
+    out: list[Explanation] = []
+    try:
+        for index, head in enumerate(heads):
+            code = str(head["code"])
+            display, variable, criterion = HEAD_WORDING.get(code) or (
+                str(head.get("display") or code),
+                str(head.get("display") or code),
+                _criterion(head),
+            )
+            out.append(
+                Explanation(
+                    code=code,
+                    display=display,
+                    loinc=str(head["loinc"]),
+                    variable=variable,
+                    criterion=criterion,
+                    index=index,
+                )
+            )
+    except (KeyError, TypeError, ValueError):
+        return None
+    return out
+
+
+def _criterion(head: dict[str, Any]) -> str:
+    above, below = head.get("above"), head.get("below")
+    parts = [
+        f"above {above:g}" if isinstance(above, (int, float)) else "",
+        f"below {below:g}" if isinstance(below, (int, float)) else "",
+    ]
+    text = " or ".join(p for p in parts if p)
+    return text or str(head.get("display") or head["code"])
+
+
 class Manifest(BaseModel):
     """What a serving process must know about a model, written by ``training.export``.
 
@@ -69,6 +155,14 @@ class Manifest(BaseModel):
     (informational: the calibration is inside the graph); ``architecture`` names
     the torch module it was exported from (for benchmarks and audits). All three
     are optional, so manifests written before them keep loading.
+
+    ``explanations`` (optional) names the columns of an ``abnormalities`` output (N, heads):
+    clinical abnormalities predicted from the ECG (:class:`Explanation`); it requires
+    ``outputs["abnormalities"]``. A manifest written before the field (the first KT exports)
+    names its heads only under ``architecture.abnormality_heads``: when its ``outputs`` has
+    ``abnormalities`` they are read as ``explanations`` (:func:`explanations_from_heads`), so
+    those models serve the explanations too; heads that are not that shape are ignored and the
+    model serves its findings alone, as before.
     """
 
     name: str
@@ -84,6 +178,7 @@ class Manifest(BaseModel):
     tiers: dict[str, dict[str, float]] | None = None
     calibration: dict[str, Any] | None = None
     architecture: dict[str, Any] | None = None
+    explanations: list[Explanation] | None = Field(default=None, min_length=1)
     card: str = "MODEL_CARD.md"
     description: str = ""
     trained_on: str = ""
@@ -92,10 +187,29 @@ class Manifest(BaseModel):
     def threshold(self, code: str) -> float:
         return float(self.thresholds.get(code, 0.5))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_heads(cls, data: Any) -> Any:
+        """Read ``architecture.abnormality_heads`` as ``explanations`` when the field is absent."""
+        if not isinstance(data, dict) or data.get("explanations") is not None:
+            return data
+        outputs, architecture = data.get("outputs"), data.get("architecture")
+        if not isinstance(outputs, dict) or ABNORMALITIES_OUTPUT not in outputs or not isinstance(architecture, dict):
+            return data
+        derived = explanations_from_heads(architecture.get("abnormality_heads"))
+        return data if derived is None else {**data, "explanations": derived}
+
     @model_validator(mode="after")
     def _check_tiers(self) -> Manifest:
         if "probabilities" not in self.outputs:
             raise ValueError("outputs must name a `probabilities` output")
+        if self.explanations is not None:
+            if ABNORMALITIES_OUTPUT not in self.outputs:
+                raise ValueError(f"explanations need an `{ABNORMALITIES_OUTPUT}` output in outputs")
+            for what in ("code", "index"):
+                values = [getattr(e, what) for e in self.explanations]
+                if len(set(values)) != len(values):
+                    raise ValueError(f"explanations repeat a {what}: {values}")
         codes = {c.code for c in self.classes}
         for code, cut in (self.tiers or {}).items():
             if code not in codes:
@@ -169,7 +283,9 @@ class LoadedModel:
         class the time (seconds from the start of the model input) at the centre
         of the CAM's highest step; the maps themselves come from ``explain``. For a
         triage model (task ``triage``) ``extra["severity"]`` gives the tier
-        (``inference.triage.severity_extra``).
+        (``inference.triage.severity_extra``). A model with ``explanations`` gives
+        ``extra["predicted_abnormalities"]``: per head its probability and whether the
+        pattern is called present (:meth:`_predicted`; predicted, never measured).
         """
         x = prepare_input(ecg, self.manifest)
         out = self.predict(x[None])
@@ -200,6 +316,8 @@ class LoadedModel:
             extra["calibrated"] = True
         if self.manifest.task == "triage":  # cumulative outputs -> one severity tier (inference.triage)
             extra.update(severity_extra(findings))
+        if self.manifest.explanations and ABNORMALITIES_OUTPUT in out:
+            extra[PREDICTED_KEY] = self._predicted(out[ABNORMALITIES_OUTPUT])
         return ModelOutput(
             model=self.manifest.name,
             version=self.manifest.version,
@@ -207,6 +325,36 @@ class LoadedModel:
             findings=tuple(findings),
             extra=extra,
         )
+
+    def _predicted(self, values: np.ndarray) -> list[dict[str, Any]]:
+        """The ``abnormalities`` row of one ECG as ``extra["predicted_abnormalities"]`` entries.
+
+        Each entry says it is predicted (``"measured": False``): a probability that the ECG
+        shows the pattern of the abnormality, never a value of the clinical variable.
+        """
+        row = np.asarray(values, dtype=np.float64)[0].reshape(-1)
+        entries: list[dict[str, Any]] = []
+        for e in self.manifest.explanations or ():
+            if e.index >= row.shape[0]:
+                raise ModelError(
+                    f"model {self.manifest.name} {self.manifest.version}: explanation {e.code} reads column "
+                    f"{e.index} of `{ABNORMALITIES_OUTPUT}`, which has {row.shape[0]}"
+                )
+            p = float(row[e.index])
+            entries.append(
+                {
+                    "code": e.code,
+                    "display": e.display,
+                    "loinc": e.loinc,
+                    "variable": e.variable,
+                    "criterion": e.criterion,
+                    "probability": round(p, 6),
+                    "threshold": e.threshold,
+                    "present": bool(p >= e.threshold),
+                    "measured": False,
+                }
+            )
+        return entries
 
     def explain(self, ecg: Ecg) -> np.ndarray:
         """Class activation maps (classes, T') for one ECG, in logit units, from the graph's ``cams`` output.

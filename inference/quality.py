@@ -77,6 +77,12 @@ What poor quality changes (:func:`cap_for_quality`), and why:
   padding, so every finding is reported with its probability but ``present=False`` and
   no tier. (Caveat: the FHIR / HL7 mappings word a finding that is not present as
   "below threshold"; ``extra["quality_gate"]`` records every decision withheld.)
+* **No predicted clinical abnormalities on a poor or too-short ECG**: the explanations a
+  knowledge-transfer model gives (``extra["predicted_abnormalities"]``, "ECG pattern
+  associated with elevated NT-proBNP") move to ``extra["quality_gate"]["explanations_withheld"]``
+  (kept for audit, not sent); the writers say they were withheld. They are read off the same
+  embedding noise moves, explain rather than find (nothing is missed without them), and a
+  noisy "associated with elevated troponin" could start a work-up.
 
 The pipeline must call :func:`cap_for_quality` on each model output with the report
 :func:`assess` gave (``analyse_ecg``); the function is idempotent.
@@ -93,6 +99,7 @@ from scipy import signal as sps
 
 from ecgbridge.inference.features import SignalViews
 from ecgbridge.inference.filters import zero_phase
+from ecgbridge.mapping.abnormality_result import PREDICTED_KEY, WITHHELD_KEY
 from ecgbridge.mapping.codes import SUPERCLASS_SNOMED
 from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg, Finding, ModelOutput
 
@@ -413,7 +420,8 @@ def cap_for_quality(output: ModelOutput, report: QualityReport) -> ModelOutput:
     """``output`` as a poor ECG may state it (unchanged when the ECG is acceptable).
 
     Poor: a ``high`` tier becomes ``moderate`` and the normal class is not present.
-    Too short: no finding is present and none has a tier. Probabilities never change;
+    Too short: no finding is present and none has a tier. Either: predicted abnormalities are
+    withheld (moved into the gate). Probabilities never change;
     ``extra["quality_gate"]`` records the rule and each decision withheld. Idempotent.
     """
     if report.acceptable:
@@ -435,4 +443,8 @@ def cap_for_quality(output: ModelOutput, report: QualityReport) -> ModelOutput:
             withheld.setdefault(f.code, {"present": f.present, "tier": f.tier})
         findings.append(new)
     gate.update({"overall": report.overall, "rule": rule, "reasons": list(report.reasons), "withheld": withheld})
-    return replace(output, findings=tuple(findings), extra={**output.extra, "quality_gate": gate})
+    extra = {**output.extra, "quality_gate": gate}
+    predicted = extra.pop(PREDICTED_KEY, None)
+    if predicted:
+        gate[WITHHELD_KEY] = predicted
+    return replace(output, findings=tuple(findings), extra=extra)

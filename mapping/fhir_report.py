@@ -7,6 +7,11 @@ One ECG analysis becomes:
   (``task == "measurements"``) as LOINC / UCUM Observations (:mod:`mapping.fhir_measurements`)
   and an LVEF tier (``task == "lvef"``) as one LOINC 10230-1 Observation
   (:mod:`mapping.fhir_lvef`);
+* one ``Observation`` per clinical abnormality a model predicts from the ECG (the
+  knowledge-transfer model's explanations, :mod:`mapping.fhir_abnormality`): coded in
+  ``urn:ecgbridge:predicted-abnormality``, never with the variable's LOINC, ``method`` "predicted
+  from the ECG ... not a measurement", ``derivedFrom`` the same model's finding Observations;
+  the conclusion gets one line for them (or says a poor-quality ECG withheld them);
 * one ``DiagnosticReport`` (v2-0074 ``EC``, LOINC 34534-8) whose ``result`` lists them;
 * one ``Provenance`` naming the model Device as author, built once the report's
   server id is known (:meth:`ReportBundle.provenance_for`).
@@ -85,6 +90,10 @@ Decisions, and why:
   urn:ecgbridge:severity   4tier-normal, 4tier-minor_abnormality,  the same, 4-tier triage models
                            4tier-major_nonurgent, 4tier-urgent
   urn:ecgbridge:lvef-tier  LVEF_GT50 ... LVEF_LT30                 LVEF Observation (mapping.fhir_lvef)
+  urn:ecgbridge:predicted- the head's code, e.g. nt_probnp_high    predicted-abnormality Observation code
+  abnormality                                                      (mapping.fhir_abnormality)
+  urn:ecgbridge:method     ecg-model-prediction; predicted-        its method; its component codes (value:
+                           variable, predicted-criterion           the variable's LOINC; the cut-off)
   =======================  ======================================  ==========================================
 """
 
@@ -102,6 +111,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from ecgbridge.errors import MappingError
+from ecgbridge.mapping.abnormality_result import predicted_abnormalities, summary_lines
 from ecgbridge.mapping.codes import (
     LOINC,
     ORDER_IDENTIFIER_TYPE,
@@ -120,6 +130,7 @@ from ecgbridge.mapping.ecg import (
     acquisition_time,
     output_summary,
 )
+from ecgbridge.mapping.fhir_abnormality import abnormality_observation
 from ecgbridge.mapping.fhir_lvef import lvef_observation
 from ecgbridge.mapping.fhir_measurements import measurement_observations, measurement_panel
 from ecgbridge.mapping.fhir_observation import observation_base
@@ -739,12 +750,43 @@ def _severity_observation(
     return _planned(obs)
 
 
-def _conclusion(result: AnalysisResult, flags: list[str], version: int = 1) -> str:
-    lines = [
-        explanation_text(output) if output.task == LVEF_TASK and output.findings else output_summary(output)
-        for output in result.outputs
-        if output.findings
+def _abnormality_observations(
+    output: ModelOutput,
+    *,
+    id_value: str,
+    device: PlannedResource,
+    subject: dict[str, Any] | None,
+    effective: str | None,
+    issued: str,
+    label: str,
+    derived_from: Sequence[str],
+) -> list[PlannedResource]:
+    """The clinical abnormalities the model predicted from the ECG, one Observation each (none when withheld)."""
+    return [
+        _planned(
+            abnormality_observation(
+                a,
+                output,
+                identifier_base=f"{id_value}/{output.model}/{output.version}",
+                subject=subject,
+                effective=effective,
+                issued=issued,
+                device_ref=device.placeholder,
+                derived_from=derived_from,
+                meta={"security": [dict(AI_SECURITY_LABEL)], "tag": [_model_tag(output)]},
+                label=label,
+            )
+        )
+        for a in predicted_abnormalities(output)
     ]
+
+
+def _conclusion(result: AnalysisResult, flags: list[str], version: int = 1) -> str:
+    lines: list[str] = []
+    for output in result.outputs:
+        if output.findings:
+            lines.append(explanation_text(output) if output.task == LVEF_TASK else output_summary(output))
+        lines.extend(summary_lines(output))  # what the model predicted from the ECG, never measured
     if flags:
         lines.append("Flags: " + "; ".join(flags) + ".")
     if version > 1:
@@ -903,6 +945,7 @@ def build_report(
                 )
             )
             conclusion_codes.append({"coding": _severity_codings(severity), "text": severity.display})
+        finding_refs: list[str] = []
         for finding in output.findings:
             obs = _observation(
                 finding,
@@ -915,8 +958,21 @@ def build_report(
                 label=label,
             )
             observations.append(obs)
+            finding_refs.append(obs.placeholder)
             if finding.present and severity is None:  # a triage output is summed up by its tier
                 conclusion_codes.append({"coding": _finding_codings(finding, output), "text": finding.display})
+        observations.extend(
+            _abnormality_observations(
+                output,
+                id_value=id_value,
+                device=device,
+                subject=subject,
+                effective=effective,
+                issued=issued_s,
+                label=label,
+                derived_from=finding_refs,
+            )
+        )
 
     tags = _dedupe_tags(_model_tag(o) for o in result.outputs)
     if version > 1:

@@ -10,7 +10,8 @@ validation at v2.5.1 before it is returned. Layout::
     ORC                 RE; ORC-2/3 placer/filler, ORC-4 group, ORC-12 ordering provider
     OBR                 OBR-2/3 as ORC, OBR-4 ordered service (or LOINC 34534-8),
                         OBR-7 acquisition, OBR-22 report time, OBR-24 EC, OBR-25 P
-    NTE ...             report notes: the label, one summary line per model, the flags
+    NTE ...             report notes: the label, one summary line per model (and one for its
+                        predicted abnormalities, or why they were withheld), the flags
     OBX + NTE ...       per model output, in this order (each OBX followed by an NTE with
                         the label, as every FHIR Observation carries it in its note):
                         CWE   one per finding present: 8601-7 EKG impression, value SNOMED CT
@@ -18,6 +19,11 @@ validation at v2.5.1 before it is returned. Layout::
                         NM    one per ECG measurement: LOINC, UCUM units
                         NM    one per class probability: local code, 0..1, UCUM "1"
                         CWE   one per risk tier, when the findings carry one
+                        NM    one per clinical abnormality predicted from the ECG (the
+                              knowledge-transfer model's explanations): local code
+                              ``<head>-predicted``, the probability, OBX-8 POS / NEG, and
+                              NTEs "ECG pattern associated with elevated NT-proBNP, p=0.81
+                              (predicted from the ECG, not measured)" + what it is not
                         ...   (the next output's OBX)
                         ED    the PDF report (once, after all outputs), when the result has a
                               PDF attachment whose bytes were passed and the destination wants it
@@ -42,6 +48,11 @@ Decisions, and why (mirroring :mod:`mapping.fhir_report` where the two overlap):
   (a finding above its threshold, or the *normal* class below its threshold), else
   ``N``; OBX-7 gives the normal side of the threshold, OBX-9 the probability on the
   impression OBX (HL7's own "probability" field).
+* **predicted abnormalities are never coded as the lab they name**: OBX-3 is the local
+  ``<head>-predicted`` (never the variable's LOINC), OBX-5 the probability in UCUM ``1``, no
+  reference range, OBX-8 POS / NEG (table 0078; never H / L, which say a measured value is out
+  of range), and the NTEs say "predicted from the ECG, not measured", as the FHIR
+  Observation's ``method`` does (:mod:`mapping.abnormality_result` words both).
 * **OBX-17** names the model and version on every OBX (``model@version``), so a
   result in the EHR always says which software produced it.
 * **filler order number**: the order's, else the ECG's, else this message id with
@@ -86,6 +97,7 @@ from hl7apy.parser import parse_field, parse_message
 from hl7apy.validation import Validator
 
 from ecgbridge.errors import MappingError
+from ecgbridge.mapping.abnormality_result import detail_text, predicted_abnormalities, sentence, summary_lines
 from ecgbridge.mapping.codes import LOINC, SUPERCLASS_SNOMED
 from ecgbridge.mapping.ecg import (
     NOT_FOR_CLINICAL_USE,
@@ -388,6 +400,24 @@ def _lvef_obx(output: ModelOutput, sub: str) -> list[_Obx]:
     return [obx]
 
 
+def _predicted_obx(output: ModelOutput, sub: str) -> list[_Obx]:
+    """One NM OBX per clinical abnormality predicted from the ECG, its wording as the NTEs after it."""
+    planned: list[_Obx] = []
+    for a in predicted_abnormalities(output):
+        obx = _Obx(
+            "NM",
+            (f"{a.code}-predicted", f"{a.pattern} (predicted, not measured)", LOCAL_CODING_SYSTEM),
+            f"{a.probability:.4f}",
+            output,
+            sub,
+            units=("1", None, "UCUM"),
+            flag="POS" if a.present else "NEG",
+        )
+        obx.notes = [sentence(a), detail_text(a, output)]
+        planned.append(obx)
+    return planned
+
+
 def _observations(
     result: AnalysisResult,
     include_pdf: bool,
@@ -463,6 +493,7 @@ def _observations(
                         sub,
                     )
                 )
+        planned.extend(_predicted_obx(output, sub))
     if include_pdf and result.outputs:
         pdf = _report_pdf(result, attachments_data, flags)
         if pdf is not None:
@@ -607,7 +638,10 @@ def build_oru_r01(
         _set(obr, 24, "EC")
         _set(obr, 25, status)
 
-        notes = [label, *(output_summary(o) for o in result.outputs)]
+        notes = [label]
+        for o in result.outputs:
+            notes.append(output_summary(o))
+            notes.extend(summary_lines(o))  # what the model predicted from the ECG, never measured
         if version > 1:
             notes.insert(1, revision_note(version))
         all_flags = _dedupe([*result.quality_flags, *result.ecg_flags, *flags])

@@ -272,7 +272,8 @@ def deliver_report(client: FhirClient, bundle: ReportBundle, *, mode: WriteMode 
       POST, atomic, each entry a conditional create), then the Provenance as below;
     * ``batch``: one batch Bundle per layer of references (the Devices, then the
       Observations that point at them, then the report), each entry a conditional create:
-      3 requests instead of one per resource, on servers without (large) transactions;
+      3 requests instead of one per resource (4 when predicted abnormalities refer to the
+      findings), on servers without (large) transactions;
     * ``individual``: one conditional create per resource.
 
     Order follows the references: Devices, Observations (device -> server id), the

@@ -128,6 +128,8 @@ def message_detail(ctx: ConsoleContext, row: MessageRow) -> dict[str, Any]:
                         "severity4_display",
                         "missing_context",
                         "ehr_status",
+                        "predicted_abnormalities",  # predicted from the ECG, never measured
+                        "quality_gate",
                     )
                 },
             }
