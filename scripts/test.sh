@@ -22,4 +22,4 @@ rc=0; bash deploy/monitoring/check.sh || rc=$?
 if [ "$rc" -eq 3 ]; then echo "promtool not found: the alert rules were not checked (apt-get install prometheus)" >&2
 elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 rc=0; bash deploy/check.sh || rc=$?; if [ "$rc" -eq 3 ]; then echo "deploy/check.sh: a schema validator is missing: the deployment files were not checked" >&2; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=30 "$@"
