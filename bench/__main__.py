@@ -59,6 +59,43 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
         ["--n", "8", "--workers", "1", "--fhir-latency-ms", "100", "--layout", "both"],
         ("node",),
     ),
+    "e2e-paced": (
+        "5 ECG/s for 5 minutes (1500 ECGs), diagnosis + triage, no report, FHIR to the indexed peer, "
+        "2 analysis workers + 1 delivery worker: C-STORE response -> DiagnosticReport created",
+        [
+            "--n",
+            "1500",
+            "--interval",
+            "0.2",
+            "--workers",
+            "2",
+            "--triage",
+            "--no-report",
+            "--layout",
+            "split",
+            "--postgres",
+        ],
+        ["--n", "30", "--interval", "0.2", "--workers", "1", "--triage", "--no-report", "--layout", "split"],
+        ("node",),
+    ),
+    "e2e-paced-lvef": (
+        "the same for 1 minute (300 ECGs) with LVEF and the patient's EHR context read from FHIR",
+        [
+            "--n",
+            "300",
+            "--interval",
+            "0.2",
+            "--workers",
+            "2",
+            "--lvef",
+            "--no-report",
+            "--layout",
+            "split",
+            "--postgres",
+        ],
+        ["--n", "20", "--interval", "0.2", "--workers", "1", "--lvef", "--no-report", "--layout", "split"],
+        ("node",),
+    ),
     "delivery": (
         "reports written per second by the delivery worker alone (32 threads), FHIR requests held 100 ms, "
         "write mode auto (what the server offers)",
@@ -111,12 +148,12 @@ def machine() -> list[str]:
 
 
 #: Benchmarks that draw plots (``--plots DIR``); their PNGs go beside performance.md.
-PLOTTING = ("e2e", "delivery", "delivery-nodelay", "delivery-individual")
+PLOTTING = ("e2e", "e2e-paced", "e2e-paced-lvef", "delivery", "delivery-nodelay", "delivery-individual")
 
 
 def run(name: str, args: list[str], log: list[str], plots: Path | None = None) -> None:
     started = time.monotonic()
-    module = "e2e" if name.startswith("delivery") else name
+    module = "e2e" if name.startswith(("delivery", "e2e")) else name
     if plots is not None and name in PLOTTING:
         args = [*args, "--plots", str(plots)]
     out = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=REPO, capture_output=True, text=True)

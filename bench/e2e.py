@@ -56,6 +56,7 @@ def main() -> None:
     )
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between sends (0: back to back)")
     parser.add_argument("--lvef", action="store_true", help="diagnosis + triage + LVEF with EHR context")
+    parser.add_argument("--triage", action="store_true", help="diagnosis + triage (no EHR context)")
     parser.add_argument(
         "--fhir-latency-ms", type=float, default=0.0, help="hold every FHIR request this long (a real EHR's API)"
     )
@@ -86,7 +87,13 @@ def main() -> None:
         raise SystemExit(reason)
     layouts = ["all", "split"] if args.layout == "both" else [args.layout]
     figures = [run_once(args, layout) for layout in layouts]
-    what = "diagnosis + triage + LVEF with EHR context" if args.lvef else "diagnosis"
+    what = (
+        "diagnosis + triage + LVEF with EHR context"
+        if args.lvef
+        else "diagnosis + triage"
+        if args.triage
+        else "diagnosis"
+    )
     print(
         f"end to end ({what}), {args.n} x 12-lead ECG, "
         f"{'back to back' if not args.interval else f'every {args.interval}s'}, "
@@ -127,7 +134,13 @@ def _plots(args: argparse.Namespace, layouts: list[str], figures: list[dict]) ->
     from matplotlib.figure import Figure
 
     args.plots.mkdir(parents=True, exist_ok=True)
-    tag = f"e2e-{args.fhir_latency_ms:g}ms-{args.write_mode}" + ("-noreport" if args.no_report else "")
+    tag = (
+        f"e2e-{args.fhir_latency_ms:g}ms-{args.write_mode}"
+        + ("-noreport" if args.no_report else "")
+        + ("-drain" if args.drain_deliveries else "")
+        + (f"-every{args.interval:g}s" if args.interval else "")
+        + ("-lvef" if args.lvef else "-triage" if args.triage else "")
+    )
     written = []
     for kind in ("latency", "throughput"):
         fig = Figure(figsize=(6.4, 3.6), dpi=100)
@@ -173,6 +186,11 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
                     }
                 ],
             }
+        elif args.triage:
+            extra = {
+                "models": [{"name": "diagnosis"}, {"name": "triage"}],
+                "routes": [{"name": "all-ecg", "models": ["diagnosis", "triage"], "destinations": ["ehr"]}],
+            }
         extra["destinations"] = [
             {
                 "name": "ehr",
@@ -213,13 +231,13 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
             stack.wait_state(("analysed", "delivered") if args.drain_deliveries else "delivered", 1, timeout_s=120)
             acked: dict[str, float] = {}
             t0 = time.time()
-            for _ in range(args.n):
+            for i in range(args.n):
                 ds.SOPInstanceUID = generate_uid()
                 status = assoc.send_c_store(ds)
                 assert status.Status == 0, status
                 acked[ds.SOPInstanceUID] = time.time()
-                if args.interval:
-                    time.sleep(args.interval)
+                if args.interval:  # on a schedule: one every interval from t0, whatever a send took
+                    time.sleep(max(0.0, t0 + (i + 1) * args.interval - time.time()))
             assoc.release()
             if args.drain_deliveries:
                 stack.wait_state(("analysed", "delivered"), args.n + 1, timeout_s=60 + args.n * 10)
