@@ -148,6 +148,8 @@ def _wait_for_earlier(ctx: WorkerContext, row: MessageRow, destination: str, max
                 f"{destination}: waiting for message {earlier}, an earlier ECG of the same patient, to be sent first",
                 level="info",
             )
+        # due again when the task retries: the recovery sweep must not enqueue copies of a waiting delivery
+        ctx.store.hold_delivery(row.id, destination, datetime.now(UTC) + timedelta(seconds=ORDER_RECHECK_S + 1))
         raise DeliveryClaimed(ORDER_RECHECK_S)
     if "delivery_out_of_order" not in kinds:
         ctx.store.add_event(

@@ -892,6 +892,21 @@ class MessageStore:
             ).first()
         return (str(found[0]), _aware(found[1])) if found is not None else None
 
+    def hold_delivery(self, message_id: str, destination: str, until: datetime) -> None:
+        """Mark a pending delivery as waiting until ``until`` (its task retries then): the recovery
+        sweep leaves it alone meanwhile. Attempts, error and claim stay as they are."""
+        with self.session() as s, s.begin():
+            s.execute(
+                update(DeliveryRow)
+                .where(
+                    DeliveryRow.message_id == message_id,
+                    DeliveryRow.destination == destination,
+                    DeliveryRow.state == DeliveryState.PENDING.value,
+                )
+                .values(next_attempt_at=until)
+                .execution_options(synchronize_session=False)
+            )
+
     def ensure_deliveries(self, message_id: str, destinations: builtins.list[str]) -> None:
         for dest in destinations:
             try:

@@ -110,6 +110,8 @@ def test_a_later_ecg_waits_for_the_earlier_one_of_its_patient(
     waiting = [e for e in ctx.store.events(second) if e.kind == "delivery_waiting"]
     assert len(waiting) == 1 and first in waiting[0].detail
     assert ctx.store.delivery(second, EHR).attempts == 0  # waiting spends no attempt
+    # and the recovery sweep leaves it to its own task's retry instead of enqueuing copies of it
+    assert (second, EHR) not in {(w.message_id, w.destination) for w in ctx.store.unfinished()}
 
     # Another patient's ECG is not held up by it.
     assert analyse_message(ctx, other) == [EHR]
