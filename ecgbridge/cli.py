@@ -221,6 +221,7 @@ def _with_model_inputs(registry: Any, names: list[str]) -> tuple[list[str], list
 def cmd_analyse(args: argparse.Namespace) -> int:
     from ecgbridge.inference.models import ModelRegistry
     from ecgbridge.inference.pipeline import analyse_ecg
+    from ecgbridge.mapping.abnormality_result import summary_lines
     from ecgbridge.mapping.ecg import AnalysisResult
     from ecgbridge.mapping.lvef_result import LVEF_TASK, explanation_lines
 
@@ -277,6 +278,8 @@ def cmd_analyse(args: argparse.Namespace) -> int:
                 if out.task == LVEF_TASK:
                     for line in explanation_lines(out):
                         print(f"    {line}")
+                for line in summary_lines(out):  # a knowledge-transfer model's predicted abnormalities
+                    print(f"    {line}")
             print(f"  {r['label']}")
     return 1 if failed else 0
 
@@ -374,6 +377,8 @@ def _size(n: int) -> str:
 
 def _show_lines(view: Any) -> list[str]:
     """``messages show`` as text: only what the message has (no empty headings, no 'None')."""
+    from ecgbridge.mapping.abnormality_result import summary_lines
+    from ecgbridge.mapping.ecg import AnalysisResult
     from ecgbridge.mapping.lvef_result import LVEF_TASK, explanation_lines
 
     m = view.message
@@ -418,11 +423,10 @@ def _show_lines(view: Any) -> list[str]:
             severity = extra.get("severity4_display") or extra.get("severity_display")
             if severity:
                 lines.append(f"    severity tier: {severity}")
+            parsed = AnalysisResult.from_dict({"message_id": m["id"], "outputs": [out]}).outputs[0]
             if out.get("task") == LVEF_TASK:
-                from ecgbridge.mapping.ecg import AnalysisResult
-
-                parsed = AnalysisResult.from_dict({"message_id": m["id"], "outputs": [out]}).outputs[0]
                 lines += [f"    {line}" for line in explanation_lines(parsed)]
+            lines += [f"    {line}" for line in summary_lines(parsed)]  # predicted abnormalities (KT model)
         attachments = result.get("attachments") or []
         if attachments:
             lines.append("  attachments:")

@@ -465,3 +465,26 @@ def test_result_round_trips_through_the_store_form() -> None:
     result = kt_result()
     back = AnalysisResult.from_dict(json.loads(json.dumps(result.to_dict())))
     assert predicted_abnormalities(back.outputs[0]) == predicted_abnormalities(result.outputs[0])
+
+
+def test_cli_analyse_prints_the_predictions_as_predicted(tmp_path: Path) -> None:
+    """``ecgbridge analyse`` (and ``messages show``, same lines) says what the model predicted, as predicted."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "ecgbridge.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path / 'data'}\n"
+        f"models:\n  - {{name: diagnosis-kt-tiny, path: {KT_FIXTURE}}}\n"
+        "routes:\n  - {name: all-ecg, models: [diagnosis-kt-tiny], destinations: []}\n",
+        encoding="utf-8",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "ecgbridge", "analyse", "--config", str(config), str(DICOM_ECG)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    (line,) = [x for x in out.splitlines() if "Predicted from the ECG (not measured)" in x]
+    assert "model diagnosis-kt-tiny 0.0.1" in line and "ECG pattern associated with age over 65 years, p=" in line
