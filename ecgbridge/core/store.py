@@ -862,8 +862,9 @@ class MessageStore:
         """The earliest ECG of ``row``'s patient, received before it, that may still be sent to ``destination``.
 
         "May still be sent": it is on one of ``routes`` (those that deliver there) and is not yet
-        analysed (received, queued), or its delivery there is pending. Delivered, failed,
-        dead-lettered, unrouted or rejected ECGs hold nothing up. Returns (message id, received
+        analysed (received, queued), or its first result's delivery there is pending. Delivered,
+        failed, dead-lettered, unrouted or rejected ECGs hold nothing up, nor does an amended
+        result (a re-analysis) of an earlier ECG: the receiver takes it as a correction. Returns (message id, received
         at), or None. See :mod:`ecgbridge.core.ordering`.
         """
         if not row.patient_key or not routes:
@@ -874,6 +875,7 @@ class MessageStore:
                 DeliveryRow.message_id == MessageRow.id,
                 DeliveryRow.destination == destination,
                 DeliveryRow.state == DeliveryState.PENDING.value,
+                or_(DeliveryRow.version.is_(None), DeliveryRow.version == 1),  # an amendment orders nothing
             )
             .exists()
         )

@@ -154,6 +154,23 @@ def test_an_earlier_ecg_that_failed_for_good_holds_nothing_up(
     assert len(receiver.wait_received(1)) == 1
 
 
+def test_an_amended_result_of_an_earlier_ecg_holds_nothing_up(
+    tmp_path: Path, database_url: str | None, receiver: Hl7Receiver
+) -> None:
+    """A re-analysis of last week's ECG (result version 2, pending) is a correction: today's ECG goes."""
+    ctx = _context(tmp_path, database_url, receiver.port)
+    first = _receive(ctx, _ecg("PAT-1"))
+    second = _receive(ctx, _ecg("PAT-1"))
+    assert analyse_message(ctx, first) == [EHR]
+    deliver_message(ctx, first, EHR)
+    ctx.store.revise_deliveries(first, [EHR], 2)  # its amended result waits to be sent
+    assert ctx.store.delivery(first, EHR).state == DeliveryState.PENDING
+    assert analyse_message(ctx, second) == [EHR]
+    deliver_message(ctx, second, EHR)
+    assert len(receiver.wait_received(2)) == 2
+    assert not [e for e in ctx.store.events(second) if e.kind.startswith("delivery_waiting")]
+
+
 def test_after_the_longest_wait_the_later_ecg_goes_and_says_so(
     tmp_path: Path, database_url: str | None, receiver: Hl7Receiver
 ) -> None:
