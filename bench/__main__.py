@@ -121,6 +121,13 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
         ["--n", "40", "--workers", "1"],
         (),
     ),
+    "memory": (
+        "resident memory: the gateway (every listener + console), a diagnosis + triage + LVEF worker, "
+        "ecgbridge import at two sizes; beside a bare pynetdicom SCP, storescp, onnxruntime alone, cp",
+        ["--ecgs", "30", "--files", "1000", "10000"],
+        ["--ecgs", "10", "--files", "200", "2000"],
+        (),
+    ),
 }
 SOAK = ("1000 ECGs under worker kills, a Redis restart, a FHIR outage, HL7 AE, a gateway restart, a full disk", [], [])
 

@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 __all__ = [
     "auroc",
@@ -38,6 +37,10 @@ def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
     n_neg = int(y.size - n_pos)
     if n_pos == 0 or n_neg == 0:
         return float("nan")
+    # Imported here, not at the top: scipy.stats costs 60 MB resident, and the gateway imports this
+    # module (the console's drift metrics use psi) without ever computing an AUROC there.
+    from scipy.stats import rankdata
+
     ranks = rankdata(np.asarray(score, dtype=np.float64))
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 

@@ -15,12 +15,12 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING, Protocol
 
 from ecgbridge.errors import ConfigError
+
+if TYPE_CHECKING:  # loaded by check_files only: every gateway imports this module, few check certificates
+    from cryptography import x509
 
 __all__ = [
     "CIPHERS",
@@ -132,11 +132,16 @@ def connection_context(tls: _ClientTls | None, what: str) -> ssl.SSLContext | No
 
 
 def _read_cert(path: Path) -> x509.Certificate:
+    from cryptography import x509
+
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
 def check_files(files: TlsFiles, what: str, *, now: datetime | None = None) -> tuple[list[str], list[str]]:
     """(problems, warnings) about one endpoint's files: missing, unreadable, key not matching, expired."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     now = now or datetime.now(UTC)
     problems: list[str] = []
     warnings: list[str] = []

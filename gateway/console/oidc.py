@@ -29,20 +29,11 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from authlib.common.security import generate_token
-from authlib.oauth2.auth import ClientAuth
-from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
-from authlib.oidc.core import CodeIDToken
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
-from joserfc import jwt
-from joserfc.errors import ClaimError, InvalidKeyIdError, JoseError
-from joserfc.jwk import KeySet
-from joserfc.jws import JWSRegistry
 from starlette.concurrency import run_in_threadpool
 
 from ecgbridge.core.accounts import Principal, Role
@@ -51,6 +42,11 @@ from ecgbridge.errors import ConfigError
 from ecgbridge.gateway.console.auth import SESSION_COOKIE, Sessions
 from ecgbridge.gateway.console.context import ConsoleContext, context_of
 from ecgbridge.gateway.console.templating import render
+
+# authlib and joserfc (and the cryptography under them, about 9 MB resident) are imported by the
+# functions that sign someone in: a gateway without OpenID Connect never loads them.
+if TYPE_CHECKING:
+    from joserfc.jwk import KeySet
 
 __all__ = ["router", "START_PATH", "CALLBACK_PATH", "FLOW_COOKIE", "PENDING_TTL_S", "sign_in_options"]
 
@@ -154,6 +150,10 @@ class _Provider:
 
     def authorization_url(self, metadata: dict[str, Any], redirect_uri: str) -> tuple[str, str, _Pending]:
         """Where to send the browser, the state, and what the callback needs (nonce, PKCE verifier)."""
+        from authlib.common.security import generate_token
+        from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
+        from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
         state, nonce, verifier = generate_token(43), generate_token(43), generate_token(64)
         url = prepare_grant_uri(
             metadata["authorization_endpoint"],
@@ -180,6 +180,9 @@ class _Provider:
 
     async def exchange(self, metadata: dict[str, Any], code: str, pending: _Pending) -> dict[str, Any]:
         """The tokens for an authorization code (its PKCE verifier sent along)."""
+        from authlib.oauth2.auth import ClientAuth
+        from authlib.oauth2.rfc6749.parameters import prepare_token_request
+
         oidc = self.oidc
         body = prepare_token_request(
             "authorization_code", code=code, redirect_uri=pending.redirect_uri, code_verifier=pending.code_verifier
@@ -203,6 +206,9 @@ class _Provider:
         return token
 
     async def _keys(self, metadata: dict[str, Any], *, again: bool = False) -> KeySet:
+        from joserfc.errors import JoseError
+        from joserfc.jwk import KeySet
+
         if self._jwks is None or again:
             try:
                 jwks = await self._json(metadata["jwks_uri"])
@@ -216,6 +222,11 @@ class _Provider:
 
     async def id_token_claims(self, metadata: dict[str, Any], token: dict[str, Any], nonce: str) -> dict[str, Any]:
         """The ID token's claims once its signature, issuer, audience, times and nonce are right; else JoseError."""
+        from authlib.oidc.core import CodeIDToken
+        from joserfc import jwt
+        from joserfc.errors import InvalidKeyIdError
+        from joserfc.jws import JWSRegistry
+
         id_token = token.get("id_token")
         if not isinstance(id_token, str):
             raise Refusal("no_id_token", _AGAIN, 401)
@@ -447,6 +458,8 @@ async def oidc_callback(request: Request) -> Response:
 async def _sign_in(
     request: Request, ctx: ConsoleContext, oidc: OidcSettings, pending: _Pending | None, address: str
 ) -> Principal:
+    from joserfc.errors import ClaimError, JoseError
+
     params = request.query_params
     if pending is None:
         raise Refusal("state_mismatch", "This sign-in was not started here, or took too long: try again.")

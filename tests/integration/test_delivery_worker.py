@@ -28,10 +28,11 @@ def test_a_slow_ehr_is_waited_on_by_delivery_threads_while_analysis_goes_on(
     make_stack, redis_server: RedisServer, waveform_ecg_path: Path
 ) -> None:
     with Hl7Receiver("AA", ack_delay_s=ACK_DELAY_S) as ehr:
-        # per_message: a persistent connection would send one at a time (its ordering), not side by side
+        # per_message: a persistent connection would send one at a time (its ordering), not side by side;
+        # ordering none: the four ECGs are one patient's, which per_patient (the HL7 default) sends in turn
         stack = make_stack(
             extra={
-                **hl7_ehr(ehr.port, ack_timeout_s=60, connection="per_message"),
+                **hl7_ehr(ehr.port, ack_timeout_s=60, connection="per_message", ordering="none"),
                 "workers": {"delivery_threads": ECGS},
             }
         )
