@@ -19,9 +19,11 @@ from tests.support.stack import send_dicom
 pytestmark = pytest.mark.integration
 
 
-def test_the_recovery_sweep_spends_no_attempts_ahead_of_the_backoff(make_stack, waveform_ecg_path, database_url):
+def test_the_recovery_sweep_spends_no_attempts_ahead_of_the_backoff(make_stack, waveform_ecg_path, postgres_url):
+    # PostgreSQL only: the sweep's query is checked on SQLite and PostgreSQL by
+    # tests/unit/test_delivery_backoff.py; here the processes and their clocks, which are the same on both.
     stack = make_stack(
-        database_url=database_url,
+        database_url=postgres_url,
         fhir_base_url=f"http://127.0.0.1:{free_port()}/fhir",  # nothing listens there
         extra={"delivery": {"max_attempts": 3, "backoff_initial_s": 45, "backoff_max_s": 45}},
     )

@@ -1,7 +1,7 @@
 """The soak, short: 100 ECGs through a whole deployment under every fault of ``bench/soak.py``; nothing lost.
 
 The CI version of issue 11's soak: the same code as the benchmark (``bench.soak.run_soak``)
-with 100 ECGs instead of 1000, a 2-minute FHIR outage instead of 5 and worker A killed every
+with 100 ECGs instead of 1000, a 1-minute FHIR outage instead of 5 and worker A killed every
 25 analysed ECGs instead of every 100, two ECGs a second. It takes about three to four minutes. The data directory is a
 tmpfs mounted for the run (the disk-full fault fills it for real), so it needs root; without
 root it skips, and under ``CI=true`` it fails.
@@ -25,7 +25,7 @@ CI_PLAN = SoakPlan(
     n=100,
     rate_per_s=2.0,
     kill_every=25,
-    fhir_outage_s=120.0,
+    fhir_outage_s=60.0,
     hl7_ae_s=20.0,
     disk_full_s=15.0,
     disk_size="512m",
