@@ -49,7 +49,9 @@ __all__ = [
     "Measurement",
     "ManifestRow",
     "ClinicalManifest",
+    "EHR_CONTEXT_LOINC",
     "convert_unit",
+    "measurements_from_ehr_context",
     "read_manifest",
     "write_manifest",
     "check_split_disjoint",
@@ -97,6 +99,8 @@ VARIABLES: dict[str, Variable] = {
         Variable("718-7", "hemoglobin", "Hemoglobin [Mass/volume] in Blood", "g/dL", 2.0, 25.0),
         Variable("33762-6", "nt_probnp", "NT-proBNP [Mass/volume] in Serum or Plasma", "pg/mL", 0.0, 100000.0),
         Variable("6598-7", "troponin_t", "Troponin T.cardiac [Mass/volume] in Serum or Plasma", "ng/mL", 0.0, 100.0),
+        Variable("8480-6", "systolic_bp", "Systolic blood pressure", "mm[Hg]", 40.0, 300.0),
+        Variable("8462-4", "diastolic_bp", "Diastolic blood pressure", "mm[Hg]", 20.0, 200.0),
     )
 }
 _BY_NAME = {v.name: v for v in VARIABLES.values()}
@@ -133,7 +137,35 @@ UNIT_FACTORS: dict[tuple[str, str], float] = {
     ("6598-7", "ng/mL"): 1.0,
     ("6598-7", "ug/L"): 1.0,
     ("6598-7", "ng/L"): 0.001,
+    ("8480-6", "mm[Hg]"): 1.0,
+    ("8480-6", "mmHg"): 1.0,
+    ("8480-6", "kPa"): 7.50062,
+    ("8462-4", "mm[Hg]"): 1.0,
+    ("8462-4", "mmHg"): 1.0,
+    ("8462-4", "kPa"): 7.50062,
 }
+
+#: The EHR context ecgbridge stores with a result (``mapping.ehr_context``: variables by name, each in
+#: that module's canonical unit, with the LOINC code the Observation carried) -> the manifest's
+#: variable of the same quantity. The EHR context lumps troponin I and T as "troponin": only a
+#: troponin T code maps to 6598-7 (``EHR_TROPONIN_T``: serum/plasma, and the high-sensitivity assay
+#: whose 14 ng/L upper reference limit is the 0.014 ng/mL cut-off below); troponin I, eGFR, BNP and
+#: heart rate (which the ECG itself measures) keep their own code and are not used.
+EHR_CONTEXT_LOINC: dict[str, str] = {
+    "potassium": "2823-3",
+    "sodium": "2951-2",
+    "creatinine": "2160-0",
+    "hemoglobin": "718-7",
+    "nt_probnp": "33762-6",
+    "weight": "29463-7",
+    "height": "8302-2",
+    "bmi": "39156-5",
+    "systolic_bp": "8480-6",
+    "diastolic_bp": "8462-4",
+}
+EHR_TROPONIN_T: tuple[str, ...] = ("6598-7", "67151-1")
+#: Ages above this are written as it (PTB-XL's training ages stop at 90; Safe Harbor aggregates ages over 89).
+AGE_CAP = 90.0
 _UNIT_LOOSE = {(loinc, unit.lower().replace(" ", "")): f for (loinc, unit), f in UNIT_FACTORS.items()}
 
 #: MIMIC-IV ``labevents.itemid`` -> LOINC, for the labs above (MIMIC-IV v2 ``d_labitems`` has no
@@ -259,6 +291,43 @@ def convert_unit(loinc: str, value: float, unit: str, *, where: str = "") -> tup
     return value * factor, var.unit
 
 
+def measurements_from_ehr_context(
+    context: dict[str, Any] | None, *, ecg_time: str | None, where: str = ""
+) -> tuple[Measurement, ...]:
+    """The manifest's measurements from a stored EHR context (``EhrContext.to_dict()``).
+
+    Age (at the ECG, capped at ``AGE_CAP``) and sex (FHIR gender male / female; other or
+    unknown is missing) are timed at the ECG. Each value becomes a measurement at its
+    Observation's effective time: under the manifest's code for its quantity
+    (``EHR_CONTEXT_LOINC``, ``EHR_TROPONIN_T``), converted by ``convert_unit`` (a unit the
+    table does not know raises ``ClinicalDataError`` naming the variable), else under the
+    code the EHR sent, as written (kept, not used).
+    """
+    if not context:
+        return ()
+    out: list[Measurement] = []
+    age = context.get("age_years")
+    if isinstance(age, int | float) and math.isfinite(age):
+        out.append(Measurement("30525-0", min(float(age), AGE_CAP), "a", ecg_time))
+    sex = str(context.get("sex") or "").lower()
+    if sex in ("male", "female"):
+        out.append(Measurement("46098-0", 1.0 if sex == "male" else 0.0, "1", ecg_time))
+    for name, item in sorted((context.get("values") or {}).items()):
+        if not isinstance(item, dict) or item.get("value") is None:
+            continue
+        try:
+            value = float(item["value"])
+        except (TypeError, ValueError) as exc:
+            raise ClinicalDataError(f"{where}{name}: value {item['value']!r} is not a number") from exc
+        sent = str(item.get("loinc") or "").strip()
+        code = EHR_CONTEXT_LOINC.get(name) or (VARIABLES["6598-7"].loinc if sent in EHR_TROPONIN_T else sent)
+        if not code:
+            raise ClinicalDataError(f"{where}{name}: no LOINC code")
+        value, unit = convert_unit(code, value, str(item.get("unit") or ""), where=where)
+        out.append(Measurement(code, value, unit, str(item["effective"]) if item.get("effective") else None))
+    return tuple(out)
+
+
 def _measurement(item: dict[str, Any], where: str) -> Measurement | None:
     loinc = str(item.get("loinc") or "").strip()
     if not loinc:
@@ -365,12 +434,14 @@ def check_split_disjoint(rows: Iterable[ManifestRow]) -> None:
 
 
 def clinical_matrix(
-    rows: Sequence[ManifestRow], loincs: Sequence[str] | None = None
+    rows: Sequence[ManifestRow], loincs: Sequence[str] | None = None, *, drop_missing: bool = True
 ) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     """(kept LOINC codes, values (n, k) NaN where missing, mask (n, k) 1 = measured, dropped codes).
 
     ``loincs`` default: every known variable that appears in ``rows``. A variable that no row
-    has is dropped with a warning (it would be a constant-zero input that teaches nothing).
+    has is dropped with a warning (it would be a constant-zero input that teaches nothing);
+    ``drop_missing=False`` keeps the columns as given, for the validation, test and external
+    sets, whose matrices must line up with the training set's whatever they lack.
     """
     wanted = (
         list(loincs)
@@ -379,7 +450,7 @@ def clinical_matrix(
     )
     values = np.array([[r.value(c) for c in wanted] for r in rows], dtype=np.float64).reshape(len(rows), len(wanted))
     present = ~np.isnan(values)
-    keep = [k for k in range(len(wanted)) if present[:, k].any()]
+    keep = [k for k in range(len(wanted)) if present[:, k].any() or not drop_missing]
     dropped = [wanted[k] for k in range(len(wanted)) if k not in keep]
     for code in dropped:
         name = VARIABLES[code].name if code in VARIABLES else code
@@ -572,16 +643,54 @@ def from_mimic_iv_ecg(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ecgbridge.training.clinical ptbxl|mimic ...``: write a manifest and print its report."""
+    """``python -m ecgbridge.training.clinical ptbxl|mimic|from-store ...``: write a manifest, print its report."""
     import argparse
+    import os
+    import sys
 
     parser = argparse.ArgumentParser(prog="python -m ecgbridge.training.clinical", description=__doc__.split("\n")[0])
-    parser.add_argument("source", choices=("ptbxl", "mimic"))
-    parser.add_argument("--data", type=Path, required=True, help="PTB-XL root, or the MIMIC-IV-ECG folder")
+    parser.add_argument("source", choices=("ptbxl", "mimic", "from-store"))
+    parser.add_argument("--data", type=Path, default=None, help="PTB-XL root, or the MIMIC-IV-ECG folder")
     parser.add_argument("--labs", type=Path, default=None, help="mimic: labevents-like CSV")
     parser.add_argument("--patients", type=Path, default=None, help="mimic: patients.csv (anchor_age, gender)")
-    parser.add_argument("--out", type=Path, required=True, help="the manifest to write (.jsonl)")
+    parser.add_argument("--config", "-c", help="from-store: YAML configuration (default: $ECGBRIDGE_CONFIG)")
+    parser.add_argument("--since", help="from-store: ECGs recorded since (a date, or 30d / 2w ago)")
+    parser.add_argument("--until", help="from-store: ECGs recorded before (a date)")
+    parser.add_argument("--test-fraction", type=float, default=0.3, help="from-store: share in the held-out split")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="from-store: share in the validation split")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the manifest (.jsonl); from-store: a folder (records/ + manifest)"
+    )
     args = parser.parse_args(argv)
+    if args.source == "from-store":
+        from ecgbridge.core.settings import load_settings, redact_url
+        from ecgbridge.core.store import MessageStore
+        from ecgbridge.core.training_set import parse_when
+        from ecgbridge.training.from_store import clinical_manifest_from_store
+
+        settings = load_settings(args.config or os.environ.get("ECGBRIDGE_CONFIG") or None)
+        store = MessageStore(settings.database_url, settings.data_dir)
+        store.create_schema()
+        print(f"store: {redact_url(settings.database_url)}", file=sys.stderr)
+        from ecgbridge.errors import EcgBridgeError
+
+        try:
+            manifest = clinical_manifest_from_store(
+                store,
+                args.out,
+                since=parse_when(args.since),
+                until=parse_when(args.until),
+                test_fraction=args.test_fraction,
+                val_fraction=args.val_fraction,
+                log=lambda msg: print(msg, file=sys.stderr),
+            )
+        except (EcgBridgeError, ClinicalDataError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({**manifest.report, "out": str(Path(args.out) / "clinical_manifest.jsonl")}))
+        return 0
+    if args.data is None:
+        parser.error(f"{args.source} needs --data")
     if args.source == "ptbxl":
         manifest = from_ptbxl(args.data)
     else:

@@ -77,7 +77,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -89,11 +89,19 @@ from torch import nn
 from ecgbridge.core.labels import EcgLabel
 from ecgbridge.core.settings import Settings, load_settings, redact_url
 from ecgbridge.core.store import MessageStore
-from ecgbridge.core.training_set import iter_site_records, parse_when
+from ecgbridge.core.training_set import iter_context_records, iter_site_records, parse_when
 from ecgbridge.errors import ConfigError, EcgBridgeError, ModelError
 from ecgbridge.inference.metrics import auroc, patient_resamples, threshold_metrics
 from ecgbridge.inference.models import Manifest, ModelRegistry, load_manifest, prepare_input
+from ecgbridge.mapping.ecg import STANDARD_LEADS, Ecg
 from ecgbridge.training.augment import AugmentConfig, Augmenter
+from ecgbridge.training.clinical import (
+    ClinicalManifest,
+    ManifestRow,
+    check_split_disjoint,
+    measurements_from_ehr_context,
+    write_manifest,
+)
 from ecgbridge.training.datasets.ptbxl import SUPERCLASSES, TEST_FOLDS
 from ecgbridge.training.evaluate import evaluate_diagnosis, format_report, to_jsonable
 from ecgbridge.training.export import ServingGraph, export_model
@@ -109,6 +117,7 @@ __all__ = [
     "decide",
     "rule_text",
     "retrain_from_store",
+    "clinical_manifest_from_store",
     "main",
 ]
 
@@ -1074,6 +1083,137 @@ def render_card(s: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# ----- the clinical manifest of ``train kt --from-store`` --------------------------------------------
+#: Split names of the clinical manifest (PTB-XL's folds: 1-8 train, 9 validation, 10 test).
+MANIFEST_SPLITS = {"train": "1", "val": "9", "test": "10"}
+#: 1000 steps per unit (1 uV per step for mV), as PTB-XL, the challenge and ``export training-set`` write.
+WFDB_GAIN = 1000.0
+
+
+def _write_wfdb(ecg: Ecg, folder: Path, name: str) -> None:
+    """The 12 standard leads of a decoded ECG as WFDB format 16, no header comments, no base date."""
+    import wfdb
+
+    signals = np.asarray(ecg.in_lead_order(STANDARD_LEADS), dtype=np.float64)
+    peak = float(np.nanmax(np.abs(signals))) if np.isfinite(signals).any() else 0.0
+    n = len(STANDARD_LEADS)
+    fixed = {"adc_gain": [WFDB_GAIN] * n, "baseline": [0] * n} if peak * WFDB_GAIN < 32000 else {}
+    wfdb.wrsamp(
+        name,
+        fs=float(ecg.fs),
+        units=[ecg.units] * n,
+        sig_name=list(STANDARD_LEADS),
+        p_signal=np.nan_to_num(signals).T,
+        fmt=["16"] * n,
+        write_dir=str(folder),
+        **fixed,
+    )
+
+
+def _label_values(label: EcgLabel | None) -> dict[str, float] | None:
+    """The over-read as manifest labels: superclass -> 1 stated, 0 not stated, 0.5 stated with a hedge."""
+    if label is None or label.labels is None:
+        return None
+    return {c: 0.5 if c in label.uncertain else float(label.labels.get(c, 0)) for c in CLASSES}
+
+
+def clinical_manifest_from_store(
+    store: MessageStore,
+    out: Path,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    test_fraction: float = 0.3,
+    val_fraction: float = 0.15,
+    test_from: datetime | None = None,
+    log: Callable[[str], None] = print,
+) -> ClinicalManifest:
+    """The clinical manifest of the site's analysed ECGs, from the EHR context stored with each.
+
+    Every analysed ECG whose stored result carries EHR context data (labs and vitals from FHIR,
+    age, sex: ``mapping.ehr_context``), or that has a cardiologist's over-read, recorded in
+    ``[since, until)`` (``core.training_set.iter_context_records``). Its measurements come from
+    ``training.clinical.measurements_from_ehr_context`` (LOINC codes, the manifest's UCUM units,
+    Observation times; an unknown unit is refused by name); its labels from the over-read
+    (superclass -> 1 / 0, 0.5 for a hedged statement; none when the read names no diagnosis,
+    or there is no read: stages 1 and 3 still use the ECG). Splits as ``train diagnosis
+    --from-store``'s (``time_split``: patient-level, by time; split "1" train, "9" validation,
+    "10" held out); ECGs of a patient of a later period are left out and counted.
+
+    Written to ``out``: ``records/<message id>.hea/.dat`` (the 12 standard leads, WFDB format
+    16), ``clinical_manifest.jsonl`` and ``report.json`` (counts). Patients are keyed by an HMAC under a key drawn for this
+    run, so the file names no patient and cannot be joined with another run's; the values, times
+    and labels are the site's clinical data: keep ``out`` where the store is.
+    """
+    out = Path(out).resolve()
+    records = out / "records"
+    records.mkdir(parents=True, exist_ok=True)
+    skipped: Counter[str] = Counter()
+    found: list[tuple[ManifestRow, datetime, str]] = []
+    for r in iter_context_records(store, key=os.urandom(32), since=since, until=until, skipped=skipped):
+        if any(lead not in r.ecg.leads for lead in STANDARD_LEADS):
+            skipped["fewer than the 12 standard leads"] += 1
+            continue
+        when = r.when.astimezone(UTC)
+        variables = measurements_from_ehr_context(
+            r.context, ecg_time=when.isoformat(), where=f"message {r.message_id}: "
+        )
+        _write_wfdb(r.ecg, records, r.message_id)
+        row = ManifestRow(
+            ecg_id=r.message_id,
+            patient_id=r.patient_key or f"ecg:{r.message_id}",
+            ecg_path=f"records/{r.message_id}",
+            ecg_time=when.isoformat(),
+            split=None,
+            variables=variables,
+            labels=_label_values(r.label),
+        )
+        found.append((row, when, row.patient_id))
+    if not found:
+        raise EcgBridgeError(
+            "no analysed ECG with EHR context data or an over-read in the store for this window "
+            "(the context is stored when a route names an EHR source and runs a model that reads it)"
+        )
+    split = time_split(
+        [w for _, w, _ in found],
+        [g for _, _, g in found],
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        test_from=test_from,
+    )
+    rows: list[ManifestRow] = []
+    for (row, _, _), assigned in zip(found, split.assign):
+        if assigned in MANIFEST_SPLITS:
+            rows.append(replace(row, split=MANIFEST_SPLITS[assigned]))
+        else:
+            skipped[assigned] += 1
+    check_split_disjoint(rows)
+    manifest = ClinicalManifest(
+        rows=rows,
+        ecg_root=out,
+        report={
+            "source": "store",
+            "rows": len(rows),
+            "missing_ecg": [],
+            "left_out": dict(skipped),
+            "with_clinical_data": sum(1 for r in rows if r.variables),
+            "labelled": sum(1 for r in rows if r.labels is not None),
+            "splits": dict(Counter(r.split for r in rows)),
+            "test_from": split.test_from.isoformat(),
+            "val_from": split.val_from.isoformat() if split.val_from else None,
+        },
+    )
+    write_manifest(manifest, out / "clinical_manifest.jsonl")
+    (out / "report.json").write_text(json.dumps(manifest.report, indent=2) + "\n")  # counts only
+    log(
+        f"clinical manifest from the store: {len(rows)} ECGs ({manifest.report['labelled']} with an over-read, "
+        f"{manifest.report['with_clinical_data']} with clinical data; splits {manifest.report['splits']}); left out: "
+        + ("; ".join(f"{n} {why}" for why, n in sorted(skipped.items())) or "none")
+        + f" -> {out / 'clinical_manifest.jsonl'}"
+    )
+    return manifest
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import select
 
@@ -44,7 +44,17 @@ from ecgbridge.core.store import MessageRow, MessageStore
 from ecgbridge.errors import ConfigError, EcgBridgeError
 from ecgbridge.mapping.ecg import Ecg
 
-__all__ = ["SiteRecord", "SiteRecords", "iter_site_records", "site_records", "patient_key", "parse_when"]
+__all__ = [
+    "SiteRecord",
+    "SiteRecords",
+    "ContextRecord",
+    "iter_site_records",
+    "iter_context_records",
+    "stored_ehr_context",
+    "site_records",
+    "patient_key",
+    "parse_when",
+]
 
 log = logging.getLogger("ecgbridge.training_set")
 
@@ -154,3 +164,103 @@ def site_records(
     out.records = list(iter_site_records(store, key=key, since=since, until=until, skipped=out.skipped))
     out.records.sort(key=lambda r: (r.when, r.message_id))
     return out
+
+
+# ----- the EHR context stored with each analysed ECG (the clinical manifest of ``train kt --from-store``) -----
+
+
+@dataclass(frozen=True)
+class ContextRecord:
+    """An analysed ECG with the EHR context stored with its result, and its label when it has one."""
+
+    message_id: str
+    ecg: Ecg = field(repr=False)
+    when: datetime
+    when_source: WhenSource
+    #: HMAC of the patient's issuer and identifier under the caller's key; None: the ECG names no patient.
+    patient_key: str | None = field(repr=False)
+    #: ``EhrContext.to_dict()`` as stored in the result (PHI: values of the patient), or None.
+    context: dict[str, Any] | None = field(repr=False)
+    label: EcgLabel | None
+
+
+def stored_ehr_context(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The EHR context a stored result carries: the first output with ``extra["ehr_context"]``, else None.
+
+    The worker stores it there when a model that reads the EHR ran (the LVEF model,
+    ``inference.lvef``); retention strips it from pruned results, which then have none.
+    """
+    for output in (result or {}).get("outputs") or []:
+        context = (output.get("extra") or {}).get("ehr_context") if isinstance(output, dict) else None
+        if isinstance(context, dict):
+            return context
+    return None
+
+
+def _has_context_data(context: dict[str, Any] | None) -> bool:
+    if not context:
+        return False
+    return bool(context.get("values") or context.get("age_years") is not None or context.get("sex"))
+
+
+def _utc(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def iter_context_records(
+    store: MessageStore,
+    *,
+    key: bytes,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    skipped: Counter[str] | None = None,
+) -> Iterator[ContextRecord]:
+    """Every analysed ECG with EHR context data, and every labelled ECG, recorded in ``[since, until)``.
+
+    One message per ECG (messages sharing a SOP Instance UID are resends: the latest is taken,
+    as for the labels). The context is the latest result's (a re-analysis fetches it again).
+    Times and patient keys as :func:`iter_site_records`; ``skipped`` counts what is left out and why.
+    """
+    from ecgbridge.core.store import ResultRow
+    from ecgbridge.mapping.readers import read_ecg_bytes
+
+    if not key:
+        raise ValueError("context records need a non-empty key for the patient keys")
+    skipped = skipped if skipped is not None else Counter()
+    since, until = _aware(since), _aware(until)
+    labels = {label.ecg_message_id: label for label in labelled_ecgs(store)}
+    with store.session() as s:
+        rows = list(s.scalars(select(MessageRow).join(ResultRow, ResultRow.message_id == MessageRow.id)))
+        analysed = {row.id for row in rows}
+        ids = [i for i in labels if i not in analysed]  # over-read ECGs without a stored result
+        for start in range(0, len(ids), 500):
+            rows.extend(s.scalars(select(MessageRow).where(MessageRow.id.in_(ids[start : start + 500]))))
+    latest: dict[str, MessageRow] = {}
+    for row in rows:
+        uid = row.sop_instance_uid or row.id
+        seen = latest.get(uid)
+        if seen is None or (_utc(row.received_at), row.id) > (_utc(seen.received_at), seen.id):
+            latest[uid] = row
+    for row in sorted(latest.values(), key=lambda r: (_utc(r.received_at), r.id)):
+        acquired = _aware(row.acquired_at)
+        if acquired is not None and ((since and acquired < since) or (until and acquired >= until)):
+            continue
+        stored = store.get_result(row.id)
+        context = stored_ehr_context(stored.result if stored is not None else None)
+        label = labels.get(row.id)
+        if label is None and not _has_context_data(context):
+            skipped["neither EHR context data nor a label"] += 1
+            continue
+        try:
+            ecg = read_ecg_bytes(store.read_blob(row.blob_sha256), hint=row.source)
+        except (EcgBridgeError, OSError, ValueError) as exc:
+            skipped["content pruned or unreadable" if isinstance(exc, OSError) else "could not be decoded"] += 1
+            log.debug("analysed ECG %s left out: %s", row.id, type(exc).__name__)
+            continue
+        acquired = acquired or _aware(ecg.study.acquired_at)
+        source: WhenSource = "acquired" if acquired is not None else "received"
+        when = acquired if acquired is not None else _utc(row.received_at)
+        if (since and when < since) or (until and when >= until):
+            continue
+        pkey = patient_key(key, ecg.patient.id, ecg.patient.id_issuer)
+        yield ContextRecord(row.id, ecg, when, source, pkey, context, label)

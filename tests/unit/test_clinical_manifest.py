@@ -130,3 +130,33 @@ def test_a_variable_missing_everywhere_is_dropped_with_a_warning() -> None:
     assert kept == ["2823-3", "718-7"] and dropped == ["6598-7"]
     assert values.shape == mask.shape == (3, 2)
     assert mask.sum(axis=0).tolist() == [1.0, 1.0]
+
+
+def test_stored_ehr_context_becomes_manifest_measurements_in_its_units() -> None:
+    """--from-store: the EHR context's canonical units converted through UNIT_FACTORS, other codes kept."""
+    from ecgbridge.training.clinical import measurements_from_ehr_context
+
+    context = {
+        "age_years": 93.4,
+        "sex": "other",
+        "values": {
+            "creatinine": {"value": 1.2, "unit": "mg/dL", "loinc": "14682-9", "effective": "2026-01-01T08:00:00+00:00"},
+            "troponin": {"value": 20.0, "unit": "ng/L", "loinc": "67151-1", "effective": None},
+            "nt_probnp": {"value": 420.0, "unit": "pg/mL", "loinc": "33763-4"},
+            "systolic_bp": {"value": 16.0, "unit": "kPa", "loinc": "8480-6"},
+            "egfr": {"value": 70.0, "unit": "mL/min/{1.73_m2}", "loinc": "62238-1"},
+        },
+    }
+    got = {m.loinc: m for m in measurements_from_ehr_context(context, ecg_time="2026-01-01T10:00:00+00:00")}
+    assert got["30525-0"].value == 90.0 and got["30525-0"].time == "2026-01-01T10:00:00+00:00"  # capped
+    assert "46098-0" not in got  # "other": missing, not guessed
+    assert got["2160-0"].value == 1.2 and got["2160-0"].time == "2026-01-01T08:00:00+00:00"
+    assert got["6598-7"].value == pytest.approx(0.02) and got["6598-7"].unit == "ng/mL"  # hs troponin T
+    assert got["33762-6"].value == 420.0 and got["8480-6"].value == pytest.approx(120.0, rel=1e-4)
+    assert got["62238-1"].unit == "mL/min/{1.73_m2}"  # not a manifest variable: kept as written
+    troponin_i = {"troponin": {"value": 5.0, "unit": "ng/L", "loinc": "89579-7"}}
+    assert [m.loinc for m in measurements_from_ehr_context({"values": troponin_i}, ecg_time=None)] == ["89579-7"]
+    with pytest.raises(ClinicalDataError, match=r"m1: potassium \(LOINC 2823-3\): unknown unit 'mg'"):
+        measurements_from_ehr_context(
+            {"values": {"potassium": {"value": 4, "unit": "mg", "loinc": "2823-3"}}}, ecg_time=None, where="m1: "
+        )
