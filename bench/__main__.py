@@ -60,11 +60,12 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
         ("node",),
     ),
     "e2e-paced": (
-        "5 ECG/s for 5 minutes (1500 ECGs), diagnosis + triage, no report, FHIR to the indexed peer, "
-        "2 analysis workers + 1 delivery worker: C-STORE response -> DiagnosticReport created",
+        "5 ECG/s for 2 minutes (600 ECGs), diagnosis + triage, no report, FHIR to the indexed peer, "
+        "2 analysis workers + 1 delivery worker: C-STORE response -> DiagnosticReport created "
+        "(the issue's 1500 over 5 minutes: `--n 1500`; past about 1000 reports the test FHIR server is the bottleneck)",
         [
             "--n",
-            "1500",
+            "600",
             "--interval",
             "0.2",
             "--workers",

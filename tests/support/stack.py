@@ -135,7 +135,7 @@ class Stack:
         store = self.store()
 
         def done() -> list[Any] | None:
-            rows = [r for r in store.list(limit=1000) if r.state in states]
+            rows = [r for r in store.list(limit=max(1000, 2 * count)) if r.state in states]
             return rows if len(rows) >= count else None
 
         try:
