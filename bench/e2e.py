@@ -29,6 +29,8 @@ includes the EHR fetch and the second PDF page.
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import tempfile
 import time
 from datetime import UTC
@@ -80,6 +82,9 @@ def main() -> None:
         help="the store in a fresh database on PostgreSQL at 127.0.0.1:5432 (default: SQLite in the data directory)",
     )
     args = parser.parse_args()
+    # Stopped from outside (kill, python -m bench interrupted): unwind, so the finally blocks stop the
+    # gateway, workers, Redis and the FHIR server instead of leaving them running on the machine.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.drain_deliveries and args.layout != "split":
         parser.error("--drain-deliveries needs --layout split")
     reason = node_available()
