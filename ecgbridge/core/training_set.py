@@ -84,8 +84,44 @@ class SiteRecords:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
+def _utc(when: datetime) -> datetime:
+    """SQLite hands back the UTC times it stored without their zone."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 def _aware(when: datetime | None) -> datetime | None:
-    return when if when is None or when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return None if when is None else _utc(when)
+
+
+def _decoded_in_window(
+    store: MessageStore,
+    row: MessageRow,
+    received_at: datetime,
+    since: datetime | None,
+    until: datetime | None,
+    skipped: Counter[str],
+    what: str,
+) -> tuple[Ecg, datetime, WhenSource] | None:
+    """The row's ECG decoded, with its time and where the time came from; None outside ``[since, until)``
+    or when it cannot be read (counted in ``skipped``). The row's own recording time is checked first,
+    so the bytes of an ECG outside the window are not read."""
+    from ecgbridge.mapping.readers import read_ecg_bytes
+
+    acquired = _aware(row.acquired_at)
+    if acquired is not None and ((since and acquired < since) or (until and acquired >= until)):
+        return None
+    try:
+        ecg = read_ecg_bytes(store.read_blob(row.blob_sha256), hint=row.source)
+    except (EcgBridgeError, OSError, ValueError) as exc:
+        skipped["content pruned or unreadable" if isinstance(exc, OSError) else "could not be decoded"] += 1
+        log.debug("%s %s left out: %s", what, row.id, type(exc).__name__)
+        return None
+    acquired = acquired or _aware(ecg.study.acquired_at)
+    source: WhenSource = "acquired" if acquired is not None else "received"
+    when = acquired if acquired is not None else received_at
+    if (since and when < since) or (until and when >= until):
+        return None
+    return ecg, when, source
 
 
 _AGO = re.compile(r"^(\d+)\s*([dhw])$")
@@ -119,7 +155,6 @@ def iter_site_records(
     For sets too large to hold every decoded ECG at once; ``skipped`` (when given) counts what is
     left out and why. :func:`site_records` is the same as a list sorted by time.
     """
-    from ecgbridge.mapping.readers import read_ecg_bytes
 
     if not key:
         raise ValueError("site records need a non-empty key for the patient keys")
@@ -137,21 +172,10 @@ def iter_site_records(
         if row is None:
             skipped["the ECG's message row is gone"] += 1
             continue
-        acquired = _aware(row.acquired_at)
-        # Cheap pre-filter on the row's own time: the bytes of an ECG outside the window are not read.
-        if acquired is not None and ((since and acquired < since) or (until and acquired >= until)):
+        found = _decoded_in_window(store, row, label.ecg_received_at, since, until, skipped, "labelled ECG")
+        if found is None:
             continue
-        try:
-            ecg = read_ecg_bytes(store.read_blob(row.blob_sha256), hint=row.source)
-        except (EcgBridgeError, OSError, ValueError) as exc:
-            skipped["content pruned or unreadable" if isinstance(exc, OSError) else "could not be decoded"] += 1
-            log.debug("labelled ECG %s left out: %s", row.id, type(exc).__name__)
-            continue
-        acquired = acquired or _aware(ecg.study.acquired_at)
-        source: WhenSource = "acquired" if acquired is not None else "received"
-        when = acquired if acquired is not None else label.ecg_received_at
-        if (since and when < since) or (until and when >= until):
-            continue
+        ecg, when, source = found
         pkey = patient_key(key, ecg.patient.id, ecg.patient.id_issuer)
         yield SiteRecord(label=label, ecg=ecg, when=when, when_source=source, patient_key=pkey)
 
@@ -203,10 +227,6 @@ def _has_context_data(context: dict[str, Any] | None) -> bool:
     return bool(context.get("values") or context.get("age_years") is not None or context.get("sex"))
 
 
-def _utc(when: datetime) -> datetime:
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
 def iter_context_records(
     store: MessageStore,
     *,
@@ -222,7 +242,6 @@ def iter_context_records(
     Times and patient keys as :func:`iter_site_records`; ``skipped`` counts what is left out and why.
     """
     from ecgbridge.core.store import ResultRow
-    from ecgbridge.mapping.readers import read_ecg_bytes
 
     if not key:
         raise ValueError("context records need a non-empty key for the patient keys")
@@ -244,23 +263,16 @@ def iter_context_records(
     for row in sorted(latest.values(), key=lambda r: (_utc(r.received_at), r.id)):
         acquired = _aware(row.acquired_at)
         if acquired is not None and ((since and acquired < since) or (until and acquired >= until)):
-            continue
+            continue  # before the result is read: the window decides first
         stored = store.get_result(row.id)
         context = stored_ehr_context(stored.result if stored is not None else None)
         label = labels.get(row.id)
         if label is None and not _has_context_data(context):
             skipped["neither EHR context data nor a label"] += 1
             continue
-        try:
-            ecg = read_ecg_bytes(store.read_blob(row.blob_sha256), hint=row.source)
-        except (EcgBridgeError, OSError, ValueError) as exc:
-            skipped["content pruned or unreadable" if isinstance(exc, OSError) else "could not be decoded"] += 1
-            log.debug("analysed ECG %s left out: %s", row.id, type(exc).__name__)
+        found = _decoded_in_window(store, row, _utc(row.received_at), since, until, skipped, "analysed ECG")
+        if found is None:
             continue
-        acquired = acquired or _aware(ecg.study.acquired_at)
-        source: WhenSource = "acquired" if acquired is not None else "received"
-        when = acquired if acquired is not None else _utc(row.received_at)
-        if (since and when < since) or (until and when >= until):
-            continue
+        ecg, when, source = found
         pkey = patient_key(key, ecg.patient.id, ecg.patient.id_issuer)
         yield ContextRecord(row.id, ecg, when, source, pkey, context, label)
