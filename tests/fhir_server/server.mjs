@@ -20,8 +20,8 @@
 //                             give 400; "lenient": pass them to Medplum unchanged (an
 //                             unknown parameter then matches nothing). A request header
 //                             "Prefer: handling=lenient|strict" overrides it.
-//   FHIR_IDENTIFIER_INDEX=0   answer identifier searches by scanning, as Medplum's
-//                             MemoryRepository does (default: from an index, see search())
+//   FHIR_SEARCH_INDEX=0       answer every search by scanning, as Medplum's MemoryRepository
+//                             does (default: token and reference filters from indexes, see search())
 //   FHIR_LOG_QUERY=1          also log the query string (default: path only)
 //   FHIR_EXIT_ON_STDIN_CLOSE=1 exit when stdin closes (lets a parent process that dies
 //                             without cleaning up take the server with it)
@@ -44,7 +44,15 @@ import {
   isResourceType,
   matchesSearchRequest,
   deepClone,
+  Operator,
+  convertToSearchableReferences,
+  convertToSearchableTokens,
+  evalFhirPath,
+  evalFhirPathTyped,
   normalizeOperationOutcome,
+  parseFhirPath,
+  splitSearchOnComma,
+  toTypedValue,
   parseSearchRequest,
   unauthorized,
   validateResource,
@@ -62,7 +70,7 @@ const BEARER = process.env.FHIR_REQUIRE_BEARER || '';
 const VALIDATE = process.env.FHIR_VALIDATE === '1' || process.env.FHIR_VALIDATE === 'true';
 const DEFAULT_HANDLING = (process.env.FHIR_SEARCH_HANDLING || 'strict').toLowerCase();
 const LOG_QUERY = process.env.FHIR_LOG_QUERY === '1';
-const IDENTIFIER_INDEX = process.env.FHIR_IDENTIFIER_INDEX !== '0';
+const SEARCH_INDEX = process.env.FHIR_SEARCH_INDEX !== '0';
 const MAX_BODY_BYTES = 64 * 1024 * 1024;
 const FHIR_JSON = 'application/fhir+json; charset=utf-8';
 
@@ -90,107 +98,164 @@ for (const file of ['search-parameters.json', 'search-parameters-medplum.json'])
 const MATCHABLE_PARAM_TYPES = new Set(['reference', 'string', 'uri', 'token', 'date']);
 
 // ---------------------------------------------------------------------------
-// Repository: Medplum's MemoryRepository with three small adjustments.
+// Repository: Medplum's MemoryRepository with indexed searches, all-or-nothing transactions,
+// 410 for deleted resources and a stable history order.
 // ---------------------------------------------------------------------------
 class PeerRepository extends MemoryRepository {
-  #txDepth = 0;
-
-  // Medplum's MemoryRepository.withTransaction just runs the callback: a failed
-  // transaction Bundle would leave its earlier entries written. Snapshot the maps and
-  // restore them on failure so transaction Bundles are all-or-nothing.
-  async withTransaction(callback) {
-    if (this.#txDepth > 0) {
-      return callback(undefined);
-    }
-    const snapshot = this.#snapshot();
-    this.#txDepth++;
-    try {
-      return await callback(undefined);
-    } catch (err) {
-      this.#restore(snapshot);
-      throw err;
-    } finally {
-      this.#txDepth--;
-    }
-  }
-
-  #snapshot() {
-    const copy = (outer, inner) => new Map([...outer].map(([k, v]) => [k, new Map([...v].map(([id, x]) => [id, inner(x)]))]));
-    // Stored resources are never mutated in place (updates store a new object), so
-    // shallow copies of the maps (and of the history arrays) are enough.
-    return { resources: copy(this.resources, (r) => r), history: copy(this.history, (h) => [...h]) };
-  }
-
-  #restore(snapshot) {
-    this.resources.clear();
-    this.history.clear();
-    for (const [k, v] of snapshot.resources) this.resources.set(k, v);
-    for (const [k, v] of snapshot.history) this.history.set(k, v);
-  }
-
-  // Identifier searches from an index. MemoryRepository.search evaluates every stored
-  // resource of the type against the request (about 0.5 ms each), so a conditional create
-  // costs hundreds of milliseconds once a few thousand resources are stored and benchmarks
-  // would measure this test server instead of ecgbridge. A real FHIR server indexes
-  // identifiers; this does the same for the one search shape ecgbridge makes most
-  // (`identifier=system|value` or `identifier=value`, alone). The index is brought up to
-  // date lazily (an identity check per stored resource, no FHIRPath) and every candidate is
-  // still checked by Medplum's own matcher, so answers are exactly those of super.search.
-  #identifierIndex = new Map(); // resourceType -> { seen: Map<id, resource>, byKey: Map<key, Set<id>> }
+  // Searches from indexes. MemoryRepository.search evaluates every stored resource of the
+  // type against the request (FHIRPath per filter, about 0.5 ms a resource) and its sort
+  // evaluates FHIRPath again inside every comparison, so a conditional create or an EHR-context
+  // search costs hundreds of milliseconds once a few thousand resources are stored, and
+  // benchmarks would measure this test server instead of ecgbridge. A real FHIR server indexes
+  // its search parameters when it writes; so does this one, for token and reference parameters
+  // (identifier, code, patient, subject ...): the first search by a parameter indexes the stored
+  // resources of the type, every later write adds its own keys. The keys come from Medplum's own
+  // conversions (convertToSearchableTokens / References, the ones its matcher uses), the index
+  // only narrows the candidates, and every candidate is still checked by Medplum's matcher, in
+  // the store's order, so the answers are those of super.search. Sort keys are evaluated once per
+  // resource instead of once per comparison, with Medplum's comparison.
+  #indexes = new Map(); // resourceType -> Map<code, ParamIndex>
+  #order = new Map(); // resourceType -> Map<id, sequence>: the store's (Map insertion) order
+  #sequence = 0;
+  #journal = undefined; // the writes of the running transaction, to undo them if it fails
 
   async search(request) {
-    const filter = request.filters?.length === 1 ? request.filters[0] : undefined;
-    const simple =
-      filter &&
-      filter.code === 'identifier' &&
-      (filter.operator === 'eq' || filter.operator === undefined) &&
-      typeof filter.value === 'string' &&
-      !filter.value.includes(',') &&
-      !filter.value.startsWith('|') && // `|value` (no system) and `system|` (any value) are scanned
-      !filter.value.endsWith('|') &&
-      !filter.value.includes('\\') && // escaped search values go the long way
-      !request.sortRules?.length;
-    if (!simple || !IDENTIFIER_INDEX) {
+    if (!SEARCH_INDEX) {
       return super.search(request);
     }
-    const ids = this.#indexFor(request.resourceType).byKey.get(identifierKey(filter.value)) ?? new Set();
     const stored = this.resources.get(request.resourceType) ?? new Map();
-    const matches = [...ids].map((id) => stored.get(id)).filter((r) => r && matchesSearchRequest(r, request));
+    let candidates;
+    for (const filter of request.filters ?? []) {
+      const ids = this.#candidatesFor(request.resourceType, filter);
+      if (ids && (!candidates || ids.length < candidates.length)) candidates = ids;
+    }
+    const resources = candidates
+      ? this.#inStoreOrder(request.resourceType, candidates).map((id) => stored.get(id))
+      : stored.values();
+    const matches = [];
+    for (const resource of resources) {
+      if (resource && matchesSearchRequest(resource, request)) matches.push(resource);
+    }
     let entries = matches.map((resource) => ({ resource: deepClone(resource) }));
+    for (const rule of request.sortRules ?? []) {
+      entries = sortedBy(entries, request.resourceType, rule);
+    }
     if (request.offset !== undefined) entries = entries.slice(request.offset);
     if (request.count !== undefined) entries = entries.slice(0, request.count);
     return { resourceType: 'Bundle', type: 'searchset', entry: entries.length ? entries : undefined, total: matches.length };
   }
 
-  #indexFor(resourceType) {
-    let index = this.#identifierIndex.get(resourceType);
+  // The ids that may match one filter, or undefined when the filter cannot use an index
+  // (negation, :missing, a modifier, a parameter type other than token or reference ...).
+  #candidatesFor(resourceType, filter) {
+    const param = globalSchema.types[resourceType]?.searchParams?.[filter.code];
+    const kind = param?.type;
+    if (!param?.expression || (kind !== 'token' && kind !== 'reference')) return undefined;
+    if (filter.operator !== Operator.EQUALS || typeof filter.value !== 'string' || filter.value === '') return undefined;
+    if (filter.code === '_compartment') return undefined; // matched by suffix too
+    const lookups = [];
+    for (const part of splitSearchOnComma(filter.value)) {
+      const key = kind === 'token' ? tokenFilterKey(part) : referenceKey(part);
+      if (key === undefined) return undefined;
+      if (key !== null) lookups.push(key); // null: this part matches nothing
+    }
+    const index = this.#indexFor(resourceType, filter.code, param.expression, kind);
+    const ids = new Set();
+    for (const key of lookups) for (const id of index.byKey.get(key) ?? []) ids.add(id);
+    return [...ids];
+  }
+
+  #indexFor(resourceType, code, expression, kind) {
+    let byCode = this.#indexes.get(resourceType);
+    if (!byCode) {
+      byCode = new Map();
+      this.#indexes.set(resourceType, byCode);
+    }
+    let index = byCode.get(code);
     if (!index) {
-      index = { seen: new Map(), byKey: new Map() };
-      this.#identifierIndex.set(resourceType, index);
+      index = { ast: parseFhirPath(expression), kind, byKey: new Map() };
+      for (const [id, resource] of this.resources.get(resourceType) ?? new Map()) addToIndex(index, id, resource);
+      byCode.set(code, index);
     }
-    const stored = this.resources.get(resourceType) ?? new Map();
-    for (const [id, resource] of stored) {
-      if (index.seen.get(id) === resource) continue; // unchanged since indexed
-      index.seen.set(id, resource);
-      for (const identifier of resource.identifier ?? []) {
-        const keys = [identifierKey(identifier.value ?? '')];
-        if (identifier.system) keys.push(identifierKey(`${identifier.system}|${identifier.value ?? ''}`));
-        for (const key of keys) {
-          if (!index.byKey.has(key)) index.byKey.set(key, new Set());
-          index.byKey.get(key).add(id);
-        }
-      }
-    }
-    // Stale keys (a deleted resource, an identifier changed by an update) stay in the index:
-    // their ids fail the lookup in `stored` or Medplum's matcher, so they are never returned.
     return index;
   }
 
+  #inStoreOrder(resourceType, ids) {
+    const order = this.#order.get(resourceType) ?? new Map();
+    return ids.filter((id) => order.has(id)).sort((a, b) => order.get(a) - order.get(b));
+  }
+
+  // Every write of MemoryRepository (create, update, patch, and the writes of a Bundle) ends in
+  // createResource, so this keeps the indexes and the order. Keys of an earlier version stay in
+  // the index: the matcher turns such candidates away.
   async createResource(resource, options) {
     if (VALIDATE) {
       validateResource(resource); // throws OperationOutcomeError (400) on errors
     }
-    return super.createResource(resource, options);
+    const { resourceType } = resource;
+    const before = resource.id ? this.resources.get(resourceType)?.get(resource.id) : undefined;
+    const historyBefore = resource.id ? (this.history.get(resourceType)?.get(resource.id)?.length ?? 0) : 0;
+    const result = await super.createResource(resource, options);
+    this.#journal?.push({ resourceType, id: result.id, before, historyBefore });
+    this.#noteStored(resourceType, result.id, before !== undefined);
+    return result;
+  }
+
+  async deleteResource(resourceType, id) {
+    const before = this.resources.get(resourceType)?.get(id);
+    await super.deleteResource(resourceType, id);
+    this.#journal?.push({ resourceType, id, before, historyBefore: this.history.get(resourceType)?.get(id)?.length ?? 0 });
+    this.#order.get(resourceType)?.delete(id);
+  }
+
+  #noteStored(resourceType, id, replaced) {
+    let order = this.#order.get(resourceType);
+    if (!order) {
+      order = new Map();
+      this.#order.set(resourceType, order);
+    }
+    if (!replaced) order.set(id, this.#sequence++); // a Map keeps a replaced key where it was
+    const stored = this.resources.get(resourceType).get(id);
+    for (const index of this.#indexes.get(resourceType)?.values() ?? []) addToIndex(index, id, stored);
+  }
+
+  // Medplum's MemoryRepository.withTransaction just runs the callback: a failed transaction
+  // Bundle would leave its earlier entries written. The writes made inside it are journalled
+  // and undone, newest first, when it fails, so transaction Bundles are all-or-nothing.
+  async withTransaction(callback) {
+    if (this.#journal) {
+      return callback(undefined);
+    }
+    this.#journal = [];
+    try {
+      const result = await callback(undefined);
+      this.#journal = undefined;
+      return result;
+    } catch (err) {
+      const journal = this.#journal;
+      this.#journal = undefined;
+      this.#undo(journal);
+      throw err;
+    }
+  }
+
+  #undo(journal) {
+    for (const { resourceType, id, before, historyBefore } of journal.reverse()) {
+      const resources = this.resources.get(resourceType);
+      if (before === undefined) resources?.delete(id);
+      else resources.set(id, before);
+      const versions = this.history.get(resourceType)?.get(id);
+      if (versions) {
+        versions.length = historyBefore;
+        if (historyBefore === 0) this.history.get(resourceType).delete(id);
+      }
+    }
+    // The store's order after the undo is the Maps' own: read it back.
+    for (const type of new Set(journal.map((w) => w.resourceType))) {
+      const order = new Map();
+      for (const id of this.resources.get(type)?.keys() ?? []) order.set(id, this.#sequence++);
+      this.#order.set(type, order);
+    }
   }
 
   // MemoryRepository.readResource answers 404 for a deleted resource; FHIR says 410.
@@ -215,10 +280,59 @@ class PeerRepository extends MemoryRepository {
   }
 }
 
-// The index key of an identifier: lower case, so the index finds a superset of what a
-// case-insensitive matcher would; Medplum's matcher then decides on each candidate.
-function identifierKey(value) {
-  return value.toLowerCase();
+// Index keys. Tokens follow matchesTokenValue in @medplum/core (search/match.ts), which compares
+// in lower case: `code` matches any system, `system|code` both, `|code` only a token without a
+// system, `system|` any code of that system. One stored token gives a key for each form it can
+// answer; a filter value gives the one key it asks for. References are compared exactly.
+function tokenKeys(token) {
+  const system = token.system ? String(token.system).toLowerCase() : '';
+  const value = token.value === undefined || token.value === null ? undefined : String(token.value).toLowerCase();
+  const keys = [];
+  if (system) keys.push(`system:${system}`);
+  if (value !== undefined) {
+    keys.push(`code:${value}`);
+    keys.push(system ? `both:${system}|${value}` : `nosystem:${value}`);
+  }
+  return keys;
+}
+
+// The key a token filter value asks for; null when it can match nothing (`|`), as in match.ts.
+function tokenFilterKey(part) {
+  if (!part.includes('|')) return `code:${part.toLowerCase()}`;
+  const [system, value] = part.split('|').map((s) => s.toLowerCase());
+  if (!system && !value) return null;
+  if (!system) return `nosystem:${value}`;
+  return value ? `both:${system}|${value}` : `system:${system}`;
+}
+
+function referenceKey(part) {
+  return `ref:${part}`;
+}
+
+function addToIndex(index, id, resource) {
+  const typed = evalFhirPathTyped(index.ast, [toTypedValue(resource)]);
+  const keys =
+    index.kind === 'token'
+      ? convertToSearchableTokens(typed).flatMap(tokenKeys)
+      : convertToSearchableReferences(typed).filter((r) => typeof r === 'string').map(referenceKey);
+  for (const key of keys) {
+    let ids = index.byKey.get(key);
+    if (!ids) {
+      ids = new Set();
+      index.byKey.set(key, ids);
+    }
+    ids.add(id);
+  }
+}
+
+// MemoryRepository's sort (sortComparator in repo.ts) with each key evaluated once per resource.
+function sortedBy(entries, resourceType, rule) {
+  const expression = globalSchema.types[resourceType]?.searchParams?.[rule.code]?.expression;
+  if (!expression) return entries; // Medplum's comparator answers 0: a stable sort keeps the order
+  const ast = parseFhirPath(expression);
+  const keyed = entries.map((entry) => [JSON.stringify(evalFhirPath(ast, entry.resource)), entry]);
+  keyed.sort(([a], [b]) => a.localeCompare(b) * (rule.descending ? -1 : 1));
+  return keyed.map(([, entry]) => entry);
 }
 
 const repo = new PeerRepository();

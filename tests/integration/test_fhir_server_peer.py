@@ -308,42 +308,111 @@ def test_port_in_use_is_a_clear_error(server: FhirServer) -> None:
         clash.start()
 
 
-def test_identifier_index_answers_exactly_as_the_scan_does() -> None:
-    """The peer's identifier index (server.mjs ``search``) changes speed, never answers.
+LOINC = "http://loinc.org"
 
-    The same writes go to a server with the index and one without (``FHIR_IDENTIFIER_INDEX=0``,
-    Medplum's own scan); every search shape then gets the same ids from both, including after
-    an update that changes an identifier and after a delete.
+
+def _coded(patient_ref: str, code: str, when: str, system: str | None = LOINC, tag: str = "") -> dict[str, Any]:
+    coding = {"code": code, **({"system": system} if system else {})}
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "identifier": [{"system": "urn:test:obs", "value": f"{code}-{when}{tag}"}],
+        "code": {"coding": [coding]},
+        "subject": {"reference": patient_ref},
+        "effectiveDateTime": when,
+    }
+
+
+def test_search_indexes_answer_exactly_as_the_scan_does() -> None:
+    """The peer's search indexes (server.mjs ``search``) change speed, never answers.
+
+    The same writes go to a server with the indexes and one without (``FHIR_SEARCH_INDEX=0``,
+    Medplum's own scan): patients and observations, an update that changes an identifier, a
+    delete, and a transaction that fails and must leave nothing behind. Every search shape then
+    gets the same ids in the same order from both: identifier, code and reference parameters in
+    each token form, comma lists, negation, dates, sorts, paging and totals.
     """
-    searches = [
-        f"{MRN_SYSTEM}|A1",
-        f"{MRN_SYSTEM}|a1",  # Medplum matches tokens case-insensitively; so must the index
-        "A1",
-        f"{MRN_SYSTEM}|B2",
-        f"{MRN_SYSTEM}|C3",
-        "urn:other|A1",
-        f"{MRN_SYSTEM}|",
-        "|A1",
-        "nothing-like-it",
+    patient_searches = [
+        {"identifier": f"{MRN_SYSTEM}|A1"},
+        {"identifier": f"{MRN_SYSTEM}|a1"},  # Medplum matches tokens case-insensitively; so must the index
+        {"identifier": "A1"},
+        {"identifier": f"{MRN_SYSTEM}|B2"},
+        {"identifier": f"{MRN_SYSTEM}|C3"},
+        {"identifier": "urn:other|A1"},
+        {"identifier": f"{MRN_SYSTEM}|"},
+        {"identifier": "|A1"},
+        {"identifier": "|"},
+        {"identifier": "A1,D4,B2-moved"},
+        {"identifier:not": f"{MRN_SYSTEM}|A1"},
+        {"identifier": "nothing-like-it"},
+        {"identifier": "T1"},  # written by the failed transaction: must not be there
+    ]
+    observation_searches = [
+        {"code": f"{LOINC}|8867-4"},
+        {"code": "8867-4"},
+        {"code": "|8867-4"},  # only the one without a system
+        {"code": f"{LOINC}|"},
+        {"code": f"{LOINC}|8867-4,{LOINC}|10230-1", "_sort": "-date"},
+        {"code": f"{LOINC}|8867-4", "_sort": "date", "_count": "2", "_offset": "1"},
+        {"patient": "PATIENT_A1"},
+        {"subject": "PATIENT_A1", "code": f"{LOINC}|10230-1"},
+        {"patient": "PATIENT_A1", "code": f"{LOINC}|8867-4", "date": "ge2026-03-01", "_sort": "-date"},
+        {"patient": "PATIENT_D4,PATIENT_A1", "_sort": "date"},
+        {"patient": "Patient/unknown"},
+        {"identifier": "urn:test:obs|8867-4-2026-02-01"},
+        {"_sort": "-date"},
     ]
 
     def run(index: str) -> list[list[str]]:
-        with FhirServer(env={"FHIR_IDENTIFIER_INDEX": index}) as srv, srv.client() as client:
+        with FhirServer(env={"FHIR_SEARCH_INDEX": index}) as srv, srv.client() as client:
             ids = {}
             for mrn in ("A1", "B2", "C3", "D4"):
                 resp = client.post("/Patient", json=_patient(mrn), headers={"Content-Type": FHIR_JSON})
                 ids[mrn] = resp.json()["id"]
+            refs = {f"PATIENT_{mrn}": f"Patient/{pid}" for mrn, pid in ids.items()}
             client.get("/Patient", params={"identifier": f"{MRN_SYSTEM}|B2"})  # index built before the changes
+            client.get("/Observation", params={"code": "8867-4", "patient": refs["PATIENT_A1"]})
+            observations = [
+                _coded(refs["PATIENT_A1"], "8867-4", "2026-02-01"),
+                _coded(refs["PATIENT_A1"], "8867-4", "2026-04-01"),
+                _coded(refs["PATIENT_A1"], "10230-1", "2026-03-15"),
+                _coded(refs["PATIENT_D4"], "8867-4", "2026-01-10"),
+                _coded(refs["PATIENT_D4"], "8867-4", "2026-05-10", system=None),
+                _coded(refs["PATIENT_A1"], "8867-4", "2026-03-01", tag="-x"),
+            ]
+            for obs in observations:
+                assert client.post("/Observation", json=obs, headers={"Content-Type": FHIR_JSON}).status_code == 201
             moved = {**_patient("B2-moved"), "id": ids["B2"]}
             assert client.put(f"/Patient/{ids['B2']}", json=moved, headers={"Content-Type": FHIR_JSON}).is_success
             assert client.delete(f"/Patient/{ids['C3']}").is_success
-            order = {v: k for k, v in ids.items()}
+            failing = {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [
+                    {"resource": _patient("T1"), "request": {"method": "POST", "url": "Patient"}},
+                    {
+                        "resource": {**_patient("A1-changed"), "id": ids["A1"]},
+                        "request": {"method": "PUT", "url": f"Patient/{ids['A1']}"},
+                    },
+                    {"request": {"method": "DELETE", "url": f"Patient/{ids['D4']}"}},
+                    {"request": {"method": "GET", "url": "Patient/does-not-exist"}},
+                ],
+            }
+            assert client.post("", json=failing, headers={"Content-Type": FHIR_JSON}).status_code == 404
+            names = {v: k for k, v in ids.items()}
             answers = []
-            for query in searches:
-                bundle = client.get("/Patient", params={"identifier": query}).json()
-                answers.append(sorted(order[e["resource"]["id"]] for e in bundle.get("entry", [])))
+            for params in patient_searches:
+                bundle = client.get("/Patient", params=params).json()
+                answers.append([names[e["resource"]["id"]] for e in bundle.get("entry", [])])
+            for params in observation_searches:
+                concrete = {k: ",".join(refs.get(p, p) for p in v.split(",")) for k, v in params.items()}
+                bundle = client.get("/Observation", params=concrete).json()
+                answers.append(
+                    [e["resource"]["identifier"][0]["value"] for e in bundle.get("entry", [])] + [bundle["total"]]
+                )
             return answers
 
     with_index, scanned = run("1"), run("0")
     assert with_index == scanned
-    assert with_index[0] == ["A1"] and with_index[3] == [] and with_index[4] == []
+    assert with_index[0] == ["A1"] and with_index[3] == [] and with_index[4] == [] and with_index[12] == []
+    assert with_index[len(patient_searches) + 8] == ["8867-4-2026-04-01", "8867-4-2026-03-01-x", 2]
