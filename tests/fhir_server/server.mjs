@@ -49,8 +49,8 @@ import {
   convertToSearchableTokens,
   evalFhirPath,
   evalFhirPathTyped,
+  getParsedExpressionForResourceType,
   normalizeOperationOutcome,
-  parseFhirPath,
   splitSearchOnComma,
   toTypedValue,
   parseSearchRequest,
@@ -103,17 +103,21 @@ const MATCHABLE_PARAM_TYPES = new Set(['reference', 'string', 'uri', 'token', 'd
 // ---------------------------------------------------------------------------
 class PeerRepository extends MemoryRepository {
   // Searches from indexes. MemoryRepository.search evaluates every stored resource of the
-  // type against the request (FHIRPath per filter, about 0.5 ms a resource) and its sort
-  // evaluates FHIRPath again inside every comparison, so a conditional create or an EHR-context
-  // search costs hundreds of milliseconds once a few thousand resources are stored, and
-  // benchmarks would measure this test server instead of ecgbridge. A real FHIR server indexes
-  // its search parameters when it writes; so does this one, for token and reference parameters
-  // (identifier, code, patient, subject ...): the first search by a parameter indexes the stored
-  // resources of the type, every later write adds its own keys. The keys come from Medplum's own
-  // conversions (convertToSearchableTokens / References, the ones its matcher uses), the index
-  // only narrows the candidates, and every candidate is still checked by Medplum's matcher, in
-  // the store's order, so the answers are those of super.search. Sort keys are evaluated once per
-  // resource instead of once per comparison, with Medplum's comparison.
+  // type against the request, and Medplum's matcher parses each filter's FHIRPath expression
+  // again for every resource (for `patient` or `date` that is the shared expression over every
+  // resource type, about a millisecond a parse); its sort evaluates FHIRPath inside every
+  // comparison. So a conditional create or an EHR-context search costs hundreds of milliseconds
+  // to seconds once a few thousand resources are stored, and benchmarks would measure this test
+  // server instead of ecgbridge. A real FHIR server indexes its search parameters when it
+  // writes; so does this one, for token and reference parameters (identifier, code, patient,
+  // subject ...): the first search by a parameter indexes the stored resources of the type, and
+  // every later write replaces the keys of the resource it wrote. The keys come from Medplum's
+  // own conversions (convertToSearchableTokens / References, the ones its matcher uses) and
+  // follow its comparisons exactly, so a filter answered from an index needs no further check.
+  // The other filters (dates, strings, negations ...) go to Medplum's matcher, one filter at a
+  // time, remembered per stored resource version (stored resources are never changed in place).
+  // Results keep the store's order; sort keys are evaluated once per resource, with Medplum's
+  // comparison. tests/integration/test_fhir_server_peer.py compares the answers with the scan.
   #indexes = new Map(); // resourceType -> Map<code, ParamIndex>
   #order = new Map(); // resourceType -> Map<id, sequence>: the store's (Map insertion) order
   #sequence = 0;
@@ -123,30 +127,40 @@ class PeerRepository extends MemoryRepository {
     if (!SEARCH_INDEX) {
       return super.search(request);
     }
-    const stored = this.resources.get(request.resourceType) ?? new Map();
-    let candidates;
+    const { resourceType } = request;
+    const stored = this.resources.get(resourceType) ?? new Map();
+    const answered = [];
+    const others = [];
     for (const filter of request.filters ?? []) {
-      const ids = this.#candidatesFor(request.resourceType, filter);
-      if (ids && (!candidates || ids.length < candidates.length)) candidates = ids;
+      const ids = this.#candidatesFor(resourceType, filter);
+      if (ids) answered.push(ids);
+      else others.push(filter);
     }
-    const resources = candidates
-      ? this.#inStoreOrder(request.resourceType, candidates).map((id) => stored.get(id))
-      : stored.values();
-    const matches = [];
+    let resources;
+    if (answered.length) {
+      answered.sort((x, y) => x.size - y.size);
+      const [smallest, ...rest] = answered;
+      const ids = [...smallest].filter((id) => rest.every((set) => set.has(id)));
+      resources = this.#inStoreOrder(resourceType, ids).map((id) => stored.get(id));
+    } else {
+      resources = stored.values();
+    }
+    let matches = [];
     for (const resource of resources) {
-      if (resource && matchesSearchRequest(resource, request)) matches.push(resource);
+      if (resource && others.every((filter) => matchesFilter(resource, resourceType, filter))) matches.push(resource);
     }
-    let entries = matches.map((resource) => ({ resource: deepClone(resource) }));
+    const total = matches.length;
     for (const rule of request.sortRules ?? []) {
-      entries = sortedBy(entries, request.resourceType, rule);
+      matches = sortedBy(matches, resourceType, rule);
     }
-    if (request.offset !== undefined) entries = entries.slice(request.offset);
-    if (request.count !== undefined) entries = entries.slice(0, request.count);
-    return { resourceType: 'Bundle', type: 'searchset', entry: entries.length ? entries : undefined, total: matches.length };
+    if (request.offset !== undefined) matches = matches.slice(request.offset);
+    if (request.count !== undefined) matches = matches.slice(0, request.count);
+    const entries = matches.map((resource) => ({ resource: deepClone(resource) }));
+    return { resourceType: 'Bundle', type: 'searchset', entry: entries.length ? entries : undefined, total };
   }
 
-  // The ids that may match one filter, or undefined when the filter cannot use an index
-  // (negation, :missing, a modifier, a parameter type other than token or reference ...).
+  // The ids that match one filter, or undefined when the filter cannot use an index (negation,
+  // :missing, another modifier, a parameter type other than token or reference ...).
   #candidatesFor(resourceType, filter) {
     const param = globalSchema.types[resourceType]?.searchParams?.[filter.code];
     const kind = param?.type;
@@ -156,13 +170,13 @@ class PeerRepository extends MemoryRepository {
     const lookups = [];
     for (const part of splitSearchOnComma(filter.value)) {
       const key = kind === 'token' ? tokenFilterKey(part) : referenceKey(part);
-      if (key === undefined) return undefined;
       if (key !== null) lookups.push(key); // null: this part matches nothing
     }
     const index = this.#indexFor(resourceType, filter.code, param.expression, kind);
+    if (lookups.length === 1) return index.byKey.get(lookups[0]) ?? new Set();
     const ids = new Set();
     for (const key of lookups) for (const id of index.byKey.get(key) ?? []) ids.add(id);
-    return [...ids];
+    return ids;
   }
 
   #indexFor(resourceType, code, expression, kind) {
@@ -173,7 +187,7 @@ class PeerRepository extends MemoryRepository {
     }
     let index = byCode.get(code);
     if (!index) {
-      index = { ast: parseFhirPath(expression), kind, byKey: new Map() };
+      index = { ast: getParsedExpressionForResourceType(resourceType, expression), kind, byKey: new Map(), keysOf: new Map() };
       for (const [id, resource] of this.resources.get(resourceType) ?? new Map()) addToIndex(index, id, resource);
       byCode.set(code, index);
     }
@@ -206,6 +220,7 @@ class PeerRepository extends MemoryRepository {
     await super.deleteResource(resourceType, id);
     this.#journal?.push({ resourceType, id, before, historyBefore: this.history.get(resourceType)?.get(id)?.length ?? 0 });
     this.#order.get(resourceType)?.delete(id);
+    for (const index of this.#indexes.get(resourceType)?.values() ?? []) removeFromIndex(index, id);
   }
 
   #noteStored(resourceType, id, replaced) {
@@ -248,6 +263,13 @@ class PeerRepository extends MemoryRepository {
       if (versions) {
         versions.length = historyBefore;
         if (historyBefore === 0) this.history.get(resourceType).delete(id);
+      }
+    }
+    for (const { resourceType, id } of journal) {
+      const current = this.resources.get(resourceType)?.get(id);
+      for (const index of this.#indexes.get(resourceType)?.values() ?? []) {
+        if (current) addToIndex(index, id, current);
+        else removeFromIndex(index, id);
       }
     }
     // The store's order after the undo is the Maps' own: read it back.
@@ -309,7 +331,10 @@ function referenceKey(part) {
   return `ref:${part}`;
 }
 
+// Indexes a stored resource version under its keys, replacing those of its earlier version, so
+// the index answers for the current versions only.
 function addToIndex(index, id, resource) {
+  removeFromIndex(index, id);
   const typed = evalFhirPathTyped(index.ast, [toTypedValue(resource)]);
   const keys =
     index.kind === 'token'
@@ -323,16 +348,49 @@ function addToIndex(index, id, resource) {
     }
     ids.add(id);
   }
+  index.keysOf.set(id, keys);
 }
 
-// MemoryRepository's sort (sortComparator in repo.ts) with each key evaluated once per resource.
-function sortedBy(entries, resourceType, rule) {
+function removeFromIndex(index, id) {
+  for (const key of index.keysOf.get(id) ?? []) {
+    const ids = index.byKey.get(key);
+    ids?.delete(id);
+    if (ids?.size === 0) index.byKey.delete(key);
+  }
+  index.keysOf.delete(id);
+}
+
+// Medplum's matcher on one filter (matchesSearchRequest is the AND of its filters, each judged
+// on its own), remembered per stored resource version: an EHR-context search repeats the same
+// date filters for every ECG of a patient.
+const FILTER_MEMO = new WeakMap(); // stored resource -> Map<filter key, boolean>
+const FILTER_MEMO_SIZE = 64;
+function matchesFilter(resource, resourceType, filter) {
+  const key = `${filter.code}\u0000${filter.operator}\u0000${filter.value}`;
+  let memo = FILTER_MEMO.get(resource);
+  if (!memo) {
+    memo = new Map();
+    FILTER_MEMO.set(resource, memo);
+  }
+  let matched = memo.get(key);
+  if (matched === undefined) {
+    matched = matchesSearchRequest(resource, { resourceType, filters: [filter] });
+    if (memo.size >= FILTER_MEMO_SIZE) memo.clear();
+    memo.set(key, matched);
+  }
+  return matched;
+}
+
+// MemoryRepository's sort (sortComparator in repo.ts) with each key evaluated once per resource,
+// and only the branches of a shared expression (`date`: AllergyIntolerance.recordedDate |
+// CarePlan.period | ...) that name this resource type, as Medplum's own database repository does.
+function sortedBy(resources, resourceType, rule) {
   const expression = globalSchema.types[resourceType]?.searchParams?.[rule.code]?.expression;
-  if (!expression) return entries; // Medplum's comparator answers 0: a stable sort keeps the order
-  const ast = parseFhirPath(expression);
-  const keyed = entries.map((entry) => [JSON.stringify(evalFhirPath(ast, entry.resource)), entry]);
+  if (!expression) return resources; // Medplum's comparator answers 0: a stable sort keeps the order
+  const ast = getParsedExpressionForResourceType(resourceType, expression);
+  const keyed = resources.map((resource) => [JSON.stringify(evalFhirPath(ast, resource)), resource]);
   keyed.sort(([a], [b]) => a.localeCompare(b) * (rule.descending ? -1 : 1));
-  return keyed.map(([, entry]) => entry);
+  return keyed.map(([, resource]) => resource);
 }
 
 const repo = new PeerRepository();
