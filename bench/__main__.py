@@ -1,6 +1,6 @@
 """Every benchmark in one run, each beside its peers, written to ``docs/performance.md``.
 
-    python -m bench                 # the full set (about 25 minutes on 2 cores)
+    python -m bench                 # the full set (about 35 minutes on 2 cores)
     python -m bench --quick         # smaller counts, to see that everything runs (about 5 minutes)
     python -m bench --only e2e archive --out /tmp/perf.md
     python -m bench --with-soak     # also the 1000-ECG fault soak (about 20 minutes more)
@@ -60,12 +60,11 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
         ("node",),
     ),
     "e2e-paced": (
-        "5 ECG/s for 2 minutes (600 ECGs), diagnosis + triage, no report, FHIR to the indexed peer, "
-        "2 analysis workers + 1 delivery worker: C-STORE response -> DiagnosticReport created "
-        "(the issue's 1500 over 5 minutes: `--n 1500`; past about 1000 reports the test FHIR server is the bottleneck)",
+        "5 ECG/s for 5 minutes (1500 ECGs), diagnosis + triage, no report, FHIR to the indexed peer, "
+        "2 analysis workers + 1 delivery worker: C-STORE response -> DiagnosticReport created",
         [
             "--n",
-            "600",
+            "1500",
             "--interval",
             "0.2",
             "--workers",
@@ -80,11 +79,11 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
         ("node",),
     ),
     "e2e-paced-lvef": (
-        "the same for 20 s (100 ECGs) with LVEF and the patient's EHR context read from FHIR (the test server "
-        "answers those searches by scanning every Observation, the reports written included: it is the bottleneck)",
+        "the same 5 minutes with LVEF and the patient's EHR context read from FHIR before each analysis "
+        "(one seeded heart-failure patient, so every search also finds the heart rates of the reports written before)",
         [
             "--n",
-            "100",
+            "1500",
             "--interval",
             "0.2",
             "--workers",
