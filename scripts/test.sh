@@ -3,7 +3,9 @@
 # (Medplum, from the npm registry) and run the whole test suite. Tests whose peers are missing
 # (redis-server, DCMTK, node, PostgreSQL, ../shared/data) skip with a message saying what is missing;
 # .ci/run installs those peers first. Before the tests, scripts/lint.sh checks the import contracts,
-# ruff and mypy (docs/architecture.md). Extra arguments go to pytest.
+# ruff and mypy (docs/architecture.md). Extra arguments go to pytest. The tests run in as many
+# pytest-xdist processes as there are cores (ECGBRIDGE_TEST_PROCESSES, default auto; 0 runs them in
+# this process), a test file at a time per process, so a file's fixtures are built once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -22,4 +24,4 @@ rc=0; bash deploy/monitoring/check.sh || rc=$?
 if [ "$rc" -eq 3 ]; then echo "promtool not found: the alert rules were not checked (apt-get install prometheus)" >&2
 elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 rc=0; bash deploy/check.sh || rc=$?; if [ "$rc" -eq 3 ]; then echo "deploy/check.sh: a schema validator is missing: the deployment files were not checked" >&2; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
-exec .venv/bin/python -m pytest --durations=30 "$@"
+exec .venv/bin/python -m pytest -n "${ECGBRIDGE_TEST_PROCESSES:-auto}" --dist loadfile --durations=30 "$@"
