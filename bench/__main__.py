@@ -80,7 +80,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
     ),
     "e2e-paced-lvef": (
         "the same 5 minutes with LVEF and the patient's EHR context read from FHIR before each analysis "
-        "(one seeded heart-failure patient, so every search also finds the heart rates of the reports written before)",
+        "(100 seeded heart-failure patients, 15 ECGs each; every search also finds the reports written before)",
         [
             "--n",
             "1500",
@@ -89,6 +89,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str], tuple[str, ...]]] = {
             "--workers",
             "2",
             "--lvef",
+            "--patients",
+            "100",
             "--no-report",
             "--layout",
             "split",

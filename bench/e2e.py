@@ -22,7 +22,9 @@ measured alone. ``--plots DIR`` writes the latency distribution and the reports 
 over time as PNGs.
 
 ``--lvef`` routes every ECG through diagnosis + triage + LVEF with the patient's EHR
-context read from the same FHIR server (a seeded heart-failure patient), so the latency
+context read from the same FHIR server (``--patients`` seeded heart-failure patients, the ECGs
+dealt among them in turn; one patient's every search would also find the heart rate of every
+report written before, a history no real patient has), so the latency
 includes the EHR fetch and the second PDF page.
 """
 
@@ -35,6 +37,7 @@ import tempfile
 import time
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -58,6 +61,7 @@ def main() -> None:
     )
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between sends (0: back to back)")
     parser.add_argument("--lvef", action="store_true", help="diagnosis + triage + LVEF with EHR context")
+    parser.add_argument("--patients", type=int, default=1, help="--lvef: seeded patients the ECGs are dealt among")
     parser.add_argument("--triage", action="store_true", help="diagnosis + triage (no EHR context)")
     parser.add_argument(
         "--fhir-latency-ms", type=float, default=0.0, help="hold every FHIR request this long (a real EHR's API)"
@@ -123,6 +127,7 @@ def main() -> None:
             f"result saved -> report created: p50 {f['delivering_p50']:.3f} s, p95 {f['delivering_p95']:.3f} s"
         )
         print(f"  throughput: {f['throughput']:.2f} ECGs/s ({args.n} in {f['elapsed']:.1f} s)")
+        print(f"  the slowest ECG's events (seconds after its C-STORE response): {f['slowest']}")
         if args.drain_deliveries:
             print(
                 f"  deliveries alone (the delivery worker started after all {args.n} were analysed): "
@@ -176,9 +181,9 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
         proxy = FaultProxy(fhir.origin, delay_s=args.fhir_latency_ms / 1000).start() if args.fhir_latency_ms else None
         fhir_url = proxy.base_url if proxy is not None else fhir.base_url  # type: ignore[attr-defined]
         extra: dict = {}
-        patient = None
+        patients: list[ehr_bundles.Seeded] = []
         if args.lvef:
-            patient = ehr_bundles.seed_heart_failure(fhir.base_url)
+            patients = [ehr_bundles.seed_heart_failure(fhir.base_url) for _ in range(max(1, args.patients))]
             extra = {
                 "models": [{"name": "diagnosis"}, {"name": "triage"}, {"name": "lvef"}],
                 "ehr": [{"name": "ehr-context", "base_url": fhir_url}],
@@ -219,8 +224,8 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
             stack.start_gateway()
             store = stack.store()
             ds = dcmread(get_testdata_file("waveform_ecg.dcm"))
-            if patient is not None:
-                ds.PatientID = patient.identifier
+            if patients:
+                ds.PatientID = patients[0].identifier
                 ds.AcquisitionDateTime = ehr_bundles.ECG_TIME.strftime("%Y%m%d%H%M%S+0000")
             ae = AE(ae_title="BENCH")
             ae.add_requested_context(ds.SOPClassUID, "1.2.840.10008.1.2.1")
@@ -238,6 +243,8 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
             t0 = time.time()
             for i in range(args.n):
                 ds.SOPInstanceUID = generate_uid()
+                if patients:
+                    ds.PatientID = patients[i % len(patients)].identifier
                 status = assoc.send_c_store(ds)
                 assert status.Status == 0, status
                 acked[ds.SOPInstanceUID] = time.time()
@@ -253,17 +260,20 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
             done_times = []
             analysed: list[float] = []  # C-STORE response -> result saved (queue wait + analysis + rendering)
             delivering: list[float] = []  # result saved -> DiagnosticReport created (FHIR writes)
+            slowest: tuple[float, str, float] = (-1.0, "", 0.0)
             for row in store.list(limit=args.n + 10):
                 if row.sop_instance_uid not in acked:
                     continue
                 (delivery,) = store.deliveries(row.id)
                 done = _ts(delivery.updated_at)
                 saved = _ts(store.get_result(row.id).created_at)
+                slowest = max(slowest, (done - acked[row.sop_instance_uid], row.id, acked[row.sop_instance_uid]))
                 latencies.append(done - acked[row.sop_instance_uid])
                 analysed.append(saved - acked[row.sop_instance_uid])
                 delivering.append(done - saved)
                 done_times.append(done)
             elapsed = max(done_times) - t0
+            story = _story(store, slowest[1], acked_at=slowest[2])
             modes = [  # what the FHIR sender chose (auto), and what it fell back to
                 line.split(" written as ", 1)[1].split()[0]
                 for line in stack.full_logs().splitlines()
@@ -294,7 +304,14 @@ def run_once(args: argparse.Namespace, layout: str) -> dict[str, float]:
         "delivery_rate": (args.n + 1) / (max(done_times) - delivery_started) if delivery_started else 0.0,
         "delivery_elapsed": max(done_times) - delivery_started if delivery_started else 0.0,
         "modes": " then ".join(dict.fromkeys(modes)) or "?",
+        "slowest": story,
     }
+
+
+def _story(store: Any, message_id: str, acked_at: float) -> str:
+    """What happened to one ECG: its events' kinds, in seconds after its C-STORE response."""
+    events = sorted(store.events(message_id, limit=50), key=lambda e: e.id)
+    return ", ".join(f"{e.kind} +{_ts(e.at) - acked_at:.1f}s" for e in events) or "no events"
 
 
 def _fresh_postgres() -> str:
