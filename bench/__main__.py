@@ -1,6 +1,6 @@
 """Every benchmark in one run, each beside its peers, written to ``docs/performance.md``.
 
-    python -m bench                 # the full set (about 35 minutes on 2 cores)
+    python -m bench                 # the full set (about 25 minutes on 2 cores)
     python -m bench --quick         # smaller counts, to see that everything runs (about 5 minutes)
     python -m bench --only e2e archive --out /tmp/perf.md
     python -m bench --with-soak     # also the 1000-ECG fault soak (about 20 minutes more)
