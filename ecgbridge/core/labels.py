@@ -93,6 +93,7 @@ __all__ = [
     "current_label",
     "history",
     "labelled_ecgs",
+    "distinct_ecgs",
     "overreads",
     "overread_of_message",
     "unmatched_statements",
@@ -243,7 +244,7 @@ def _is_ecg() -> Any:
     return MessageRow.state.not_in(NOT_ECG_STATES)
 
 
-def _distinct_ecgs(rows: Iterable[MessageRow]) -> list[MessageRow]:
+def distinct_ecgs(rows: Iterable[MessageRow]) -> list[MessageRow]:
     """One message per ECG, the latest: messages sharing a SOP Instance UID are resends of one ECG."""
     latest: dict[str, MessageRow] = {}
     for row in rows:
@@ -284,7 +285,7 @@ def find_ecg(store: MessageStore, read: Read, *, window_min: float) -> Link:
     nearby: list[MessageRow] = []
     with store.session() as s:
         if refs.sop_instance_uids:
-            rows = _distinct_ecgs(
+            rows = distinct_ecgs(
                 s.scalars(select(MessageRow).where(MessageRow.sop_instance_uid.in_(refs.sop_instance_uids), _is_ecg()))
             )
             if len(rows) == 1:
@@ -293,7 +294,7 @@ def find_ecg(store: MessageStore, read: Read, *, window_min: float) -> Link:
                 return Link(None, reason=f"ambiguous: the read references {len(rows)} different ECGs")
         numbers = [n for n in (*refs.order_numbers, refs.accession_number) if n]
         if numbers:
-            rows = _distinct_ecgs(
+            rows = distinct_ecgs(
                 s.scalars(
                     select(MessageRow).where(
                         or_(
@@ -328,7 +329,7 @@ def find_ecg(store: MessageStore, read: Read, *, window_min: float) -> Link:
                 continue  # unreadable now (e.g. its content was pruned): not a candidate
             if _same_patient(read, ident, issuer):
                 same.append(row)
-        rows = _distinct_ecgs(same)
+        rows = distinct_ecgs(same)
         if len(rows) == 1:
             return Link(rows[0].id, "patient_time")
         if rows:

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from sqlalchemy import select
 
-from ecgbridge.core.labels import EcgLabel, labelled_ecgs
+from ecgbridge.core.labels import EcgLabel, distinct_ecgs, labelled_ecgs
 from ecgbridge.core.ordering import patient_key
 from ecgbridge.core.store import MessageRow, MessageStore
 from ecgbridge.errors import ConfigError, EcgBridgeError
@@ -254,13 +254,7 @@ def iter_context_records(
         ids = [i for i in labels if i not in analysed]  # over-read ECGs without a stored result
         for start in range(0, len(ids), 500):
             rows.extend(s.scalars(select(MessageRow).where(MessageRow.id.in_(ids[start : start + 500]))))
-    latest: dict[str, MessageRow] = {}
-    for row in rows:
-        uid = row.sop_instance_uid or row.id
-        seen = latest.get(uid)
-        if seen is None or (_utc(row.received_at), row.id) > (_utc(seen.received_at), seen.id):
-            latest[uid] = row
-    for row in sorted(latest.values(), key=lambda r: (_utc(r.received_at), r.id)):
+    for row in sorted(distinct_ecgs(rows), key=lambda r: (_utc(r.received_at), r.id)):
         acquired = _aware(row.acquired_at)
         if acquired is not None and ((since and acquired < since) or (until and acquired >= until)):
             continue  # before the result is read: the window decides first
